@@ -1,0 +1,289 @@
+"""Model and engine configuration: frozen dataclasses, validated once, built by one constructor each.
+
+`ModelConfig.from_hf(dict)` reads an HF `config.json`; `ModelConfig.from_gguf(fields)` reads GGUF metadata;
+named presets live in `configs/models/*.json` (HF config.json format) and load through `from_hf` too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Architectures the one decoder in model.py covers, and what distinguishes them.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1 style frequency scaling ("llama3"), or linear position interpolation ("linear")."""
+
+    kind: str = "none"  # none | llama3 | linear
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    @staticmethod
+    def from_hf(d: dict | None) -> "RopeScaling":
+        if not d:
+            return RopeScaling()
+        kind = d.get("rope_type", d.get("type", "default"))
+        if kind == "default":
+            return RopeScaling()
+        if kind == "llama3":
+            return RopeScaling(
+                "llama3",
+                float(d["factor"]),
+                float(d.get("low_freq_factor", 1.0)),
+                float(d.get("high_freq_factor", 4.0)),
+                int(d.get("original_max_position_embeddings", 8192)),
+            )
+        if kind == "linear":
+            return RopeScaling("linear", float(d["factor"]))
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, llama3, linear)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder."""
+
+    arch: str  # llama | mistral | qwen2 | qwen3
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_layers: int  # L
+    num_heads: int  # N
+    num_kv_heads: int  # K
+    head_dim: int  # H
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projection biases (Qwen2)
+    qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3)
+    sliding_window: int | None = None  # Mistral
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = ""
+
+    def __post_init__(self):
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, f) <= 0:
+                raise ValueError(f"model config: {f} must be positive, got {getattr(self, f)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model config: num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"model config: head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.arch not in SUPPORTED_ARCHITECTURES.values():
+            raise ValueError(f"model config: unknown arch {self.arch!r}")
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @staticmethod
+    def from_hf(cfg: dict[str, Any], name: str = "") -> "ModelConfig":
+        archs = cfg.get("architectures") or []
+        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            arch = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}.get(cfg.get("model_type", ""))
+        if arch is None:
+            raise ValueError(
+                f"unsupported architecture {archs or cfg.get('model_type')!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        try:
+            hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+            eos = cfg.get("eos_token_id")
+            eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+            window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "mistral") else None
+            return ModelConfig(
+                arch=arch,
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+                rope_theta=float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+                rope_scaling=RopeScaling.from_hf(cfg.get("rope_scaling") or _rope_params_scaling(cfg)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+                qk_norm=arch == "qwen3",
+                sliding_window=int(window) if window else None,
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=eos,
+                name=name or cfg.get("_name_or_path", ""),
+            )
+        except KeyError as e:
+            raise ValueError(f"model config is missing key {e.args[0]!r}") from None
+
+    @staticmethod
+    def from_gguf(fields: dict[str, Any], name: str = "") -> "ModelConfig":
+        """From GGUF metadata (already decoded to Python values)."""
+        arch = fields.get("general.architecture")
+        if arch not in ("llama", "mistral", "qwen2", "qwen3"):
+            raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: llama, mistral, qwen2, qwen3)")
+
+        def get(key, default=None):
+            v = fields.get(f"{arch}.{key}", default)
+            if v is None:
+                raise ValueError(f"GGUF metadata is missing key {arch}.{key!s}")
+            return v
+
+        heads = int(get("attention.head_count"))
+        hidden = int(get("embedding_length"))
+        scaling = None
+        if fields.get(f"{arch}.rope.scaling.type") == "linear":
+            scaling = {"rope_type": "linear", "factor": fields[f"{arch}.rope.scaling.factor"]}
+        eos = fields.get("tokenizer.ggml.eos_token_id")
+        return ModelConfig(
+            arch=arch,
+            vocab_size=int(fields.get(f"{arch}.vocab_size") or len(fields["tokenizer.ggml.tokens"])),
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_layers=int(get("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(get("attention.head_count_kv", heads)),
+            head_dim=int(fields.get(f"{arch}.attention.key_length") or hidden // heads),
+            max_position_embeddings=int(get("context_length", 4096)),
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_scaling=RopeScaling.from_hf(scaling),
+            tie_word_embeddings=False,  # decided by the loader: no output.weight tensor means tied
+            attention_bias=arch == "qwen2",
+            qk_norm=arch == "qwen3",
+            sliding_window=None,
+            bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=(int(eos),) if eos is not None else (),
+            name=name or str(fields.get("general.name", "")),
+        )
+
+    @staticmethod
+    def from_preset(name: str) -> "ModelConfig":
+        """A named preset from configs/models/<name>.json (HF config.json format)."""
+        path = CONFIGS_DIR / "models" / f"{name}.json"
+        if not path.is_file():
+            known = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.json"))
+            raise ValueError(f"unknown model preset {name!r}; known presets: {known}")
+        return ModelConfig.from_hf(json.loads(path.read_text()), name=name)
+
+
+def _rope_params_scaling(cfg: dict) -> dict | None:
+    # transformers >= 5 nests rope settings under "rope_parameters".
+    rp = cfg.get("rope_parameters")
+    if isinstance(rp, dict) and rp.get("rope_type", "default") != "default":
+        return rp
+    return None
+
+
+def parse_bytes(s: str | int | float | None) -> int | None:
+    """'4GiB', '512MB', '1e9', 123 -> bytes."""
+    if s is None or isinstance(s, (int, float)):
+        return None if s is None else int(s)
+    t = s.strip().lower().replace(" ", "")
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+    for u, mult in units.items():
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * mult)
+    return int(float(t))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything about how the engine runs a model, independent of the model's shape.
+
+    `token_buckets` x `seq_buckets` is the set of step shapes compiled ahead of time: every step is padded
+    to the smallest (T, B) bucket with T >= scheduled tokens and B >= scheduled sequences.
+    """
+
+    max_model_len: int | None = None  # None: the model's max_position_embeddings, capped by max_model_len_cap
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int | None = None  # per-step token budget; None: the largest token bucket
+    token_buckets: tuple[int, ...] = (1, 4, 16, 64, 256)
+    seq_buckets: tuple[int, ...] = (1, 4, 16)
+    page_size: int = 16
+    kv_cache_memory: int | None = None  # bytes for the KV cache; None: memory_fraction of free device memory
+    memory_fraction: float = 0.9
+    num_pages: int | None = None  # overrides the memory budget (tests)
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU/TPU
+    kv_cache_dtype: str = "auto"  # auto: same as dtype
+    attention_impl: str = "auto"  # auto | reference | xla
+    max_logprobs: int = 20
+    max_logit_bias: int = 300
+    compilation_cache_dir: str | None = None  # persistent XLA cache; None: $JAXINFER_CACHE_DIR/xla or ~/.cache/jaxinfer/xla
+    use_compilation_cache: bool = True
+    compile_threads: int = 0  # 0: one per CPU core, at most 8
+    seed: int = 0
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    show_progress: bool = True
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if not self.token_buckets or sorted(set(self.token_buckets)) != list(self.token_buckets):
+            raise ValueError(f"token_buckets must be a non-empty increasing list, got {self.token_buckets}")
+        if not self.seq_buckets or sorted(set(self.seq_buckets)) != list(self.seq_buckets):
+            raise ValueError(f"seq_buckets must be a non-empty increasing list, got {self.seq_buckets}")
+        if self.seq_buckets[-1] < self.max_num_seqs:
+            raise ValueError(f"the largest seq bucket ({self.seq_buckets[-1]}) must be >= max_num_seqs ({self.max_num_seqs})")
+        if self.token_buckets[-1] < self.max_num_seqs:
+            raise ValueError(f"the largest token bucket ({self.token_buckets[-1]}) must be >= max_num_seqs ({self.max_num_seqs})")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens > self.token_buckets[-1]:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) exceeds the largest token bucket ({self.token_buckets[-1]})"
+            )
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.attention_impl not in ("auto", "reference", "xla"):
+            raise ValueError(f"attention_impl must be auto, reference or xla, got {self.attention_impl!r}")
+        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
+            raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
+
+    @property
+    def token_budget(self) -> int:
+        return self.max_num_batched_tokens or self.token_buckets[-1]
+
+    def buckets(self) -> list[tuple[int, int]]:
+        """(T, B) pairs to compile: every token bucket with every seq bucket that can fit in it."""
+        return [(t, b) for t in self.token_buckets for b in self.seq_buckets if b <= t]
+
+    @staticmethod
+    def from_options(**options) -> "EngineConfig":
+        names = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(names)}")
+        if "kv_cache_memory" in options:
+            options["kv_cache_memory"] = parse_bytes(options["kv_cache_memory"])
+        for k in ("token_buckets", "seq_buckets"):
+            if k in options and options[k] is not None:
+                options[k] = tuple(int(x) for x in options[k])
+        return EngineConfig(**options)
+
+    def cache_dir(self) -> str:
+        if self.compilation_cache_dir:
+            return self.compilation_cache_dir
+        base = os.environ.get("JAXINFER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxinfer")
+        return os.path.join(base, "xla")

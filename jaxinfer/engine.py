@@ -1,0 +1,278 @@
+"""The engine: requests in, tokens and text out, one `step()` at a time.
+
+    step():  schedule -> pack into a bucket -> run the precompiled step -> append tokens -> detokenize
+
+`Engine.step()` below is the whole data path; the pieces live in scheduler.py (plain Python), runner.py
+(bucketing and the jitted step), model.py (the decoder), sampler.py (on-device sampling) and
+detokenizer.py (incremental text and stop strings).
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+import uuid
+
+import jax
+import numpy as np
+
+from jaxinfer import compile_guard
+from jaxinfer.config import EngineConfig, ModelConfig
+from jaxinfer.detokenizer import IncrementalDetokenizer
+from jaxinfer.loader import load_model, resolve_dtype
+from jaxinfer.model import init_kv_cache
+from jaxinfer.request import CompletionOutput, Logprob, Request, RequestMetrics, RequestOutput, Status
+from jaxinfer.runner import ModelRunner, StepResult
+from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.scheduler import ScheduledBatch, Scheduler
+
+_GiB = 1 << 30
+
+
+class Engine:
+    def __init__(self, model: str | None = None, *, mesh=None, **options):
+        self.ecfg = ecfg = EngineConfig.from_options(**options)
+        self._log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ecfg.show_progress else (lambda msg: None)
+        if ecfg.use_compilation_cache:
+            compile_guard.enable_persistent_cache(ecfg.cache_dir())
+        backend = jax.default_backend()
+        self.dtype = resolve_dtype(ecfg.dtype, backend)
+        t0 = time.monotonic()
+        loaded = load_model(model, ecfg, self.dtype, mesh)
+        self.cfg: ModelConfig = loaded.cfg
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.source
+        self.load_seconds = time.monotonic() - t0
+        self.max_model_len = min(ecfg.max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
+        if ecfg.max_model_len and ecfg.max_model_len > self.cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len ({ecfg.max_model_len}) exceeds the model's max_position_embeddings ({self.cfg.max_position_embeddings})"
+            )
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else self.cfg.eos_token_ids)
+
+        t0 = time.monotonic()
+        kv_dtype = self.dtype if ecfg.kv_cache_dtype == "auto" else np.dtype(ecfg.kv_cache_dtype)
+        self.num_pages = self._num_pages(kv_dtype)
+        kv = init_kv_cache(self.cfg, self.num_pages, ecfg.page_size, kv_dtype, mesh)
+        self.kv_seconds = time.monotonic() - t0
+        self._log(
+            f"KV cache: {self.num_pages} pages x {ecfg.page_size} tokens = {self.num_pages * ecfg.page_size:,} tokens, "
+            f"{self.num_pages * self._page_bytes(kv_dtype) / _GiB:.2f} GiB ({np.dtype(kv_dtype).name}); "
+            f"max_model_len {self.max_model_len}, weights {np.dtype(self.dtype).name} on {backend}"
+        )
+        self.scheduler = Scheduler(self.num_pages, ecfg.page_size, ecfg.max_num_seqs, ecfg.token_budget, self.max_model_len)
+        self.runner = ModelRunner(self.cfg, ecfg, loaded.params, kv, self.num_pages, self.max_model_len)
+        self.runner.compile_all(ecfg.show_progress)
+        self.compile_seconds = self.runner.compile_seconds
+        self._log(f"compiled {len(self.runner.compiled)} buckets in {self.compile_seconds:.1f} s: {self.runner.buckets}")
+        self.compiles_at_ready = compile_guard.count()
+        self._groups: dict[str, list[Request]] = {}
+        self._prompts: dict[str, str | None] = {}
+        self._detok: dict[int, IncrementalDetokenizer] = {}
+        self._aborted: list[str] = []
+        self._rng = np.random.default_rng(ecfg.seed)
+        self._ids = itertools.count()
+
+    # -- sizing ---------------------------------------------------------------------------------------------
+
+    def _page_bytes(self, kv_dtype) -> int:
+        c = self.cfg
+        return 2 * c.num_layers * self.ecfg.page_size * c.num_kv_heads * c.head_dim * np.dtype(kv_dtype).itemsize
+
+    def _num_pages(self, kv_dtype) -> int:
+        e = self.ecfg
+        per_seq = -(-self.max_model_len // e.page_size)
+        if e.num_pages:
+            n = e.num_pages
+        else:
+            budget = e.kv_cache_memory
+            if budget is None:
+                stats = jax.local_devices()[0].memory_stats() or {}
+                if "bytes_limit" in stats:  # accelerator: a fraction of what the weights left
+                    budget = int(e.memory_fraction * stats["bytes_limit"]) - stats.get("bytes_in_use", 0) - _GiB // 2
+                else:  # CPU: enough for every sequence at full length, at most 1 GiB
+                    budget = min(_GiB, e.max_num_seqs * per_seq * self._page_bytes(kv_dtype))
+            n = budget // self._page_bytes(kv_dtype)
+        if n < per_seq:
+            raise ValueError(
+                f"the KV cache ({n} pages) cannot hold one sequence of max_model_len={self.max_model_len} "
+                f"({per_seq} pages); raise kv_cache_memory or lower max_model_len"
+            )
+        return int(n)
+
+    # -- requests -------------------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int] | None = None,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> str:
+        """Queue a prompt (text, or token ids); returns the request id. Raises ValueError on bad input."""
+        params = params or SamplingParams()
+        params.validate_for_model(self.cfg.vocab_size, self.ecfg.max_logprobs, self.ecfg.max_logit_bias)
+        text, ids = self._prompt_ids(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens, but the model's context is {self.max_model_len} tokens")
+        room = self.max_model_len - len(ids)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ValueError(
+                f"max_tokens: this model's maximum context length is {self.max_model_len} tokens; "
+                f"the prompt has {len(ids)} and {params.max_tokens} more were requested"
+            )
+        gid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        if gid in self._groups:
+            raise ValueError(f"request_id {gid!r} is already in use")
+        base_seed = int(self._rng.integers(0, 2**32)) if params.seed is None else params.seed % 2**32
+        children = []
+        for i in range(params.n):
+            seed = base_seed if i == 0 else hash((base_seed, i)) % 2**32  # n > 1: distinct, still reproducible
+            children.append(Request(
+                request_id=f"{gid}#{i}", prompt_token_ids=ids, params=params, seed=seed,
+                max_tokens=params.max_tokens or room, eos_token_ids=self.eos_token_ids,
+                priority=priority, group_id=gid, index=i,
+            ))
+        for r in children:
+            self.scheduler.add(r)
+            if self.tokenizer is not None:
+                self._detok[id(r)] = IncrementalDetokenizer(
+                    self.tokenizer, ids, params.skip_special_tokens, params.stop or [], params.include_stop_str_in_output
+                )
+        self._groups[gid] = children
+        self._prompts[gid] = text
+        return gid
+
+    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            if self.tokenizer is None:
+                raise ValueError("prompt: this model has no tokenizer; pass token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if prompt is None or isinstance(prompt, (bytes, dict)) or not hasattr(prompt, "__len__"):
+            raise ValueError(f"prompt: expected a string or a list of token ids, got {type(prompt).__name__}")
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+            raise ValueError("prompt: token ids must be integers")
+        bad = [int(t) for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt: token id(s) {bad[:5]} outside the vocabulary [0, {self.cfg.vocab_size})")
+        return None, [int(t) for t in ids]
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now; its pages are freed and the next step reports it with finish_reason 'abort'."""
+        for r in self._groups.get(request_id, []):
+            if not r.is_finished:
+                self.scheduler.finish(r, "abort")
+                self._aborted.append(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    # -- the step -------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step; returns the current state of every request that progressed or finished."""
+        batch = self.scheduler.schedule()
+        if len(batch):
+            self._admit(batch)
+            inputs = self.runner.prepare(batch)
+            result = self.runner.execute(inputs, want_logprobs=any(r.params.logprobs is not None for r in batch.requests))
+            sampled = [int(result.token_ids[i]) if batch.samples(i) else None for i in range(len(batch))]
+            self.scheduler.update(batch, sampled)
+            self._postprocess(batch, sampled, result)
+        return self._outputs(batch)
+
+    def _admit(self, batch: ScheduledBatch) -> None:
+        """Requests starting on a fresh sampler row get their logit bias / min_tokens stop set installed."""
+        for req, reset in zip(batch.requests, batch.reset):
+            p = req.params
+            if reset and (p.logit_bias or p.min_tokens > 0):
+                stops = [] if p.ignore_eos else list(req.eos_token_ids)
+                self.runner.set_row(req.slot, p.logit_bias, stops + list(p.stop_token_ids or []))
+
+    def _postprocess(self, batch: ScheduledBatch, sampled: list[int | None], result: StepResult) -> None:
+        for i, (req, tok) in enumerate(zip(batch.requests, sampled)):
+            if tok is None:
+                continue
+            if req.params.logprobs is not None:
+                req.output_logprobs.append(self._logprobs(result, i, tok, req.params.logprobs))
+            detok = self._detok.get(id(req))
+            if detok is None or req.finish_reason == "abort":
+                continue
+            stopped_by_token = req.finish_reason == "stop" and isinstance(req.stop_reason, int)
+            if not stopped_by_token or req.params.include_stop_str_in_output:
+                detok.add([tok])
+            if detok.stopped_by is not None and not req.is_finished:
+                self.scheduler.finish(req, "stop", detok.stopped_by)
+            elif req.is_finished and detok.stopped_by is None:
+                detok.flush()
+
+    def _logprobs(self, result: StepResult, i: int, tok: int, k: int) -> dict[int, Logprob]:
+        """The sampled token's logprob, then the top-k alternatives (rank 1 = most likely)."""
+        top = list(zip(result.top_ids[i][:k].tolist(), result.top_logprobs[i][:k].tolist()))
+        rank = next((j + 1 for j, (t, _) in enumerate(top) if t == tok), None)
+        out = {tok: Logprob(float(result.logprobs[i]), rank, self._decode_token(tok))}
+        for j, (t, lp) in enumerate(top):
+            out.setdefault(t, Logprob(float(lp), j + 1, self._decode_token(t)))
+        return out
+
+    def _decode_token(self, tok: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([tok], skip_special_tokens=False)
+
+    def _outputs(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        gids = list(dict.fromkeys([r.group_id for r in batch.requests] + self._aborted))
+        self._aborted = []
+        outs = []
+        for gid in gids:
+            children = self._groups.get(gid)
+            if children is None:
+                continue
+            outs.append(self._group_output(gid, children))
+            if all(r.is_finished for r in children):
+                del self._groups[gid]
+                self._prompts.pop(gid, None)
+                for r in children:
+                    self._detok.pop(id(r), None)
+        return outs
+
+    def _group_output(self, gid: str, children: list[Request]) -> RequestOutput:
+        comps = []
+        for r in children:
+            detok = self._detok.get(id(r))
+            lps = r.output_logprobs if r.params.logprobs is not None else None
+            cum = sum(d[t].logprob for d, t in zip(r.output_logprobs, r.output_token_ids)) if lps else None
+            comps.append(CompletionOutput(
+                index=r.index, text=detok.text if detok else "", token_ids=list(r.output_token_ids),
+                finish_reason=r.finish_reason, stop_reason=r.stop_reason, logprobs=lps, cumulative_logprob=cum,
+            ))
+        first = children[0]
+        metrics = RequestMetrics(
+            arrival_time=first.arrival_time,
+            first_scheduled_time=min((r.first_scheduled_time for r in children if r.first_scheduled_time), default=None),
+            first_token_time=min((r.first_token_time for r in children if r.first_token_time), default=None),
+            finished_time=max((r.finished_time or 0 for r in children), default=None) if all(r.is_finished for r in children) else None,
+            num_prompt_tokens=first.num_prompt_tokens,
+            num_generated_tokens=sum(len(r.output_token_ids) for r in children),
+        )
+        return RequestOutput(gid, self._prompts.get(gid), first.prompt_token_ids, comps,
+                             all(r.is_finished for r in children), metrics)
+
+    # -- introspection --------------------------------------------------------------------------------------
+
+    @property
+    def num_compiles_since_ready(self) -> int:
+        """Compilations since warm-up ended; anything but 0 means a shape escaped the buckets."""
+        return compile_guard.count() - self.compiles_at_ready
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {
+            "running": len(s.running), "waiting": len(s.waiting), "pages_used": s.allocator.num_used,
+            "pages_total": self.num_pages, "preemptions": s.num_preemptions,
+        }

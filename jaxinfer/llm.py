@@ -1,0 +1,100 @@
+"""The offline API: `LLM(model).generate(prompts, params)` and `.chat(conversations, params)`."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from jaxinfer.engine import Engine
+from jaxinfer.request import RequestOutput
+from jaxinfer.sampling_params import SamplingParams
+
+
+class LLM:
+    """An engine plus a loop that runs it until every submitted request is done.
+
+    `model`: None for the embedded default (SmolLM2-135M-Instruct), an HF checkpoint directory, a .gguf
+    file, or a preset name from configs/models (with load_format="dummy"). `engine_options` are the fields
+    of `jaxinfer.config.EngineConfig` (max_num_seqs, token_buckets, kv_cache_memory, ...).
+    """
+
+    def __init__(self, model: str | None = None, **engine_options):
+        self.engine = Engine(model, **engine_options)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Prompts as text, or token ids (one list of ints, or a list of them). Outputs come back in input order."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts: must not be empty")
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+        ids = []
+        try:  # validate everything before anything runs
+            for p, sp in zip(prompts, params):
+                ids.append(self.engine.add_request(p, sp or SamplingParams()))
+        except Exception:
+            for rid in ids:
+                self.engine.abort(rid)
+            self._drain()
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} dicts) or a list of them, through the model's chat template."""
+        if self.tokenizer is None:
+            raise ValueError("messages: this model has no tokenizer / chat template")
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if not convs:
+            raise ValueError("messages: must not be empty")
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        pending = set(ids)
+        with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
+            while pending:
+                for out in self.engine.step():
+                    if out.finished and out.request_id in pending:
+                        final[out.request_id] = out
+                        pending.discard(out.request_id)
+                        bar.update()
+        return [final[i] for i in ids]
+
+    def _drain(self) -> None:
+        while self.engine.has_unfinished():
+            self.engine.step()
+
+
+_DEFAULT_LLMS: dict[tuple, LLM] = {}
+
+
+def generate(
+    prompts,
+    sampling_params: SamplingParams | None = None,
+    *,
+    model: str | None = None,
+    use_tqdm: bool = False,
+    **engine_options,
+) -> list[RequestOutput]:
+    """One-call generation for research code. The engine for (model, options) is built once and reused."""
+    key = (model, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in engine_options.items())))
+    if key not in _DEFAULT_LLMS:
+        _DEFAULT_LLMS[key] = LLM(model, **engine_options)
+    return _DEFAULT_LLMS[key].generate(prompts, sampling_params, use_tqdm=use_tqdm)

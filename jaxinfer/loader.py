@@ -1,0 +1,73 @@
+"""From what the user names (a checkpoint directory, a .gguf file, a preset, or nothing) to config + weights + tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxinfer.config import CONFIGS_DIR, EngineConfig, ModelConfig
+from jaxinfer.model import Params
+from jaxinfer.tokenizer import Tokenizer, default_model_path
+from jaxinfer.weights import GGUFSource, SafetensorsSource, dummy_params, load_params
+
+
+@dataclass
+class LoadedModel:
+    cfg: ModelConfig
+    params: Params
+    tokenizer: Tokenizer | None
+    source: str
+
+
+def resolve_dtype(name: str, backend: str):
+    if name == "auto":
+        return jnp.float32 if backend == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
+def load_model(model: str | None, ecfg: EngineConfig, dtype, mesh: Mesh | None = None) -> LoadedModel:
+    """`model`: None (the embedded default), an HF directory, a .gguf file, or a preset name in configs/models."""
+    path = Path(model) if model else Path(default_model_path())
+    fmt = ecfg.load_format
+    show = ecfg.show_progress
+    if path.suffix == ".gguf" or (path.is_file() and fmt == "gguf"):
+        if fmt not in ("auto", "gguf", "dummy"):
+            raise ValueError(f"load_format {fmt!r} does not apply to GGUF file {path}")
+        src = GGUFSource(path)
+        cfg = ModelConfig.from_gguf(src.metadata(), name=path.stem)
+        cfg = dataclasses.replace(cfg, tie_word_embeddings="output.weight" not in src.keys())
+        params = dummy_params(cfg, dtype, ecfg.seed, mesh, show) if fmt == "dummy" else load_params(cfg, src, "gguf", dtype, mesh, show)
+        return LoadedModel(cfg, params, Tokenizer.from_pretrained(str(path)), str(path))
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not an HF checkpoint directory")
+        try:
+            hf_cfg = json.loads(cfg_file.read_text())
+        except ValueError as e:
+            raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+        cfg = ModelConfig.from_hf(hf_cfg, name=path.name)
+        if fmt == "dummy":
+            params = dummy_params(cfg, dtype, ecfg.seed, mesh, show)
+        else:
+            if fmt not in ("auto", "safetensors"):
+                raise ValueError(f"load_format {fmt!r} does not apply to checkpoint directory {path}")
+            params = load_params(cfg, SafetensorsSource(path), "hf", dtype, mesh, show)
+        tok = Tokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
+        return LoadedModel(cfg, params, tok, str(path))
+    if model and (CONFIGS_DIR / "models" / f"{model}.json").is_file():
+        if fmt != "dummy":
+            raise ValueError(f"preset {model!r} has no weights; use load_format='dummy' (random weights of its shape)")
+        cfg = ModelConfig.from_preset(model)
+        return LoadedModel(cfg, dummy_params(cfg, dtype, ecfg.seed, mesh, show), None, f"preset:{model}")
+    known = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.json"))
+    raise FileNotFoundError(f"model {model!r} is not a checkpoint directory, a .gguf file, or a preset ({known})")
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))

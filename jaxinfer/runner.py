@@ -1,0 +1,229 @@
+"""The model runner: packs a scheduled batch into a bucket and runs the precompiled step.
+
+A batch exists in three forms, with fixed names:
+  1. `ScheduledBatch` (scheduler.py): host `Request` objects and how many tokens each feeds this step.
+  2. `StepInput` of numpy arrays, padded to a (T, B) bucket by `ModelRunner.prepare`: T token rows (all
+     sequences' new tokens concatenated, then padding), B sequence rows (then padding).
+  3. The same `StepInput` pytree on device, passed to the jitted `step` with the params, the KV cache and
+     the sampler state; the cache and the sampler state are donated and come back updated.
+Padding tokens write to an out-of-bounds cache slot (dropped) and padding rows have kv_len 0; nothing they
+compute is read. The host reads back only sampled token ids (and logprobs when a request asked).
+
+Every bucket is compiled ahead of time (`lower().compile()`) in `compile_all`; `execute` only looks the
+bucket up, so nothing compiles while serving.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxinfer import sampler as sampling
+from jaxinfer.attention import make_attention_fn
+from jaxinfer.config import EngineConfig, ModelConfig
+from jaxinfer.model import AttentionMetadata, KVCache, Params, compute_logits, forward, pytree_dataclass
+from jaxinfer.scheduler import ScheduledBatch
+
+
+@pytree_dataclass
+class StepInput:
+    token_ids: Any  # [T] int32
+    positions: Any  # [T] int32
+    token_slot: Any  # [T] int32 sampler-state row of each token's sequence; padding: S
+    is_prompt: Any  # [T] bool   token belongs to the prompt (else: an earlier output re-entering)
+    reset_slot: Any  # [B] int32 rows to clear before this step (first chunk of a request); else S
+    logits_indices: Any  # [B] int32 token row whose hidden state is sampled for each sequence
+    attn: AttentionMetadata
+    sampling: Any  # sampler.SamplingMetadata
+
+
+def make_step_fn(cfg: ModelConfig, attn_fn, max_logprobs: int):
+    """The whole device side of one engine step, as one pure function."""
+
+    def step(params: Params, kv: KVCache, sstate, inp: StepInput):
+        with jax.named_scope("history"):
+            sstate = sampling.update_history(sstate, inp.token_slot, inp.token_ids, inp.is_prompt, inp.reset_slot)
+        h, kv = forward(params, cfg, inp.token_ids, inp.positions, kv, inp.attn, attn_fn)  # [T, D]
+        with jax.named_scope("logits"):
+            logits = compute_logits(params, cfg, h[inp.logits_indices])  # [B, V]
+        with jax.named_scope("sample"):
+            out = sampling.sample(logits, inp.sampling, sstate, max_logprobs=max_logprobs)
+        return out, kv, sstate
+
+    return step
+
+
+@dataclass
+class StepResult:
+    token_ids: np.ndarray  # [B]
+    logprobs: np.ndarray | None  # [B]
+    top_ids: np.ndarray | None  # [B, K]
+    top_logprobs: np.ndarray | None  # [B, K]
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, ecfg: EngineConfig, params: Params, kv: KVCache, num_pages: int, max_model_len: int):
+        self.cfg, self.ecfg = cfg, ecfg
+        self.params, self.kv = params, kv
+        self.num_pages = num_pages
+        self.page_size = ecfg.page_size
+        self.max_pages_per_seq = -(-max_model_len // ecfg.page_size)  # M
+        self.num_slots = ecfg.max_num_seqs  # S
+        self.sstate = sampling.init_sampler_state(self.num_slots, cfg.vocab_size)
+        self.buckets = sorted(b for b in ecfg.buckets() if b[1] <= _round_up_bucket(ecfg.seq_buckets, ecfg.max_num_seqs))
+        attn_fn = make_attention_fn(cfg, ecfg.attention_impl)
+        self._step = jax.jit(make_step_fn(cfg, attn_fn, ecfg.max_logprobs), donate_argnums=(1, 2))
+        self._set_row = jax.jit(sampling.set_row, donate_argnums=(0,))
+        self.compiled: dict[tuple[int, int], Any] = {}
+        self._compiled_set_row = None
+        self.compile_seconds = 0.0
+
+    # -- ahead-of-time compilation --------------------------------------------------------------------------
+
+    def abstract_input(self, T: int, B: int) -> StepInput:
+        return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self._empty_input(T, B))
+
+    def compile_all(self, show_progress: bool = True) -> None:
+        """Lower every bucket (Python, in order) and compile them in parallel (XLA releases the GIL)."""
+        t0 = time.monotonic()
+        W = self.ecfg.max_logit_bias
+        lowered = {
+            b: self._step.lower(self.params, self.kv, self.sstate, self.abstract_input(*b))
+            for b in tqdm(self.buckets, desc="tracing buckets", unit="bucket", disable=not show_progress, leave=False)
+        }
+        row_args = (self.sstate, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((W,), jnp.int32),
+                    jax.ShapeDtypeStruct((W,), jnp.float32), jax.ShapeDtypeStruct((W,), jnp.int32))
+        lowered["set_row"] = self._set_row.lower(*row_args)
+        threads = self.ecfg.compile_threads or min(8, os.cpu_count() or 1)
+        with cf.ThreadPoolExecutor(threads) as pool, tqdm(
+            total=len(lowered), desc="compiling buckets", unit="bucket", disable=not show_progress
+        ) as bar:
+            futures = {pool.submit(low.compile): key for key, low in lowered.items()}
+            for fut in cf.as_completed(futures):
+                key = futures[fut]
+                if key == "set_row":
+                    self._compiled_set_row = fut.result()
+                else:
+                    self.compiled[key] = fut.result()
+                bar.set_postfix_str(f"T={key[0]} B={key[1]}" if key != "set_row" else "sampler")
+                bar.update()
+        self.compile_seconds = time.monotonic() - t0
+
+    # -- packing a batch into a bucket ----------------------------------------------------------------------
+
+    def bucket_for(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
+        for T, B in self.buckets:
+            if T >= num_tokens and B >= num_seqs:
+                return T, B
+        raise ValueError(f"no bucket holds {num_tokens} tokens and {num_seqs} sequences (buckets: {self.buckets})")
+
+    def _empty_input(self, T: int, B: int) -> StepInput:
+        S, P = self.num_slots, self.num_pages
+        return StepInput(
+            token_ids=np.zeros(T, np.int32),
+            positions=np.zeros(T, np.int32),
+            token_slot=np.full(T, S, np.int32),
+            is_prompt=np.zeros(T, np.bool_),
+            reset_slot=np.full(B, S, np.int32),
+            logits_indices=np.zeros(B, np.int32),
+            attn=AttentionMetadata(
+                slot_mapping=np.full(T, P * self.page_size, np.int32),
+                page_tables=np.zeros((B, self.max_pages_per_seq), np.int32),
+                kv_lens=np.zeros(B, np.int32),
+                cu_q_lens=np.zeros(B + 1, np.int32),
+                num_seqs=np.zeros((), np.int32),
+            ),
+            sampling=sampling.SamplingMetadata(
+                temperature=np.zeros(B, np.float32),
+                top_k=np.zeros(B, np.int32),
+                top_p=np.ones(B, np.float32),
+                min_p=np.zeros(B, np.float32),
+                seed=np.zeros(B, np.uint32),
+                position=np.zeros(B, np.int32),
+                repetition_penalty=np.ones(B, np.float32),
+                presence_penalty=np.zeros(B, np.float32),
+                frequency_penalty=np.zeros(B, np.float32),
+                slot=np.full(B, S, np.int32),
+                has_bias=np.zeros(B, np.bool_),
+                suppress_stop=np.zeros(B, np.bool_),
+                num_logprobs=np.full(B, -1, np.int32),
+            ),
+        )
+
+    def prepare(self, batch: ScheduledBatch) -> StepInput:
+        T, B = self.bucket_for(batch.num_tokens, len(batch))
+        inp = self._empty_input(T, B)
+        a, s = inp.attn, inp.sampling
+        t = 0
+        for b, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            start = req.num_computed_tokens
+            pos = np.arange(start, start + n, dtype=np.int32)
+            if n == 1:  # decode: avoid touching the whole history
+                inp.token_ids[t] = req.token_at(start)
+            else:
+                ids = req.prompt_token_ids if start + n <= req.num_prompt_tokens else req.prompt_token_ids + req.output_token_ids
+                inp.token_ids[t : t + n] = ids[start : start + n]
+            inp.positions[t : t + n] = pos
+            inp.token_slot[t : t + n] = req.slot
+            inp.is_prompt[t : t + n] = pos < req.num_prompt_tokens
+            pages = np.asarray(req.pages, np.int32)
+            a.slot_mapping[t : t + n] = pages[pos // self.page_size] * self.page_size + pos % self.page_size
+            a.page_tables[b, : len(pages)] = pages
+            a.kv_lens[b] = start + n
+            a.cu_q_lens[b + 1] = t + n
+            t += n
+            inp.logits_indices[b] = t - 1
+            if batch.reset[b]:
+                inp.reset_slot[b] = req.slot
+            p = req.params
+            s.temperature[b] = 0.0 if p.greedy else p.temperature
+            s.top_k[b] = p.top_k
+            s.top_p[b] = p.top_p
+            s.min_p[b] = p.min_p
+            s.seed[b] = req.seed
+            s.position[b] = len(req.output_token_ids)
+            s.repetition_penalty[b] = p.repetition_penalty
+            s.presence_penalty[b] = p.presence_penalty
+            s.frequency_penalty[b] = p.frequency_penalty
+            s.slot[b] = req.slot
+            s.has_bias[b] = bool(p.logit_bias)
+            s.suppress_stop[b] = len(req.output_token_ids) < p.min_tokens
+            s.num_logprobs[b] = -1 if p.logprobs is None else p.logprobs
+        a.cu_q_lens[len(batch) + 1 :] = t
+        a.num_seqs[...] = len(batch)
+        return inp
+
+    # -- running ----------------------------------------------------------------------------------------
+
+    def execute(self, inp: StepInput, want_logprobs: bool) -> StepResult:
+        T, B = inp.token_ids.shape[0], inp.logits_indices.shape[0]
+        dev = jax.device_put(inp)
+        out, self.kv, self.sstate = self.compiled[(T, B)](self.params, self.kv, self.sstate, dev)
+        if not want_logprobs:
+            return StepResult(np.asarray(out.token_ids), None, None, None)
+        ids, lp, tid, tlp = jax.device_get((out.token_ids, out.logprobs, out.top_ids, out.top_logprobs))
+        return StepResult(ids, lp, tid, tlp)
+
+    def set_row(self, slot: int, logit_bias: dict[int, float] | None, stop_ids: list[int]) -> None:
+        """Install a request's logit bias and min_tokens stop set into its sampler-state row."""
+        W, V = self.ecfg.max_logit_bias, self.cfg.vocab_size
+        bias_ids, bias_vals, stops = np.full(W, V, np.int32), np.zeros(W, np.float32), np.full(W, V, np.int32)
+        items = list((logit_bias or {}).items())[:W]
+        if items:
+            bias_ids[: len(items)] = [k for k, _ in items]
+            bias_vals[: len(items)] = [v for _, v in items]
+        stop_ids = list(stop_ids)[:W]
+        stops[: len(stop_ids)] = stop_ids
+        self.sstate = self._compiled_set_row(self.sstate, np.int32(slot), bias_ids, bias_vals, stops)
+
+
+def _round_up_bucket(buckets, n: int) -> int:
+    return next(b for b in buckets if b >= n)

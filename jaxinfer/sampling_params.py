@@ -1,0 +1,198 @@
+"""Per-request sampling parameters (host side, no jax).
+
+`SamplingParams` mirrors the OpenAI / vLLM request fields. It is validated once, when the request is
+built, so that everything downstream (scheduler, metadata packing, the jitted sampler) can trust the
+values. Checks that need the model (vocab size, server caps) live in `validate_for_model`, called by
+the engine when the request is admitted. Error messages name the offending parameter, because the
+server returns them verbatim to the client as a 400.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+# Temperatures below this are treated as greedy (as vLLM does): dividing by ~0 only produces inf/NaN.
+GREEDY_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0
+MAX_LOGIT_BIAS_VALUE = 100.0
+
+
+def _is_int(value) -> bool:
+    # bool is an int subclass; `top_k=True` is a client bug, not a 1.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _finite_float(name: str, value, requirement: str) -> float:
+    if not _is_real(value) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number {requirement}, got {value!r}")
+    return float(value)
+
+
+def _int(name: str, value, requirement: str) -> int:
+    if not _is_int(value):
+        raise ValueError(f"{name} must be an integer {requirement}, got {value!r}")
+    return int(value)
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled (normalised to 0)
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None  # str keys (as JSON sends them) become ints; {} -> None
+    stop: str | list[str] | None = None  # normalised to list[str]
+    stop_token_ids: list[int] | None = None  # normalised to list[int]
+    max_tokens: int | None = 16  # None: up to the context limit
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top alternatives to return; 0 = only the sampled token's logprob
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        self.n = _int("n", self.n, ">= 1")
+        if self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n}")
+
+        req = f">= 0 and <= {MAX_TEMPERATURE}"
+        self.temperature = _finite_float("temperature", self.temperature, req)
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be a finite number {req}, got {self.temperature}")
+
+        self.top_p = _finite_float("top_p", self.top_p, "in (0, 1]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be a finite number in (0, 1], got {self.top_p}")
+
+        self.top_k = _int("top_k", self.top_k, ">= 0, or -1 to disable")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= 0, or -1 to disable, got {self.top_k}")
+        if self.top_k == -1:
+            self.top_k = 0
+
+        self.min_p = _finite_float("min_p", self.min_p, "in [0, 1]")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be a finite number in [0, 1], got {self.min_p}")
+
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _finite_float(name, getattr(self, name), "in [-2, 2]")
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be a finite number in [-2, 2], got {value}")
+            setattr(self, name, value)
+
+        self.repetition_penalty = _finite_float("repetition_penalty", self.repetition_penalty, "> 0")
+        if self.repetition_penalty <= 0.0:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+
+        if self.seed is not None:
+            # Any int is accepted; the metadata builder reduces it to uint32.
+            self.seed = _int("seed", self.seed, "or null")
+
+        if self.max_tokens is not None:
+            self.max_tokens = _int("max_tokens", self.max_tokens, ">= 1 or null")
+            if self.max_tokens < 1:
+                raise ValueError(f"max_tokens must be an integer >= 1 or null, got {self.max_tokens}")
+
+        self.min_tokens = _int("min_tokens", self.min_tokens, ">= 0")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens}, max_tokens={self.max_tokens}"
+            )
+
+        if self.logprobs is not None:
+            self.logprobs = _int("logprobs", self.logprobs, ">= 0 or null")
+            if self.logprobs < 0:
+                raise ValueError(f"logprobs must be an integer >= 0 or null, got {self.logprobs}")
+
+        self.logit_bias = self._normalise_logit_bias(self.logit_bias)
+        self.stop = self._normalise_stop(self.stop)
+        self.stop_token_ids = self._normalise_stop_token_ids(self.stop_token_ids)
+
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
+
+    @staticmethod
+    def _normalise_logit_bias(logit_bias) -> dict[int, float] | None:
+        if logit_bias is None:
+            return None
+        if not isinstance(logit_bias, dict):
+            raise ValueError(f"logit_bias must be a mapping of token id to bias, got {type(logit_bias).__name__}")
+        out: dict[int, float] = {}
+        for key, value in logit_bias.items():
+            if _is_int(key):
+                token = int(key)
+            elif isinstance(key, str) and key.strip().lstrip("+-").isdigit():
+                token = int(key)  # the OpenAI API sends token ids as JSON object keys, i.e. strings
+            else:
+                raise ValueError(f"logit_bias keys must be integer token ids, got {key!r}")
+            if token < 0:
+                raise ValueError(f"logit_bias keys must be token ids >= 0, got {key!r}")
+            bias = _finite_float(f"logit_bias[{token}]", value, f"in [-{MAX_LOGIT_BIAS_VALUE:g}, {MAX_LOGIT_BIAS_VALUE:g}]")
+            if abs(bias) > MAX_LOGIT_BIAS_VALUE:
+                raise ValueError(
+                    f"logit_bias[{token}] must be a finite number in "
+                    f"[-{MAX_LOGIT_BIAS_VALUE:g}, {MAX_LOGIT_BIAS_VALUE:g}], got {bias}"
+                )
+            out[token] = bias
+        # An empty mapping means no bias; normalising lets the host test `is None` only.
+        return out or None
+
+    @staticmethod
+    def _normalise_stop(stop) -> list[str]:
+        if stop is None:
+            return []
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, (list, tuple)):
+            raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop must contain only non-empty strings, got {s!r}")
+        return list(stop)
+
+    @staticmethod
+    def _normalise_stop_token_ids(stop_token_ids) -> list[int]:
+        if stop_token_ids is None:
+            return []
+        if not isinstance(stop_token_ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of token ids, got {type(stop_token_ids).__name__}")
+        for t in stop_token_ids:
+            if not _is_int(t) or t < 0:
+                raise ValueError(f"stop_token_ids must contain only integers >= 0, got {t!r}")
+        return [int(t) for t in stop_token_ids]
+
+    def validate_for_model(self, vocab_size: int, max_logprobs: int, max_logit_bias: int) -> None:
+        """Checks that depend on the model and on server caps; raises ValueError naming the field."""
+        if self.logit_bias is not None:
+            if len(self.logit_bias) > max_logit_bias:
+                raise ValueError(
+                    f"logit_bias may hold at most {max_logit_bias} entries, got {len(self.logit_bias)}"
+                )
+            for token in self.logit_bias:
+                if not 0 <= token < vocab_size:
+                    raise ValueError(f"logit_bias token id {token} is outside the vocabulary [0, {vocab_size})")
+        for token in self.stop_token_ids:
+            if not 0 <= token < vocab_size:
+                raise ValueError(f"stop_token_ids entry {token} is outside the vocabulary [0, {vocab_size})")
+        if len(self.stop_token_ids) > vocab_size:
+            raise ValueError(f"stop_token_ids has more entries than the vocabulary ({vocab_size})")
+        if self.logprobs is not None and self.logprobs > max_logprobs:
+            raise ValueError(f"logprobs must be <= {max_logprobs}, got {self.logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE

@@ -1,0 +1,151 @@
+"""Ragged paged attention: one op for a mixed batch of prefill chunks and decode tokens.
+
+Glossary (shared by every implementation in this module):
+  T  query tokens in the step (all sequences concatenated, padded to a bucket)
+  B  sequence rows (padded; rows >= num_seqs are ignored)
+  N  query heads, K kv heads (N % K == 0; G = N // K query heads share one kv head), H head dim
+  P  pages in the cache, S tokens per page, M pages per sequence row in the page table
+
+Inputs:
+  q            [T, N, H]   queries; sequence b owns rows cu_q_lens[b] : cu_q_lens[b + 1]
+  k_pages      [P, S, K, H] keys, already holding this step's new tokens (see `write_kv`)
+  v_pages      [P, S, K, H]
+  page_tables  [B, M] int32 page ids of each sequence, in order
+  kv_lens      [B] int32   tokens in the cache for each sequence, including this step's
+  cu_q_lens    [B + 1] int32 cumulative query lengths
+  num_seqs     [] int32    live rows; tokens at or past cu_q_lens[num_seqs] are padding (output 0)
+The query token at row t of sequence b sits at position kv_lens[b] - (cu_q_lens[b+1] - t); it attends to
+cache positions j <= its own (causal within the chunk), and j > pos - sliding_window when a window is set.
+Optional: soft_cap (logits -> cap * tanh(logits / cap)), k_scale / v_scale ([K] per-head dequantisation
+scales for an 8-bit cache).
+
+Implementations here are plain jnp: `ragged_paged_attention_reference` is the oracle (dense, exact
+softmax, simple enough to trust); `ragged_paged_attention_xla` is the blocked online-softmax form the
+engine uses where no Pallas kernel runs (CPU): its work grows with the live context, not the page table.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -1e30  # finite, so fully masked rows give 0 instead of NaN
+
+
+def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping):
+    """Scatter this step's K/V [T, K, H] into their cache slots (page * S + offset).
+
+    Padding tokens carry slot P * S, which is out of bounds and dropped. With the cache donated, XLA
+    updates it in place: no copy of the cache per step.
+    """
+    P, S, K, H = k_pages.shape
+    k_flat = k_pages.reshape(P * S, K, H).at[slot_mapping].set(k_new.astype(k_pages.dtype), mode="drop")
+    v_flat = v_pages.reshape(P * S, K, H).at[slot_mapping].set(v_new.astype(v_pages.dtype), mode="drop")
+    return k_flat.reshape(P, S, K, H), v_flat.reshape(P, S, K, H)
+
+
+def _token_metadata(T, kv_lens, cu_q_lens, num_seqs):
+    """Per query token: its sequence row, its absolute position, and whether it is live."""
+    t = jnp.arange(T, dtype=jnp.int32)
+    seq = jnp.searchsorted(cu_q_lens[1:], t, side="right").astype(jnp.int32)  # [T]
+    B = kv_lens.shape[0]
+    live = (t < cu_q_lens[num_seqs]) & (seq < num_seqs)
+    seq = jnp.minimum(seq, B - 1)
+    pos = kv_lens[seq] - (cu_q_lens[seq + 1] - t)  # [T]
+    return seq, pos, live
+
+
+def _mask(pos, kv_pos, live, sliding_window):
+    # pos [T], kv_pos [T, L] -> [T, L]
+    m = (kv_pos <= pos[:, None]) & (kv_pos >= 0) & live[:, None]
+    if sliding_window is not None:
+        m &= kv_pos > pos[:, None] - sliding_window
+    return m
+
+
+def _dequant(x, scale):
+    x = x.astype(jnp.float32)
+    return x if scale is None else x * scale.astype(jnp.float32)[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
+def ragged_paged_attention_reference(
+    q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens, num_seqs,
+    *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
+    k_scale=None, v_scale=None,
+):
+    """The oracle: gathers every token's whole page table and takes an exact softmax. O(T * M * S) memory."""
+    T, N, H = q.shape
+    P, S, K, _ = k_pages.shape
+    M = page_tables.shape[1]
+    G = N // K
+    seq, pos, live = _token_metadata(T, kv_lens, cu_q_lens, num_seqs)
+    pages = page_tables[seq]  # [T, M]
+    k = _dequant(k_pages[pages].reshape(T, M * S, K, H), k_scale)  # [T, L, K, H]
+    v = _dequant(v_pages[pages].reshape(T, M * S, K, H), v_scale)
+    qg = q.astype(jnp.float32).reshape(T, K, G, H)
+    s = jnp.einsum("tkgh,tlkh->tkgl", qg, k) * sm_scale  # [T, K, G, L]
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    kv_pos = jnp.broadcast_to(jnp.arange(M * S, dtype=jnp.int32), (T, M * S))
+    m = _mask(pos, kv_pos, live, sliding_window)  # [T, L]
+    s = jnp.where(m[:, None, None, :], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(m[:, None, None, :], p, 0.0)  # rows with nothing to attend (padding) become 0, not NaN
+    v = jnp.where(m[:, :, None, None], v, 0.0)  # unused pages may hold anything, NaN included: 0 * NaN = NaN
+    o = jnp.einsum("tkgl,tlkh->tkgh", p, v)
+    return o.reshape(T, N, H).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_pages"))
+def ragged_paged_attention_xla(
+    q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens, num_seqs,
+    *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
+    k_scale=None, v_scale=None, block_pages: int = 8,
+):
+    """Flash-style: a loop over blocks of `block_pages` pages with an online softmax.
+
+    The loop runs only as far as the longest live sequence, so decode cost follows the real context.
+    Each token gathers its own sequence's block: O(T * block) memory per iteration.
+    """
+    T, N, H = q.shape
+    P, S, K, _ = k_pages.shape
+    B, M = page_tables.shape
+    G = N // K
+    bp = min(block_pages, M)
+    n_blocks_max = -(-M // bp)
+    tables = jnp.pad(page_tables, ((0, 0), (0, n_blocks_max * bp - M)))  # pad pages are masked by position
+    seq, pos, live = _token_metadata(T, kv_lens, cu_q_lens, num_seqs)
+    qg = q.astype(jnp.float32).reshape(T, K, G, H) * sm_scale
+    live_len = jnp.max(jnp.where(jnp.arange(B) < num_seqs, kv_lens, 0))
+    n_blocks = jnp.minimum((live_len + bp * S - 1) // (bp * S), n_blocks_max)
+
+    def body(j, carry):
+        m_i, l_i, acc = carry  # [T, K, G], [T, K, G], [T, K, G, H]
+        pages = jax.lax.dynamic_slice_in_dim(tables, j * bp, bp, axis=1)[seq]  # [T, bp]
+        k = _dequant(k_pages[pages].reshape(T, bp * S, K, H), k_scale)  # [T, bS, K, H]
+        v = _dequant(v_pages[pages].reshape(T, bp * S, K, H), v_scale)
+        s = jnp.einsum("tkgh,tlkh->tkgl", qg, k)  # [T, K, G, bS]
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        kv_pos = j * bp * S + jnp.arange(bp * S, dtype=jnp.int32)
+        msk = _mask(pos, jnp.broadcast_to(kv_pos, (T, bp * S)), live, sliding_window)[:, None, None, :]
+        s = jnp.where(msk, s, _NEG_INF)
+        m_new = jnp.maximum(m_i, s.max(-1))
+        p = jnp.where(msk, jnp.exp(s - m_new[..., None]), 0.0)
+        v = jnp.where(msk[:, 0, 0, :, None, None], v, 0.0)  # stray pages may hold NaN
+        alpha = jnp.exp(m_i - m_new)
+        l_new = alpha * l_i + p.sum(-1)
+        acc = alpha[..., None] * acc + jnp.einsum("tkgl,tlkh->tkgh", p, v)
+        return m_new, l_new, acc
+
+    init = (
+        jnp.full((T, K, G), _NEG_INF, jnp.float32),
+        jnp.zeros((T, K, G), jnp.float32),
+        jnp.zeros((T, K, G, H), jnp.float32),
+    )
+    _, l_i, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    o = acc / jnp.where(l_i > 0, l_i, 1.0)[..., None]
+    return o.reshape(T, N, H).astype(q.dtype)
