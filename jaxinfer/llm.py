@@ -82,7 +82,15 @@ class LLM:
             self.engine.step()
 
 
-_DEFAULT_LLMS: dict[tuple, LLM] = {}
+_SHARED_LLMS: dict[tuple, LLM] = {}
+
+
+def shared_llm(model: str | None = None, **engine_options) -> LLM:
+    """The process-wide LLM for (model, options): built (loaded and compiled) on first use, then reused."""
+    key = (model, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in engine_options.items())))
+    if key not in _SHARED_LLMS:
+        _SHARED_LLMS[key] = LLM(model, **engine_options)
+    return _SHARED_LLMS[key]
 
 
 def generate(
@@ -93,8 +101,8 @@ def generate(
     use_tqdm: bool = False,
     **engine_options,
 ) -> list[RequestOutput]:
-    """One-call generation for research code. The engine for (model, options) is built once and reused."""
-    key = (model, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in engine_options.items())))
-    if key not in _DEFAULT_LLMS:
-        _DEFAULT_LLMS[key] = LLM(model, **engine_options)
-    return _DEFAULT_LLMS[key].generate(prompts, sampling_params, use_tqdm=use_tqdm)
+    """One-call generation for research code: `jaxinfer.generate(["..."], SamplingParams(max_tokens=64))`.
+
+    The engine for (model, engine_options) is built on the first call and reused by later ones.
+    """
+    return shared_llm(model, **engine_options).generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -75,3 +75,28 @@ def _logits_fn(cfg, impl):
         return compute_logits(params, cfg, h)
 
     return f
+
+
+# Engine options for the per-family tiny engines (small pool, small buckets: cheap to compile).
+TINY_ENGINE_OPTIONS_FOR_FAMILY = dict(
+    token_buckets=(4, 32), seq_buckets=(1, 4), max_num_seqs=4, max_model_len=96, page_size=8, num_pages=48,
+    show_progress=False, use_compilation_cache=False,
+)
+
+
+def hf_greedy(model, prompt_ids, max_new_tokens: int) -> list[int]:
+    """HF greedy decoding with its KV cache that never stops early (our side runs with ignore_eos=True).
+
+    A hand loop rather than `generate`, which keeps stopping at the checkpoint's EOS whatever it is told.
+    """
+    import torch
+
+    out, past, ids = [], None, torch.tensor(prompt_ids)[None]
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            res = model(ids, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            nxt = int(res.logits[0, -1].argmax())
+            out.append(nxt)
+            ids = torch.tensor([[nxt]])
+    return out

@@ -1,0 +1,496 @@
+"""The `jaxinfer` command line: `chat`, `generate` and `bench` (see `jaxinfer --help`).
+
+Flags map one to one onto `SamplingParams` (sampling flags) and `EngineConfig` (engine flags). Both are
+built, and so validated, before the model loads, so a bad value fails in a second, not after start-up.
+Every bad value exits with status 2 and one `error: ...` line naming the flag; Ctrl-C exits with 130.
+Progress bars and engine messages go to stderr, so stdout holds only the model's text (or JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+from jaxinfer.config import EngineConfig, parse_bytes
+from jaxinfer.sampling_params import SamplingParams
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+CHAT_DEFAULTS = dict(temperature=0.7, top_p=0.9, max_tokens=512)
+GENERATE_DEFAULTS = dict(temperature=0.0, top_p=1.0, max_tokens=128)
+
+# SamplingParams / EngineConfig field -> flag, to name the flag in error messages.
+FIELD_FLAGS = {
+    "n": "-n", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
+    "seed": "--seed", "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty",
+    "repetition_penalty": "--repetition-penalty", "stop": "--stop", "stop_token_ids": "--stop-token-id",
+    "max_tokens": "--max-tokens", "min_tokens": "--min-tokens", "logprobs": "--logprobs",
+    "max_model_len": "--max-model-len", "max_num_seqs": "--max-num-seqs",
+    "max_num_batched_tokens": "--max-num-batched-tokens", "token_buckets": "--token-buckets",
+    "seq_buckets": "--seq-buckets", "page_size": "--page-size", "kv_cache_memory": "--kv-cache-memory",
+    "dtype": "--dtype", "load_format": "--load-format",
+}
+
+EPILOG = """\
+examples:
+  jaxinfer chat "What is the capital of France?"      one answer, streamed
+  jaxinfer chat --system "You are a pirate."           interactive chat (/exit or Ctrl-D quits)
+  jaxinfer generate "The meaning of life is" --max-tokens 32
+  jaxinfer generate "Once upon a time" -n 3 --temperature 0.9 --json
+  jaxinfer bench --json-out bench.json                 speed on this machine, against HF transformers
+
+Without --model the embedded SmolLM2-135M-Instruct (GGUF) is used. Start-up compiles every step shape
+once (about half a minute on a laptop CPU); later runs load them from the compilation cache.
+"""
+
+
+# -- argument types -----------------------------------------------------------------------------------------
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _int_list(s: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in s.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers like 1,4,16, got {s!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 1 like 1,4,16, got {s!r}")
+    return vals
+
+
+def _byte_size(s: str) -> str:
+    try:
+        if parse_bytes(s) <= 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 2GiB, 512MiB or 1e9, got {s!r}") from None
+    return s
+
+
+# -- shared flag groups (serve reuses these) ---------------------------------------------------------------
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", "-m", metavar="PATH",
+        help="an HF checkpoint directory, a .gguf file, or a preset name from configs/models "
+        "(presets need --load-format dummy); default: the embedded SmolLM2-135M-Instruct",
+    )
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Flags mapping onto `EngineConfig` fields; `engine_options_from_args` reads them back."""
+    g = parser.add_argument_group("engine options (how the model runs)")
+    g.add_argument("--max-model-len", type=_positive_int, metavar="N",
+                   help="longest sequence (prompt + output) in tokens; default: the model's context length")
+    g.add_argument("--max-num-seqs", type=_positive_int, metavar="N",
+                   help="most sequences decoded together in one step (default: 16)")
+    g.add_argument("--max-num-batched-tokens", type=_positive_int, metavar="N",
+                   help="most tokens processed in one step; longer prompts are split (default: largest token bucket)")
+    g.add_argument("--token-buckets", type=_int_list, metavar="LIST",
+                   help="step sizes in tokens compiled ahead of time, e.g. 1,4,16,64,256 (the default)")
+    g.add_argument("--seq-buckets", type=_int_list, metavar="LIST",
+                   help="step sizes in sequences compiled ahead of time, e.g. 1,4,16 (the default)")
+    g.add_argument("--page-size", type=_positive_int, metavar="N",
+                   help="tokens per KV-cache page, a power of two (default: 16)")
+    g.add_argument("--kv-cache-memory", type=_byte_size, metavar="SIZE",
+                   help="memory for the KV cache, e.g. 2GiB or 512MiB (default: sized from free memory)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight and activation type (default: auto = float32 on CPU, bfloat16 on GPU/TPU)")
+    g.add_argument("--load-format", choices=["auto", "safetensors", "gguf", "dummy"],
+                   help="how to read weights; dummy = random weights of the model's shape (default: auto)")
+    g.add_argument("--compilation-cache-dir", metavar="DIR",
+                   help="where compiled step programs are kept between runs (default: ~/.cache/jaxinfer/xla)")
+    g.add_argument("--no-compilation-cache", action="store_true",
+                   help="compile everything afresh and do not write the compilation cache")
+    g.add_argument("--engine-seed", type=int, metavar="N",
+                   help="seed for random weights and for requests that give no --seed (default: 0)")
+    g.add_argument("--quiet", "-q", action="store_true", help="hide progress bars and start-up messages")
+
+
+def engine_options_from_args(args: argparse.Namespace) -> dict:
+    """Only the engine flags that were given, so EngineConfig's own defaults apply to the rest."""
+    names = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "token_buckets", "seq_buckets",
+             "page_size", "kv_cache_memory", "dtype", "load_format", "compilation_cache_dir"]
+    opts = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    if getattr(args, "engine_seed", None) is not None:
+        opts["seed"] = args.engine_seed
+    if getattr(args, "no_compilation_cache", False):
+        opts["use_compilation_cache"] = False
+    if getattr(args, "quiet", False):
+        opts["show_progress"] = False
+    return opts
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict, multi: bool = True) -> None:
+    """Flags mapping onto `SamplingParams`; `defaults` overrides temperature / top_p / max_tokens."""
+    d = defaults
+    g = parser.add_argument_group("sampling options (what gets generated)")
+    g.add_argument("--temperature", "-t", type=float, default=d["temperature"], metavar="T",
+                   help="randomness; 0 = always the most likely token (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=d["top_p"], metavar="P",
+                   help="sample only from the most likely tokens whose probabilities add up to P, in (0, 1] "
+                   "(default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample only from the K most likely tokens; 0 = no limit (default: %(default)s)")
+    g.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="drop tokens less likely than P times the most likely one, in [0, 1] (default: %(default)s)")
+    g.add_argument("--max-tokens", type=int, default=d["max_tokens"], metavar="N",
+                   help="most tokens to generate (default: %(default)s)")
+    g.add_argument("--min-tokens", type=int, default=0, metavar="N",
+                   help="generate at least N tokens before an end-of-sequence token may stop (default: %(default)s)")
+    g.add_argument("--seed", type=int, metavar="N", help="seed for this request's sampling, for reproducible output")
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop when this text is generated (not included in the output); repeatable")
+    g.add_argument("--stop-token-id", action="append", type=int, metavar="ID",
+                   help="stop when this token id is generated; repeatable")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="X",
+                   help="> 1 discourages any token already in the prompt or output (default: %(default)s)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, metavar="X",
+                   help="in [-2, 2]; > 0 discourages tokens already generated (default: %(default)s)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X",
+                   help="in [-2, 2]; > 0 discourages tokens by how often they were generated (default: %(default)s)")
+    if multi:
+        g.add_argument("-n", type=int, default=1, metavar="N", help="completions per prompt (default: %(default)s)")
+    g.add_argument("--logprobs", type=int, metavar="K",
+                   help="also return each token's log-probability and the K most likely alternatives")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past the end-of-sequence token, up to --max-tokens")
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
+    """Raises ValueError (naming the parameter) on a bad value."""
+    return SamplingParams(
+        n=getattr(args, "n", 1), temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, seed=args.seed, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
+        stop=args.stop, stop_token_ids=args.stop_token_id, max_tokens=args.max_tokens,
+        min_tokens=args.min_tokens, ignore_eos=args.ignore_eos, logprobs=args.logprobs,
+    )
+
+
+# -- the parser ------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one `error:` line (pointing at --help) instead of the whole usage."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jaxinfer import __version__, bench
+
+    parser = _Parser(
+        prog="jaxinfer", formatter_class=_Formatter, epilog=EPILOG,
+        description="jaxinfer: LLM inference on JAX/XLA (CPU, GPU, TPU) with a paged KV cache and continuous batching.",
+    )
+    parser.add_argument("--version", action="version", version=f"jaxinfer {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    chat = sub.add_parser(
+        "chat", formatter_class=_Formatter, help="talk to a chat model (one question, or an interactive session)",
+        description="Answer MESSAGE through the model's chat template, streaming the reply as it is generated.\n"
+        "Without MESSAGE, start an interactive session that keeps the conversation: type a line and press Enter;\n"
+        "/reset forgets the conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply.\n\n"
+        "Sampling defaults suit conversation (temperature 0.7, top-p 0.9, up to 512 tokens). Unless\n"
+        "--max-num-seqs or --seq-buckets is given, only one-sequence step shapes are compiled (faster start).",
+        epilog='examples:\n  jaxinfer chat "Write a haiku about the sea."\n'
+        '  jaxinfer chat --system "Answer in French." --temperature 0\n'
+        '  echo "Summarise: ..." | jaxinfer chat -      (MESSAGE "-" reads it from stdin)',
+    )
+    chat.add_argument("message", nargs="?", metavar="MESSAGE",
+                      help="the message to answer; leave out for an interactive session, '-' to read stdin")
+    chat.add_argument("--system", metavar="TEXT", help="a system prompt placed before the conversation")
+    add_model_args(chat)
+    add_sampling_args(chat, CHAT_DEFAULTS, multi=False)
+    add_engine_args(chat)
+    chat.set_defaults(func=run_chat)
+
+    gen = sub.add_parser(
+        "generate", formatter_class=_Formatter, help="complete raw text prompts (no chat template)",
+        description="Continue each PROMPT as plain text and print the completions (all prompts run as one batch).\n"
+        "Defaults are greedy (temperature 0) and up to 128 new tokens; --chat wraps each prompt as a\n"
+        "user message through the chat template instead.",
+        epilog='examples:\n  jaxinfer generate "The capital of France is"\n'
+        '  jaxinfer generate "Roses are red," "Twinkle twinkle" --max-tokens 20\n'
+        '  jaxinfer generate "Tell me a joke" --chat -n 2 --temperature 0.8 --json\n'
+        '  jaxinfer generate "2+2=" --logprobs 3 --max-tokens 1 --json',
+    )
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="text to continue; several run as a batch")
+    gen.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
+    gen.add_argument("--system", metavar="TEXT", help="with --chat: a system prompt before each message")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON document: text, token ids, finish reason, logprobs, timings")
+    add_model_args(gen)
+    add_sampling_args(gen, GENERATE_DEFAULTS)
+    add_engine_args(gen)
+    gen.set_defaults(func=run_generate)
+
+    bench.add_parser(sub)
+    return parser
+
+
+# -- main ------------------------------------------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """Bad user input discovered after parsing: printed as one `error:` line, exit status 2."""
+
+
+def describe_error(e: BaseException) -> str:
+    """One line that names the flag: `top_p must be ...` -> `--top-p: top_p must be ...`."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    head = msg.split(" ", 1)[0]
+    if head.endswith(":") and head[:-1] in FIELD_FLAGS:  # "max_tokens: this model's ..."
+        return f"{FIELD_FLAGS[head[:-1]]}:{msg[len(head):]}"
+    if head in FIELD_FLAGS:
+        return f"{FIELD_FLAGS[head]}: {msg}"
+    words = set(re.findall(r"[a-z_]+", msg))
+    flags = [flag for field, flag in FIELD_FLAGS.items() if field in words and "_" in field]
+    flags += [flag for phrase, flag in (("token bucket", "--token-buckets"), ("seq bucket", "--seq-buckets"))
+              if phrase in msg and flag not in flags]
+    return f"{msg} (see {', '.join(flags)})" if flags else msg
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or argparse's own usage error (already printed)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"error: {describe_error(e)}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `jaxinfer generate ... | head -1`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+
+
+def check_options(engine_options: dict) -> dict:
+    """Validate the engine options before the (slow) model load; returns them unchanged."""
+    EngineConfig.from_options(**engine_options)
+    return engine_options
+
+
+def build_llm(args: argparse.Namespace, engine_options: dict):
+    from jaxinfer.llm import LLM
+
+    return LLM(args.model, **engine_options)
+
+
+# -- chat ------------------------------------------------------------------------------------------------
+
+
+def chat_engine_options(args: argparse.Namespace) -> dict:
+    opts = engine_options_from_args(args)
+    if "max_num_seqs" not in opts and "seq_buckets" not in opts:
+        opts.update(max_num_seqs=1, seq_buckets=(1,))  # one conversation: single-sequence shapes only
+    return opts
+
+
+def stream_reply(engine, prompt_ids: list[int], params: SamplingParams, out=None):
+    """Run one request, writing each new piece of its text to `out` as it arrives; returns the final output."""
+    out = out or sys.stdout
+    rid = engine.add_request(prompt_ids, params)
+    shown = 0
+    try:
+        while True:
+            for o in engine.step():
+                if o.request_id != rid:
+                    continue
+                text = o.outputs[0].text
+                if len(text) > shown:
+                    out.write(text[shown:])
+                    out.flush()
+                    shown = len(text)
+                if o.finished:
+                    return o
+    except KeyboardInterrupt:
+        engine.abort(rid)
+        while engine.has_unfinished():
+            engine.step()
+        raise
+
+
+def fit_to_context(engine, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
+    """Shorten max_tokens to what the context leaves, so a long conversation still gets an answer."""
+    import dataclasses
+
+    room = engine.max_model_len - len(prompt_ids)
+    if room < 1:
+        raise UsageError(
+            f"the conversation ({len(prompt_ids)} tokens) fills the model's context ({engine.max_model_len} tokens)"
+        )
+    if params.max_tokens is None or params.max_tokens <= room:
+        return params
+    return dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    params = sampling_params_from_args(args)
+    opts = check_options(chat_engine_options(args))
+    message = args.message
+    if message == "-":
+        message = sys.stdin.read().strip()
+        if not message:
+            raise UsageError("MESSAGE: nothing was read from stdin")
+    elif message is not None and not message.strip():
+        raise UsageError("MESSAGE: must not be empty")
+    history = [{"role": "system", "content": args.system}] if args.system else []
+
+    llm = build_llm(args, opts)
+    engine = llm.engine
+    if engine.tokenizer is None:
+        raise UsageError("--model: this model has no tokenizer, so it cannot chat")
+
+    if message is not None:
+        ids = engine.tokenizer.apply_chat_template(history + [{"role": "user", "content": message}])
+        stream_reply(engine, ids, fit_to_context(engine, ids, params))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        return 0
+    return chat_repl(engine, params, history, args.system)
+
+
+def _read_line(prompt: str) -> str | None:
+    if sys.stdin.isatty():
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return None if line == "" else line
+
+
+def chat_repl(engine, params: SamplingParams, history: list[dict], system: str | None) -> int:
+    tty = sys.stdin.isatty()
+    if tty:
+        print("Type a message and press Enter. /reset forgets the conversation, /exit or Ctrl-D quits, "
+              "Ctrl-C stops a reply.", file=sys.stderr, flush=True)
+    while True:
+        line = _read_line(">>> ")
+        if line is None:  # EOF
+            if tty:
+                print(file=sys.stderr)
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit", "/bye"):
+            return 0
+        if line == "/reset":
+            history = [{"role": "system", "content": system}] if system else []
+            print("(conversation cleared)", file=sys.stderr, flush=True)
+            continue
+        if line in ("/help", "/?"):
+            print("/reset: forget the conversation   /exit: quit", file=sys.stderr, flush=True)
+            continue
+        turn = history + [{"role": "user", "content": line}]
+        ids = engine.tokenizer.apply_chat_template(turn)
+        try:
+            out = stream_reply(engine, ids, fit_to_context(engine, ids, params))
+        except UsageError as e:
+            print(f"error: {e}; /reset to start over", file=sys.stderr, flush=True)
+            continue
+        except KeyboardInterrupt:  # stop this reply, keep the session; the turn is forgotten
+            print("\n(stopped)", file=sys.stderr, flush=True)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history = turn + [{"role": "assistant", "content": out.outputs[0].text}]
+
+
+# -- generate --------------------------------------------------------------------------------------------
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    params = sampling_params_from_args(args)
+    opts = check_options(engine_options_from_args(args))
+    if any(not p for p in args.prompts):
+        raise UsageError("PROMPT: must not be empty")
+    llm = build_llm(args, opts)
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        outs = llm.chat([system + [{"role": "user", "content": p}] for p in args.prompts], params,
+                        use_tqdm=not args.quiet)
+    else:
+        outs = llm.generate(list(args.prompts), params, use_tqdm=not args.quiet)
+    if args.json:
+        json.dump([output_to_dict(o) for o in outs], sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+    else:
+        several = len(outs) > 1 or params.n > 1
+        for i, o in enumerate(outs):
+            for c in o.outputs:
+                if several:
+                    print(f"--- prompt {i}" + (f", completion {c.index}" if params.n > 1 else "") + " ---")
+                print(c.text)
+    sys.stdout.flush()
+    return 0
+
+
+def output_to_dict(o) -> dict:
+    """A RequestOutput as plain JSON types."""
+    m = o.metrics
+    return {
+        "request_id": o.request_id,
+        "prompt": o.prompt,
+        "prompt_token_ids": list(o.prompt_token_ids),
+        "outputs": [
+            {
+                "index": c.index,
+                "text": c.text,
+                "token_ids": list(c.token_ids),
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+                "cumulative_logprob": c.cumulative_logprob,
+                "logprobs": None if c.logprobs is None else [
+                    [{"token_id": t, "token": lp.decoded_token, "logprob": lp.logprob, "rank": lp.rank}
+                     for t, lp in pos.items()]
+                    for pos in c.logprobs
+                ],
+            }
+            for c in o.outputs
+        ],
+        "metrics": None if m is None else {
+            "num_prompt_tokens": m.num_prompt_tokens,
+            "num_generated_tokens": m.num_generated_tokens,
+            "ttft_s": m.ttft,
+            "tpot_s": m.tpot,
+            "e2e_latency_s": m.e2e_latency,
+        },
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Shared fixtures: engines are expensive to build (weights + AOT compilation), so each is built once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+from jaxinfer import compile_guard
+
+compile_guard.count()  # start counting compilations before any engine warms up
+
+# Small bucket sets keep CI compile time down; they still exercise padding in both dimensions.
+DEFAULT_MODEL_OPTIONS = dict(
+    token_buckets=(1, 4, 16, 64), seq_buckets=(1, 4, 16), max_num_seqs=16, max_model_len=1024,
+    kv_cache_memory="512MiB", show_progress=False,
+)
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    from jaxinfer.llm import shared_llm
+
+    return shared_llm(None, **DEFAULT_MODEL_OPTIONS)  # the same engine `jaxinfer.generate` uses
+
+
+@pytest.fixture(scope="session")
+def default_hf_model():
+    """The default GGUF model in HF transformers (PyTorch, fp32): the oracle."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxinfer.tokenizer import default_model_path
+
+    path = default_model_path()
+    torch.set_num_threads(os.cpu_count() or 1)
+    return AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    from hf_models import make_hf_model
+
+    d = tmp_path_factory.mktemp("tiny_llama")
+    model = make_hf_model("llama", d)
+    return d, model
+
+
+TINY_ENGINE_OPTIONS = dict(
+    token_buckets=(4, 16, 64), seq_buckets=(1, 4, 16), max_num_seqs=16, max_model_len=128, page_size=4,
+    show_progress=False, use_compilation_cache=False,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_llama_dir):
+    import jaxinfer
+
+    return jaxinfer.LLM(str(tiny_llama_dir[0]), num_pages=160, **TINY_ENGINE_OPTIONS)

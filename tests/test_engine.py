@@ -1,0 +1,282 @@
+"""Tier 3: the engine end to end — batch invariance, seeded sampling, sampling features, page accounting,
+bad input, and no compilation after warm-up."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import jaxinfer
+from conftest import DEFAULT_MODEL_OPTIONS, TINY_ENGINE_OPTIONS
+from hf_models import hf_greedy
+from jaxinfer import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write a haiku about autumn leaves.",
+    "How many legs does a spider have?",
+    "Explain photosynthesis in one sentence.",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 12?",
+    "Give me a synonym for happy.",
+    "Who wrote Romeo and Juliet?",
+]
+
+
+def run_staggered(engine, prompts, params, arrive_every: int = 2) -> dict[str, list[int]]:
+    """Submit prompts one by one, a new one every `arrive_every` steps, then run to completion."""
+    pending = list(enumerate(prompts))
+    ids, done, step = {}, {}, 0
+    while pending or engine.has_unfinished():
+        if pending and step % arrive_every == 0:
+            i, p = pending.pop(0)
+            ids[engine.add_request(p, params[i] if isinstance(params, list) else params)] = i
+        for out in engine.step():
+            if out.finished:
+                done[ids[out.request_id]] = out
+        step += 1
+    return done
+
+
+def assert_all_pages_free(engine):
+    s = engine.scheduler
+    assert not s.running and not s.waiting
+    assert s.allocator.num_free == s.allocator.num_pages
+    s.allocator.check_invariants()
+    assert sorted(s._free_slots) == list(range(engine.ecfg.max_num_seqs))
+
+
+# -- batch invariance ---------------------------------------------------------------------------------------
+
+
+def test_batch_invariance_default_model(default_llm):
+    """Each prompt gives the same greedy tokens alone and inside a continuous batch with staggered arrivals."""
+    eng = default_llm.engine
+    prompts = [eng.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+    alone = [default_llm.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    together = run_staggered(eng, prompts, GREEDY, arrive_every=3)
+    for i in range(len(prompts)):
+        assert together[i].outputs[0].token_ids == alone[i], QUESTIONS[i]
+    assert_all_pages_free(eng)
+    assert eng.num_compiles_since_ready == 0
+
+
+def test_default_model_answers_chat(default_llm):
+    out = default_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                           SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)[0]
+    comp = out.outputs[0]
+    assert "Paris" in comp.text
+    assert comp.finish_reason == "stop" and comp.token_ids[-1] == 2  # <|im_end|>
+    assert "<|im_end|>" not in comp.text
+    assert out.metrics.ttft is not None and out.metrics.ttft > 0
+
+
+def test_generate_api_default_model(default_llm):
+    outs = jaxinfer.generate(["The sky is", "One, two, three,"], SamplingParams(temperature=0, max_tokens=8),
+                             **DEFAULT_MODEL_OPTIONS)
+    assert jaxinfer.llm.shared_llm(None, **DEFAULT_MODEL_OPTIONS) is default_llm
+    assert len(outs) == 2 and all(len(o.outputs[0].token_ids) <= 8 and o.outputs[0].text for o in outs)
+
+
+# -- seeded sampling ------------------------------------------------------------------------------------------
+
+
+def test_seed_gives_same_text_whatever_else_is_in_the_batch(default_llm):
+    eng = default_llm.engine
+    prompt = "Tell me a story about a dragon."
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=24, ignore_eos=True)
+    alone = default_llm.generate([prompt], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=0.8, seed=s, max_tokens=20, ignore_eos=True) for s in range(4)]
+    mixed = run_staggered(eng, ["Hello there", "Count to ten:", prompt, "Once upon a time", "Why is the sea blue?"],
+                          [others[0], others[1], seeded, others[2], others[3]], arrive_every=1)
+    assert mixed[2].outputs[0].token_ids == alone
+    other_seed = default_llm.generate([prompt], SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=24,
+                                                               ignore_eos=True), use_tqdm=False)[0]
+    assert other_seed.outputs[0].token_ids != alone
+    assert_all_pages_free(eng)
+
+
+# -- sampling features through the engine ---------------------------------------------------------------------
+
+
+def test_stop_strings_do_not_leak(default_llm):
+    base = default_llm.generate(["The first five letters of the alphabet are"],
+                                SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)[0]
+    text = base.outputs[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop.strip()
+    out = default_llm.generate(["The first five letters of the alphabet are"],
+                               SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, stop=[stop]), use_tqdm=False)[0]
+    c = out.outputs[0]
+    assert c.finish_reason == "stop" and c.stop_reason == stop
+    assert stop not in c.text and text.startswith(c.text) and len(c.text) == text.index(stop)
+    kept = default_llm.generate(["The first five letters of the alphabet are"],
+                                SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, stop=[stop],
+                                               include_stop_str_in_output=True), use_tqdm=False)[0]
+    assert kept.outputs[0].text == text[: text.index(stop) + len(stop)]
+
+
+def test_stop_token_ids_max_tokens_min_tokens(default_llm):
+    prompt = default_llm.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}])
+    free = default_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)[0].outputs[0]
+    assert free.finish_reason == "stop" and free.token_ids[-1] == 2
+    # A stop token id taken from the free run ends the output right there.
+    tok = free.token_ids[1]
+    c = default_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[tok]),
+                             use_tqdm=False)[0].outputs[0]
+    assert c.token_ids == free.token_ids[:2] and c.finish_reason == "stop" and c.stop_reason == tok
+    # min_tokens suppresses EOS until reached.
+    n = len(free.token_ids) + 5
+    c = default_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=n + 10, min_tokens=n),
+                             use_tqdm=False)[0].outputs[0]
+    assert len(c.token_ids) >= n and 2 not in c.token_ids[: n - 1]
+    c = default_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0].outputs[0]
+    assert len(c.token_ids) == 3 and c.finish_reason == "length"
+
+
+def test_logit_bias_and_n(default_llm):
+    tok = default_llm.tokenizer.encode(" banana", add_special_tokens=False)[0]
+    out = default_llm.generate(["My favourite fruit is"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
+                                                                        logit_bias={tok: 100.0}), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == [tok] * 5
+    # The bias belonged to that request only: the next one on the same slot is unaffected.
+    out = default_llm.generate(["My favourite fruit is"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+                               use_tqdm=False)[0]
+    assert out.outputs[0].token_ids != [tok] * 5
+    outs = default_llm.generate(["Pick a random animal:"], SamplingParams(n=3, temperature=1.0, max_tokens=12,
+                                                                         ignore_eos=True, seed=7), use_tqdm=False)[0]
+    assert [c.index for c in outs.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in outs.outputs}) > 1
+
+
+def test_logprobs_match_hf(default_llm, default_hf_model):
+    prompt = default_llm.tokenizer.apply_chat_template([{"role": "user", "content": "Name a planet."}])
+    out = default_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2, logprobs=5), use_tqdm=False)[0]
+    c = out.outputs[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(default_hf_model(torch.tensor(prompt)[None]).logits[0, -1], -1).numpy()
+    first = c.logprobs[0]
+    top5 = np.argsort(-ref)[:5].tolist()
+    assert set(first) == set(top5) | {c.token_ids[0]}
+    for t, lp in first.items():
+        assert abs(lp.logprob - ref[t]) < 1e-3
+    assert first[c.token_ids[0]].rank == 1 and first[top5[1]].rank == 2
+    assert c.cumulative_logprob == pytest.approx(sum(d[t].logprob for d, t in zip(c.logprobs, c.token_ids)))
+
+
+# -- tiny model: HF parity under chunked prefill and preemption ---------------------------------------------
+
+
+def test_chunked_prefill_matches_hf(tiny_llm, tiny_llama_dir):
+    """Prompts longer than the 64-token step budget are split across steps and still match HF."""
+    model = tiny_llama_dir[1]
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 256, n).tolist() for n in (70, 100, 3)]
+    outs = tiny_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == hf_greedy(model, p, 20)
+    assert_all_pages_free(tiny_llm.engine)
+
+
+def test_preemption_loses_nothing(tiny_llama_dir):
+    """A pool far too small for the load: requests are preempted and recomputed, outputs stay exact."""
+    llm = jaxinfer.LLM(str(tiny_llama_dir[0]), num_pages=34, **TINY_ENGINE_OPTIONS)
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(0, 256, int(n)).tolist() for n in rng.integers(5, 40, 12)]
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True) if i % 2 else
+              SamplingParams(temperature=0.9, seed=i, max_tokens=30, ignore_eos=True, repetition_penalty=1.3,
+                             presence_penalty=0.5) for i in range(len(prompts))]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.num_compiles_since_ready == 0
+    assert_all_pages_free(llm.engine)
+    roomy = jaxinfer.LLM(str(tiny_llama_dir[0]), num_pages=400, **TINY_ENGINE_OPTIONS)
+    ref = roomy.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    assert all(len(o.outputs[0].token_ids) == 30 for o in outs)
+
+
+def test_abort_frees_pages_and_spares_others(tiny_llm):
+    eng = tiny_llm.engine
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, 256, 20).tolist() for _ in range(6)]
+    ref = tiny_llm.generate(prompts, GREEDY, use_tqdm=False)
+    ids = [eng.add_request(p, GREEDY) for p in prompts]
+    finals = {}
+    for step in range(200):
+        if step == 3:
+            eng.abort(ids[1])
+            eng.abort(ids[4])
+        for out in eng.step():
+            if out.finished:
+                finals[out.request_id] = out
+        if not eng.has_unfinished():
+            break
+    assert finals[ids[1]].outputs[0].finish_reason == "abort" and finals[ids[4]].outputs[0].finish_reason == "abort"
+    for i in (0, 2, 3, 5):
+        assert finals[ids[i]].outputs[0].token_ids == ref[i].outputs[0].token_ids
+    assert_all_pages_free(eng)
+
+
+# -- no compile after warm-up ---------------------------------------------------------------------------------
+
+
+def test_no_compile_after_warmup_varied_workload(tiny_llm):
+    eng = tiny_llm.engine
+    rng = np.random.default_rng(8)
+    kinds = [
+        SamplingParams(temperature=0, max_tokens=5),
+        SamplingParams(temperature=0.7, top_k=5, max_tokens=9, seed=1),
+        SamplingParams(temperature=1.2, top_p=0.8, min_p=0.05, max_tokens=3),
+        SamplingParams(temperature=1.0, repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=-0.5, max_tokens=7),
+        SamplingParams(temperature=0.5, logit_bias={3: 5.0, 7: -100}, min_tokens=4, max_tokens=6, logprobs=3),
+        SamplingParams(n=3, temperature=0.9, max_tokens=4, stop_token_ids=[11]),
+        SamplingParams(temperature=0, max_tokens=2, logprobs=0, ignore_eos=True),
+    ]
+    prompts = [rng.integers(0, 256, int(n)).tolist() for n in rng.integers(1, 110, 30)]
+    params = [kinds[i % len(kinds)] for i in range(len(prompts))]
+    before = eng.num_compiles_since_ready
+    outs = run_staggered(eng, prompts, params, arrive_every=1)
+    assert len(outs) == len(prompts)
+    assert eng.num_compiles_since_ready == before == 0
+    assert_all_pages_free(eng)
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt, params, param_name", [
+    ("", SamplingParams(), "prompt"),
+    ([], SamplingParams(), "prompt"),
+    ([1, 2, 300], SamplingParams(), "prompt"),
+    ([1, -1], SamplingParams(), "prompt"),
+    ([1] * 128, SamplingParams(), "prompt"),
+    ([1, 2], SamplingParams(max_tokens=500), "max_tokens"),
+    ([1, 2], SamplingParams(logprobs=21), "logprobs"),
+    ([1, 2], SamplingParams(logit_bias={256: 1.0}), "logit_bias"),
+    ([1, 2], SamplingParams(stop_token_ids=[999]), "stop_token_ids"),
+    (None, SamplingParams(), "prompt"),
+])
+def test_bad_input_raises_value_error_naming_parameter(tiny_llm, prompt, params, param_name):
+    eng = tiny_llm.engine
+    with pytest.raises(ValueError, match=param_name):
+        eng.add_request(prompt, params)
+    assert not eng.has_unfinished()
+
+
+def test_bad_request_in_a_batch_runs_nothing(tiny_llm):
+    with pytest.raises(ValueError, match="prompt"):
+        tiny_llm.generate([[1, 2, 3], [4, 5, 999]], GREEDY, use_tqdm=False)
+    assert_all_pages_free(tiny_llm.engine)
+    assert not tiny_llm.engine.has_unfinished()
+
+
+def test_bad_engine_options():
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        jaxinfer.LLM(None, max_num_seqs=0)
+    with pytest.raises(ValueError, match="unknown engine option"):
+        jaxinfer.LLM(None, max_num_sequences=4)
