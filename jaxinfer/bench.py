@@ -340,8 +340,8 @@ def run_context(args) -> dict:
     repo = Path(__file__).resolve().parent.parent
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["jaxinfer", *sys.argv[1:]]) if sys.argv else None,
-        "argv": list(sys.argv),
+        "command": shlex.join(["jaxinfer", *getattr(args, "argv", sys.argv[1:])]),
+        "python_argv": list(sys.argv),
         "git_commit": _git(repo, "rev-parse", "--short", "HEAD"),
         "git_dirty": bool(_git(repo, "status", "--porcelain", "--untracked-files=no")),
         "jax_version": jax.__version__,
@@ -374,7 +374,7 @@ def _cpu_model() -> str | None:
 
 
 def _args_dict(args) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k not in ("func",)}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k not in ("func", "argv")}
 
 
 def format_table(report: dict, args) -> str:

@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, or argparse's own usage error (already printed)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for records such as bench's JSON
     try:
         return int(args.func(args) or 0)
     except (UsageError, ValueError, FileNotFoundError) as e:

@@ -267,7 +267,7 @@ class Engine:
 
     @property
     def num_compiles_since_ready(self) -> int:
-        """Compilations since warm-up ended; anything but 0 means a shape escaped the buckets."""
+        """Compilations in this process since this engine became ready (other engines built since count too)."""
         return compile_guard.count() - self.compiles_at_ready
 
     def stats(self) -> dict:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import jaxinfer
+from jaxinfer import compile_guard
 from hf_models import FAMILIES, TINY_ENGINE_OPTIONS_FOR_FAMILY, hf_greedy, make_hf_model, sequence_logits
 from jaxinfer.config import ModelConfig
 from jaxinfer.weights import SafetensorsSource, load_params
@@ -44,10 +45,10 @@ def test_family_greedy_matches_hf_generate(family):
     llm = jaxinfer.LLM(str(d), **TINY_ENGINE_OPTIONS_FOR_FAMILY)
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, 256, n).tolist() for n in (5, 17, 30)]
-    outs = llm.generate(prompts, jaxinfer.SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    with compile_guard.forbid_compiles():
+        outs = llm.generate(prompts, jaxinfer.SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
     for p, o in zip(prompts, outs):
         assert o.outputs[0].token_ids == hf_greedy(model, p, 32), name
-    assert llm.engine.num_compiles_since_ready == 0
 
 
 def test_default_model_logits_match_hf(default_llm, default_hf_model):
