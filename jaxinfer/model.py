@@ -83,8 +83,8 @@ class Params:
 
 @pytree_dataclass
 class KVCache:
-    k: list  # [L] arrays [P, S, K, H]
-    v: list  # [L] arrays [P, S, K, H]
+    k: list  # [L] arrays [P, K, S, H]
+    v: list  # [L] arrays [P, K, S, H]
 
 
 @pytree_dataclass
@@ -139,7 +139,7 @@ def logical_sharding(axes, mesh: Mesh | None, rules=SHARDING_RULES):
 
 
 def kv_cache_spec(cfg: ModelConfig, num_pages: int, page_size: int) -> ParamSpec:
-    return ParamSpec((num_pages, page_size, cfg.num_kv_heads, cfg.head_dim), ("pages", "page_slot", "kv_heads", "head_dim"), "zeros")
+    return ParamSpec((num_pages, cfg.num_kv_heads, page_size, cfg.head_dim), ("pages", "kv_heads", "page_slot", "head_dim"), "zeros")
 
 
 def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, mesh: Mesh | None = None) -> KVCache:

@@ -8,8 +8,10 @@ Glossary (shared by every implementation in this module):
 
 Inputs:
   q            [T, N, H]   queries; sequence b owns rows cu_q_lens[b] : cu_q_lens[b + 1]
-  k_pages      [P, S, K, H] keys, already holding this step's new tokens (see `write_kv`)
-  v_pages      [P, S, K, H]
+  k_pages      [P, K, S, H] keys, already holding this step's new tokens (see `write_kv`). Head-major
+               inside a page: one (page, kv head) is a contiguous [S, H] tile, what a GPU block or a TPU
+               DMA wants (a [.., K, H] minor layout would pad K up to the TPU's 8/16-row tiles).
+  v_pages      [P, K, S, H]
   page_tables  [B, M] int32 page ids of each sequence, in order
   kv_lens      [B] int32   tokens in the cache for each sequence, including this step's
   cu_q_lens    [B + 1] int32 cumulative query lengths
@@ -35,15 +37,23 @@ _NEG_INF = -1e30  # finite, so fully masked rows give 0 instead of NaN
 
 
 def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping):
-    """Scatter this step's K/V [T, K, H] into their cache slots (page * S + offset).
+    """Scatter this step's K/V [T, K, H] into their cache slots (slot = page * S + offset).
 
     Padding tokens carry slot P * S, which is out of bounds and dropped. With the cache donated, XLA
     updates it in place: no copy of the cache per step.
     """
-    P, S, K, H = k_pages.shape
-    k_flat = k_pages.reshape(P * S, K, H).at[slot_mapping].set(k_new.astype(k_pages.dtype), mode="drop")
-    v_flat = v_pages.reshape(P * S, K, H).at[slot_mapping].set(v_new.astype(v_pages.dtype), mode="drop")
-    return k_flat.reshape(P, S, K, H), v_flat.reshape(P, S, K, H)
+    P, K, S, H = k_pages.shape
+    page, off = slot_mapping // S, slot_mapping % S  # padding: page P, out of bounds
+    k_pages = k_pages.at[page, :, off].set(k_new.astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.at[page, :, off].set(v_new.astype(v_pages.dtype), mode="drop")
+    return k_pages, v_pages
+
+
+def gather_pages(pages_arr, page_ids):
+    """[P, K, S, H] gathered at page_ids [..., n] -> [..., n * S, K, H] (token-major, for the jnp forms)."""
+    g = pages_arr[page_ids]  # [..., n, K, S, H]
+    g = jnp.swapaxes(g, -3, -2)  # [..., n, S, K, H]
+    return g.reshape(*page_ids.shape[:-1], page_ids.shape[-1] * g.shape[-3], *g.shape[-2:])
 
 
 def _token_metadata(T, kv_lens, cu_q_lens, num_seqs):
@@ -78,13 +88,13 @@ def ragged_paged_attention_reference(
 ):
     """The oracle: gathers every token's whole page table and takes an exact softmax. O(T * M * S) memory."""
     T, N, H = q.shape
-    P, S, K, _ = k_pages.shape
+    P, K, S, _ = k_pages.shape
     M = page_tables.shape[1]
     G = N // K
     seq, pos, live = _token_metadata(T, kv_lens, cu_q_lens, num_seqs)
     pages = page_tables[seq]  # [T, M]
-    k = _dequant(k_pages[pages].reshape(T, M * S, K, H), k_scale)  # [T, L, K, H]
-    v = _dequant(v_pages[pages].reshape(T, M * S, K, H), v_scale)
+    k = _dequant(gather_pages(k_pages, pages), k_scale)  # [T, L, K, H]
+    v = _dequant(gather_pages(v_pages, pages), v_scale)
     qg = q.astype(jnp.float32).reshape(T, K, G, H)
     s = jnp.einsum("tkgh,tlkh->tkgl", qg, k) * sm_scale  # [T, K, G, L]
     if soft_cap is not None:
@@ -111,7 +121,7 @@ def ragged_paged_attention_xla(
     Each token gathers its own sequence's block: O(T * block) memory per iteration.
     """
     T, N, H = q.shape
-    P, S, K, _ = k_pages.shape
+    P, K, S, _ = k_pages.shape
     B, M = page_tables.shape
     G = N // K
     bp = min(block_pages, M)
@@ -125,8 +135,8 @@ def ragged_paged_attention_xla(
     def body(j, carry):
         m_i, l_i, acc = carry  # [T, K, G], [T, K, G], [T, K, G, H]
         pages = jax.lax.dynamic_slice_in_dim(tables, j * bp, bp, axis=1)[seq]  # [T, bp]
-        k = _dequant(k_pages[pages].reshape(T, bp * S, K, H), k_scale)  # [T, bS, K, H]
-        v = _dequant(v_pages[pages].reshape(T, bp * S, K, H), v_scale)
+        k = _dequant(gather_pages(k_pages, pages), k_scale)  # [T, bS, K, H]
+        v = _dequant(gather_pages(v_pages, pages), v_scale)
         s = jnp.einsum("tkgh,tlkh->tkgl", qg, k)  # [T, K, G, bS]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)

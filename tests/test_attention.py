@@ -20,8 +20,8 @@ def make_batch(rng, q_lens, kv_lens, *, N, K, H, S=8, pad_tokens=3, pad_seqs=2, 
     B = len(q_lens)
     M = max(-(-k // S) for k in kv_lens) + 1
     P = sum(-(-k // S) for k in kv_lens) + 4
-    k_pages = np.full((P, S, K, H), np.nan, np.float32)
-    v_pages = np.full((P, S, K, H), np.nan, np.float32)
+    k_pages = np.full((P, K, S, H), np.nan, np.float32)
+    v_pages = np.full((P, K, S, H), np.nan, np.float32)
     perm = rng.permutation(P)
     tables = np.zeros((B + pad_seqs, M), np.int32)
     used = 0
@@ -30,8 +30,8 @@ def make_batch(rng, q_lens, kv_lens, *, N, K, H, S=8, pad_tokens=3, pad_seqs=2, 
         tables[b, :n] = perm[used: used + n]
         used += n
         for pos in range(kl):
-            k_pages[tables[b, pos // S], pos % S] = rng.standard_normal((K, H))
-            v_pages[tables[b, pos // S], pos % S] = rng.standard_normal((K, H))
+            k_pages[tables[b, pos // S], :, pos % S] = rng.standard_normal((K, H))
+            v_pages[tables[b, pos // S], :, pos % S] = rng.standard_normal((K, H))
     T = sum(q_lens) + pad_tokens
     q = rng.standard_normal((T, N, H)).astype(np.float32)
     cu = np.zeros(B + pad_seqs + 1, np.int32)
@@ -79,12 +79,12 @@ def test_reference_matches_dense_numpy(case, N, K):
     args = make_batch(rng, q_lens, kv_lens, N=N, K=K, H=H)
     out = np.asarray(ragged_paged_attention_reference(*args, sm_scale=H**-0.5))
     q, k_pages, v_pages, tables = (np.asarray(a) for a in args[:4])
-    S = k_pages.shape[1]
+    S = k_pages.shape[2]
     t = 0
     for b, (ql, kl) in enumerate(zip(q_lens, kv_lens)):
         pos = np.arange(kl)
-        k = k_pages[tables[b, pos // S], pos % S]
-        v = v_pages[tables[b, pos // S], pos % S]
+        k = k_pages[tables[b, pos // S], :, pos % S]  # [L, K, H]
+        v = v_pages[tables[b, pos // S], :, pos % S]
         want = dense_attention(q[t: t + ql], k, v, np.arange(kl - ql, kl), H**-0.5)
         np.testing.assert_allclose(out[t: t + ql], want, atol=2e-5, rtol=2e-5)
         t += ql
@@ -128,14 +128,13 @@ def test_random_ragged_batches_up_to_2k():
 
 
 def test_write_kv_scatters_and_drops_padding():
-    P, S, K, H = 3, 4, 2, 8
-    k = jnp.zeros((P, S, K, H))
-    v = jnp.zeros((P, S, K, H))
+    P, K, S, H = 3, 2, 4, 8
+    k = jnp.zeros((P, K, S, H))
+    v = jnp.zeros((P, K, S, H))
     new = jnp.arange(3 * K * H, dtype=jnp.float32).reshape(3, K, H) + 1
-    slots = jnp.array([5, 0, P * S], jnp.int32)  # the last one is padding
-    k2, v2 = write_kv(k, v, new, -new, slots)
-    k2 = np.asarray(k2).reshape(P * S, K, H)
-    np.testing.assert_array_equal(k2[5], new[0])
-    np.testing.assert_array_equal(k2[0], new[1])
-    assert np.count_nonzero(k2) == 2 * K * H
-    assert np.asarray(v2).reshape(P * S, K, H)[5].sum() == -np.asarray(new[0]).sum()
+    slots = jnp.array([5, 0, P * S], jnp.int32)  # page 1 offset 1; page 0 offset 0; padding
+    k2, v2 = (np.asarray(x) for x in write_kv(k, v, new, -new, slots))
+    np.testing.assert_array_equal(k2[1, :, 1], new[0])
+    np.testing.assert_array_equal(k2[0, :, 0], new[1])
+    np.testing.assert_array_equal(v2[1, :, 1], -new[0])
+    assert np.count_nonzero(k2) == 2 * K * H and np.count_nonzero(v2) == 2 * K * H
