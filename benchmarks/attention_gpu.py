@@ -1,0 +1,305 @@
+"""Ragged paged attention on one GPU: our Triton-lowered Pallas kernels against the XLA forms and jax's own.
+
+    python benchmarks/attention_gpu.py            # the H100 run: decode grid, prefill / mixed chunks
+    python benchmarks/attention_gpu.py --sweep    # also try kernel knobs around the defaults
+    python benchmarks/attention_gpu.py --smoke    # CPU, tiny shapes, interpret mode: checks the script
+
+Decode: 1 query token per sequence, GQA 32 q / 8 kv heads, head dim 128, bf16, page 16, batch x context in
+{1, 16, 64, 256} x {512, 2048, 8192}. Prefill / mixed: chunks of 512 - 4096 tokens. Implementations:
+ours (decode_only kernel for decode, ragged kernel for everything), `ragged_paged_attention_xla` (the jnp
+online-softmax form under XLA), the dense `ragged_paged_attention_reference` where its O(T * L) gather fits,
+and for decode `jax.experimental.pallas.ops.gpu.paged_attention` (its own [K, P, S, H] cache layout, built
+separately).
+
+Timing: each implementation runs `--loop` times inside one jitted `fori_loop` (no per-call dispatch in the
+number), median of `--reps` such loops after a warm-up, with `block_until_ready`; `host_us` is the median
+of back-to-back Python calls, for comparison. Inputs rotate over several page-table sets spread over a
+cache larger than the 50 MB L2, so small cases do not time the cache. GB/s counts the K/V bytes the op must
+read (each live token once) plus q and out; TFLOP/s counts 4 * H * N * (visible kv per query token), with
+causal visibility. Ratios are to 2.94 TB/s (measured copy bandwidth) and 787 TFLOP/s (bf16 matmul).
+Each variant's max |error| against the XLA form is reported; a failing variant prints its error and the
+rest go on. JSON goes to $OUT/attention_gpu.json if OUT is set, else ./attention_gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import statistics
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels.ragged_paged_attention import (  # noqa: E402
+    ragged_paged_attention_reference,
+    ragged_paged_attention_xla,
+)
+from pallas_kernels.ragged_paged_attention_gpu import ragged_paged_attention_gpu  # noqa: E402
+
+PEAK_BW = 2.94e12
+PEAK_FLOPS = 787e12
+L2_BYTES = 50e6
+
+
+def make_case(key, q_lens, kv_lens, *, N, K, H, S, dtype, min_bytes):
+    """A ragged batch plus `n_sets` page tables / queries over one cache, so rotating sets leaves L2."""
+    B = len(q_lens)
+    pages_per_seq = [-(-k // S) for k in kv_lens]
+    M = max(pages_per_seq)
+    used = sum(pages_per_seq)
+    kv_bytes = 2 * sum(kv_lens) * K * H * jnp.dtype(dtype).itemsize
+    n_sets = int(max(1, min(16, -(-min_bytes // max(kv_bytes, 1)))))
+    P = used * n_sets
+    T = sum(q_lens)
+    kk, kv, kq, kp = jax.random.split(key, 4)
+    k_pages = jax.random.normal(kk, (P, K, S, H), jnp.float32).astype(dtype)
+    v_pages = jax.random.normal(kv, (P, K, S, H), jnp.float32).astype(dtype)
+    perm = np.asarray(jax.random.permutation(kp, P)).astype(np.int32)
+    tables = np.zeros((n_sets, B, M), np.int32)
+    at = 0
+    for s in range(n_sets):
+        for b, n in enumerate(pages_per_seq):
+            tables[s, b, :n] = perm[at: at + n]
+            at += n
+    qs = jax.random.normal(kq, (n_sets, T, N, H), jnp.float32).astype(dtype)
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    return dict(q=qs, k=k_pages, v=v_pages, tables=jnp.asarray(tables), kv_lens=jnp.asarray(kv_lens, jnp.int32),
+                cu=jnp.asarray(cu), num_seqs=jnp.asarray(B, jnp.int32), n_sets=n_sets, T=T, B=B, M=M,
+                q_lens=list(q_lens), kv_lens_list=list(kv_lens), N=N, K=K, H=H, S=S, dtype=dtype)
+
+
+def cost(case):
+    """(bytes the op must move, flops) with causal visibility."""
+    it = jnp.dtype(case["dtype"]).itemsize
+    N, K, H = case["N"], case["K"], case["H"]
+    kv_bytes = 2 * sum(case["kv_lens_list"]) * K * H * it
+    qo_bytes = 2 * case["T"] * N * H * it
+    visible = sum(sum(range(kl - ql + 1, kl + 1)) for ql, kl in zip(case["q_lens"], case["kv_lens_list"]))
+    return kv_bytes + qo_bytes, 4 * H * N * visible
+
+
+def ragged_fn(impl, sm_scale, **kw):
+    """fn(q, k, v, tables) for one of our / the jnp implementations (other inputs closed over)."""
+    def fn(case, q, k, v, tables):
+        return impl(q, k, v, tables, case["kv_lens"], case["cu"], case["num_seqs"], sm_scale=sm_scale, **kw)
+    return fn
+
+
+def jax_paged_fn(case, sm_scale, interpret, **kw):
+    """jax's decode kernel: q [B, N, H], pages [K, P, S, H], block_tables [B, M], lengths [B].
+
+    It applies no softmax scale, so its queries come pre-scaled (its own inputs, like its cache layout).
+    """
+    from jax.experimental.pallas.ops.gpu import paged_attention as pa
+
+    M = case["M"]
+    k_splits = kw.pop("k_splits", 16)
+    while M % k_splits:
+        k_splits //= 2
+    ppcb = kw.pop("pages_per_compute_block", 8)
+    while (M // k_splits) % min(ppcb, M // k_splits):
+        ppcb //= 2
+    def fn(case, q, k, v, tables):  # q, k, v arrive as its own inputs (the `own` of its variant)
+        return pa.paged_attention(q, k, v, tables, case["kv_lens"], k_splits=k_splits,
+                                  pages_per_compute_block=ppcb, interpret=interpret, **kw)
+    own = ((case["q"].astype(jnp.float32) * sm_scale).astype(case["q"].dtype),
+           jnp.swapaxes(case["k"], 0, 1), jnp.swapaxes(case["v"], 0, 1))
+    return fn, own
+
+
+def time_fn(fn, case, reps, loop, own=None):
+    """(device-loop seconds per call, host seconds per call, first output)."""
+    n = case["n_sets"]
+    qs, k, v = own or (case["q"], case["k"], case["v"])
+    sets = [(qs[i], k, v, case["tables"][i]) for i in range(n)]  # sliced once, outside the timing
+    args = lambda i: sets[i % n]  # noqa: E731
+    one = jax.jit(functools.partial(fn, case))
+    out = jax.block_until_ready(one(*args(0)))
+
+    @jax.jit
+    def many(qs, k, v, tables):
+        def body(i, o):
+            j = i % n
+            return fn(case, qs[j], k, v, tables[j]).astype(o.dtype)
+        return jax.lax.fori_loop(0, loop, body, jnp.zeros_like(out))
+
+    jax.block_until_ready(many(qs, k, v, case["tables"]))
+    dev = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(many(qs, k, v, case["tables"]))
+        dev.append((time.perf_counter() - t0) / loop)
+    host = []
+    for r in range(reps):
+        t0 = time.perf_counter()
+        for i in range(loop):
+            o = one(*args(r * loop + i))
+        jax.block_until_ready(o)
+        host.append((time.perf_counter() - t0) / loop)
+    return statistics.median(dev), statistics.median(host), out
+
+
+def run_case(kind, name, case, variants, args, results):
+    nbytes, flops = cost(case)
+    base = None
+    for impl, fn, knobs, *own in variants:
+        rec = dict(kind=kind, case=name, impl=impl, knobs=knobs, B=case["B"], T=case["T"],
+                   max_kv=max(case["kv_lens_list"]), bytes=nbytes, flops=flops)
+        try:
+            t_dev, t_host, out = time_fn(fn, case, args.reps, args.loop, *own)
+            out = np.asarray(out, np.float32)
+            if impl == "xla":
+                base = out
+            err = float(np.max(np.abs(out - base))) if base is not None and out.shape == base.shape else None
+            rec.update(time_us=t_dev * 1e6, host_us=t_host * 1e6, gbps=nbytes / t_dev / 1e9,
+                       tflops=flops / t_dev / 1e12, bw_frac=nbytes / t_dev / PEAK_BW,
+                       flop_frac=flops / t_dev / PEAK_FLOPS, max_err_vs_xla=err)
+            print(f"{kind:7s} {name:24s} {impl:14s} {t_dev * 1e6:10.1f} us  (host {t_host * 1e6:8.1f})  "
+                  f"{rec['gbps']:7.0f} GB/s {rec['bw_frac']:5.0%}  {rec['tflops']:6.1f} TF/s "
+                  f"{rec['flop_frac']:5.0%}  err {err}", flush=True)
+        except Exception as e:  # one failing variant must not stop the rest
+            rec["error"] = f"{type(e).__name__}: {e}"[:2000]
+            print(f"{kind:7s} {name:24s} {impl:14s} FAILED: {rec['error'][:400]}", flush=True)
+            traceback.print_exc(limit=3)
+        results.append(rec)
+
+
+def decode_variants(case, sm_scale, args):
+    ours = functools.partial(ragged_paged_attention_gpu, interpret=args.interpret)
+    v = []
+    # The XLA form first: it is the error baseline for the rest.
+    v.append(("xla", ragged_fn(ragged_paged_attention_xla, sm_scale), {}))
+    v.append(("ours", ragged_fn(ours, sm_scale, decode_only=True), {"decode_only": True}))
+    v.append(("ours_ragged", ragged_fn(ours, sm_scale), {}))
+    if args.sweep:
+        for knobs in ({"num_kv_splits": 1}, {"num_kv_splits": 2}, {"num_kv_splits": 4}, {"num_kv_splits": 8},
+                      {"decode_block_kv": 64}, {"decode_block_kv": 256}, {"decode_num_warps": 8},
+                      {"decode_num_stages": 2}, {"decode_num_stages": 4},
+                      {"decode_block_kv": 64, "num_kv_splits": 1}, {"decode_block_kv": 64, "num_kv_splits": 2},
+                      {"decode_block_kv": 64, "decode_num_stages": 4, "num_kv_splits": 1},
+                      {"decode_block_kv": 64, "decode_num_stages": 2, "num_kv_splits": 1},
+                      {"decode_num_stages": 2, "num_kv_splits": 1}):
+            v.append(("ours_" + "_".join(f"{k}={x}" for k, x in knobs.items()),
+                      ragged_fn(ours, sm_scale, decode_only=True, **knobs), knobs))
+    try:
+        fn, own = jax_paged_fn(case, sm_scale, args.interpret)
+        v.append(("jax_paged", fn, {"k_splits": 16, "pages_per_compute_block": 8}, own))
+    except Exception as e:
+        print(f"jax paged_attention unavailable: {e}")
+    if dense_fits(case):
+        v.append(("dense_ref", ragged_fn(ragged_paged_attention_reference, sm_scale), {}))
+    return v
+
+
+def prefill_variants(case, sm_scale, args):
+    ours = functools.partial(ragged_paged_attention_gpu, interpret=args.interpret)
+    v = [("xla", ragged_fn(ragged_paged_attention_xla, sm_scale), {}),
+         ("ours", ragged_fn(ours, sm_scale), {})]
+    if args.sweep:
+        for knobs in ({"block_m": 64}, {"block_m": 64, "block_kv": 128}, {"block_kv": 32}, {"block_kv": 128},
+                      {"num_warps": 8}, {"block_kv": 128, "num_warps": 8}, {"num_stages": 2},
+                      {"num_stages": 4}, {"num_warps": 8, "num_stages": 2}, {"num_warps": 8, "num_stages": 4},
+                      {"block_kv": 128, "num_warps": 8, "num_stages": 2}, {"block_m": 256, "num_warps": 8},
+                      {"block_m": 64, "num_warps": 8}):
+            v.append(("ours_" + "_".join(f"{k}={x}" for k, x in knobs.items()),
+                      ragged_fn(ours, sm_scale, **knobs), knobs))
+    if dense_fits(case):
+        v.append(("dense_ref", ragged_fn(ragged_paged_attention_reference, sm_scale), {}))
+    return v
+
+
+def dense_fits(case):
+    # The reference gathers [T, M * S, K, H] f32 for k and v, and builds [T, K, G, M * S] logits.
+    T, L = case["T"], case["M"] * case["S"]
+    return T * L * (2 * case["K"] * case["H"] + 3 * case["N"]) * 4 < 6e9
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, interpret mode")
+    ap.add_argument("--sweep", action="store_true", help="also time kernel knobs around the defaults")
+    ap.add_argument("--only", choices=("decode", "prefill"), default=None)
+    ap.add_argument("--filter", default=None, help="regex: only cases whose name matches")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--loop", type=int, default=None)
+    args = ap.parse_args()
+    args.interpret = args.smoke
+    args.reps = args.reps or (2 if args.smoke else 7)
+    args.loop = args.loop or (2 if args.smoke else 20)
+    print(f"jax {jax.__version__}, devices {jax.devices()}", flush=True)
+
+    if args.smoke:
+        N, K, H, S, dtype = 8, 2, 64, 16, jnp.float32
+        decode_grid = [(2, 64), (3, 200)]
+        prefill_cases = {"prefill_48": ([48], [48]), "mixed_32+3dec": ([32, 1, 1, 1], [40, 64, 100, 17])}
+        min_bytes = 0
+    else:
+        N, K, H, S, dtype = 32, 8, 128, 16, jnp.bfloat16
+        decode_grid = [(b, c) for b in (1, 16, 64, 256) for c in (512, 2048, 8192)]
+        prefill_cases = {
+            **{f"prefill_{t}": ([t], [t]) for t in (512, 1024, 2048, 4096)},
+            "chunk_2048_on_6144": ([2048], [8192]),
+            "8x512_prefill": ([512] * 8, [512] * 8),
+            "mixed_2048+64dec@2048": ([2048] + [1] * 64, [2048] * 65),
+        }
+        min_bytes = 4 * L2_BYTES
+    sm_scale = H**-0.5
+    results = []
+    key = jax.random.PRNGKey(0)
+    mem_cap = 30e9  # bytes of cache (+ jax's layout copy) we allow one case
+
+    if args.only in (None, "decode"):
+        for B, ctx in decode_grid:
+            name = f"B={B} ctx={ctx}"
+            if args.filter and not re.search(args.filter, name):
+                continue
+            if 4 * B * ctx * K * H * jnp.dtype(dtype).itemsize > mem_cap:
+                print(f"decode  {name}: skipped (memory)")
+                continue
+            try:
+                case = make_case(key, [1] * B, [ctx] * B, N=N, K=K, H=H, S=S, dtype=dtype, min_bytes=min_bytes)
+                run_case("decode", name, case, decode_variants(case, sm_scale, args), args, results)
+            except Exception as e:
+                print(f"decode  {name}: FAILED to build: {e}")
+            finally:
+                case = None
+    if args.only in (None, "prefill"):
+        for name, (q_lens, kv_lens) in prefill_cases.items():
+            if args.filter and not re.search(args.filter, name):
+                continue
+            try:
+                case = make_case(key, q_lens, kv_lens, N=N, K=K, H=H, S=S, dtype=dtype, min_bytes=min_bytes)
+                run_case("prefill", name, case, prefill_variants(case, sm_scale, args), args, results)
+            except Exception as e:
+                print(f"prefill {name}: FAILED to build: {e}")
+            finally:
+                case = None
+
+    path = os.path.join(os.environ.get("OUT") or ".", "attention_gpu.json")
+    with open(path, "w") as f:
+        json.dump(dict(jax=jax.__version__, device=str(jax.devices()[0]), peak_bw=PEAK_BW, peak_flops=PEAK_FLOPS,
+                       results=results), f, indent=1)
+
+    print(f"\n{'kind':7s} {'case':24s} {'impl':34s} {'us':>9s} {'GB/s':>6s} {'%bw':>5s} {'TF/s':>6s} "
+          f"{'%peak':>5s} {'err':>8s}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['kind']:7s} {r['case']:24s} {r['impl'][:34]:34s} FAILED")
+            continue
+        err = "" if r["max_err_vs_xla"] is None else f"{r['max_err_vs_xla']:.1e}"
+        print(f"{r['kind']:7s} {r['case']:24s} {r['impl'][:34]:34s} {r['time_us']:9.1f} {r['gbps']:6.0f} "
+              f"{r['bw_frac']:5.0%} {r['tflops']:6.1f} {r['flop_frac']:5.0%} {err:>8s}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

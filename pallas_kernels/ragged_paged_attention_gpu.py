@@ -1,0 +1,408 @@
+"""Ragged paged attention on NVIDIA GPUs: Pallas kernels lowered through Triton.
+
+The op is the one defined in `ragged_paged_attention.py` (same glossary, inputs and semantics; its
+`ragged_paged_attention_reference` is `op_reference` here). Shapes, with G = N // K query heads per kv head:
+  q            [T, N, H]     bf16 / f16 / f32
+  k_pages      [P, K, S, H]  same dtype as q, or int8 / float8_e4m3fn with k_scale
+  v_pages      [P, K, S, H]
+  page_tables  [B, M] int32  kv_lens [B] int32   cu_q_lens [B + 1] int32   num_seqs [] int32
+  k_scale, v_scale  [K] f32, optional (8-bit cache: value = stored * scale)
+  out          [T, N, H]     q.dtype; padding tokens (t >= cu_q_lens[num_seqs]) are 0
+Inside the kernels (the names used below):
+  Gp   G rounded up to a power of two (Triton tensors have power-of-two sides); heads g >= G are padding
+  BQ   query tokens per block; BM = BQ * Gp rows of a block: row r is token r // Gp, query head r % Gp of
+       the program's kv head, so the G heads sharing a kv head share every K/V tile loaded (GQA packing)
+  bk   kv tokens per inner iteration (any power of two, independent of S: a token's page id comes from
+       the page table, so one iteration may span several pages, or part of one)
+  partials (decode, when split): o [B, K, splits, BM, H] f32 unnormalised, m / l [B, K, splits, BM] f32
+
+Two kernels, chosen statically by `decode_only` (a `lax.cond` would copy its predicate to the host on
+XLA:GPU, a sync per step):
+  * ragged (default): grid (cdiv(T, BQ) + B, K). A program takes one block of up to BQ query tokens of ONE
+    sequence. Its sequence comes from cu_q_lens on the device: sequence b owns block ids
+    [cu[b] // BQ + b, cu[b+1] // BQ + b + 1), enough for cdiv(q_len, BQ) blocks (some end up empty), so
+    block i belongs to the number of b in [1, num_seqs] with cu[b] // BQ + b <= i; the static bound
+    T // BQ + B covers every batch. Programs past the live blocks write the zeros of padding tokens.
+    The kv loop runs only over the blocks this query block can see: from the window's start (or 0) to
+    its last token's position. Blocks wholly visible to every row skip the mask (a plain loop); only the
+    diagonal and window-edge blocks pay for it.
+  * decode (every live sequence has one query token): grid (rows, K, splits). One program is one
+    (sequence, kv head, kv split); its BM = max(16, Gp) rows are the G heads (tensor-core dots need
+    M >= 16, so small G is padded: the kernel is bound by K/V bytes, not by those wasted rows). When
+    B * K programs cannot fill the 132 SMs several times over, the context is split flash-decoding style:
+    each split writes (acc, m, l) and a second small kernel merges them and scatters the rows. With one
+    split the first kernel writes the final rows itself (one launch).
+Both: online softmax in f32 in the exp2 domain (log2 e folded into the scale); masked logits are -inf and
+a row that has seen nothing keeps m = -inf but exponentiates against 0, so it yields 0, never NaN; K/V
+loads past kv_len are masked to 0, so NaN in unused page slots never reaches a dot (0 * NaN = NaN).
+8-bit caches are converted to q's dtype in registers; k_scale folds into the logit scale, v_scale into
+the final normalisation.
+
+Why this backend. Triton-lowered Pallas (`pallas_call` with `pltriton.CompilerParams`): a gather of paged
+K/V rows is one pointer tensor (`ref[page_ids[:, None], kv_head, offsets[:, None], h[None, :]]`), masked
+loads and stores are first class, and the same kernel runs on CPU under `interpret=True`, which is how it
+is tested in CI. JAX deprecates this path in favour of Mosaic GPU, but it still lowers in jax 0.10 and 0.11.
+Mosaic GPU (`plgpu.kernel`: TMA, wgmma, warp specialisation) can go further on prefill, but its paged
+gathers need hand-built TMA descriptors or per-page copies, and it has no public interpret mode, so it
+could not be tested here. jax-triton runs real Triton kernels but has no CPU path at all. Measurements on
+the H100: see benchmarks/attention_gpu.py (to be recorded here).
+
+Constraints: H a power of two >= 16; BQ, bk powers of two, bk >= 16; the decode kernel assumes each live
+sequence has at most max(1, 16 // Gp) query tokens (one, in practice).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+
+op_reference = ragged_paged_attention_reference
+
+_LOG2E = math.log2(math.e)
+_NUM_SMS = 132  # H100 SXM; only steers the static split heuristic
+
+
+def _compiler_params(num_warps, num_stages):
+    # jax 0.10 / 0.11 name it CompilerParams; older releases TritonCompilerParams. Passing it is also what
+    # selects the Triton backend (without it, a CUDA pallas_call may go to Mosaic GPU).
+    cls = getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams")
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _iota(n):
+    return lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+
+def _cdiv(a, b):
+    return lax.div(a + (b - 1), b)
+
+
+def _rows(BQ, Gp, G, kh, t0):
+    """Row r of a block -> (token, query head, head is real). Heads past G are clamped to stay in bounds."""
+    r = _iota(BQ * Gp)
+    g = lax.rem(r, Gp)
+    t = t0 + lax.div(r, Gp)
+    head = kh * G + jnp.minimum(g, G - 1)
+    return t, head, g < G
+
+
+def _store_rows(o_ref, val, t, head, ok, H):
+    """o_ref [T, N, H] <- val [BM, H] at rows (t, head) where ok.
+
+    Rows not stored point past the end (token T): a masked Triton store never touches them, and the
+    interpreter's scatter drops them instead of racing a real row that shares a clamped index.
+    """
+    h = _iota(H)
+    t = jnp.where(ok, t, o_ref.shape[0])
+    pltriton.store(o_ref.at[t[:, None], head[:, None], h[None, :]], val.astype(o_ref.dtype),
+                   mask=ok[:, None])
+
+
+def _attend(q, pos, blk_lo, blk_hi, min_pos, max_pos, kv_len, b, kh, tables_ref, k_ref, v_ref, scale, *,
+            S, bk, window, soft_cap):
+    """Online softmax of q [BM, H] over kv blocks [blk_lo, blk_hi) of sequence b, kv head kh.
+
+    pos [BM] is each row's position; min_pos / max_pos bound the live rows'. Returns (m, l, acc) in the
+    exp2 domain: m, l [BM] f32, acc [BM, H] f32 (unnormalised).
+    """
+    BM, H = q.shape
+    cdt = q.dtype
+    # Triton's DEFAULT precision runs f32 dots as tf32 (~1e-3); an f32 cache asks for exact products.
+    prec = lax.Precision.HIGHEST if cdt == jnp.float32 else None
+    h = _iota(H)
+    M = tables_ref.shape[1]
+
+    def body(j, carry, masked):
+        m_i, l_i, acc = carry
+        kv = j * bk + _iota(bk)  # [bk] positions
+        pidx = lax.div(kv, S)
+        off = lax.rem(kv, S)
+        if masked:  # the last block may run past kv_len, into pages that may hold NaN (or past the table)
+            ok = kv < kv_len
+            pg = pltriton.load(tables_ref.at[b, jnp.minimum(pidx, M - 1)], mask=ok, other=0)
+            idx = (pg[:, None], kh, off[:, None], h[None, :])
+            # Zeroed after the cast rather than through `other=`: Triton cannot splat a constant into fp8.
+            k = jnp.where(ok[:, None], pltriton.load(k_ref.at[idx], mask=ok[:, None]).astype(cdt), 0)
+            v = jnp.where(ok[:, None], pltriton.load(v_ref.at[idx], mask=ok[:, None]).astype(cdt), 0)
+        else:
+            pg = tables_ref[b, pidx]
+            idx = (pg[:, None], kh, off[:, None], h[None, :])
+            k = k_ref[idx].astype(cdt)  # [bk, H]; 8-bit caches dequantise here, the scale is in `scale`
+            v = v_ref[idx].astype(cdt)
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
+                            preferred_element_type=jnp.float32)  # [BM, bk]
+        if soft_cap is None:
+            s = s * (scale * _LOG2E)
+        else:
+            s = jnp.tanh(s * (scale / soft_cap)) * (soft_cap * _LOG2E)
+        if masked:
+            vis = kv[None, :] <= pos[:, None]
+            if window is not None:
+                vis &= kv[None, :] > pos[:, None] - window
+            s = jnp.where(vis, s, -jnp.inf)
+        m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new  # rows that saw nothing
+        alpha = jnp.exp2(m_i - m_use)
+        p = jnp.exp2(s - m_use[:, None])
+        l_new = l_i * alpha + jnp.sum(p, axis=1)
+        pv = lax.dot_general(p.astype(cdt), v, (((1,), (0,)), ((), ())), precision=prec,
+                             preferred_element_type=jnp.float32)
+        return m_new, l_new, acc * alpha[:, None] + pv
+
+    # Blocks every live row sees whole: j * bk > max_pos - window and (j + 1) * bk - 1 <= min_pos.
+    full_lo = blk_lo
+    if window is not None:
+        full_lo = jnp.maximum(blk_lo, _cdiv(jnp.maximum(max_pos - window + 1, 0), bk))
+    x1 = jnp.minimum(full_lo, blk_hi)
+    x2 = jnp.clip(lax.div(min_pos + 1, bk), x1, blk_hi)
+    carry = (jnp.full((BM,), -jnp.inf, jnp.float32), jnp.zeros((BM,), jnp.float32),
+             jnp.zeros((BM, H), jnp.float32))
+    if window is not None:
+        carry = lax.fori_loop(blk_lo, x1, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(x1, x2, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(x2, blk_hi, functools.partial(body, masked=True), carry)
+
+
+def _kv_range(kv_len, min_pos, max_pos, bk, window):
+    lo = 0 if window is None else jnp.maximum(min_pos - window + 1, 0)
+    return lax.div(lo, bk), _cdiv(jnp.minimum(max_pos + 1, kv_len), bk)
+
+
+def _scales(scale_refs, kh, sm_scale, has_k_scale, has_v_scale):
+    refs = list(scale_refs)
+    k_s = refs.pop(0)[kh] if has_k_scale else None
+    v_s = refs.pop(0)[kh] if has_v_scale else None
+    return (sm_scale if k_s is None else sm_scale * k_s), v_s
+
+
+def _finish(acc, l_i, v_s):
+    inv = jnp.where(l_i > 0, 1.0 / l_i, 0.0)  # padding rows: l = 0 -> 0
+    if v_s is not None:
+        inv = inv * v_s
+    return acc * inv[:, None]
+
+
+def _ragged_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref, *refs, BQ, G, Gp, bk,
+                   sm_scale, window, soft_cap, has_k_scale, has_v_scale):
+    *scale_refs, o_ref = refs
+    T, _, H = q_ref.shape
+    B = kv_lens_ref.shape[0]
+    # Block ids run backwards in launch order: a sequence's last (causally heaviest) query blocks start
+    # first and its light ones fill the tail; the spare padding programs launch first and end at once.
+    i = pl.num_programs(0) - 1 - pl.program_id(0)
+    kh = pl.program_id(1)
+    ns = ns_ref[0]
+    # Sequence of block i: sequence b owns block ids [cu[b] // BQ + b, cu[b+1] // BQ + b + 1).
+    idx = _iota(_next_pow2(B + 1))
+    cu_v = cu_ref[jnp.minimum(idx, B)]
+    starts = lax.div(cu_v, BQ) + idx
+    b = jnp.sum(jnp.where((idx >= 1) & (idx <= ns) & (starts <= i), 1, 0))
+    cu_ns = cu_ref[ns]
+    live_blocks = lax.div(cu_ns, BQ) + ns
+
+    @pl.when(i < live_blocks)
+    def _attention():
+        q_start = cu_ref[b]
+        q_end = cu_ref[b + 1]
+        q0 = q_start + (i - lax.div(q_start, BQ) - b) * BQ  # first token of this block
+
+        @pl.when(q0 < q_end)
+        def _():
+            kv_len = kv_lens_ref[b]
+            t, head, head_ok = _rows(BQ, Gp, G, kh, q0)
+            ok = head_ok & (t < q_end)
+            h = _iota(H)
+            q = pltriton.load(q_ref.at[jnp.minimum(t, T - 1)[:, None], head[:, None], h[None, :]],
+                              mask=ok[:, None], other=0)
+            pos = kv_len - (q_end - t)  # [BM]
+            min_pos = kv_len - (q_end - q0)
+            max_pos = kv_len - (q_end - jnp.minimum(q0 + BQ, q_end)) - 1
+            scale, v_s = _scales(scale_refs, kh, sm_scale, has_k_scale, has_v_scale)
+            blk_lo, blk_hi = _kv_range(kv_len, min_pos, max_pos, bk, window)
+            _, l_i, acc = _attend(q, pos, blk_lo, blk_hi, min_pos, max_pos, kv_len, b, kh, tables_ref,
+                                  k_ref, v_ref, scale, S=k_ref.shape[2], bk=bk, window=window,
+                                  soft_cap=soft_cap)
+            _store_rows(o_ref, _finish(acc, l_i, v_s), t, head, ok, H)
+
+    @pl.when(i >= live_blocks)
+    def _padding():  # zero the padding tokens, one BQ-aligned block per spare program
+        t, head, head_ok = _rows(BQ, Gp, G, kh, (lax.div(cu_ns, BQ) + i - live_blocks) * BQ)
+        ok = head_ok & (t >= cu_ns) & (t < T)
+        _store_rows(o_ref, jnp.zeros((BQ * Gp, H), jnp.float32), t, head, ok, H)
+
+
+def _decode_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref, *refs, BQ, G, Gp, bk,
+                   splits, sm_scale, window, soft_cap, has_k_scale, has_v_scale):
+    n_scales = int(has_k_scale) + int(has_v_scale)
+    scale_refs, out_refs = refs[:n_scales], refs[n_scales:]
+    T, _, H = q_ref.shape
+    BM = BQ * Gp
+    i = pl.program_id(0)  # sequence row (and, with one split, also a token row to zero)
+    kh = pl.program_id(1)
+    sp = pl.program_id(2)
+    ns = ns_ref[0]
+
+    @pl.when(i < ns)
+    def _attention():
+        q_start = cu_ref[i]
+        q_end = cu_ref[i + 1]
+        kv_len = kv_lens_ref[i]
+        t, head, head_ok = _rows(BQ, Gp, G, kh, q_start)
+        ok = head_ok & (t < q_end)
+        h = _iota(H)
+        q = pltriton.load(q_ref.at[jnp.minimum(t, T - 1)[:, None], head[:, None], h[None, :]],
+                          mask=ok[:, None], other=0)
+        pos = kv_len - (q_end - t)
+        min_pos = kv_len - (q_end - q_start)
+        max_pos = kv_len - 1
+        scale, v_s = _scales(scale_refs, kh, sm_scale, has_k_scale, has_v_scale)
+        blk_lo, blk_hi = _kv_range(kv_len, min_pos, max_pos, bk, window)
+        if splits > 1:  # this split's share of the sequence's kv blocks
+            per = _cdiv(blk_hi - blk_lo, splits)
+            blk_lo = jnp.minimum(blk_lo + sp * per, blk_hi)
+            blk_hi = jnp.minimum(blk_lo + per, blk_hi)
+        m_i, l_i, acc = _attend(q, pos, blk_lo, blk_hi, min_pos, max_pos, kv_len, i, kh, tables_ref, k_ref,
+                                v_ref, scale, S=k_ref.shape[2], bk=bk, window=window, soft_cap=soft_cap)
+        if splits == 1:
+            _store_rows(out_refs[0], _finish(acc, l_i, v_s), t, head, ok, H)
+        else:
+            o_part, m_part, l_part = out_refs
+            r = _iota(BM)
+            o_part[i, kh, sp, r[:, None], h[None, :]] = acc
+            m_part[i, kh, sp, r] = m_i
+            l_part[i, kh, sp, r] = l_i
+
+    if splits == 1:
+        _zero_padding_token(out_refs[0], cu_ref, ns, i, kh, G, Gp, T, H)
+
+
+def _zero_padding_token(o_ref, cu_ref, ns, i, kh, G, Gp, T, H):
+    """Decode: program row i zeroes token i if it is padding (live tokens are 0 .. cu[ns] - 1)."""
+    @pl.when((i >= cu_ref[ns]) & (i < T))
+    def _():
+        t, head, head_ok = _rows(1, Gp, G, kh, i)
+        _store_rows(o_ref, jnp.zeros((Gp, H), jnp.float32), t, head, head_ok, H)
+
+
+def _combine_kernel(o_part, m_part, l_part, cu_ref, ns_ref, *refs, BQ, G, Gp, splits, has_v_scale):
+    """Merge the decode splits of (sequence i, kv head kh) and write its rows; zero padding tokens."""
+    *scale_refs, o_ref = refs
+    T, _, H = o_ref.shape
+    BM = BQ * Gp
+    i = pl.program_id(0)
+    kh = pl.program_id(1)
+    ns = ns_ref[0]
+
+    @pl.when(i < ns)
+    def _merge():
+        r = _iota(BM)
+        h = _iota(H)
+        ms = [m_part[i, kh, s, r] for s in range(splits)]
+        m_max = functools.reduce(jnp.maximum, ms)
+        m_use = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+        l_i = jnp.zeros((BM,), jnp.float32)
+        acc = jnp.zeros((BM, H), jnp.float32)
+        for s in range(splits):
+            w = jnp.exp2(ms[s] - m_use)  # empty split: m = -inf -> 0
+            l_i += w * l_part[i, kh, s, r]
+            acc += w[:, None] * o_part[i, kh, s, r[:, None], h[None, :]]
+        v_s = scale_refs[0][kh] if has_v_scale else None
+        q_start = cu_ref[i]
+        t, head, head_ok = _rows(BQ, Gp, G, kh, q_start)
+        _store_rows(o_ref, _finish(acc, l_i, v_s), t, head, head_ok & (t < cu_ref[i + 1]), H)
+
+    _zero_padding_token(o_ref, cu_ref, ns, i, kh, G, Gp, T, H)
+
+
+def default_num_kv_splits(B, K, max_kv_len, bk):
+    """Enough (sequence, kv head, split) programs for ~4 per SM, each with >= 2 kv blocks to stream."""
+    want = max(1, (4 * _NUM_SMS) // max(1, B * K))
+    return max(1, min(want, max_kv_len // (2 * bk), 16))
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "sm_scale", "sliding_window", "soft_cap", "decode_only", "interpret", "block_m", "block_kv",
+    "num_warps", "num_stages", "decode_block_kv", "num_kv_splits", "decode_num_warps", "decode_num_stages"))
+def ragged_paged_attention_gpu(
+    q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens, num_seqs,
+    *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
+    k_scale=None, v_scale=None, decode_only: bool = False, interpret: bool = False,
+    block_m: int = 128, block_kv: int = 64, num_warps: int = 4, num_stages: int = 3,
+    decode_block_kv: int = 128, num_kv_splits: int | None = None, decode_num_warps: int = 4,
+    decode_num_stages: int = 3,
+):
+    """Ragged paged attention (see the module docstring for shapes); returns [T, N, H] in q.dtype.
+
+    decode_only: every live sequence has exactly one query token -> the split-KV decode kernel.
+    Ragged kernel knobs: block_m rows per query block (BQ = block_m // Gp tokens), block_kv kv tokens per
+    iteration, num_warps / num_stages. Decode knobs: decode_block_kv, num_kv_splits (None: by
+    `default_num_kv_splits`), decode_num_warps / decode_num_stages.
+    """
+    T, N, H = q.shape
+    P, K, S, H_k = k_pages.shape
+    B, M = page_tables.shape
+    if N % K or H_k != H or v_pages.shape != k_pages.shape:
+        raise ValueError(f"bad shapes: q {q.shape}, k_pages {k_pages.shape}, v_pages {v_pages.shape}")
+    if H < 16 or H & (H - 1):
+        raise ValueError(f"head dim {H} must be a power of two >= 16 (Triton tensor shapes)")
+    G = N // K
+    Gp = _next_pow2(G)
+    num_seqs = jnp.reshape(num_seqs, (1,)).astype(jnp.int32)
+    page_tables = page_tables.astype(jnp.int32)
+    kv_lens = kv_lens.astype(jnp.int32)
+    cu_q_lens = cu_q_lens.astype(jnp.int32)
+    scales = [s.astype(jnp.float32).reshape(K) for s in (k_scale, v_scale) if s is not None]
+    flags = dict(G=G, Gp=Gp, sm_scale=float(sm_scale), window=sliding_window, soft_cap=soft_cap,
+                 has_k_scale=k_scale is not None, has_v_scale=v_scale is not None)
+    args = (q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens, num_seqs, *scales)
+    out_shape = jax.ShapeDtypeStruct((T, N, H), q.dtype)
+
+    if not decode_only:
+        BQ = max(1, block_m // Gp)
+        bk = max(16, block_kv)
+        return pl.pallas_call(
+            functools.partial(_ragged_kernel, BQ=BQ, bk=bk, **flags),
+            grid=(pl.cdiv(T, BQ) + B, K),
+            out_shape=out_shape,
+            compiler_params=_compiler_params(num_warps, num_stages),
+            interpret=interpret,
+            name="ragged_paged_attention",
+        )(*args)
+
+    BQ = max(1, 16 // Gp)
+    BM = BQ * Gp
+    bk = max(16, decode_block_kv)
+    splits = num_kv_splits or default_num_kv_splits(B, K, M * S, bk)
+    params = _compiler_params(decode_num_warps, decode_num_stages)
+    kernel = functools.partial(_decode_kernel, BQ=BQ, bk=bk, splits=splits, **flags)
+    if splits == 1:
+        return pl.pallas_call(kernel, grid=(max(B, T), K, 1), out_shape=out_shape, compiler_params=params,
+                              interpret=interpret, name="paged_decode_attention")(*args)
+    o_part, m_part, l_part = pl.pallas_call(
+        kernel, grid=(B, K, splits),
+        out_shape=(jax.ShapeDtypeStruct((B, K, splits, BM, H), jnp.float32),
+                   jax.ShapeDtypeStruct((B, K, splits, BM), jnp.float32),
+                   jax.ShapeDtypeStruct((B, K, splits, BM), jnp.float32)),
+        compiler_params=params, interpret=interpret, name="paged_decode_attention_split",
+    )(*args)
+    v_scales = [scales[-1]] if v_scale is not None else []
+    return pl.pallas_call(
+        functools.partial(_combine_kernel, BQ=BQ, G=G, Gp=Gp, splits=splits, has_v_scale=v_scale is not None),
+        grid=(max(B, T), K),
+        out_shape=out_shape,
+        compiler_params=_compiler_params(4, 1),
+        interpret=interpret,
+        name="paged_decode_combine",
+    )(o_part, m_part, l_part, cu_q_lens, num_seqs, *v_scales)
