@@ -20,7 +20,8 @@ from jaxinfer.sampling_params import SamplingParams
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-CHAT_DEFAULTS = dict(temperature=0.7, top_p=0.9, max_tokens=512)
+# Greedy by default: small chat models (the embedded 135M one above all) wander off at temperature 0.7.
+CHAT_DEFAULTS = dict(temperature=0.0, top_p=1.0, max_tokens=512)
 GENERATE_DEFAULTS = dict(temperature=0.0, top_p=1.0, max_tokens=128)
 
 # SamplingParams / EngineConfig field -> flag, to name the flag in error messages.
@@ -213,10 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answer MESSAGE through the model's chat template, streaming the reply as it is generated.\n"
         "Without MESSAGE, start an interactive session that keeps the conversation: type a line and press Enter;\n"
         "/reset forgets the conversation, /exit or Ctrl-D quits, Ctrl-C stops a reply.\n\n"
-        "Sampling defaults suit conversation (temperature 0.7, top-p 0.9, up to 512 tokens). Unless\n"
+        "Decoding is greedy by default (temperature 0, up to 512 tokens): small models answer best that way;\n"
+        "pass --temperature 0.7 --top-p 0.9 for varied replies. Unless\n"
         "--max-num-seqs or --seq-buckets is given, only one-sequence step shapes are compiled (faster start).",
         epilog='examples:\n  jaxinfer chat "Write a haiku about the sea."\n'
-        '  jaxinfer chat --system "Answer in French." --temperature 0\n'
+        '  jaxinfer chat --system "Answer in French." --temperature 0.7 --top-p 0.9\n'
         '  echo "Summarise: ..." | jaxinfer chat -      (MESSAGE "-" reads it from stdin)',
     )
     chat.add_argument("message", nargs="?", metavar="MESSAGE",
@@ -275,6 +277,8 @@ def describe_error(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # jaxinfer only uses transformers' tokenizers and configs; its "PyTorch was not found" advice is noise here.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

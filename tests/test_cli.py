@@ -52,7 +52,7 @@ def test_sampling_flags_map_onto_sampling_params():
 
 def test_sampling_defaults_per_command():
     chat = cli.sampling_params_from_args(parse("chat"))
-    assert (chat.temperature, chat.top_p, chat.max_tokens, chat.n) == (0.7, 0.9, 512, 1)
+    assert (chat.temperature, chat.top_p, chat.max_tokens, chat.n) == (0.0, 1.0, 512, 1)
     gen = cli.sampling_params_from_args(parse("generate", "x"))
     assert gen.greedy and (gen.top_p, gen.max_tokens, gen.n, gen.stop, gen.logprobs) == (1.0, 128, 1, [], None)
 
