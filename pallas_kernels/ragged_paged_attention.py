@@ -118,7 +118,8 @@ def ragged_paged_attention_xla(
     """Flash-style: a loop over blocks of `block_pages` pages with an online softmax.
 
     The loop runs only as far as the longest live sequence, so decode cost follows the real context.
-    Each token gathers its own sequence's block: O(T * block) memory per iteration.
+    With several rows each token gathers its own sequence's block (O(T * block) memory per iteration);
+    with one row (B == 1, a prefill chunk) the block is gathered once.
     """
     T, N, H = q.shape
     P, K, S, _ = k_pages.shape
@@ -132,23 +133,33 @@ def ragged_paged_attention_xla(
     live_len = jnp.max(jnp.where(jnp.arange(B) < num_seqs, kv_lens, 0))
     n_blocks = jnp.minimum((live_len + bp * S - 1) // (bp * S), n_blocks_max)
 
+    # One sequence row (a prefill chunk): its block is gathered once and shared by all T queries, not
+    # copied per token. Several rows: each token gathers its own row's block.
+    single_row = B == 1
+
     def body(j, carry):
         m_i, l_i, acc = carry  # [T, K, G], [T, K, G], [T, K, G, H]
-        pages = jax.lax.dynamic_slice_in_dim(tables, j * bp, bp, axis=1)[seq]  # [T, bp]
-        k = _dequant(gather_pages(k_pages, pages), k_scale)  # [T, bS, K, H]
+        block = jax.lax.dynamic_slice_in_dim(tables, j * bp, bp, axis=1)  # [B, bp]
+        pages = block if single_row else block[seq]  # [1 or T, bp]
+        k = _dequant(gather_pages(k_pages, pages), k_scale)  # [1 or T, bS, K, H]
         v = _dequant(gather_pages(v_pages, pages), v_scale)
-        s = jnp.einsum("tkgh,tlkh->tkgl", qg, k)  # [T, K, G, bS]
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s / soft_cap)
         kv_pos = j * bp * S + jnp.arange(bp * S, dtype=jnp.int32)
         msk = _mask(pos, jnp.broadcast_to(kv_pos, (T, bp * S)), live, sliding_window)[:, None, None, :]
+        if single_row:
+            s = jnp.einsum("tkgh,lkh->tkgl", qg, k[0])  # [T, K, G, bS]
+            v = jnp.where((kv_pos < kv_lens[0])[None, :, None, None], v, 0.0)  # unwritten slots may hold NaN
+        else:
+            s = jnp.einsum("tkgh,tlkh->tkgl", qg, k)
+            v = jnp.where(msk[:, 0, 0, :, None, None], v, 0.0)  # stray pages may hold NaN
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
         s = jnp.where(msk, s, _NEG_INF)
         m_new = jnp.maximum(m_i, s.max(-1))
         p = jnp.where(msk, jnp.exp(s - m_new[..., None]), 0.0)
-        v = jnp.where(msk[:, 0, 0, :, None, None], v, 0.0)  # stray pages may hold NaN
         alpha = jnp.exp(m_i - m_new)
         l_new = alpha * l_i + p.sum(-1)
-        acc = alpha[..., None] * acc + jnp.einsum("tkgl,tlkh->tkgh", p, v)
+        pv = jnp.einsum("tkgl,lkh->tkgh", p, v[0]) if single_row else jnp.einsum("tkgl,tlkh->tkgh", p, v)
+        acc = alpha[..., None] * acc + pv
         return m_new, l_new, acc
 
     init = (

@@ -138,3 +138,16 @@ def test_write_kv_scatters_and_drops_padding():
     np.testing.assert_array_equal(k2[0, :, 0], new[1])
     np.testing.assert_array_equal(v2[1, :, 1], -new[0])
     assert np.count_nonzero(k2) == 2 * K * H and np.count_nonzero(v2) == 2 * K * H
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(1, 1), (1, 77), (40, 40), (16, 130)])
+@pytest.mark.parametrize("extra", [{}, {"sliding_window": 24, "soft_cap": 5.0}])
+def test_xla_single_row_matches_reference(q_len, kv_len, extra):
+    """B == 1 (a lone prefill chunk or decode) takes the shared-gather path."""
+    rng = np.random.default_rng(4)
+    args = make_batch(rng, [q_len], [kv_len], N=8, K=2, H=32, pad_seqs=0)
+    assert args[3].shape[0] == 1
+    ref = np.asarray(ragged_paged_attention_reference(*args, sm_scale=0.2, **extra))
+    for bp in (1, 4):
+        got = np.asarray(ragged_paged_attention_xla(*args, sm_scale=0.2, block_pages=bp, **extra))
+        np.testing.assert_allclose(got, ref, atol=2e-5, rtol=2e-5)

@@ -83,8 +83,8 @@ def test_decode_window_softcap_bf16():
 def test_random_ragged_batches_up_to_2k():
     rng = np.random.default_rng(5)
     for _ in range(2):
-        B = int(rng.integers(2, 5))
-        kv_lens = rng.integers(1, 2049, B).tolist()
+        B = int(rng.integers(2, 4))
+        kv_lens = [2048] + rng.integers(1, 2048, B - 1).tolist()
         q_lens = [int(rng.integers(1, min(k, 48) + 1)) if rng.random() < 0.5 else 1 for k in kv_lens]
         args = make_batch(rng, q_lens, kv_lens, N=8, K=2, H=64, S=64)
         _check(args, dtype=jnp.float32, block_m=32, block_kv=64)
