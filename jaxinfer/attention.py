@@ -1,40 +1,56 @@
 """The engine's one attention dispatch point: which ragged paged-attention implementation runs.
 
-All implementations share the signature documented in `pallas_kernels.ragged_paged_attention`.
-`auto` picks per backend; today every backend runs the blocked jnp form (`xla`), and the Pallas kernels
-plug in here behind the same call.
+All implementations share the contract documented in `pallas_kernels.ragged_paged_attention`:
+  reference  dense jnp oracle (tests; small shapes only)
+  xla        blocked online-softmax jnp; what CPUs run
+  tpu        Pallas Mosaic TPU kernel (`pallas_kernels.ragged_paged_attention_tpu`)
+  gpu        Pallas GPU kernel (`pallas_kernels.ragged_paged_attention_gpu`), when present
+`auto` picks the kernel of the backend, and `xla` elsewhere. `interpret=True` runs a Pallas kernel through
+the Pallas interpreter, so the kernel path can be exercised end to end on a CPU.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 
 from jaxinfer.config import ModelConfig
 from pallas_kernels import ragged_paged_attention as rpa
 
-IMPLEMENTATIONS = {
-    "reference": rpa.ragged_paged_attention_reference,
-    "xla": rpa.ragged_paged_attention_xla,
+_KERNELS = {  # name -> (module, function): imported on first use
+    "tpu": ("pallas_kernels.ragged_paged_attention_tpu", "ragged_paged_attention_tpu"),
+    "gpu": ("pallas_kernels.ragged_paged_attention_gpu", "ragged_paged_attention_gpu"),
 }
+IMPLEMENTATIONS = ("reference", "xla", *_KERNELS)
+_BACKEND_KERNEL = {"tpu": "tpu"}  # the GPU kernel joins once measured ahead of xla on H100
 
 
-def select_impl(requested: str, backend: str | None = None) -> str:
-    if requested != "auto":
-        if requested not in IMPLEMENTATIONS:
-            raise ValueError(f"attention_impl must be one of {['auto', *IMPLEMENTATIONS]}, got {requested!r}")
-        return requested
-    return "xla"
+def select_impl(requested: str, backend: str) -> str:
+    if requested == "auto":
+        return _BACKEND_KERNEL.get(backend, "xla")
+    if requested not in IMPLEMENTATIONS:
+        raise ValueError(f"attention_impl must be one of {['auto', *IMPLEMENTATIONS]}, got {requested!r}")
+    return requested
 
 
-def make_attention_fn(cfg: ModelConfig, impl: str):
+def get_op(impl: str):
+    if impl == "reference":
+        return rpa.ragged_paged_attention_reference
+    if impl == "xla":
+        return rpa.ragged_paged_attention_xla
+    module, name = _KERNELS[impl]
+    return getattr(importlib.import_module(module), name)
+
+
+def make_attention_fn(cfg: ModelConfig, impl: str, interpret: bool = False):
     """(q [T, N, H], k_pages, v_pages, meta: AttentionMetadata) -> [T, N, H]."""
-    op = functools.partial(
-        IMPLEMENTATIONS[select_impl(impl, jax.default_backend())],
-        sm_scale=cfg.head_dim**-0.5,
-        sliding_window=cfg.sliding_window,
-    )
+    chosen = select_impl(impl, jax.default_backend())
+    kwargs = dict(sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window)
+    if chosen in _KERNELS:
+        kwargs["interpret"] = interpret
+    op = functools.partial(get_op(chosen), **kwargs)
 
     def attention(q, k_pages, v_pages, meta):
         return op(q, k_pages, v_pages, meta.page_tables, meta.kv_lens, meta.cu_q_lens, meta.num_seqs)

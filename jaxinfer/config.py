@@ -225,7 +225,8 @@ class EngineConfig:
     num_pages: int | None = None  # overrides the memory budget (tests)
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU/TPU
     kv_cache_dtype: str = "auto"  # auto: same as dtype
-    attention_impl: str = "auto"  # auto | reference | xla
+    attention_impl: str = "auto"  # auto | reference | xla | tpu | gpu (see jaxinfer/attention.py)
+    attention_interpret: bool = False  # run a Pallas attention kernel in interpret mode (CPU tests)
     max_logprobs: int = 20
     max_logit_bias: int = 300
     compilation_cache_dir: str | None = None  # persistent XLA cache; None: $JAXINFER_CACHE_DIR/xla or ~/.cache/jaxinfer/xla
@@ -256,8 +257,8 @@ class EngineConfig:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.attention_impl not in ("auto", "reference", "xla"):
-            raise ValueError(f"attention_impl must be auto, reference or xla, got {self.attention_impl!r}")
+        if self.attention_impl not in ("auto", "reference", "xla", "tpu", "gpu"):
+            raise ValueError(f"attention_impl must be auto, reference, xla, tpu or gpu, got {self.attention_impl!r}")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
 

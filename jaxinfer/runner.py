@@ -79,7 +79,7 @@ class ModelRunner:
         self.num_slots = ecfg.max_num_seqs  # S
         self.sstate = sampling.init_sampler_state(self.num_slots, cfg.vocab_size)
         self.buckets = sorted(b for b in ecfg.buckets() if b[1] <= _round_up_bucket(ecfg.seq_buckets, ecfg.max_num_seqs))
-        attn_fn = make_attention_fn(cfg, ecfg.attention_impl)
+        attn_fn = make_attention_fn(cfg, ecfg.attention_impl, ecfg.attention_interpret)
         self._step = jax.jit(make_step_fn(cfg, attn_fn, ecfg.max_logprobs), donate_argnums=(1, 2))
         self._set_row = jax.jit(sampling.set_row, donate_argnums=(0,))
         self.compiled: dict[tuple[int, int], Any] = {}

@@ -22,7 +22,7 @@ XLA:GPU, a sync per step):
     sequence. Its sequence comes from cu_q_lens on the device: sequence b owns block ids
     [cu[b] // BQ + b, cu[b+1] // BQ + b + 1), enough for cdiv(q_len, BQ) blocks (some end up empty), so
     block i belongs to the number of b in [1, num_seqs] with cu[b] // BQ + b <= i; the static bound
-    T // BQ + B covers every batch. Programs past the live blocks write the zeros of padding tokens.
+    cdiv(T, BQ) + B covers every batch. Programs past the live blocks write the zeros of padding tokens.
     The kv loop runs only over the blocks this query block can see: from the window's start (or 0) to
     its last token's position. Blocks wholly visible to every row skip the mask (a plain loop); only the
     diagonal and window-edge blocks pay for it.
@@ -49,10 +49,10 @@ could not be tested here. jax-triton runs real Triton kernels but has no CPU pat
 Measured (H100 SXM, jax 0.11.2, GQA 32/8, H 128, bf16, page 16; benchmarks/attention_gpu.py; runs vary by
 ~10-20%). Decode, share of 2.94 TB/s: B=16 ctx 2048 ~55%, ctx 8192 ~75%; B=64 ctx 2048 ~65-80%, 8192 ~90%;
 B=256 ctx 2048 ~90%, 8192 ~95%; jax's paged_attention 42 / 62 / 56 / 74 / 65 / 79% on the same shapes, the
-XLA form 6-19%. Prefill (ragged kernel, before the current defaults, which measured ~5-10% faster), share
-of 787 TFLOP/s: 4096-token chunk 27%, 2048 on 6144 history 32%; 100-200x the XLA form. Not yet at the
-targets (85% decode at B >= 16, 50% prefill): short per-program kv loops (B=16) and, for prefill, the lack
-of TMA / warp specialisation that Mosaic GPU would bring. In a mixed batch the ragged kernel gives each
+XLA form 6-19%. Prefill (ragged kernel, current defaults), share of 787 TFLOP/s: 4096-token chunk 31%,
+2048 on 6144 history 34%; 10-100x the XLA form. Not yet at the targets (85% decode at B >= 16, 50%
+prefill): short per-program kv loops (B=16) and, for prefill, the lack of TMA / warp specialisation that
+Mosaic GPU would bring. In a mixed batch the ragged kernel gives each
 decode sequence a whole BM-row block (4 of 128 rows live at G=4): issuing the decode rows through the
 decode kernel (decode_only on that slice) is faster when the scheduler can order them first.
 
