@@ -33,7 +33,7 @@ FIELD_FLAGS = {
     "max_model_len": "--max-model-len", "max_num_seqs": "--max-num-seqs",
     "max_num_batched_tokens": "--max-num-batched-tokens", "token_buckets": "--token-buckets",
     "seq_buckets": "--seq-buckets", "page_size": "--page-size", "kv_cache_memory": "--kv-cache-memory",
-    "dtype": "--dtype", "load_format": "--load-format",
+    "dtype": "--dtype", "load_format": "--load-format", "attention_impl": "--attention-impl",
 }
 
 EPILOG = """\
@@ -113,6 +113,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="weight and activation type (default: auto = float32 on CPU, bfloat16 on GPU/TPU)")
     g.add_argument("--load-format", choices=["auto", "safetensors", "gguf", "dummy"],
                    help="how to read weights; dummy = random weights of the model's shape (default: auto)")
+    g.add_argument("--attention-impl", choices=["auto", "reference", "xla", "tpu", "gpu"],
+                   help="ragged paged-attention implementation: auto = the backend's Pallas kernel where it "
+                   "has one, else the jnp form (xla) (default: auto)")
     g.add_argument("--compilation-cache-dir", metavar="DIR",
                    help="where compiled step programs are kept between runs (default: ~/.cache/jaxinfer/xla)")
     g.add_argument("--no-compilation-cache", action="store_true",
@@ -125,7 +128,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_options_from_args(args: argparse.Namespace) -> dict:
     """Only the engine flags that were given, so EngineConfig's own defaults apply to the rest."""
     names = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "token_buckets", "seq_buckets",
-             "page_size", "kv_cache_memory", "dtype", "load_format", "compilation_cache_dir"]
+             "page_size", "kv_cache_memory", "dtype", "load_format", "attention_impl", "compilation_cache_dir"]
     opts = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if getattr(args, "engine_seed", None) is not None:
         opts["seed"] = args.engine_seed
