@@ -227,6 +227,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # auto: same as dtype
     attention_impl: str = "auto"  # auto | reference | xla | tpu | gpu (see jaxinfer/attention.py)
     attention_interpret: bool = False  # run a Pallas attention kernel in interpret mode (CPU tests)
+    enable_prefix_caching: bool = True  # reuse the KV pages of a cached prompt prefix (page_allocator.py)
     max_logprobs: int = 20
     max_logit_bias: int = 300
     compilation_cache_dir: str | None = None  # persistent XLA cache; None: $JAXINFER_CACHE_DIR/xla or ~/.cache/jaxinfer/xla

@@ -61,7 +61,8 @@ class Engine:
             f"{self.num_pages * self._page_bytes(kv_dtype) / _GiB:.2f} GiB ({np.dtype(kv_dtype).name}); "
             f"max_model_len {self.max_model_len}, weights {np.dtype(self.dtype).name} on {backend}"
         )
-        self.scheduler = Scheduler(self.num_pages, ecfg.page_size, ecfg.max_num_seqs, ecfg.token_budget, self.max_model_len)
+        self.scheduler = Scheduler(self.num_pages, ecfg.page_size, ecfg.max_num_seqs, ecfg.token_budget, self.max_model_len,
+                                   ecfg.enable_prefix_caching)
         self.runner = ModelRunner(self.cfg, ecfg, loaded.params, kv, self.num_pages, self.max_model_len)
         self.runner.compile_all(ecfg.show_progress)
         self.compile_seconds = self.runner.compile_seconds
@@ -189,9 +190,12 @@ class Engine:
         return self._outputs(batch)
 
     def _admit(self, batch: ScheduledBatch) -> None:
-        """Requests starting on a fresh sampler row get their logit bias / min_tokens stop set installed."""
+        """Requests starting on a fresh sampler row get their logit bias / min_tokens stop set installed, and
+        the tokens of their prefix-cache hit (which never enter a step) put into their penalty history."""
         for req, reset in zip(batch.requests, batch.reset):
             p = req.params
+            if reset and req.num_computed_tokens > 0:
+                self.runner.seed_history(req)
             if reset and (p.logit_bias or p.min_tokens > 0):
                 stops = [] if p.ignore_eos else list(req.eos_token_ids)
                 self.runner.set_row(req.slot, p.logit_bias, stops + list(p.stop_token_ids or []))
@@ -275,4 +279,8 @@ class Engine:
         return {
             "running": len(s.running), "waiting": len(s.waiting), "pages_used": s.allocator.num_used,
             "pages_total": self.num_pages, "preemptions": s.num_preemptions,
+            "pages_cached": s.allocator.num_cached, "pages_evictable": s.allocator.num_evictable,
+            "prefix_cache_evictions": s.allocator.num_evictions,
+            "prefix_cache_queries": s.prefix_cache_queries, "prefix_cache_hits": s.prefix_cache_hits,
+            "prefix_cache_hit_rate": s.prefix_cache_hit_rate,
         }

@@ -41,6 +41,10 @@ class Request:
     output_logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     pages: list[int] = field(default_factory=list)
+    cache_extra: object = None  # hashed into every page with the tokens: whatever else changes K/V (LoRA id)
+    page_hashes: list[bytes] = field(default_factory=list)  # of the full pages of known tokens, grown lazily
+    num_registered_pages: int = 0  # leading pages of `pages` already offered to the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     slot: int | None = None  # row of the on-device sampler state while running
     finish_reason: str | None = None  # stop | length | abort
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it

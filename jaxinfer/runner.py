@@ -9,6 +9,11 @@ A batch exists in three forms, with fixed names:
 Padding tokens write to an out-of-bounds cache slot (dropped) and padding rows have kv_len 0; nothing they
 compute is read. The host reads back only sampled token ids (and logprobs when a request asked).
 
+A request that starts from a prefix-cache hit feeds only the tokens after the hit, so the sampler history
+(prompt_mask / output_counts, which `update_history` builds from the tokens entering a step) would miss the
+cached ones; `seed_history` writes them into the request's fresh sampler row before its first chunk runs,
+and that chunk then does not reset the row. Penalties see the same history as without caching.
+
 Every bucket is compiled ahead of time (`lower().compile()`) in `compile_all`; `execute` only looks the
 bucket up, so nothing compiles while serving.
 """
@@ -30,6 +35,7 @@ from jaxinfer import sampler as sampling
 from jaxinfer.attention import make_attention_fn
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.model import AttentionMetadata, KVCache, Params, compute_logits, forward, pytree_dataclass
+from jaxinfer.request import Request
 from jaxinfer.scheduler import ScheduledBatch
 
 
@@ -39,7 +45,7 @@ class StepInput:
     positions: Any  # [T] int32
     token_slot: Any  # [T] int32 sampler-state row of each token's sequence; padding: S
     is_prompt: Any  # [T] bool   token belongs to the prompt (else: an earlier output re-entering)
-    reset_slot: Any  # [B] int32 rows to clear before this step (first chunk of a request); else S
+    reset_slot: Any  # [B] int32 rows to clear before this step (first chunk, no prefix-cache hit); else S
     logits_indices: Any  # [B] int32 token row whose hidden state is sampled for each sequence
     attn: AttentionMetadata
     sampling: Any  # sampler.SamplingMetadata
@@ -82,8 +88,11 @@ class ModelRunner:
         attn_fn = make_attention_fn(cfg, ecfg.attention_impl, ecfg.attention_interpret)
         self._step = jax.jit(make_step_fn(cfg, attn_fn, ecfg.max_logprobs), donate_argnums=(1, 2))
         self._set_row = jax.jit(sampling.set_row, donate_argnums=(0,))
+        self._history = jax.jit(sampling.update_history, donate_argnums=(0,))
+        self._history_len = self.max_pages_per_seq * self.page_size  # L: a cached prefix is shorter
         self.compiled: dict[tuple[int, int], Any] = {}
         self._compiled_set_row = None
+        self._compiled_history = None
         self.compile_seconds = 0.0
 
     # -- ahead-of-time compilation --------------------------------------------------------------------------
@@ -102,6 +111,11 @@ class ModelRunner:
         row_args = (self.sstate, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((W,), jnp.int32),
                     jax.ShapeDtypeStruct((W,), jnp.float32), jax.ShapeDtypeStruct((W,), jnp.int32))
         lowered["set_row"] = self._set_row.lower(*row_args)
+        if self.ecfg.enable_prefix_caching:
+            L = self._history_len
+            lowered["history"] = self._history.lower(
+                self.sstate, jax.ShapeDtypeStruct((L,), jnp.int32), jax.ShapeDtypeStruct((L,), jnp.int32),
+                jax.ShapeDtypeStruct((L,), jnp.bool_), jax.ShapeDtypeStruct((1,), jnp.int32))
         threads = self.ecfg.compile_threads or min(8, os.cpu_count() or 1)
         with cf.ThreadPoolExecutor(threads) as pool, tqdm(
             total=len(lowered), desc="compiling buckets", unit="bucket", disable=not show_progress
@@ -111,9 +125,11 @@ class ModelRunner:
                 key = futures[fut]
                 if key == "set_row":
                     self._compiled_set_row = fut.result()
+                elif key == "history":
+                    self._compiled_history = fut.result()
                 else:
                     self.compiled[key] = fut.result()
-                bar.set_postfix_str(f"T={key[0]} B={key[1]}" if key != "set_row" else "sampler")
+                bar.set_postfix_str(f"T={key[0]} B={key[1]}" if isinstance(key, tuple) else "sampler")
                 bar.update()
         self.compile_seconds = time.monotonic() - t0
 
@@ -181,7 +197,7 @@ class ModelRunner:
             a.cu_q_lens[b + 1] = t + n
             t += n
             inp.logits_indices[b] = t - 1
-            if batch.reset[b]:
+            if batch.reset[b] and start == 0:  # else seed_history has cleared and filled the row
                 inp.reset_slot[b] = req.slot
             p = req.params
             s.temperature[b] = 0.0 if p.greedy else p.temperature
@@ -211,6 +227,17 @@ class ModelRunner:
             return StepResult(np.asarray(out.token_ids), None, None, None)
         ids, lp, tid, tlp = jax.device_get((out.token_ids, out.logprobs, out.top_ids, out.top_logprobs))
         return StepResult(ids, lp, tid, tlp)
+
+    def seed_history(self, req: Request) -> None:
+        """Clear req's sampler row and fold in its first num_computed_tokens tokens (a prefix-cache hit),
+        flagged prompt / output as a full recompute would."""
+        L, n = self._history_len, req.num_computed_tokens
+        ids, slots, is_prompt = np.zeros(L, np.int32), np.full(L, self.num_slots, np.int32), np.zeros(L, np.bool_)
+        ids[:n] = [req.token_at(i) for i in range(n)]
+        slots[:n] = req.slot
+        is_prompt[:n] = np.arange(n) < req.num_prompt_tokens
+        reset = np.array([req.slot], np.int32)
+        self.sstate = self._compiled_history(self.sstate, slots, ids, is_prompt, reset)
 
     def set_row(self, slot: int, logit_bias: dict[int, float] | None, stop_ids: list[int]) -> None:
         """Install a request's logit bias and min_tokens stop set into its sampler-state row."""

@@ -100,7 +100,9 @@ def update_history(
     reused by a new request starts empty. Every generated token re-enters the next step as an input
     token, so by the time output position p is sampled all outputs < p have been counted here, and
     no extra bookkeeping of sampled ids is needed. Recomputation after preemption re-feeds prompt
-    and generated tokens with the same `is_prompt` flags, so it rebuilds the same history.
+    and generated tokens with the same `is_prompt` flags, so it rebuilds the same history. The tokens of a
+    prefix-cache hit never enter a step: the runner's `seed_history` folds them in with this same function
+    (resetting the row) before the request's first chunk, which then leaves the row alone.
     """
     num_slots = state.prompt_mask.shape[0]
     prompt_mask = state.prompt_mask.at[reset_slot].set(False, mode="drop")

@@ -6,6 +6,14 @@ chunk), then waiting requests in priority / arrival order, until the token budge
 left of the budget is split across steps (chunked prefill). When a running request needs a page and none
 is free, the latest-arrived running request is preempted: its pages are freed and it is recomputed later
 from its prompt and the tokens generated so far. Nothing is dropped.
+
+Prefix caching (page_allocator.py): after each step, the pages a request has just filled are registered
+under their chained hash. A request admitted from the waiting queue (new, or preempted) first takes the
+cached pages of its longest cached prefix and starts computing after them. At least the last known token
+must run through the model to give logits, and only full pages are shared, so the hit is capped at
+(num_tokens - 1) // page_size pages: a prompt that is entirely cached and ends on a page boundary
+recomputes its whole last page (into a page of its own; the cached copy is left alone). Cached pages are
+only ever read, since a request writes only at positions >= its num_computed_tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from jaxinfer.page_allocator import OutOfPages, PageAllocator
+from jaxinfer.page_allocator import OutOfPages, PageAllocator, page_hash
 from jaxinfer.request import Request, Status
 
 
@@ -21,7 +29,8 @@ from jaxinfer.request import Request, Status
 class ScheduledBatch:
     requests: list[Request]
     num_new_tokens: list[int]  # tokens each request feeds this step
-    reset: list[bool]  # the request's first chunk since (re)admission: its sampler-state row is fresh
+    reset: list[bool]  # the request's first chunk since (re)admission: its sampler-state row is fresh.
+    # On a reset chunk, any num_computed_tokens came from the prefix cache and never enter a step.
 
     @property
     def num_tokens(self) -> int:
@@ -37,8 +46,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, num_pages: int, page_size: int, max_num_seqs: int, token_budget: int, max_model_len: int):
+    def __init__(self, num_pages: int, page_size: int, max_num_seqs: int, token_budget: int, max_model_len: int,
+                 enable_prefix_caching: bool = True):
         self.allocator = PageAllocator(num_pages)
+        self.enable_prefix_caching = enable_prefix_caching
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.token_budget = token_budget
@@ -47,6 +58,8 @@ class Scheduler:
         self.running: list[Request] = []
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # tokens of requests admitted while caching is on
+        self.prefix_cache_hits = 0  # of which found in the cache
 
     # -- bookkeeping -----------------------------------------------------------------------------------
 
@@ -69,9 +82,14 @@ class Scheduler:
     def _pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
     def _release(self, req: Request) -> None:
         self.allocator.free(req.pages)
         req.pages = []
+        req.num_registered_pages = 0
         if req.slot is not None:
             self._free_slots.append(req.slot)
             req.slot = None
@@ -109,6 +127,33 @@ class Scheduler:
         except OutOfPages:
             return False
 
+    # -- prefix caching -------------------------------------------------------------------------------
+
+    def _page_hashes(self, req: Request, num_pages: int) -> list[bytes]:
+        """Hashes of req's first num_pages pages (all full of known tokens), computed once each."""
+        hs, ps = req.page_hashes, self.page_size
+        while len(hs) < num_pages:
+            i = len(hs)
+            tokens = [req.token_at(j) for j in range(i * ps, (i + 1) * ps)]
+            hs.append(page_hash(hs[-1] if hs else None, tokens, req.cache_extra))
+        return hs[:num_pages]
+
+    def _cached_prefix(self, req: Request) -> list[int]:
+        """Pages of req's longest cached prefix, leaving at least its last known token to compute."""
+        if not self.enable_prefix_caching:
+            return []
+        return self.allocator.lookup(self._page_hashes(req, (req.num_tokens - 1) // self.page_size))
+
+    def _register_pages(self, req: Request) -> None:
+        """Offer the pages req has filled and computed to the prefix cache."""
+        full = req.num_computed_tokens // self.page_size
+        if not self.enable_prefix_caching or full <= req.num_registered_pages:
+            return
+        hashes = self._page_hashes(req, full)
+        for i in range(req.num_registered_pages, full):
+            self.allocator.cache_page(req.pages[i], hashes[i])
+        req.num_registered_pages = full
+
     # -- the decision ----------------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledBatch:
@@ -139,9 +184,22 @@ class Scheduler:
         self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self._grow(req, req.num_computed_tokens + n):
+            hit = self._cached_prefix(req)
+            computed = len(hit) * self.page_size
+            n = min(req.num_tokens - computed, budget)
+            # Taking the hit pages removes the unreferenced ones from what can be allocated.
+            available = self.allocator.num_free - sum(self.allocator.ref_counts[p] == 0 for p in hit)
+            if self._pages_for(computed + n) - len(hit) > available:
                 break
+            self.allocator.share(hit)
+            req.pages, req.num_computed_tokens, req.num_registered_pages = hit, computed, len(hit)
+            if not self._grow(req, computed + n):
+                raise AssertionError("pages counted as available could not be allocated")
+            if self.enable_prefix_caching:
+                self.prefix_cache_queries += req.num_tokens
+                self.prefix_cache_hits += computed
+            if req.first_scheduled_time is None:
+                req.num_cached_tokens = computed
             self.waiting.pop(0)
             req.status = Status.RUNNING
             req.slot = self._free_slots.pop()
@@ -166,6 +224,7 @@ class Scheduler:
             if req.is_finished:  # aborted while the step ran
                 continue
             req.num_computed_tokens += n
+            self._register_pages(req)
             if tok is None:
                 continue
             req.output_token_ids.append(tok)

@@ -43,10 +43,13 @@ def run_staggered(engine, prompts, params, arrive_every: int = 2) -> dict[str, l
 
 
 def assert_all_pages_free(engine):
+    """Nothing runs and nothing leaked: every page is free, or cached with no reference (evictable)."""
     s = engine.scheduler
     assert not s.running and not s.waiting
-    assert s.allocator.num_free == s.allocator.num_pages
-    s.allocator.check_invariants()
+    alloc = s.allocator
+    assert all(rc == 0 for rc in alloc.ref_counts)
+    assert alloc.num_free == alloc.num_pages and alloc.num_evictable == alloc.num_cached
+    alloc.check_invariants()
     assert sorted(s._free_slots) == list(range(engine.ecfg.max_num_seqs))
 
 

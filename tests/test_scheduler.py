@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from jaxinfer.page_allocator import OutOfPages, PageAllocator
+from jaxinfer.page_allocator import OutOfPages, PageAllocator, page_hash
 from jaxinfer.request import Request
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler
@@ -28,8 +28,12 @@ def run(sched: Scheduler, max_steps: int = 10_000):
     while sched.has_unfinished() and len(steps) < max_steps:
         batch = sched.schedule()
         assert len(batch) <= sched.max_num_seqs and batch.num_tokens <= sched.token_budget
-        for req in batch.requests:  # every scheduled request holds pages for what it will have computed
-            assert len(req.pages) * sched.page_size >= req.num_computed_tokens + batch.num_new_tokens[batch.requests.index(req)]
+        for req, n in zip(batch.requests, batch.num_new_tokens):
+            # every scheduled request holds pages for what it will have computed ...
+            assert len(req.pages) * sched.page_size >= req.num_computed_tokens + n
+            # ... and the pages it writes are its own: never shared, never in the prefix cache
+            for page in {req.pages[pos // sched.page_size] for pos in range(req.num_computed_tokens, req.num_computed_tokens + n)}:
+                assert sched.allocator.ref_counts[page] == 1 and not sched.allocator.is_cached(page)
         sampled = [mock_token(r) if batch.samples(i) else None for i, r in enumerate(batch.requests)]
         sched.update(batch, sampled)
         sched.allocator.check_invariants()
@@ -145,5 +149,176 @@ def test_page_allocator_property():
     for pages in held:
         alloc.free(pages)
     assert alloc.num_free == 32
+    with pytest.raises(ValueError):
+        alloc.free([0])
+
+
+# -- prefix caching ---------------------------------------------------------------------------------------
+
+
+def make_prompt_request(i: int, prompt: list[int], max_tokens: int, arrival: float | None = None) -> Request:
+    return Request(request_id=f"p{i}", prompt_token_ids=list(prompt), seed=i,
+                   params=SamplingParams(max_tokens=max_tokens, ignore_eos=True), max_tokens=max_tokens,
+                   arrival_time=float(i if arrival is None else arrival))
+
+
+def admit_alone(sched: Scheduler, req: Request) -> int:
+    """Add req, run its first step alone, and return the tokens it got from the prefix cache."""
+    sched.add(req)
+    batch = sched.schedule()
+    assert batch.requests == [req] and batch.reset == [True]
+    hit = req.num_computed_tokens
+    assert batch.num_new_tokens == [min(req.num_tokens - hit, sched.token_budget)]
+    sched.update(batch, [mock_token(req) if batch.samples(0) else None])
+    return hit
+
+
+def test_prefix_cache_hits_full_pages_only_and_computes_the_rest():
+    sched = Scheduler(num_pages=64, page_size=4, max_num_seqs=4, token_budget=64, max_model_len=128)
+    base = list(range(100, 120))  # 20 tokens: 5 full pages
+    first = make_prompt_request(0, base, 3)
+    assert admit_alone(sched, first) == 0
+    run(sched)
+    assert sched.allocator.num_cached == 5  # the 6th page (outputs) is never full: 20 + 2 computed tokens
+    cases = [
+        (base[:13] + [7, 8, 9], 12),  # prefix ends mid-page: only the 3 full pages before it
+        (base[:8] + [1], 8),  # prefix ends on a page boundary
+        (base[:18], 16),  # entirely cached, not page-aligned: all its full pages
+        (base, 16),  # entirely cached and page-aligned: the last page is recomputed for its logits
+        ([5] + base, 0),  # same tokens, shifted: nothing
+    ]
+    for i, (prompt, hit) in enumerate(cases, start=1):
+        req = make_prompt_request(i, prompt, 4)
+        assert admit_alone(sched, req) == hit, prompt
+        assert req.num_cached_tokens == hit
+        run(sched)
+        assert req.output_token_ids == expected_output(len(prompt), 4)
+        sched.allocator.check_invariants()
+    assert sched.prefix_cache_hits == 12 + 8 + 16 + 16
+    assert sched.prefix_cache_queries == 20 + sum(len(p) for p, _ in cases)
+    assert sched.allocator.num_free == 64 and sched.allocator.num_used == 0
+
+
+def test_cache_extra_key_separates_equal_tokens():
+    sched = Scheduler(num_pages=64, page_size=4, max_num_seqs=4, token_budget=64, max_model_len=128)
+    a, b, c = (make_prompt_request(i, list(range(1, 18)), 2) for i in range(3))
+    b.cache_extra = c.cache_extra = "lora-1"
+    assert admit_alone(sched, a) == 0
+    run(sched)
+    assert admit_alone(sched, b) == 0
+    run(sched)
+    assert admit_alone(sched, c) == 16
+
+
+def test_prefix_caching_off_never_hits():
+    sched = Scheduler(num_pages=64, page_size=4, max_num_seqs=4, token_budget=64, max_model_len=128,
+                      enable_prefix_caching=False)
+    for i in range(3):
+        assert admit_alone(sched, make_prompt_request(i, list(range(1, 18)), 2)) == 0
+        run(sched)
+    assert sched.allocator.num_cached == 0 and sched.prefix_cache_hit_rate == 0.0
+    assert sched.allocator.num_free == 64
+
+
+def test_shared_prefixes_under_eviction_and_preemption_lose_nothing():
+    """A pool too small for the load, prompts sharing prefixes: pages are evicted, requests preempted
+    (and readmitted through the cache), outputs stay exact, nothing leaks."""
+    rng = random.Random(2)
+    sched = Scheduler(num_pages=16, page_size=4, max_num_seqs=6, token_budget=12, max_model_len=64)
+    stems = [[rng.randint(1, 50) for _ in range(rng.randint(3, 14))] for _ in range(4)]
+    reqs = []
+    for i in range(40):
+        prompt = rng.choice(stems)[: rng.randint(1, 14)] + [rng.randint(1, 50) for _ in range(rng.randint(0, 6))]
+        r = make_prompt_request(i, prompt or [1], rng.randint(1, 20))
+        reqs.append(r)
+        sched.add(r)
+        if rng.random() < 0.6:
+            batch = sched.schedule()
+            sched.update(batch, [mock_token(q) if batch.samples(j) else None for j, q in enumerate(batch.requests)])
+            sched.allocator.check_invariants()
+    run(sched)
+    assert sched.num_preemptions > 0 and sched.allocator.num_evictions > 0 and sched.prefix_cache_hits > 0
+    for r in reqs:
+        assert r.output_token_ids == expected_output(r.num_prompt_tokens, r.max_tokens)
+    assert sched.allocator.num_free == 16 and all(rc == 0 for rc in sched.allocator.ref_counts)
+
+
+def test_page_allocator_with_prefix_cache_property():
+    """Random allocate / share / free / cache / lookup against a model of ref counts, the hash map and the
+    LRU order of unreferenced cached pages (evicted oldest first, only when the free list is empty)."""
+    rng = random.Random(3)
+    N = 16
+    alloc = PageAllocator(N)
+    held: list[list[int]] = []
+    cached: dict[bytes, int] = {}  # the model's hash -> page
+    lru: list[int] = []  # the model's unreferenced cached pages, least recently freed first
+    free_count = N  # never-cached free pages
+    hashes = [page_hash(None, [k]) for k in range(24)]
+
+    def refs():
+        out = [0] * N
+        for pages in held:
+            for p in pages:
+                out[p] += 1
+        return out
+
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.3:
+            n = rng.randint(1, 4)
+            if n > free_count + len(lru):
+                with pytest.raises(OutOfPages):
+                    alloc.allocate(n)
+            else:
+                from_free = min(n, free_count)
+                evicted = lru[: n - from_free]
+                pages = alloc.allocate(n)
+                assert pages[from_free:] == evicted  # LRU order, free pages first
+                del lru[: n - from_free]
+                free_count -= from_free
+                cached = {h: p for h, p in cached.items() if p not in evicted}
+                held.append(pages)
+        elif op < 0.45 and held:
+            pages = rng.choice(held)
+            alloc.share(pages)
+            held.append(list(pages))
+        elif op < 0.65 and held:  # register a referenced page
+            p, h = rng.choice(rng.choice(held)), rng.choice(hashes)
+            ok = alloc.cache_page(p, h)
+            assert ok == (h not in cached and p not in cached.values())
+            if ok:
+                cached[h] = p
+        elif op < 0.75:  # look up a chain and take its pages (a cache hit)
+            chain = rng.sample(hashes, rng.randint(1, 3))
+            pages = alloc.lookup(chain)
+            expect = []
+            for h in chain:
+                if h not in cached:
+                    break
+                expect.append(cached[h])
+            assert pages == expect
+            if pages and len(set(pages)) == len(pages):
+                alloc.share(pages)
+                lru = [p for p in lru if p not in pages]
+                held.append(pages)
+        elif held:
+            pages = held.pop(rng.randrange(len(held)))
+            alloc.free(pages)
+            r = refs()
+            for p in reversed(pages):
+                if r[p] == 0 and p not in lru:
+                    if p in cached.values():
+                        lru.append(p)
+                    elif p not in alloc._free:
+                        raise AssertionError(f"page {p} not freed")
+            free_count = N - sum(1 for x in r if x) - len(lru)
+        alloc.check_invariants()
+        assert alloc.ref_counts == refs()
+        assert list(alloc._evictable) == lru
+        assert alloc.num_free == free_count + len(lru) and alloc.num_cached == len(cached)
+    assert alloc.num_evictions > 20
+    for pages in held:
+        alloc.free(pages)
+    assert alloc.num_free == N and alloc.num_evictable == alloc.num_cached
     with pytest.raises(ValueError):
         alloc.free([0])
