@@ -34,6 +34,7 @@ FIELD_FLAGS = {
     "max_num_batched_tokens": "--max-num-batched-tokens", "token_buckets": "--token-buckets",
     "seq_buckets": "--seq-buckets", "page_size": "--page-size", "kv_cache_memory": "--kv-cache-memory",
     "dtype": "--dtype", "load_format": "--load-format", "attention_impl": "--attention-impl",
+    "enable_prefix_caching": "--no-prefix-caching",
 }
 
 EPILOG = """\
@@ -116,6 +117,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-impl", choices=["auto", "reference", "xla", "tpu", "gpu"],
                    help="ragged paged-attention implementation: auto = the backend's Pallas kernel where it "
                    "has one, else the jnp form (xla) (default: auto)")
+    g.add_argument("--no-prefix-caching", action="store_true",
+                   help="recompute every prompt from scratch instead of reusing the KV cache of an earlier "
+                   "prompt's identical prefix")
     g.add_argument("--compilation-cache-dir", metavar="DIR",
                    help="where compiled step programs are kept between runs (default: ~/.cache/jaxinfer/xla)")
     g.add_argument("--no-compilation-cache", action="store_true",
@@ -132,6 +136,8 @@ def engine_options_from_args(args: argparse.Namespace) -> dict:
     opts = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if getattr(args, "engine_seed", None) is not None:
         opts["seed"] = args.engine_seed
+    if getattr(args, "no_prefix_caching", False):
+        opts["enable_prefix_caching"] = False
     if getattr(args, "no_compilation_cache", False):
         opts["use_compilation_cache"] = False
     if getattr(args, "quiet", False):
@@ -252,8 +258,57 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     gen.set_defaults(func=run_generate)
 
+    serve = sub.add_parser(
+        "serve", formatter_class=_Formatter, help="an OpenAI-compatible HTTP server (completions, chat, streaming)",
+        description="Serve the model over HTTP with the OpenAI API: /v1/completions, /v1/chat/completions,\n"
+        "/v1/models, plus /tokenize, /detokenize, /health, /ready, /metrics and /openapi.json.\n"
+        "SIGTERM or Ctrl-C stops admitting requests, waits --shutdown-timeout for running ones, then exits 0.",
+        epilog="examples:\n  jaxinfer serve --port 8000\n  jaxinfer serve --model ./my-llama --api-key secret --max-n 4",
+    )
+    add_model_args(serve)
+    srv = serve.add_argument_group("server options")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    srv.add_argument("--api-key", metavar="KEY", default=os.environ.get("JAXINFER_API_KEY"),
+                     help="require `Authorization: Bearer KEY` on /v1 routes (default: $JAXINFER_API_KEY)")
+    srv.add_argument("--served-model-name", metavar="NAME",
+                     help="the model id clients send (default: the --model path, or the default model's name)")
+    srv.add_argument("--max-n", type=_positive_int, default=8, metavar="N",
+                     help="most completions per request (default: %(default)s)")
+    srv.add_argument("--max-body-size", type=_byte_size, default="1MiB", metavar="SIZE",
+                     help="largest request body (default: %(default)s)")
+    srv.add_argument("--max-queued-requests", type=_positive_int, default=256, metavar="N",
+                     help="requests waiting to start before new ones get 503 (default: %(default)s)")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                     help="on SIGTERM, seconds to let running requests finish (default: %(default)s)")
+    add_engine_args(serve)
+    serve.set_defaults(func=run_serve)
+
     bench.add_parser(sub)
     return parser
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from serving.api_server import ServerConfig, serve
+
+    opts = check_options(engine_options_from_args(args))
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port: must be in [0, 65535], got {args.port}")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = args.served_model_name or args.model or "SmolLM2-135M-Instruct"
+    config = ServerConfig(model_name=name, api_key=args.api_key or None, max_n=args.max_n,
+                          max_body_size=parse_bytes(args.max_body_size),
+                          max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout)
+
+    def factory():
+        from jaxinfer.engine import Engine
+
+        return Engine(args.model, **opts)
+
+    return asyncio.run(serve(factory, config, args.host, args.port))
 
 
 # -- main ------------------------------------------------------------------------------------------------

@@ -85,18 +85,15 @@ TINY_ENGINE_OPTIONS_FOR_FAMILY = dict(
 
 
 def hf_greedy(model, prompt_ids, max_new_tokens: int) -> list[int]:
-    """HF greedy decoding with its KV cache that never stops early (our side runs with ignore_eos=True).
+    """HF greedy decoding that never stops early (our side runs with ignore_eos=True).
 
-    A hand loop rather than `generate`, which keeps stopping at the checkpoint's EOS whatever it is told.
+    A hand loop rather than `generate`, which keeps stopping at the checkpoint's EOS whatever it is told;
+    each step reruns the whole sequence (no HF cache API involved: the models here are small).
     """
     import torch
 
-    out, past, ids = [], None, torch.tensor(prompt_ids)[None]
+    ids = list(prompt_ids)
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            res = model(ids, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            nxt = int(res.logits[0, -1].argmax())
-            out.append(nxt)
-            ids = torch.tensor([[nxt]])
-    return out
+            ids.append(int(model(torch.tensor(ids)[None]).logits[0, -1].argmax()))
+    return ids[len(prompt_ids):]

@@ -1,0 +1,514 @@
+"""The OpenAI-compatible HTTP server (aiohttp): `jaxinfer serve`.
+
+Routes are listed once, in `ROUTES`, which both registers them and generates /openapi.json. Request
+bodies are parsed and validated in protocol.py; the engine runs in its own thread (async_engine.py).
+Every error leaves as `{"error": {"message", "type", "param", "code"}}`; an unexpected exception is
+logged here and the client only sees a generic 500.
+
+Lifecycle: the HTTP server starts first and answers /health and /ready (503) while the engine thread
+loads and compiles the model. SIGTERM (or SIGINT) stops admitting requests (/ready -> 503, new requests
+-> 503), waits up to --shutdown-timeout for in-flight requests, aborts the rest and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from serving import protocol
+from serving.async_engine import AsyncEngine, EngineDeadError
+from serving.metrics import Metrics
+from serving.protocol import APIError, Limits, bad_request
+
+logger = logging.getLogger("jaxinfer.serving")
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "jaxinfer"
+    api_key: str | None = None
+    max_n: int = 8
+    max_body_size: int = 1 << 20
+    max_queued_requests: int = 256
+    shutdown_timeout: float = 30.0
+
+
+STATE = web.AppKey("state", object)
+
+
+class ServerState:
+    def __init__(self, engine: AsyncEngine, config: ServerConfig):
+        self.engine = engine
+        self.config = config
+        self.metrics = Metrics(engine)
+        self.draining = False
+        engine.on_output = self.metrics.on_output
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.is_ready and not self.draining
+
+    @property
+    def limits(self) -> Limits:
+        e = self.engine.engine
+        return Limits(self.config.max_n, e.ecfg.max_logprobs, e.max_model_len, e.cfg.vocab_size)
+
+    @property
+    def tokenizer(self):
+        tok = self.engine.engine.tokenizer
+        if tok is None:
+            raise bad_request("this model has no tokenizer; send token ids")
+        return tok
+
+
+def _state(request: web.Request) -> ServerState:
+    return request.app[STATE]
+
+
+def json_response(data, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(text=json.dumps(data, ensure_ascii=False), status=status,
+                        content_type="application/json", headers=headers)
+
+
+def error_response(e: APIError) -> web.Response:
+    return json_response(e.body(), e.status, e.headers)
+
+
+_HTTP_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
+               413: "invalid_request_error", 503: "service_unavailable"}
+
+
+# -- middlewares ----------------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    state = _state(request)
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    try:
+        resp = await handler(request)
+    except APIError as e:
+        resp = error_response(e)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        msg = "request body too large" if e.status == 413 else (e.reason or "error")
+        if e.status == 404:
+            msg = f"no route for {request.method} {request.path}"
+        resp = error_response(APIError(e.status, msg, _HTTP_TYPES.get(e.status, "invalid_request_error")))
+    except (asyncio.CancelledError, ConnectionResetError):
+        state.metrics.request_done(route, 499)
+        raise
+    except Exception:  # noqa: BLE001 - never a stack trace to the client
+        logger.exception("unhandled error in %s %s", request.method, request.path)
+        resp = error_response(APIError(500, "internal server error", "server_error"))
+    state.metrics.request_done(route, resp.status)
+    return resp
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    key = _state(request).config.api_key
+    if key and request.path.startswith("/v1"):
+        got = request.headers.get("Authorization", "")
+        token = got[7:] if got[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+    return await handler(request)
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
+
+
+async def read_json(request: web.Request) -> dict:
+    cfg = _state(request).config
+    if request.content_length is not None and request.content_length > cfg.max_body_size:
+        raise APIError(413, f"request body is {request.content_length} bytes; the limit is {cfg.max_body_size}")
+    if request.content_type != "application/json":
+        raise bad_request(f"Content-Type must be application/json, got {request.content_type!r}")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise APIError(413, f"request body is larger than the limit of {cfg.max_body_size} bytes") from None
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def require_ready(state: ServerState) -> None:
+    if state.engine.error is not None:
+        raise APIError(503, "the engine has failed; the server must be restarted", "service_unavailable")
+    if not state.ready:
+        what = "shutting down" if state.draining else "loading the model"
+        raise APIError(503, f"the server is {what}", "service_unavailable", headers={"Retry-After": "5"})
+
+
+def check_model(state: ServerState, body: dict) -> str:
+    model = body.get("model")
+    name = state.config.model_name
+    if model is not None and model != name:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {name!r}",
+                       "not_found_error", "model", "model_not_found")
+    return name
+
+
+def admit(state: ServerState, count: int) -> None:
+    cap = state.config.max_queued_requests
+    if state.engine.num_queued + count > cap:
+        raise APIError(503, f"too many queued requests (limit {cap}); retry later", "service_unavailable",
+                       headers={"Retry-After": "1"})
+
+
+async def off_loop(fn, *args):
+    """Tokenization can take long on big inputs: run it in the default thread pool, not on the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def engine_error(e: BaseException) -> APIError:
+    if isinstance(e, EngineDeadError):
+        return APIError(500, str(e), "server_error")
+    if isinstance(e, ValueError):
+        return bad_request(str(e), protocol.param_of(str(e)))
+    logger.error("request failed: %r", e)
+    return APIError(500, "internal server error", "server_error")
+
+
+async def sse_start(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    return resp
+
+
+async def sse_send(resp: web.StreamResponse, data) -> None:
+    await resp.write(f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode())
+
+
+# -- /v1/completions and /v1/chat/completions --------------------------------------------------------------------
+
+
+class _Choice:
+    """Per-choice streaming cursor: how much text / how many tokens were already sent."""
+
+    __slots__ = ("text", "tokens", "finish", "first")
+
+    def __init__(self):
+        self.text, self.tokens, self.finish, self.first = 0, 0, None, True
+
+
+async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
+    state = _state(request)
+    body = await read_json(request)
+    require_ready(state)
+    model = check_model(state, body)
+    limits = state.limits
+    if chat:
+        messages = protocol.chat_messages(body)
+        params = protocol.sampling_params(body, limits, chat=True)
+        try:
+            ids = await off_loop(state.tokenizer.apply_chat_template, messages)
+        except Exception as e:  # noqa: BLE001 - template errors are the client's messages' fault
+            raise bad_request(f"messages could not be rendered with the chat template: {e}", "messages") from None
+        prompts_ids, prompt_texts = [ids], [None]
+        k = params.logprobs
+        protocol.check_context(len(ids), params, limits,
+                               "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens")
+    else:
+        prompts = protocol.completion_prompts(body, limits.vocab_size)
+        params = protocol.sampling_params(body, limits, chat=False)
+        echo = bool(body.get("echo"))
+        if echo and params.logprobs is not None:
+            raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
+        prompts_ids, prompt_texts = [], []
+        for p in prompts:
+            if isinstance(p, str):
+                prompts_ids.append(await off_loop(state.tokenizer.encode, p))
+                prompt_texts.append(p)
+            else:
+                prompts_ids.append(list(p))
+                prompt_texts.append((await off_loop(state.tokenizer.decode, p)) if echo else None)
+        for ids in prompts_ids:
+            protocol.check_context(len(ids), params, limits)
+        k = params.logprobs
+    if any(not ids for ids in prompts_ids):
+        raise bad_request("prompt must not be empty", "prompt")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise bad_request("stream must be a boolean", "stream")
+    opts = body.get("stream_options") or {}
+    include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+    admit(state, len(prompts_ids))
+
+    decode = state.engine.engine.tokenizer.decode if state.engine.engine.tokenizer else str
+    tok_decode = lambda t: decode([t], skip_special_tokens=False)  # noqa: E731
+    rid_base = protocol.new_id("chatcmpl" if chat else "cmpl")
+    created = protocol.now()
+    n = params.n
+    reqs = [(f"{rid_base}-{i}", ids, params) for i, ids in enumerate(prompts_ids)]
+    index_of = {rid: i for i, (rid, _, _) in enumerate(reqs)}
+    obj = "chat.completion" if chat else "text_completion"
+    num_prompt = sum(len(ids) for ids in prompts_ids)
+    echo = (not chat) and bool(body.get("echo"))
+    gen = state.engine.generate(reqs)
+
+    if not stream:
+        finals = {}
+        async with contextlib.aclosing(gen):
+            try:
+                async for out in gen:
+                    if out.finished:
+                        finals[out.request_id] = out
+            except (ValueError, EngineDeadError) as e:
+                raise engine_error(e) from None
+        choices, completion_tokens = [], 0
+        for rid, pi in sorted(index_of.items(), key=lambda x: x[1]):
+            for c in finals[rid].outputs:
+                completion_tokens += len(c.token_ids)
+                idx = pi * n + c.index
+                if chat:
+                    lp = protocol.chat_logprobs(c.logprobs, c.token_ids, k, tok_decode) if k is not None else None
+                    choices.append({"index": idx, "message": {"role": "assistant", "content": c.text},
+                                    "logprobs": lp, "finish_reason": c.finish_reason})
+                else:
+                    prefix = prompt_texts[pi] if echo else ""
+                    lp = (protocol.completion_logprobs(c.logprobs, c.token_ids, k, 0, tok_decode)
+                          if k is not None else None)
+                    choices.append({"index": idx, "text": prefix + c.text, "logprobs": lp,
+                                    "finish_reason": c.finish_reason})
+        return json_response({"id": rid_base, "object": obj, "created": created, "model": model,
+                              "choices": choices, "usage": protocol.usage(num_prompt, completion_tokens)})
+
+    # streaming
+    chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+    cursors: dict[tuple[int, int], _Choice] = {}
+    completion_tokens = 0
+    resp = None
+    async with contextlib.aclosing(gen):
+        try:
+            async for out in gen:
+                if resp is None:
+                    resp = await sse_start(request)
+                pi = index_of[out.request_id]
+                for c in out.outputs:
+                    cur = cursors.setdefault((pi, c.index), _Choice())
+                    if cur.finish is not None:
+                        continue
+                    text = c.text[cur.text:] if len(c.text) > cur.text else ""
+                    new_toks = c.token_ids[cur.tokens:]
+                    lps = c.logprobs[cur.tokens:len(c.token_ids)] if (k is not None and c.logprobs) else None
+                    if not text and not new_toks and not c.finish_reason and not cur.first:
+                        continue
+                    idx = pi * n + c.index
+                    choice: dict = {"index": idx}
+                    if chat:
+                        delta = {"role": "assistant", "content": text} if cur.first else {"content": text}
+                        choice["delta"] = delta
+                        choice["logprobs"] = (protocol.chat_logprobs(lps, new_toks, k, tok_decode)
+                                              if lps is not None else None)
+                    else:
+                        prefix = prompt_texts[pi] if (echo and cur.first) else ""
+                        choice["text"] = prefix + text
+                        choice["logprobs"] = (protocol.completion_logprobs(lps, new_toks, k, cur.text, tok_decode)
+                                              if lps is not None else None)
+                    choice["finish_reason"] = c.finish_reason
+                    cur.first = False
+                    cur.text = max(cur.text, len(c.text))
+                    cur.tokens = len(c.token_ids)
+                    if c.finish_reason:
+                        cur.finish = c.finish_reason
+                        completion_tokens += len(c.token_ids)
+                    await sse_send(resp, {"id": rid_base, "object": chunk_obj, "created": created, "model": model,
+                                          "choices": [choice]})
+        except (ValueError, EngineDeadError) as e:
+            err = engine_error(e)
+            if resp is None:
+                raise err from None
+            await sse_send(resp, err.body())
+            await sse_send(resp, "[DONE]")
+            return resp
+    if include_usage:
+        await sse_send(resp, {"id": rid_base, "object": chunk_obj, "created": created, "model": model,
+                              "choices": [], "usage": protocol.usage(num_prompt, completion_tokens)})
+    await sse_send(resp, "[DONE]")
+    await resp.write_eof()
+    return resp
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _run(request, chat=False)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _run(request, chat=True)
+
+
+# -- the other routes ---------------------------------------------------------------------------------------------
+
+
+async def models(request: web.Request) -> web.Response:
+    state = _state(request)
+    e = state.engine.engine
+    card = {"id": state.config.model_name, "object": "model", "created": protocol.now(), "owned_by": "jaxinfer"}
+    if e is not None:
+        card["max_model_len"] = e.max_model_len
+    return json_response({"object": "list", "data": [card]})
+
+
+async def health(request: web.Request) -> web.Response:
+    state = _state(request)
+    if state.engine.error is not None:
+        return json_response({"status": "failed", "error": str(state.engine.error)}, 503)
+    return json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    state = _state(request)
+    if state.ready:
+        return json_response({"status": "ready"})
+    status = "failed" if state.engine.error else ("draining" if state.draining else "loading")
+    return json_response({"status": status}, 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, ctype = _state(request).metrics.render()
+    return web.Response(body=body, headers={"Content-Type": ctype})
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    state = _state(request)
+    body = await read_json(request)
+    require_ready(state)
+    tok = state.tokenizer
+    add_special = body.get("add_special_tokens", True)
+    if not isinstance(add_special, bool):
+        raise bad_request("add_special_tokens must be a boolean", "add_special_tokens")
+    if "messages" in body:
+        messages = protocol.chat_messages(body)
+        try:
+            ids = await off_loop(tok.apply_chat_template, messages)
+        except Exception as e:  # noqa: BLE001
+            raise bad_request(f"messages could not be rendered with the chat template: {e}", "messages") from None
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise bad_request("prompt must be a string (or send messages)", "prompt")
+        ids = await off_loop(tok.encode, prompt, add_special)
+    return json_response({"tokens": ids, "count": len(ids), "max_model_len": state.engine.engine.max_model_len})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    state = _state(request)
+    body = await read_json(request)
+    require_ready(state)
+    tokens = body.get("tokens")
+    vocab = state.engine.engine.cfg.vocab_size
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise bad_request("tokens must be a list of integer token ids", "tokens")
+    bad = [t for t in tokens if not 0 <= t < vocab]
+    if bad:
+        raise bad_request(f"token id(s) {bad[:5]} outside the vocabulary [0, {vocab})", "tokens")
+    text = await off_loop(state.tokenizer.decode, tokens, False)
+    return json_response({"prompt": text})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_spec())
+
+
+# (method, path, handler, summary, takes a JSON body)
+ROUTES = [
+    ("POST", "/v1/completions", completions, "Text completion (OpenAI legacy completions API)", True),
+    ("POST", "/v1/chat/completions", chat_completions, "Chat completion through the model's chat template", True),
+    ("GET", "/v1/models", models, "The model this server serves", False),
+    ("POST", "/tokenize", tokenize, "Text or chat messages -> token ids", True),
+    ("POST", "/detokenize", detokenize, "Token ids -> text", True),
+    ("GET", "/health", health, "Liveness: 200 unless the engine has failed", False),
+    ("GET", "/ready", ready, "Readiness: 503 while loading, compiling, draining, or after an engine failure", False),
+    ("GET", "/metrics", metrics, "Prometheus metrics", False),
+    ("GET", "/openapi.json", openapi, "This document", False),
+]
+
+
+def openapi_spec() -> dict:
+    error = {"type": "object", "properties": {"error": {"type": "object", "properties": {
+        k: {"type": "string", "nullable": True} for k in ("message", "type", "param", "code")}}}}
+    paths: dict = {}
+    for method, path, _, summary, has_body in ROUTES:
+        op = {"summary": summary, "operationId": path.strip("/").replace("/", "_").replace(".", "_") or "root",
+              "responses": {"200": {"description": "OK"},
+                            "default": {"description": "Error", "content": {"application/json": {"schema": error}}}}}
+        if has_body:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
+        if path.startswith("/v1"):
+            op["security"] = [{"bearer": []}]
+        paths.setdefault(path, {})[method.lower()] = op
+    return {"openapi": "3.0.3", "info": {"title": "jaxinfer OpenAI-compatible API", "version": "0.1.0"},
+            "paths": paths,
+            "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
+
+
+# -- app and process ---------------------------------------------------------------------------------------------
+
+
+def build_app(engine: AsyncEngine, config: ServerConfig) -> web.Application:
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=config.max_body_size)
+    app[STATE] = ServerState(engine, config)
+    for method, path, handler, _, _ in ROUTES:
+        app.router.add_route(method, path, handler)
+    return app
+
+
+async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Start serving on host:port (0: any free port); returns the runner and the bound port."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)  # cancel = client gone: abort
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - the only way to learn port 0's choice
+    return runner, bound
+
+
+async def drain(app: web.Application, timeout: float) -> None:
+    """Stop admitting, wait up to `timeout` s for in-flight requests, then abort what is left."""
+    state: ServerState = app[STATE]
+    state.draining = True
+    deadline = time.monotonic() + timeout
+    while state.engine.num_in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    for rid in list(state.engine._streams):  # noqa: SLF001
+        state.engine.abort(rid)
+    deadline = time.monotonic() + 5
+    while state.engine.num_in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
+async def serve(engine_factory, config: ServerConfig, host: str, port: int) -> int:
+    engine = AsyncEngine(engine_factory)
+    app = build_app(engine, config)
+    runner, bound = await start_server(app, host, port)
+    logger.warning("jaxinfer serving %r on http://%s:%d (loading the model)", config.model_name, host, bound)
+    engine.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ready_task = asyncio.ensure_future(engine.wait_ready())
+    ready_task.add_done_callback(
+        lambda t: logger.warning("engine ready" if not t.exception() else f"engine failed: {t.exception()}"))
+    await stop.wait()
+    logger.warning("shutting down: draining for up to %.0f s", config.shutdown_timeout)
+    await drain(app, config.shutdown_timeout)
+    await runner.cleanup()
+    await engine.stop()
+    return 0

@@ -1,0 +1,253 @@
+"""The synchronous `Engine` behind an asyncio front: one dedicated engine thread, per-request queues.
+
+Why a thread and not `run_in_executor` + a lock: the engine must step continuously while any request is
+unfinished, independently of which HTTP handler happens to be awaiting. One thread owns the engine
+outright (it also builds it, so the HTTP server can answer /health and /ready with 503 while the model
+loads and compiles). Its loop is:
+
+    take every pending command (add / abort) from a thread-safe queue   <- event loop puts them there
+    if the engine has unfinished work: step() and hand each RequestOutput to its request's asyncio.Queue
+    via loop.call_soon_threadsafe; otherwise block on the command queue
+
+An abort therefore lands before the next step, so a disconnected client's pages are freed within one
+engine step. If `step()` raises, every in-flight request receives the exception (the handler turns it
+into a 500 or an SSE error event), the engine is marked failed (not ready) and the thread stops: the
+engine's state is no longer trustworthy, so the process should be restarted.
+
+Prompts arrive here already tokenized (the server tokenizes in a thread pool), so `add_request` is cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from jaxinfer.request import RequestOutput
+from jaxinfer.sampling_params import SamplingParams
+
+logger = logging.getLogger("jaxinfer.serving")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine raised inside a step; in-flight requests fail and the server stops being ready."""
+
+
+@dataclass
+class _Stream:
+    queue: asyncio.Queue
+    started: bool = False  # got its first output (no longer counted as queued)
+    finished: bool = False
+
+
+@dataclass
+class StepStats:
+    """A snapshot taken by the engine thread after each step (read by /metrics without touching the engine)."""
+
+    running: int = 0
+    waiting: int = 0
+    pages_used: int = 0
+    pages_total: int = 0
+    preemptions: int = 0
+    compiles_since_ready: int = 0
+    steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class AsyncEngine:
+    """Owns an Engine in one thread. `start()` from a running event loop; `generate()` yields RequestOutputs."""
+
+    def __init__(self, engine_factory: Callable[[], object]):
+        self._factory = engine_factory
+        self.engine = None
+        self.stats = StepStats()
+        self.error: BaseException | None = None
+        self.on_output: Callable[[RequestOutput], None] | None = None  # metrics hook, called on the event loop
+        self._cmds: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stop = False
+
+    # -- lifecycle (event loop side) ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="jaxinfer-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready.is_set() and self.error is None
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    @property
+    def num_queued(self) -> int:
+        """Requests submitted that have not produced their first output yet."""
+        return sum(not s.started for s in self._streams.values())
+
+    async def wait_ready(self) -> None:
+        while not self._ready.is_set() and self.error is None:
+            await asyncio.sleep(0.05)
+        if self.error is not None:
+            raise self.error
+
+    async def stop(self) -> None:
+        self._stop = True
+        self._cmds.put(("wake",))
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+
+    # -- requests (event loop side) ---------------------------------------------------------------------------
+
+    async def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                  q: asyncio.Queue | None = None) -> asyncio.Queue:
+        """Submit a request; raises ValueError (bad input) or EngineDeadError. Outputs arrive on the queue."""
+        if self.error is not None:
+            raise EngineDeadError(f"the engine failed: {self.error}")
+        q = q if q is not None else asyncio.Queue()
+        self._streams[request_id] = _Stream(q)
+        fut = self._loop.create_future()
+        self._cmds.put(("add", request_id, prompt_ids, params, fut))
+        try:
+            await fut
+        except BaseException:
+            self._streams.pop(request_id, None)
+            self._cmds.put(("abort", request_id))  # cancelled while queued: the engine may still add it
+            raise
+        return q
+
+    def abort(self, request_id: str) -> None:
+        """Abort now (idempotent); safe to call for finished or unknown ids."""
+        if request_id in self._streams:
+            self._cmds.put(("abort", request_id))
+
+    def release(self, request_id: str) -> None:
+        """Forget a request's stream; abort it first if it has not finished."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None and not stream.finished:
+            self._cmds.put(("abort", request_id))
+
+    async def generate(self, requests: list[tuple[str, list[int], SamplingParams]]):
+        """Async iterator over the cumulative RequestOutputs of several requests, interleaved as they come.
+
+        Closing it early (client gone, handler cancelled) aborts whatever has not finished.
+        """
+        q: asyncio.Queue = asyncio.Queue()
+        added = []
+        try:
+            for rid, ids, params in requests:
+                await self.add(rid, ids, params, q)
+                added.append(rid)
+            remaining = set(added)
+            while remaining:
+                out = await q.get()
+                if isinstance(out, BaseException):
+                    raise out
+                yield out
+                if out.finished:
+                    remaining.discard(out.request_id)
+        finally:
+            for rid in added:
+                self.release(rid)
+
+    # -- the engine thread ----------------------------------------------------------------------------------
+
+    def _deliver(self, request_id: str, item) -> None:  # runs on the event loop
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        stream.started = True
+        if isinstance(item, RequestOutput):
+            stream.finished = item.finished
+            if self.on_output is not None:
+                self.on_output(item)
+        stream.queue.put_nowait(item)
+
+    def _resolve(self, fut: asyncio.Future, exc: BaseException | None) -> None:  # runs on the event loop
+        if fut.done():
+            return
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+
+    def _run(self) -> None:
+        try:
+            self.engine = self._factory()
+        except BaseException as e:  # noqa: BLE001 - reported through /ready and the log
+            logger.exception("engine failed to start")
+            self.error = e
+            return
+        self._snapshot()
+        self._ready.set()
+        engine, loop = self.engine, self._loop
+        while not self._stop:
+            try:
+                cmd = self._cmds.get(block=not engine.has_unfinished(), timeout=None)
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                self._command(engine, cmd)
+                try:
+                    cmd = self._cmds.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if self._stop or not engine.has_unfinished():
+                continue
+            try:
+                outputs = engine.step()
+            except BaseException as e:  # noqa: BLE001 - any engine fault fails the in-flight requests
+                logger.exception("engine step failed")
+                self.error = EngineDeadError(f"the engine failed during a step: {type(e).__name__}: {e}")
+                self._ready.clear()
+                for rid in list(self._streams):
+                    loop.call_soon_threadsafe(self._deliver, rid, self.error)
+                self._drain_adds()
+                return
+            self._snapshot()
+            for out in outputs:
+                for c in out.outputs:  # the engine keeps appending to this list; hand over a copy
+                    if c.logprobs is not None:
+                        c.logprobs = list(c.logprobs)
+                loop.call_soon_threadsafe(self._deliver, out.request_id, out)
+
+    def _command(self, engine, cmd) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            _, rid, ids, params, fut = cmd
+            try:
+                engine.add_request(ids, params, request_id=rid)
+                exc = None
+            except Exception as e:  # noqa: BLE001 - ValueError: bad input; anything else: still this request's
+                exc = e
+            self._loop.call_soon_threadsafe(self._resolve, fut, exc)
+        elif kind == "abort":
+            engine.abort(cmd[1])
+
+    def _drain_adds(self) -> None:
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                self._loop.call_soon_threadsafe(self._resolve, cmd[4], self.error)
+
+    def _snapshot(self) -> None:
+        e = self.engine
+        s = e.stats()
+        self.stats = StepStats(
+            running=s["running"], waiting=s["waiting"], pages_used=s["pages_used"], pages_total=s["pages_total"],
+            preemptions=s.get("preemptions", 0), compiles_since_ready=e.num_compiles_since_ready,
+            steps=self.stats.steps + 1,
+        )
+        self.stats.extra["time"] = time.monotonic()

@@ -1,0 +1,75 @@
+"""Prometheus metrics for the server, in a registry of their own (several servers can live in one process).
+
+Engine-side numbers (running, waiting, KV pages, compiles) come from the snapshot the engine thread
+takes after each step, so a scrape never touches the engine. Latencies are observed on the event loop
+as outputs arrive.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self, engine):
+        self.engine = engine
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("jaxinfer_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        st = lambda name: (lambda: getattr(engine.stats, name))  # noqa: E731
+        Gauge("jaxinfer_queue_length", "requests admitted but not started", registry=r).set_function(
+            lambda: engine.num_queued)
+        Gauge("jaxinfer_running_requests", "sequences running in the engine", registry=r).set_function(st("running"))
+        Gauge("jaxinfer_waiting_requests", "sequences waiting in the engine", registry=r).set_function(st("waiting"))
+        Gauge("jaxinfer_kv_pages_used", "KV-cache pages in use", registry=r).set_function(st("pages_used"))
+        Gauge("jaxinfer_kv_pages_total", "KV-cache pages in all", registry=r).set_function(st("pages_total"))
+        Gauge("jaxinfer_compiles_since_ready", "XLA compilations after warm-up (should stay 0)",
+              registry=r).set_function(st("compiles_since_ready"))
+        Gauge("jaxinfer_ready", "1 when the server accepts requests", registry=r).set_function(
+            lambda: float(engine.is_ready))
+        Gauge("jaxinfer_tokens_per_second", "generated tokens per second over the last 10 s",
+              registry=r).set_function(self._tokens_per_second)
+        self.ttft = Histogram("jaxinfer_time_to_first_token_seconds", "arrival to first output token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("jaxinfer_inter_token_latency_seconds", "time between output tokens",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.generated = Counter("jaxinfer_generation_tokens", "output tokens generated", registry=r)
+        self.prompt_tokens = Counter("jaxinfer_prompt_tokens", "prompt tokens processed", registry=r)
+        self._seen: dict[str, tuple[float, int]] = {}  # request id -> (time of last token, tokens so far)
+        self._recent: collections.deque = collections.deque()  # (time, tokens)
+
+    def request_done(self, route: str, status: int) -> None:
+        self.requests.labels(route, str(status)).inc()
+
+    def on_output(self, out) -> None:
+        now = time.monotonic()
+        tokens = sum(len(c.token_ids) for c in out.outputs)
+        last, before = self._seen.get(out.request_id, (None, 0))
+        if last is None:
+            self.prompt_tokens.inc(len(out.prompt_token_ids))
+            if out.metrics is not None and out.metrics.ttft is not None:
+                self.ttft.observe(out.metrics.ttft)
+        new = tokens - before
+        if new > 0:
+            if last is not None:
+                self.itl.observe((now - last) / new)
+            self.generated.inc(new)
+            self._recent.append((now, new))
+        if out.finished:
+            self._seen.pop(out.request_id, None)
+        else:
+            self._seen[out.request_id] = (now if new > 0 or last is None else last, tokens)
+
+    def _tokens_per_second(self) -> float:
+        now = time.monotonic()
+        while self._recent and self._recent[0][0] < now - 10:
+            self._recent.popleft()
+        return sum(n for _, n in self._recent) / 10.0
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,231 @@
+"""OpenAI request bodies -> validated (prompts, SamplingParams); engine outputs -> OpenAI response bodies.
+
+Everything here is pure (no aiohttp, no engine): `APIError` carries the HTTP status and the OpenAI error
+fields, and the server turns it into `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+from jaxinfer.request import Logprob
+from jaxinfer.sampling_params import SamplingParams
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+_PARAM = re.compile(r"^([a-z_]+)(?:\[[^\]]*\])?:?\s")
+
+
+def param_of(message: str) -> str | None:
+    """SamplingParams / engine messages start with the field name: 'top_p must be ...', 'prompt: ...'."""
+    m = _PARAM.match(message)
+    return m.group(1) if m else None
+
+
+@dataclass
+class Limits:
+    max_n: int
+    max_logprobs: int
+    max_model_len: int
+    vocab_size: int
+
+
+def sampling_params(body: dict, limits: Limits, chat: bool) -> SamplingParams:
+    """Build and validate SamplingParams from a request body (both endpoints)."""
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if isinstance(n, int) and not isinstance(n, bool) and n > limits.max_n:
+        raise bad_request(f"n must be <= {limits.max_n} on this server, got {n}", "n")
+    if chat:
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if body.get("logprobs"):
+            logprobs = body.get("top_logprobs") or 0
+        else:
+            if body.get("top_logprobs") not in (None, 0):
+                raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+            logprobs = None
+        if body.get("logprobs") not in (None, True, False):
+            raise bad_request("logprobs must be a boolean", "logprobs")
+        param_name = "top_logprobs"
+    else:
+        max_tokens = body.get("max_tokens", 16)
+        logprobs = body.get("logprobs")
+        param_name = "logprobs"
+    if isinstance(logprobs, int) and not isinstance(logprobs, bool) and logprobs > limits.max_logprobs:
+        raise bad_request(f"{param_name} must be <= {limits.max_logprobs}, got {logprobs}", param_name)
+    stop = body.get("stop")
+    if isinstance(stop, list):
+        if len(stop) > MAX_STOP_STRINGS:
+            raise bad_request(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")
+    for s in [stop] if isinstance(stop, str) else (stop if isinstance(stop, list) else []):
+        if isinstance(s, str) and len(s) > MAX_STOP_LENGTH:
+            raise bad_request(f"stop strings may be at most {MAX_STOP_LENGTH} characters, got {len(s)}", "stop")
+    fields = dict(
+        n=n, temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0), top_k=body.get("top_k", 0),
+        min_p=body.get("min_p", 0.0), seed=body.get("seed"), presence_penalty=body.get("presence_penalty", 0.0),
+        frequency_penalty=body.get("frequency_penalty", 0.0), repetition_penalty=body.get("repetition_penalty", 1.0),
+        logit_bias=body.get("logit_bias"), stop=stop, stop_token_ids=body.get("stop_token_ids"),
+        max_tokens=max_tokens, min_tokens=body.get("min_tokens", 0), ignore_eos=body.get("ignore_eos", False),
+        logprobs=logprobs, skip_special_tokens=body.get("skip_special_tokens", True),
+        include_stop_str_in_output=body.get("include_stop_str_in_output", False),
+    )
+    defaults = SamplingParams()
+    fields = {k: (getattr(defaults, k) if v is None and k not in ("seed", "max_tokens", "logprobs") else v)
+              for k, v in fields.items()}
+    try:
+        params = SamplingParams(**fields)
+        params.validate_for_model(limits.vocab_size, limits.max_logprobs, 300)
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        p = param_of(msg)
+        if chat and p == "max_tokens" and "max_completion_tokens" in body:
+            p = "max_completion_tokens"
+        if chat and p == "logprobs":
+            p = "top_logprobs"
+        raise bad_request(msg, p) from None
+    return params
+
+
+def check_context(num_prompt: int, params: SamplingParams, limits: Limits, param: str = "max_tokens") -> None:
+    if num_prompt >= limits.max_model_len:
+        raise bad_request(
+            f"this model's maximum context length is {limits.max_model_len} tokens, but the prompt has "
+            f"{num_prompt} tokens", "prompt" if param == "max_tokens" else "messages")
+    if params.max_tokens is not None and num_prompt + params.max_tokens > limits.max_model_len:
+        raise bad_request(
+            f"this model's maximum context length is {limits.max_model_len} tokens; the prompt has {num_prompt} "
+            f"tokens and {param}={params.max_tokens} more were requested ({num_prompt + params.max_tokens} in all)",
+            param)
+
+
+def completion_prompts(body: dict, vocab_size: int) -> list[str | list[int]]:
+    """The `prompt` field as a list of prompts: strings or token-id lists (never empty)."""
+    p = body.get("prompt")
+    if p is None:
+        raise bad_request("prompt is required", "prompt")
+    if isinstance(p, str):
+        prompts = [p]
+    elif isinstance(p, list) and p and all(_is_tok(t) for t in p):
+        prompts = [p]
+    elif isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+        prompts = p
+    elif isinstance(p, list) and not p:
+        raise bad_request("prompt must not be empty", "prompt")
+    else:
+        raise bad_request("prompt must be a string, a list of strings, a list of token ids, or a list of those",
+                          "prompt")
+    for x in prompts:
+        if isinstance(x, str):
+            if not x:
+                raise bad_request("prompt must not be empty", "prompt")
+        else:
+            if not x:
+                raise bad_request("prompt must not be empty", "prompt")
+            if not all(_is_tok(t) for t in x):
+                raise bad_request("prompt token ids must be integers", "prompt")
+            bad = [t for t in x if not 0 <= t < vocab_size]
+            if bad:
+                raise bad_request(f"prompt token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})", "prompt")
+    return prompts
+
+
+def _is_tok(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
+def chat_messages(body: dict) -> list[dict]:
+    if body.get("chat_template") is not None:
+        raise bad_request("request-supplied chat templates are not supported", "chat_template")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad_request("messages must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad_request(f"messages[{i}] must be an object with a string 'role'", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text is supported
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad_request(f"messages[{i}].content: only text parts are supported", "messages")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise bad_request(f"messages[{i}].content must be a string or a list of text parts", "messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+# -- responses ------------------------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _top(pos: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+    return sorted(((t, lp) for t, lp in pos.items() if lp.rank is not None and lp.rank <= k),
+                  key=lambda x: x[1].rank)[:k]
+
+
+def completion_logprobs(c_logprobs: list[dict[int, Logprob]], token_ids: list[int], k: int,
+                        offset: int, decode) -> dict:
+    """The legacy completions logprobs object for tokens [start:] of one choice."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    pos_text = offset
+    for tok, pos in zip(token_ids, c_logprobs):
+        lp = pos[tok]
+        s = lp.decoded_token if lp.decoded_token is not None else decode(tok)
+        tokens.append(s)
+        token_lps.append(lp.logprob)
+        tops.append({(l.decoded_token or decode(t)): l.logprob for t, l in _top(pos, k)} if k else None)
+        offsets.append(pos_text)
+        pos_text += len(s)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(c_logprobs: list[dict[int, Logprob]], token_ids: list[int], k: int, decode) -> dict:
+    content = []
+    for tok, pos in zip(token_ids, c_logprobs):
+        lp = pos[tok]
+        s = lp.decoded_token if lp.decoded_token is not None else decode(tok)
+        content.append({
+            "token": s, "logprob": lp.logprob, "bytes": list(s.encode("utf-8")),
+            "top_logprobs": [{"token": (l.decoded_token or decode(t)), "logprob": l.logprob,
+                              "bytes": list((l.decoded_token or decode(t)).encode("utf-8"))} for t, l in _top(pos, k)],
+        })
+    return {"content": content}
+

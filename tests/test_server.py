@@ -1,0 +1,487 @@
+"""The server end to end through the real `openai` client, against one in-process server on 127.0.0.1.
+
+The model is a tiny random Llama with the default model's tokenizer (so the chat template is the real
+one); its text is noise, so tests compare the server with itself (stream vs not, seed vs seed) and check
+shapes, counts and finish reasons.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx
+import openai
+import pytest
+
+from serving.api_server import ROUTES, ServerConfig, build_app, start_server
+from serving.async_engine import AsyncEngine
+
+KEY = "sk-test-key"
+MODEL = "tiny"
+ENGINE_OPTIONS = dict(token_buckets=(4, 16, 64), seq_buckets=(1, 4, 16), max_num_seqs=16, max_model_len=128,
+                      page_size=4, num_pages=200, show_progress=False, use_compilation_cache=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+    import torch
+    import transformers
+    from hf_models import TINY
+
+    from jaxinfer.tokenizer import Tokenizer, default_model_path
+
+    d = tmp_path_factory.mktemp("tiny_serve")
+    tok = Tokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**{**TINY, "vocab_size": max(49152, tok.vocab_size)},
+                                   eos_token_id=tok.hf.eos_token_id, bos_token_id=tok.hf.bos_token_id)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
+    tok.hf.save_pretrained(d)
+    return str(d)
+
+
+class Server:
+    """An app on its own event loop in a background thread."""
+
+    def __init__(self, factory, config: ServerConfig):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.engine = AsyncEngine(factory)
+        self.app = build_app(self.engine, config)
+        self.config = config
+
+        async def start():
+            runner, port = await start_server(self.app, "127.0.0.1", 0)
+            self.engine.start()
+            return runner, port
+
+        self.runner, self.port = self.call(start())
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def call(self, coro, timeout=600):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        self.call(self.runner.cleanup())
+        self.call(self.engine.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat_model):
+    from jaxinfer.engine import Engine
+
+    cfg = ServerConfig(model_name=MODEL, api_key=KEY, max_n=4, max_body_size=64 << 10, max_queued_requests=64)
+    s = Server(lambda: Engine(tiny_chat_model, **ENGINE_OPTIONS), cfg)
+    s.call(s.engine.wait_ready())
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def post(server, path, json=None, key=KEY, **kw):
+    headers = kw.pop("headers", {})
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return httpx.post(server.url + path, json=json, headers=headers, timeout=60, **kw)
+
+
+GREEDY = dict(temperature=0, max_tokens=8, extra_body={"ignore_eos": True})
+
+
+# -- completions ------------------------------------------------------------------------------------------------
+
+
+def test_completion_text_usage_and_length(client):
+    r = client.completions.create(model=MODEL, prompt="Hello, my name is", **GREEDY)
+    assert r.object == "text_completion" and r.model == MODEL and len(r.choices) == 1
+    c = r.choices[0]
+    assert c.finish_reason == "length" and c.index == 0 and isinstance(c.text, str)
+    assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+
+
+def test_completion_prompt_forms_and_n(client, server):
+    tok = server.engine.engine.tokenizer
+    ids = tok.encode("The sky is")
+    by_text = client.completions.create(model=MODEL, prompt="The sky is", **GREEDY)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, **GREEDY)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    many = client.completions.create(model=MODEL, prompt=["The sky is", ids, "Once"], n=2, temperature=0.8, seed=1,
+                                     max_tokens=3)
+    assert sorted(c.index for c in many.choices) == list(range(6))
+    assert 6 <= many.usage.completion_tokens <= 18
+    assert many.usage.prompt_tokens == 2 * len(ids) + len(tok.encode("Once"))
+
+
+def test_completion_stream_matches_and_reports_usage(client):
+    full = client.completions.create(model=MODEL, prompt="Streaming test", **GREEDY)
+    chunks = list(client.completions.create(model=MODEL, prompt="Streaming test", stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert text == full.choices[0].text
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_stop_string_and_stop_token_finish_with_stop(client):
+    full = client.completions.create(model=MODEL, prompt="Stop here", temperature=0, max_tokens=12,
+                                     extra_body={"ignore_eos": True})
+    text = full.choices[0].text
+    assert len(text) >= 6
+    s = text[3:6]
+    r = client.completions.create(model=MODEL, prompt="Stop here", temperature=0, max_tokens=12, stop=[s],
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == text[:text.find(s)]
+    forced = client.completions.create(model=MODEL, prompt="Stop here", temperature=0, max_tokens=5,
+                                       logit_bias={"42": 100}, extra_body={"stop_token_ids": [42]})
+    assert forced.choices[0].finish_reason == "stop" and forced.usage.completion_tokens == 1
+
+
+def test_echo_and_logprobs(client):
+    r = client.completions.create(model=MODEL, prompt="Echo me", echo=True, **GREEDY)
+    assert r.choices[0].text.startswith("Echo me")
+    lp = client.completions.create(model=MODEL, prompt="Echo me", logprobs=2, **GREEDY).choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 8
+    assert all(len(t) <= 2 and max(t.values()) >= l - 1e-4 for t, l in zip(lp.top_logprobs, lp.token_logprobs))
+    assert all(l <= 0 for l in lp.token_logprobs)
+
+
+def test_sampling_params_reach_the_engine(client, server):
+    kw = dict(model=MODEL, prompt="Seeds", max_tokens=6, temperature=1.0, top_p=0.9, seed=7,
+              presence_penalty=0.5, frequency_penalty=0.5,
+              extra_body={"top_k": 50, "min_p": 0.01, "repetition_penalty": 1.1, "ignore_eos": True})
+    a, b = (client.completions.create(**kw).choices[0].text for _ in range(2))
+    assert a == b
+    tok = server.engine.engine.tokenizer
+    forced = tok.encode(" cat", add_special_tokens=False)[0]
+    r = client.completions.create(model=MODEL, prompt="Bias", max_tokens=4, temperature=0,
+                                  logit_bias={str(forced): 100}, logprobs=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == tok.decode([forced] * 4)
+
+
+# -- chat -------------------------------------------------------------------------------------------------------
+
+
+def test_chat_non_streaming_and_streaming_agree(client):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_completion_tokens=6,
+                                       extra_body={"ignore_eos": True}, logprobs=True, top_logprobs=2)
+    c = r.choices[0]
+    assert r.object == "chat.completion" and c.message.role == "assistant" and c.finish_reason == "length"
+    assert r.usage.completion_tokens == 6 and len(c.logprobs.content) == 6
+    assert all(len(t.top_logprobs) == 2 for t in c.logprobs.content)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=6,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == c.message.content
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].usage.total_tokens == r.usage.total_tokens
+
+
+def test_chat_n_choices(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hey"}], n=3,
+                                       max_tokens=3, seed=3)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+
+
+# -- other routes -----------------------------------------------------------------------------------------------
+
+
+def test_models_health_ready(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(server.url + "/health").status_code == 200  # open without a key
+    assert httpx.get(server.url + "/ready").json() == {"status": "ready"}
+
+
+def test_tokenize_detokenize_round_trip(server):
+    ids = post(server, "/tokenize", {"prompt": "Hello world"}).json()
+    assert ids["count"] == len(ids["tokens"]) > 0 and ids["max_model_len"] == 128
+    assert post(server, "/detokenize", {"tokens": ids["tokens"]}).json()["prompt"].endswith("Hello world")
+    chat = post(server, "/tokenize", {"messages": [{"role": "user", "content": "x"}]}).json()
+    assert chat["count"] > 3
+    assert post(server, "/detokenize", {"tokens": [10**9]}).status_code == 400
+
+
+def test_metrics(client, server):
+    client.completions.create(model=MODEL, prompt="metrics", **GREEDY)
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("jaxinfer_requests_total", "jaxinfer_queue_length", "jaxinfer_running_requests",
+                 "jaxinfer_kv_pages_used", "jaxinfer_time_to_first_token_seconds_count",
+                 "jaxinfer_inter_token_latency_seconds_count", "jaxinfer_tokens_per_second",
+                 "jaxinfer_compiles_since_ready", "jaxinfer_generation_tokens_total"):
+        assert name in text
+    assert 'jaxinfer_requests_total{route="/v1/completions",status="200"}' in text
+    assert "jaxinfer_compiles_since_ready 0.0" in text
+
+
+def test_openapi_lists_every_route(server):
+    spec = httpx.get(server.url + "/openapi.json").json()
+    for method, path, *_ in ROUTES:
+        assert method.lower() in spec["paths"][path]
+
+
+# -- errors -------------------------------------------------------------------------------------------------------
+
+C, CH = "/v1/completions", "/v1/chat/completions"
+USER = [{"role": "user", "content": "hi"}]
+ERRORS = [
+    (C, {"model": MODEL, "prompt": ""}, "prompt"),
+    (C, {"model": MODEL, "prompt": []}, "prompt"),
+    (C, {"model": MODEL}, "prompt"),
+    (C, {"model": MODEL, "prompt": [1, 2, 10**9]}, "prompt"),
+    (C, {"model": MODEL, "prompt": [1, -2]}, "prompt"),
+    (C, {"model": MODEL, "prompt": "hi", "max_tokens": 500}, "max_tokens"),
+    (C, {"model": MODEL, "prompt": "hi " * 200}, "prompt"),
+    (C, {"model": MODEL, "prompt": "hi", "temperature": -1}, "temperature"),
+    (C, {"model": MODEL, "prompt": "hi", "top_p": 0}, "top_p"),
+    (C, {"model": MODEL, "prompt": "hi", "top_p": "x"}, "top_p"),
+    (C, {"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    (C, {"model": MODEL, "prompt": "hi", "n": 5}, "n"),
+    (C, {"model": MODEL, "prompt": "hi", "logprobs": 21}, "logprobs"),
+    (C, {"model": MODEL, "prompt": "hi", "stop": ["x"] * 17}, "stop"),
+    (C, {"model": MODEL, "prompt": "hi", "stop": "x" * 300}, "stop"),
+    (C, {"model": MODEL, "prompt": "hi", "logit_bias": {"99999999": 1}}, "logit_bias"),
+    (C, {"model": MODEL, "prompt": "hi", "stream": "yes"}, "stream"),
+    (CH, {"model": MODEL, "messages": []}, "messages"),
+    (CH, {"model": MODEL, "messages": [{"content": "no role"}]}, "messages"),
+    (CH, {"model": MODEL, "messages": USER, "chat_template": "{{ 7*7 }}"}, "chat_template"),
+    (CH, {"model": MODEL, "messages": USER, "max_completion_tokens": 1000}, "max_completion_tokens"),
+    (CH, {"model": MODEL, "messages": USER, "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", ERRORS)
+def test_bad_requests_are_400_in_openai_shape(server, path, body, param):
+    r = post(server, path, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
+    assert err["type"] == "invalid_request_error" and "Traceback" not in err["message"]
+
+
+def test_context_error_states_the_counts(server):
+    err = post(server, C, {"model": MODEL, "prompt": "hi", "max_tokens": 500}).json()["error"]
+    assert "128" in err["message"] and "500" in err["message"]
+
+
+@pytest.mark.parametrize("content,headers", [
+    (b"{not json", {"Content-Type": "application/json"}),
+    (b"[1, 2]", {"Content-Type": "application/json"}),
+    (b'{"prompt": "hi"}', {"Content-Type": "text/plain"}),
+])
+def test_malformed_bodies_are_400(server, content, headers):
+    r = post(server, C, content=content, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-nope", prompt="hi", max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+
+
+def test_body_too_large_is_413(server):
+    r = post(server, C, {"model": MODEL, "prompt": "x" * (70 << 10)})
+    assert r.status_code == 413 and "error" in r.json()
+
+
+def test_api_key(server):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert post(server, C, {"model": MODEL, "prompt": "hi"}, key=None).status_code == 401
+    assert httpx.get(server.url + "/metrics").status_code == 200
+
+
+def test_unknown_route_is_404_json(server):
+    r = httpx.get(server.url + "/v1/nope", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_queue_full_is_503_with_retry_after(server, monkeypatch):
+    monkeypatch.setattr(server.config, "max_queued_requests", 0)
+    r = post(server, C, {"model": MODEL, "prompt": "hi"})
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+    assert r.json()["error"]["type"] == "service_unavailable"
+
+
+# -- disconnects ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slow_engine(server, monkeypatch):
+    """Each engine step takes >= 20 ms, and every finish reason is recorded."""
+    eng = server.engine.engine
+    real = eng.step
+    reasons = []
+
+    def step():
+        time.sleep(0.02)
+        outs = real()
+        reasons.extend(c.finish_reason for o in outs for c in o.outputs if c.finish_reason)
+        return outs
+
+    monkeypatch.setattr(eng, "step", step)
+    return reasons
+
+
+def _wait_idle(server, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.engine.num_in_flight == 0 and server.engine.stats.pages_used == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_aborts_and_frees_pages(server, slow_engine, stream):
+    body = {"model": MODEL, "prompt": "a long one", "max_tokens": 100, "ignore_eos": True, "stream": stream}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    if stream:
+        with httpx.stream("POST", server.url + C, json=body, headers=headers, timeout=30) as r:
+            next(r.iter_lines())
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + C, json=body, headers=headers, timeout=0.3)
+    t0 = time.monotonic()
+    assert _wait_idle(server)
+    assert time.monotonic() - t0 < 2.0  # 100 tokens at >= 20 ms a step would take >= 2 s
+    assert slow_engine == ["abort"]
+
+
+# -- engine fault, SIGTERM ----------------------------------------------------------------------------------------
+
+SMALL_ENGINE = dict(ENGINE_OPTIONS, token_buckets=(4, 16), seq_buckets=(1, 4), max_num_seqs=4, num_pages=80)
+
+
+def test_engine_fault_fails_in_flight_requests_and_marks_unready(tiny_chat_model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from jaxinfer.engine import Engine
+
+    s = Server(lambda: Engine(tiny_chat_model, **SMALL_ENGINE), ServerConfig(model_name=MODEL))
+    try:
+        s.call(s.engine.wait_ready())
+        eng, calls = s.engine.engine, []
+        real = eng.step
+
+        def step():
+            calls.append(1)
+            time.sleep(0.05)
+            if len(calls) == 6:
+                raise RuntimeError("injected fault")
+            return real()
+
+        eng.step = step
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        body = dict(model=MODEL, prompt="fault", max_tokens=100, extra_body={"ignore_eos": True})
+
+        def streamed():
+            with pytest.raises(openai.APIError) as e:
+                for _ in c.completions.create(stream=True, **body):
+                    pass
+            return str(e.value)
+
+        with ThreadPoolExecutor(2) as pool:
+            stream_err = pool.submit(streamed)
+            time.sleep(0.1)
+            r = httpx.post(s.url + C, json={"model": MODEL, "prompt": "fault", "max_tokens": 100,
+                                            "ignore_eos": True}, timeout=30)
+            assert "engine failed" in stream_err.result(30)
+        assert r.status_code == 500
+        err = r.json()["error"]
+        assert err["type"] == "server_error" and "injected fault" in err["message"] and "Traceback" not in r.text
+        assert httpx.get(s.url + "/ready").status_code == 503
+        assert httpx.get(s.url + "/health").status_code == 503
+        assert httpx.post(s.url + C, json={"model": MODEL, "prompt": "after"}).status_code == 503
+    finally:
+        s.close()
+
+
+def test_not_ready_while_loading():
+    gate = threading.Event()
+
+    def factory():
+        gate.wait(30)
+        raise RuntimeError("no model in this test")
+
+    s = Server(factory, ServerConfig(model_name=MODEL))
+    try:
+        r = httpx.get(s.url + "/ready")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        assert httpx.get(s.url + "/health").status_code == 200
+        r = httpx.post(s.url + C, json={"model": MODEL, "prompt": "hi"})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+        gate.set()
+        deadline = time.monotonic() + 5
+        while httpx.get(s.url + "/ready").json()["status"] != "failed" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(s.url + "/ready").json()["status"] == "failed"
+    finally:
+        gate.set()
+        s.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sigterm_drains_then_exits_0(tiny_chat_model):
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxinfer", "serve", "--model", tiny_chat_model, "--port", str(port),
+         "--served-model-name", MODEL, "--token-buckets", "4,16", "--seq-buckets", "1,4", "--max-num-seqs", "4",
+         "--max-model-len", "128", "--page-size", "4", "--kv-cache-memory", "4MiB", "--no-compilation-cache",
+         "--quiet", "--shutdown-timeout", "30"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(url + "/ready", timeout=2)
+            except httpx.TransportError:
+                time.sleep(0.2)
+                continue
+            if r.status_code == 200:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("server never became ready")
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        stream = c.completions.create(model=MODEL, prompt="drain", max_tokens=100, stream=True,
+                                      extra_body={"ignore_eos": True})
+        chunks = [next(stream)]
+        proc.send_signal(signal.SIGTERM)
+        chunks += list(stream)  # the running request is allowed to finish
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in proc.stdout.read()
