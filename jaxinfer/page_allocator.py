@@ -123,6 +123,14 @@ class PageAllocator:
         self._hash_of[page] = h
         return True
 
+    def clear_cache(self) -> None:
+        """Forget every registered prefix: unreferenced cached pages become free, referenced ones stay with
+        their sequences but are no longer found by `lookup` (benchmarks: a cold cache without a new engine)."""
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        self._cached.clear()
+        self._hash_of.clear()
+
     def is_cached(self, page: int) -> bool:
         return page in self._hash_of
 

@@ -14,6 +14,11 @@ must run through the model to give logits, and only full pages are shared, so th
 (num_tokens - 1) // page_size pages: a prompt that is entirely cached and ends on a page boundary
 recomputes its whole last page (into a page of its own; the cached copy is left alone). Cached pages are
 only ever read, since a request writes only at positions >= its num_computed_tokens.
+
+Requests admitted together share too: a waiting request whose next uncached page is one a running request
+(admitted earlier, or earlier in this step) is still computing is not admitted yet; once that page is
+computed and registered it comes from the cache. So the n children of one request, or equal prompts
+arriving together, compute their common full pages once, at the price of a step or a few of waiting.
 """
 
 from __future__ import annotations
@@ -154,6 +159,30 @@ class Scheduler:
             self.allocator.cache_page(req.pages[i], hashes[i])
         req.num_registered_pages = full
 
+    def _add_pending(self, req: Request, pending: set[bytes]) -> None:
+        """Add the hashes of req's full pages of known tokens that it has not yet registered."""
+        full = req.num_tokens // self.page_size
+        if full > req.num_registered_pages:
+            pending.update(self._page_hashes(req, full)[req.num_registered_pages:])
+
+    def _pending_pages(self) -> set[bytes]:
+        """Hashes of the full pages running requests are still computing (registered once computed)."""
+        pending: set[bytes] = set()
+        if self.enable_prefix_caching:
+            for r in self.running:
+                self._add_pending(r, pending)
+        return pending
+
+    def _waits_for_pending(self, req: Request, hit: list[int], pending: set[bytes]) -> bool:
+        """Does req's next page past its cache hit match a page a running request is computing? Then req
+        waits: admitted a step or a few later, it takes that page from the cache instead of computing it
+        again (n > 1 children, equal prompts arriving together). Hashes are chained, so a match means the
+        whole prefix up to that page is equal."""
+        if not self.enable_prefix_caching or not pending:
+            return False
+        want = (req.num_tokens - 1) // self.page_size
+        return len(hit) < want and self._page_hashes(req, want)[len(hit)] in pending
+
     # -- the decision ----------------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledBatch:
@@ -181,10 +210,16 @@ class Scheduler:
             i += 1
 
         # 2. Waiting requests, by priority then arrival, while budget, sequence slots and pages last.
+        # One whose next uncached page is being computed by a running request waits for it (_waits_for_pending).
         self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
+        pending = self._pending_pages() if self.waiting else set()
+        w = 0
+        while w < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[w]
             hit = self._cached_prefix(req)
+            if self._waits_for_pending(req, hit, pending):
+                w += 1
+                continue
             computed = len(hit) * self.page_size
             n = min(req.num_tokens - computed, budget)
             # Taking the hit pages removes the unreferenced ones from what can be allocated.
@@ -200,7 +235,7 @@ class Scheduler:
                 self.prefix_cache_hits += computed
             if req.first_scheduled_time is None:
                 req.num_cached_tokens = computed
-            self.waiting.pop(0)
+            self.waiting.pop(w)
             req.status = Status.RUNNING
             req.slot = self._free_slots.pop()
             if req.first_scheduled_time is None:
@@ -210,6 +245,7 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             batch.reset.append(True)
             budget -= n
+            self._add_pending(req, pending)
         return batch
 
     def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Request]:

@@ -155,3 +155,21 @@ def test_small_pool_evicts_and_preempts_and_loses_nothing(tiny_llama_dir, tiny_l
     assert tokens(outs) == tokens(ref)
     assert all(len(t) == 30 for t in tokens(outs))
     assert_all_pages_free(llm.engine)
+
+
+@pytest.mark.parametrize("budget", [None, 8])
+def test_n_children_compute_their_prompt_once(tiny_llm, budget):
+    """An n=4 request: the first child computes the prompt, the other three take its full pages from the
+    cache (even when they are admitted in the same step); outputs equal a run with caching off."""
+    prompt = np.random.default_rng(51 if budget is None else 52).integers(0, 256, 30).tolist()  # 7 full pages
+    params = SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=MAX_TOKENS, ignore_eos=True, repetition_penalty=1.2)
+    before = tiny_llm.engine.stats()
+    with compile_guard.forbid_compiles(), token_budget(tiny_llm, budget):
+        cached = tiny_llm.generate([prompt], params, use_tqdm=False)
+        after = tiny_llm.engine.stats()
+        with caching_off(tiny_llm):
+            uncached = tiny_llm.generate([prompt], params, use_tqdm=False)
+    assert tokens(cached) == tokens(uncached) and len(set(map(tuple, tokens(cached)))) > 1
+    assert after["prefix_cache_queries"] - before["prefix_cache_queries"] == 4 * 30
+    assert after["prefix_cache_hits"] - before["prefix_cache_hits"] == 3 * 28  # 7 pages each for children 1-3
+    assert_all_pages_free(tiny_llm.engine)

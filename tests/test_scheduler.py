@@ -13,7 +13,8 @@ from jaxinfer.scheduler import Scheduler
 
 
 def make_request(i: int, prompt_len: int, max_tokens: int, arrival: float | None = None, priority: int = 0) -> Request:
-    return Request(request_id=f"r{i}", prompt_token_ids=list(range(1, prompt_len + 1)), seed=i,
+    # Distinct prompts: equal ones admitted together would wait for each other's pages (prefix sharing).
+    return Request(request_id=f"r{i}", prompt_token_ids=list(range(1000 * i + 1, 1000 * i + prompt_len + 1)), seed=i,
                    params=SamplingParams(max_tokens=max_tokens, ignore_eos=True), max_tokens=max_tokens,
                    arrival_time=float(i if arrival is None else arrival), priority=priority)
 
@@ -320,5 +321,39 @@ def test_page_allocator_with_prefix_cache_property():
     for pages in held:
         alloc.free(pages)
     assert alloc.num_free == N and alloc.num_evictable == alloc.num_cached
+    alloc.clear_cache()
+    alloc.check_invariants()
+    assert alloc.num_free == N and alloc.num_cached == 0 and alloc.lookup(hashes) == []
     with pytest.raises(ValueError):
         alloc.free([0])
+
+
+@pytest.mark.parametrize("budget", [64, 8])
+def test_requests_admitted_together_compute_a_shared_prompt_once(budget):
+    """n > 1 children (or equal prompts arriving together): the first computes the prompt, the others wait
+    until its full pages are cached and then compute only the rest. Caching off: all start at once."""
+    for caching in (True, False):
+        sched = Scheduler(num_pages=64, page_size=4, max_num_seqs=8, token_budget=budget, max_model_len=128,
+                          enable_prefix_caching=caching)
+        prompt = list(range(50, 71))  # 21 tokens: 5 full pages, then 1 token
+        reqs = [make_prompt_request(i, prompt, 3, arrival=0.0) for i in range(4)]
+        other = make_prompt_request(4, [7] * 9, 3, arrival=0.0)  # unrelated: not held back
+        for r in reqs + [other]:
+            sched.add(r)
+        first = sched.schedule()
+        if caching:
+            assert first.requests == [reqs[0], other][: 1 + (budget > 21)]
+        else:
+            assert first.requests[:2] == reqs[: 1 + (budget > 21)]
+        sched.update(first, [mock_token(r) if first.samples(i) else None for i, r in enumerate(first.requests)])
+        steps = [first] + run(sched)
+        prefill = sum(n for b in steps for r, n, in zip(b.requests, b.num_new_tokens) if r in reqs) - 3 * 4 + 4
+        for r in reqs:
+            assert r.output_token_ids == expected_output(21, 3)
+        if caching:
+            assert [r.num_cached_tokens for r in reqs] == [0, 20, 20, 20]
+            assert prefill == 21 + 3 * 1  # the prompt computed once, plus each child's last token
+            assert sched.prefix_cache_hits == 3 * 20
+        else:
+            assert prefill == 4 * 21 and sched.prefix_cache_hits == 0
+        assert sched.allocator.num_free == 64
