@@ -61,7 +61,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "The table comes last on stdout; --json-out keeps every number with the date, versions and git commit.",
         epilog="examples:\n  jaxinfer bench                                    default model, 128 in / 128 out, batch 16\n"
         "  jaxinfer bench --json-out bench.json --no-peers\n"
-        "  jaxinfer bench --input-len 512 --output-len 64 --batch-size 4",
+        "  jaxinfer bench --input-len 512 --output-len 64 --batch-size 4\n"
+        "  jaxinfer bench serve --request-rate 1,2,inf     the HTTP server under load (TTFT, TPOT, goodput)",
     )
     add_model_args(p)
     g = p.add_argument_group("benchmark options")
@@ -77,6 +78,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--json-out", metavar="PATH", help="also write every number and the run's context as JSON")
     add_engine_args(p)
     p.set_defaults(func=run)
+    from jaxinfer import bench_serve
+
+    bench_serve.add_parser(p.add_subparsers(dest="bench_command", metavar="{serve}",
+                                            title="load-test the HTTP server instead (see `jaxinfer bench serve -h`)"))
     return p
 
 

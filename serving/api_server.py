@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP server (aiohttp): `jaxinfer serve`.
 
-Routes are listed once, in `ROUTES`, which both registers them and generates /openapi.json. Request
-bodies are parsed and validated in protocol.py; the engine runs in its own thread (async_engine.py).
+Routes are listed once, in `ROUTES`, which both registers them and generates /openapi.json (openapi.py).
+Request bodies are parsed and validated in protocol.py; the engine runs in its own thread (async_engine.py).
 Every error leaves as `{"error": {"message", "type", "param", "code"}}`; an unexpected exception is
 logged here and the client only sees a generic 500.
 
@@ -26,6 +26,7 @@ from aiohttp import web
 from serving import protocol
 from serving.async_engine import AsyncEngine, EngineDeadError
 from serving.metrics import Metrics
+from serving.openapi import openapi_spec
 from serving.protocol import APIError, Limits, bad_request
 
 logger = logging.getLogger("jaxinfer.serving")
@@ -423,7 +424,8 @@ async def detokenize(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return json_response(openapi_spec())
+    state = _state(request)
+    return json_response(openapi_spec(ROUTES, state.limits if state.engine.engine is not None else None))
 
 
 # (method, path, handler, summary, takes a JSON body)
@@ -438,24 +440,6 @@ ROUTES = [
     ("GET", "/metrics", metrics, "Prometheus metrics", False),
     ("GET", "/openapi.json", openapi, "This document", False),
 ]
-
-
-def openapi_spec() -> dict:
-    error = {"type": "object", "properties": {"error": {"type": "object", "properties": {
-        k: {"type": "string", "nullable": True} for k in ("message", "type", "param", "code")}}}}
-    paths: dict = {}
-    for method, path, _, summary, has_body in ROUTES:
-        op = {"summary": summary, "operationId": path.strip("/").replace("/", "_").replace(".", "_") or "root",
-              "responses": {"200": {"description": "OK"},
-                            "default": {"description": "Error", "content": {"application/json": {"schema": error}}}}}
-        if has_body:
-            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
-        if path.startswith("/v1"):
-            op["security"] = [{"bearer": []}]
-        paths.setdefault(path, {})[method.lower()] = op
-    return {"openapi": "3.0.3", "info": {"title": "jaxinfer OpenAI-compatible API", "version": "0.1.0"},
-            "paths": paths,
-            "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
 
 
 # -- app and process ---------------------------------------------------------------------------------------------

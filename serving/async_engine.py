@@ -55,6 +55,10 @@ class StepStats:
     preemptions: int = 0
     compiles_since_ready: int = 0
     steps: int = 0
+    pages_cached: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
+    prefix_cache_hits: int = 0  # of which found there (cumulative)
+    prefix_cache_hit_rate: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -248,6 +252,8 @@ class AsyncEngine:
         self.stats = StepStats(
             running=s["running"], waiting=s["waiting"], pages_used=s["pages_used"], pages_total=s["pages_total"],
             preemptions=s.get("preemptions", 0), compiles_since_ready=e.num_compiles_since_ready,
-            steps=self.stats.steps + 1,
+            steps=self.stats.steps + 1, pages_cached=s.get("pages_cached", 0),
+            prefix_cache_queries=s.get("prefix_cache_queries", 0), prefix_cache_hits=s.get("prefix_cache_hits", 0),
+            prefix_cache_hit_rate=s.get("prefix_cache_hit_rate", 0.0),
         )
         self.stats.extra["time"] = time.monotonic()

@@ -11,8 +11,25 @@ import collections
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _EngineCounters:
+    """Cumulative engine counters, read from the step snapshot at scrape time (the engine owns the counts)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        s = self.engine.stats
+        for name, doc, value in (
+            ("jaxinfer_prefix_cache_queries", "prompt tokens looked up in the prefix cache", s.prefix_cache_queries),
+            ("jaxinfer_prefix_cache_hits", "prompt tokens found in the prefix cache", s.prefix_cache_hits),
+            ("jaxinfer_preemptions", "sequences preempted for lack of KV pages", s.preemptions),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
 
 
 class Metrics:
@@ -28,6 +45,11 @@ class Metrics:
         Gauge("jaxinfer_waiting_requests", "sequences waiting in the engine", registry=r).set_function(st("waiting"))
         Gauge("jaxinfer_kv_pages_used", "KV-cache pages in use", registry=r).set_function(st("pages_used"))
         Gauge("jaxinfer_kv_pages_total", "KV-cache pages in all", registry=r).set_function(st("pages_total"))
+        Gauge("jaxinfer_kv_pages_cached", "KV-cache pages holding a reusable prefix (in use or not)",
+              registry=r).set_function(st("pages_cached"))
+        Gauge("jaxinfer_prefix_cache_hit_rate", "prompt tokens found in the prefix cache / prompt tokens looked up, "
+              "since start", registry=r).set_function(st("prefix_cache_hit_rate"))
+        r.register(_EngineCounters(engine))
         Gauge("jaxinfer_compiles_since_ready", "XLA compilations after warm-up (should stay 0)",
               registry=r).set_function(st("compiles_since_ready"))
         Gauge("jaxinfer_ready", "1 when the server accepts requests", registry=r).set_function(

@@ -229,10 +229,85 @@ def test_metrics(client, server):
     assert "jaxinfer_compiles_since_ready 0.0" in text
 
 
+def _scrape(server) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url + "/metrics").text
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+
+def test_prefix_cache_metrics(client, server):
+    prompt = "A shared system prompt that is long enough to fill several pages of the KV cache. " * 2
+    before = _scrape(server)
+    for _ in range(2):  # the second request finds the first one's full pages in the cache
+        client.completions.create(model=MODEL, prompt=prompt, **GREEDY)
+    after = _scrape(server)
+    queries = after["jaxinfer_prefix_cache_queries_total"] - before["jaxinfer_prefix_cache_queries_total"]
+    hits = after["jaxinfer_prefix_cache_hits_total"] - before["jaxinfer_prefix_cache_hits_total"]
+    n = len(server.engine.engine.tokenizer.encode(prompt))
+    assert queries == 2 * n
+    assert n // 2 <= hits < n  # at least the whole pages of one prompt; never the last token
+    stats = server.engine.engine.stats()
+    assert after["jaxinfer_prefix_cache_hit_rate"] == pytest.approx(stats["prefix_cache_hit_rate"])
+    assert after["jaxinfer_prefix_cache_hits_total"] == stats["prefix_cache_hits"] > 0
+    assert after["jaxinfer_kv_pages_cached"] > 0 and "jaxinfer_preemptions_total" in after
+
+
 def test_openapi_lists_every_route(server):
     spec = httpx.get(server.url + "/openapi.json").json()
     for method, path, *_ in ROUTES:
         assert method.lower() in spec["paths"][path]
+    completions = spec["paths"]["/v1/completions"]["post"]
+    body = completions["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["prompt"]
+    assert {"max_tokens", "temperature", "stop", "logprobs"} <= set(body["properties"])
+    assert body["properties"]["n"]["anyOf"][0]["maximum"] == 4  # this server's --max-n
+    assert {"200", "400", "401", "404", "413", "500", "503"} <= set(completions["responses"])
+    for path in ("/v1/chat/completions", "/tokenize", "/detokenize"):
+        assert spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"] != {"type": "object"}
+
+
+# schemathesis fuzzes each route from /openapi.json, in both modes: bodies inside the schema (which must
+# never get a 5xx, nor a status or body the document does not list) and bodies outside it (never a 5xx).
+FUZZ_EXAMPLES = {"positive": 25, "negative": 15}
+FUZZ_SECONDS_PER_ROUTE = 20.0
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_schemathesis_finds_no_server_errors(server, monkeypatch, mode):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error, response_schema_conformance, status_code_conformance
+    from schemathesis.generation import GenerationMode
+
+    monkeypatch.setattr(server.config, "max_queued_requests", 10**6)  # a full queue's 503 is not a bug
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    checks = [not_a_server_error] + ([status_code_conformance, response_schema_conformance]
+                                     if mode == "positive" else [])
+    statuses: dict[str, list[int]] = {}
+    ops = [op.ok() for op in schema.get_all_operations()]
+    assert {op.label for op in ops} >= {f"{m} {p}" for m, p, *_ in ROUTES if p != "/openapi.json"}
+    if mode == "negative":  # a GET without parameters has no invalid form
+        ops = [op for op in ops if len(op.body)]
+    for op in ops:
+        deadline = time.monotonic() + FUZZ_SECONDS_PER_ROUTE
+        seen = statuses.setdefault(op.label, [])
+
+        @given(op.as_strategy(generation_mode=GenerationMode(mode)))
+        @settings(max_examples=FUZZ_EXAMPLES[mode], deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        def fuzz(case):
+            if time.monotonic() > deadline:
+                return
+            response = case.call(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+            seen.append(response.status_code)
+            case.validate_response(response, checks=checks)
+
+        fuzz()
+    assert all(s < 500 for codes in statuses.values() for s in codes), statuses
+    assert all(statuses.values()), statuses
+    if mode == "positive":  # the schema is tight enough that valid generation mostly succeeds
+        assert statuses["POST /v1/completions"].count(200) > 0 and statuses["POST /detokenize"].count(200) > 0
 
 
 # -- errors -------------------------------------------------------------------------------------------------------
@@ -365,6 +440,60 @@ def test_client_disconnect_aborts_and_frees_pages(server, slow_engine, stream):
     assert slow_engine == ["abort"]
 
 
+@pytest.fixture
+def finish_reasons(server, monkeypatch):
+    """request id -> finish reason, for every request the engine finishes while the test runs."""
+    eng = server.engine.engine
+    real = eng.step
+    reasons = {}
+
+    def step():
+        outs = real()
+        reasons.update((o.request_id, c.finish_reason) for o in outs for c in o.outputs if c.finish_reason)
+        return outs
+
+    monkeypatch.setattr(eng, "step", step)
+    return reasons
+
+
+def test_100_concurrent_streams_with_10_cancelled(server, finish_reasons, monkeypatch):
+    """90 streams run to exactly max_tokens while 10 are closed after a few chunks: those 10 are aborted
+    in the engine, and afterwards no KV page is held by any sequence (cached, unreferenced pages may stay)."""
+    monkeypatch.setattr(server.config, "max_queued_requests", 128)
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    cancelled = set(range(0, 100, 10))
+
+    async def one(i: int):
+        full = i not in cancelled
+        stream = await client.completions.create(
+            model=MODEL, prompt=f"request {i} says", max_tokens=6 if full else 100, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        chunks = []
+        async for ch in stream:
+            chunks.append(ch)
+            if not full and len(chunks) == 3:
+                await stream.close()
+                return chunks[0].id, None
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        return chunks[0].id, (finish, chunks[-1].usage.completion_tokens)
+
+    async def main():
+        try:
+            return await asyncio.gather(*(one(i) for i in range(100)))
+        finally:
+            await client.close()
+
+    results = asyncio.run(main())
+    for i, (rid, res) in enumerate(results):
+        if i not in cancelled:
+            assert res == (["length"], 6), (i, res)
+    assert _wait_idle(server, timeout=10)
+    aborted = {rid for rid, r in finish_reasons.items() if r == "abort"}
+    assert aborted == {f"{results[i][0]}-0" for i in cancelled}
+    assert len(finish_reasons) == 100
+    assert server.engine.engine.stats()["pages_used"] == 0
+
+
 # -- engine fault, SIGTERM ----------------------------------------------------------------------------------------
 
 SMALL_ENGINE = dict(ENGINE_OPTIONS, token_buckets=(4, 16), seq_buckets=(1, 4), max_num_seqs=4, num_pages=80)
@@ -446,42 +575,114 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_sigterm_drains_then_exits_0(tiny_chat_model):
-    import signal
+def _serve_subprocess(model: str, shutdown_timeout: float, max_model_len: int = 128):
+    """`jaxinfer serve` in a child process on a free port, once it is ready: (process, base url)."""
     import subprocess
     import sys
 
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxinfer", "serve", "--model", tiny_chat_model, "--port", str(port),
+        [sys.executable, "-m", "jaxinfer", "serve", "--model", model, "--port", str(port),
          "--served-model-name", MODEL, "--token-buckets", "4,16", "--seq-buckets", "1,4", "--max-num-seqs", "4",
-         "--max-model-len", "128", "--page-size", "4", "--kv-cache-memory", "4MiB", "--no-compilation-cache",
-         "--quiet", "--shutdown-timeout", "30"],
+         "--max-model-len", str(max_model_len), "--page-size", "4", "--kv-cache-memory", "4MiB",
+         "--no-compilation-cache", "--quiet", "--shutdown-timeout", str(shutdown_timeout)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"server never became ready: {proc.communicate()[0][-2000:]}")
+
+
+@pytest.mark.parametrize("shutdown_timeout,max_tokens,finish", [(30, 100, "length"), (0.2, 500, "abort")])
+def test_sigterm_drains_then_exits_0(tiny_chat_model, shutdown_timeout, max_tokens, finish):
+    """SIGTERM mid-stream: within --shutdown-timeout the request finishes ("length"); past it, it is aborted
+    ("abort", a normal end of stream). Either way the process exits 0 without a traceback."""
+    import signal
+
+    proc, url = _serve_subprocess(tiny_chat_model, shutdown_timeout, max_model_len=512)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                r = httpx.get(url + "/ready", timeout=2)
-            except httpx.TransportError:
-                time.sleep(0.2)
-                continue
-            if r.status_code == 200:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("server never became ready")
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        stream = c.completions.create(model=MODEL, prompt="drain", max_tokens=100, stream=True,
-                                      extra_body={"ignore_eos": True})
+        stream = c.completions.create(model=MODEL, prompt="drain", max_tokens=max_tokens, stream=True,
+                                      stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         chunks = [next(stream)]
         proc.send_signal(signal.SIGTERM)
-        chunks += list(stream)  # the running request is allowed to finish
-        assert chunks[-1].choices[0].finish_reason == "length"
+        chunks += list(stream)
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == finish
+        done = chunks[-1].usage.completion_tokens
+        assert done == max_tokens if finish == "length" else 0 < done < max_tokens
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert "Traceback" not in proc.stdout.read()
+
+
+# -- jaxinfer bench serve -----------------------------------------------------------------------------------------
+
+
+def test_bench_serve_against_the_server(server, tmp_path, capsys):
+    import json
+
+    from jaxinfer import cli
+
+    out, png = tmp_path / "serve.json", tmp_path / "latency.png"
+    rc = cli.main(["bench", "serve", "--base-url", server.url, "--api-key", KEY, "--num-prompts", "6",
+                   "--request-rate", "20,inf", "--max-concurrency", "4", "--input-len", "8", "--output-len", "5",
+                   "--range-ratio", "0.5", "--goodput", "ttft:60000", "tpot:60000", "--json-out", str(out),
+                   "--plot", str(png), "--quiet"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert [r["request_rate"] for r in report["results"]] == [20.0, "inf"] and report["model"] == MODEL
+    for r in report["results"]:
+        assert r["completed"] == 6 and r["failed"] == 0 and r["exact_output_lengths"]
+        assert 2 <= min(q["output_len"] for q in r["requests"]) and max(q["output_len"] for q in r["requests"]) <= 7
+        assert r["output_tokens"] == sum(q["output_len"] for q in r["requests"])
+        assert r["good_requests"] == 6 and r["goodput"] == pytest.approx(r["request_throughput"])  # generous bounds
+        for m in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+            assert 0 < r[m]["p50"] <= r[m]["p90"] <= r[m]["p99"], (m, r[m])
+        assert r["ttft_ms"]["mean"] < r["e2el_ms"]["mean"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = capsys.readouterr().out
+    assert "ttft p99" in table and "goodput/s" in table and table.count("6/6") == 2
+
+
+def test_bench_serve_lengths_and_arrivals_are_seeded():
+    import argparse
+
+    import numpy as np
+
+    from jaxinfer.bench_serve import arrival_gaps, draw_lengths
+
+    args = argparse.Namespace(num_prompts=400, dataset="sharegpt", input_len=64, output_len=32, range_ratio=0.0)
+    a, b = (draw_lengths(args, 256, np.random.default_rng(3)) for _ in range(2))
+    assert a == b and all(1 <= i and 1 <= o and i + o <= 256 for i, o in a)
+    assert 48 <= np.median([i for i, _ in a]) <= 80 and 24 <= np.median([o for _, o in a]) <= 40
+    assert len({i for i, _ in a}) > 50  # long-tailed, not constant
+    gaps = arrival_gaps(4.0, 2000, np.random.default_rng(0))
+    assert np.mean(gaps) == pytest.approx(0.25, rel=0.1) and arrival_gaps(float("inf"), 3, None) == [0.0] * 3
+
+
+def test_bench_serve_starts_its_own_server(tiny_chat_model, tmp_path, capsys):
+    import json
+
+    from jaxinfer import cli
+
+    out = tmp_path / "serve.json"
+    rc = cli.main(["bench", "serve", "--model", tiny_chat_model, "--num-prompts", "3", "--dataset", "sharegpt",
+                   "--input-len", "6", "--output-len", "4", "--max-model-len", "64", "--token-buckets", "4,16",
+                   "--seq-buckets", "1,4", "--max-num-seqs", "4", "--page-size", "4", "--kv-cache-memory", "4MiB",
+                   "--no-compilation-cache", "--goodput", "ttft:0.001", "--json-out", str(out), "--quiet"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    (r,) = report["results"]
+    assert r["request_rate"] == "inf" and r["completed"] == 3 and r["exact_output_lengths"]
+    assert r["good_requests"] == 0 and r["goodput"] == 0.0  # nothing answers within 1 microsecond
+    assert report["server_startup_s"] > 0 and "3/3" in capsys.readouterr().out
