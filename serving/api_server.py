@@ -249,6 +249,10 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
         raise bad_request("stream must be a boolean", "stream")
     opts = body.get("stream_options") or {}
     include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+    priority = body.get("priority")  # vLLM's extension: lower runs first
+    priority = 0 if priority is None else priority
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise bad_request("priority must be an integer (lower runs first)", "priority")
     admit(state, len(prompts_ids))
 
     decode = state.engine.engine.tokenizer.decode if state.engine.engine.tokenizer else str
@@ -261,7 +265,7 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
     obj = "chat.completion" if chat else "text_completion"
     num_prompt = sum(len(ids) for ids in prompts_ids)
     echo = (not chat) and bool(body.get("echo"))
-    gen = state.engine.generate(reqs)
+    gen = state.engine.generate(reqs, priority)
 
     if not stream:
         finals = {}

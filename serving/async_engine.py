@@ -113,14 +113,14 @@ class AsyncEngine:
     # -- requests (event loop side) ---------------------------------------------------------------------------
 
     async def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                  q: asyncio.Queue | None = None) -> asyncio.Queue:
+                  q: asyncio.Queue | None = None, priority: int = 0) -> asyncio.Queue:
         """Submit a request; raises ValueError (bad input) or EngineDeadError. Outputs arrive on the queue."""
         if self.error is not None:
             raise EngineDeadError(f"the engine failed: {self.error}")
         q = q if q is not None else asyncio.Queue()
         self._streams[request_id] = _Stream(q)
         fut = self._loop.create_future()
-        self._cmds.put(("add", request_id, prompt_ids, params, fut))
+        self._cmds.put(("add", request_id, prompt_ids, params, priority, fut))
         try:
             await fut
         except BaseException:
@@ -140,8 +140,9 @@ class AsyncEngine:
         if stream is not None and not stream.finished:
             self._cmds.put(("abort", request_id))
 
-    async def generate(self, requests: list[tuple[str, list[int], SamplingParams]]):
+    async def generate(self, requests: list[tuple[str, list[int], SamplingParams]], priority: int = 0):
         """Async iterator over the cumulative RequestOutputs of several requests, interleaved as they come.
+        `priority`: the scheduler runs lower values first (FCFS among equals).
 
         Closing it early (client gone, handler cancelled) aborts whatever has not finished.
         """
@@ -149,7 +150,7 @@ class AsyncEngine:
         added = []
         try:
             for rid, ids, params in requests:
-                await self.add(rid, ids, params, q)
+                await self.add(rid, ids, params, q, priority)
                 added.append(rid)
             remaining = set(added)
             while remaining:
@@ -227,9 +228,9 @@ class AsyncEngine:
     def _command(self, engine, cmd) -> None:
         kind = cmd[0]
         if kind == "add":
-            _, rid, ids, params, fut = cmd
+            _, rid, ids, params, priority, fut = cmd
             try:
-                engine.add_request(ids, params, request_id=rid)
+                engine.add_request(ids, params, request_id=rid, priority=priority)
                 exc = None
             except Exception as e:  # noqa: BLE001 - ValueError: bad input; anything else: still this request's
                 exc = e
@@ -244,7 +245,7 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                self._loop.call_soon_threadsafe(self._resolve, cmd[4], self.error)
+                self._loop.call_soon_threadsafe(self._resolve, cmd[-1], self.error)
 
     def _snapshot(self) -> None:
         e = self.engine

@@ -49,6 +49,7 @@ def _sampling(lim: Limits | None) -> dict:
         "top_k": _nullable(_int(-1, description="0 or -1: disabled")),
         "min_p": _nullable(_num(0.0, 1.0)),
         "seed": _nullable(_int(-MAX_SEED - 1, MAX_SEED)),
+        "priority": _nullable(_int(-MAX_SEED - 1, MAX_SEED, description="scheduling priority: lower runs first")),
         "presence_penalty": _nullable(_num(-2.0, 2.0)),
         "frequency_penalty": _nullable(_num(-2.0, 2.0)),
         "repetition_penalty": _nullable(_num(0.0, exclusive_min=True)),

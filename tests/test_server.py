@@ -171,6 +171,9 @@ def test_sampling_params_reach_the_engine(client, server):
     r = client.completions.create(model=MODEL, prompt="Bias", max_tokens=4, temperature=0,
                                   logit_bias={str(forced): 100}, logprobs=0, extra_body={"ignore_eos": True})
     assert r.choices[0].text == tok.decode([forced] * 4)
+    r = client.completions.create(model=MODEL, prompt="Seeds", max_tokens=3, temperature=0,
+                                  extra_body={"priority": -5, "ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
 
 
 # -- chat -------------------------------------------------------------------------------------------------------
@@ -327,6 +330,8 @@ ERRORS = [
     (C, {"model": MODEL, "prompt": "hi", "top_p": "x"}, "top_p"),
     (C, {"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
     (C, {"model": MODEL, "prompt": "hi", "n": 5}, "n"),
+    (C, {"model": MODEL, "prompt": "hi", "priority": "high"}, "priority"),
+    (C, {"model": MODEL, "prompt": "hi", "priority": 1.5}, "priority"),
     (C, {"model": MODEL, "prompt": "hi", "logprobs": 21}, "logprobs"),
     (C, {"model": MODEL, "prompt": "hi", "stop": ["x"] * 17}, "stop"),
     (C, {"model": MODEL, "prompt": "hi", "stop": "x" * 300}, "stop"),
