@@ -15,6 +15,11 @@ MAX_TEMPERATURE = 100.0  # jaxinfer.sampling_params.MAX_TEMPERATURE
 MAX_SEED = 2**63 - 1
 
 
+# One server-sent event (what an SSE schema describes): `data` is a JSON chunk, an error object, or "[DONE]".
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}
+
+
 def _nullable(schema: dict) -> dict:
     return {"anyOf": [schema, {"type": "null"}]}
 
@@ -178,7 +183,7 @@ def openapi_spec(routes, lim: Limits | None) -> dict:
         if path in RESPONSES:
             ok["content"] = {"application/json": {"schema": RESPONSES[path]}}
         if path.startswith("/v1/") and has_body:
-            ok["content"]["text/event-stream"] = {"schema": _STR}  # with "stream": true
+            ok["content"]["text/event-stream"] = {"schema": _SSE_EVENT}  # with "stream": true
         if path == "/metrics":
             ok["content"] = {"text/plain": {"schema": _STR}}
         responses = {"200": ok}
