@@ -311,6 +311,13 @@ def test_schemathesis_finds_no_server_errors(server, monkeypatch, mode):
     assert all(statuses.values()), statuses
     if mode == "positive":  # the schema is tight enough that valid generation mostly succeeds
         assert statuses["POST /v1/completions"].count(200) > 0 and statuses["POST /detokenize"].count(200) > 0
+        # Streamed responses are validated event by event; make sure one is always checked.
+        for path, body in ((CH, {"model": MODEL, "messages": USER, "max_tokens": 3, "stream": True}),
+                           (C, {"model": MODEL, "prompt": "hi", "max_tokens": 3, "stream": True})):
+            case = schema[path]["POST"].Case(body=body, media_type="application/json")
+            response = case.call(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+            assert response.status_code == 200 and "text/event-stream" in str(response.headers)
+            case.validate_response(response, checks=checks)
 
 
 # -- errors -------------------------------------------------------------------------------------------------------
