@@ -201,7 +201,7 @@ class ModelRunner:
                 inp.reset_slot[b] = req.slot
             p = req.params
             s.temperature[b] = 0.0 if p.greedy else p.temperature
-            s.top_k[b] = p.top_k
+            s.top_k[b] = p.top_k if p.top_k < self.cfg.vocab_size else 0  # k >= V keeps everything
             s.top_p[b] = p.top_p
             s.min_p[b] = p.min_p
             s.seed[b] = req.seed

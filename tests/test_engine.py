@@ -282,3 +282,14 @@ def test_bad_engine_options():
         jaxinfer.LLM(None, max_num_seqs=0)
     with pytest.raises(ValueError, match="unknown engine option"):
         jaxinfer.LLM(None, max_num_sequences=4)
+
+
+def test_huge_top_k_means_no_filter(tiny_llm):
+    """top_k beyond the vocabulary (any int is valid) filters nothing and must not break the step."""
+    p = [1, 2, 3, 4]
+    big = tiny_llm.generate([p], SamplingParams(temperature=1.0, top_k=2**40, seed=3, max_tokens=8, ignore_eos=True),
+                            use_tqdm=False)[0]
+    off = tiny_llm.generate([p], SamplingParams(temperature=1.0, top_k=0, seed=3, max_tokens=8, ignore_eos=True),
+                            use_tqdm=False)[0]
+    assert big.outputs[0].token_ids == off.outputs[0].token_ids
+    assert_all_pages_free(tiny_llm.engine)
