@@ -180,25 +180,6 @@ TINY_FLAGS = ["--token-buckets", "4,16", "--max-model-len", "128", "--kv-cache-m
               "--no-compilation-cache"]
 
 
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory):
-    """A random 2-layer Llama with the default model's vocabulary and tokenizer (chat template included)."""
-    import torch
-    import transformers
-    from hf_models import TINY
-
-    from jaxinfer.tokenizer import Tokenizer, default_model_path
-
-    d = tmp_path_factory.mktemp("tiny_chat")
-    tok = Tokenizer.from_pretrained(default_model_path())
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**{**TINY, "vocab_size": max(49152, tok.vocab_size)},
-                                   eos_token_id=tok.hf.eos_token_id, bos_token_id=tok.hf.bos_token_id)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
-    tok.hf.save_pretrained(d)
-    return str(d)
-
-
 class Recorder(io.StringIO):
     """stdout that remembers each write, to see the reply arrive in pieces."""
 

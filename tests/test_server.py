@@ -27,24 +27,6 @@ ENGINE_OPTIONS = dict(token_buckets=(4, 16, 64), seq_buckets=(1, 4, 16), max_num
                       page_size=4, num_pages=200, show_progress=False, use_compilation_cache=False)
 
 
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory):
-    import torch
-    import transformers
-    from hf_models import TINY
-
-    from jaxinfer.tokenizer import Tokenizer, default_model_path
-
-    d = tmp_path_factory.mktemp("tiny_serve")
-    tok = Tokenizer.from_pretrained(default_model_path())
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**{**TINY, "vocab_size": max(49152, tok.vocab_size)},
-                                   eos_token_id=tok.hf.eos_token_id, bos_token_id=tok.hf.bos_token_id)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
-    tok.hf.save_pretrained(d)
-    return str(d)
-
-
 class Server:
     """An app on its own event loop in a background thread."""
 
