@@ -22,7 +22,7 @@ from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.loader import load_model, resolve_dtype
 from jaxinfer.model import init_kv_cache
-from jaxinfer.request import CompletionOutput, Logprob, Request, RequestMetrics, RequestOutput, Status
+from jaxinfer.request import CompletionOutput, Logprob, Request, RequestMetrics, RequestOutput
 from jaxinfer.runner import ModelRunner, StepResult
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import ScheduledBatch, Scheduler

@@ -12,7 +12,7 @@ import pytest
 from hf_models import make_hf_model, sequence_logits
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.loader import load_model
-from jaxinfer.weights import GGUFSource, SafetensorsSource, load_params
+from jaxinfer.weights import GGUFSource, SafetensorsSource
 
 ECFG = EngineConfig(show_progress=False)
 
