@@ -1,0 +1,139 @@
+"""Device time of one decode forward pass, with parts switched off, to see where the time goes.
+
+    python benchmarks/forward_variants.py --model llama-3.1-8b --load-format dummy --batch 1
+    python benchmarks/forward_variants.py --smoke
+
+Variants (each compiled once, called --steps times back to back, blocked once):
+  full          the engine's forward (paged attention kernel, KV write) + argmax over the logits
+  no_attention  attention output replaced by q and no KV write: the matmul / norm / rope chain alone
+  fused         as no_attention, with wq|wk|wv and w_gate|w_up concatenated into one matrix each
+  lm_head       the final norm + logits + argmax alone
+The bytes of weights read per step over the measured time give the achieved bandwidth of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=None)
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxinfer.engine import Engine
+    from jaxinfer.model import _mlp_block, apply_rope, compute_logits, dot, forward, rms_norm
+    from jaxinfer.attention import make_attention_fn
+    from jaxinfer.sampling_params import SamplingParams
+
+    if args.smoke:
+        args.context, args.steps = 16, 3
+    B = args.batch
+    eng = Engine(args.model, load_format=args.load_format, max_num_seqs=B, token_buckets=[B, args.context],
+                 seq_buckets=[B], max_model_len=args.context + 64, show_progress=False,
+                 kv_cache_memory="4GiB" if not args.smoke else None)
+    cfg, run = eng.cfg, eng.runner
+    rng = np.random.default_rng(0)
+    for _ in range(B):
+        eng.add_request(rng.integers(0, cfg.vocab_size, args.context).tolist(), SamplingParams(max_tokens=32, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    batch = eng.scheduler.schedule()
+    dev = jax.device_put(run.prepare(batch))
+    attn_fn = make_attention_fn(cfg, eng.ecfg.attention_impl, eng.ecfg.attention_interpret)
+    params = run.params
+
+    def full(params, kv, inp):
+        h, kv = forward(params, cfg, inp.token_ids, inp.positions, kv, inp.attn, attn_fn)
+        return jnp.argmax(compute_logits(params, cfg, h[inp.logits_indices]), -1), kv
+
+    def chain(params, inp, fused):
+        eps, inv = cfg.rms_norm_eps, jnp.asarray(np.ones(cfg.head_dim // 2, np.float32))
+        x = params.embed[inp.token_ids]
+        for lp in params.layers:
+            h = rms_norm(x, lp.attn_norm, eps)
+            if fused:
+                qkv = dot("td,de->te", h, lp["wqkv"])
+                q = qkv[:, : cfg.num_heads * cfg.head_dim].reshape(-1, cfg.num_heads, cfg.head_dim)
+            else:
+                q = dot("td,dnh->tnh", h, lp.wq)
+                dot("td,dkh->tkh", h, lp.wk), dot("td,dkh->tkh", h, lp.wv)
+            q = apply_rope(q, inp.positions, inv)
+            x = x + dot("tnh,nhd->td", q, lp["wo"] if fused else lp.wo)
+            if fused:
+                hh = rms_norm(x, lp["mlp_norm"], eps)
+                gu = dot("td,df->tf", hh, lp["w_gu"])
+                g, u = jnp.split(gu, 2, axis=-1)
+                x = x + dot("tf,fd->td", jax.nn.silu(g) * u, lp["w_down"])
+            else:
+                x = _mlp_block(lp, cfg, x)
+        return jnp.argmax(compute_logits(params, cfg, x[inp.logits_indices]), -1)
+
+    fused_params = dict(embed=params.embed, final_norm=params.final_norm, lm_head=params.lm_head, layers=[
+        dict(attn_norm=lp.attn_norm, mlp_norm=lp.mlp_norm, wo=lp.wo, w_down=lp.w_down,
+             wqkv=jnp.concatenate([lp.wq.reshape(cfg.hidden_size, -1), lp.wk.reshape(cfg.hidden_size, -1),
+                                   lp.wv.reshape(cfg.hidden_size, -1)], axis=1),
+             w_gu=jnp.concatenate([lp.w_gate, lp.w_up], axis=1)) for lp in params.layers])
+
+    class P(dict):
+        def __getattr__(self, k):
+            try:
+                return self[k]
+            except KeyError:
+                raise AttributeError(k) from None
+
+
+    def as_attrs(d):
+        p = P(d)
+        p["layers"] = [P(x) for x in d["layers"]]
+        return p
+
+    def timeit(f, *a, donate_kv=False):
+        if donate_kv:
+            o, run.kv = f(params, run.kv, dev)
+        else:
+            o = f(*a)
+        jax.block_until_ready(o)
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            if donate_kv:
+                o, run.kv = f(params, run.kv, dev)
+            else:
+                o = f(*a)
+        jax.block_until_ready(o)
+        return (time.perf_counter() - t) / args.steps * 1e3
+
+    res = {}
+    nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params)) - params.embed.nbytes * (params.lm_head is not None)
+
+    def record(name, ms):
+        res[name] = ms
+        print(f"B={B} {name}: {ms:.3f} ms, {nbytes / ms / 1e9:.2f} TB/s of weights", flush=True)
+
+    record("full", timeit(jax.jit(full, donate_argnums=(1,)), donate_kv=True))
+    record("no_attention", timeit(jax.jit(lambda p, i: chain(p, i, False)), params, dev))
+    record("lm_head", timeit(jax.jit(lambda p, i: jnp.argmax(compute_logits(p, cfg, p.embed[i.token_ids][i.logits_indices]), -1)), params, dev))
+    record("fused", timeit(jax.jit(lambda p, i: chain(as_attrs(p), i, True)), fused_params, dev))
+    out = {k: dict(ms=v, tb_s=nbytes / v / 1e9) for k, v in res.items()}
+    out["weights_gb"] = nbytes / 1e9
+    out["batch"] = B
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
