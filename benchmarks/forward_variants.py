@@ -5,6 +5,7 @@
 
 Variants (each compiled once, called --steps times back to back, blocked once):
   full          the engine's forward (paged attention kernel, KV write) + argmax over the logits
+  full_decode_kernel  the same with the attention op's decode kernel (what decode buckets run)
   no_attention  attention output replaced by q and no KV write: the matmul / norm / rope chain alone
   fused         as no_attention, with wq|wk|wv and w_gate|w_up concatenated into one matrix each
   lm_head       the final norm + logits + argmax alone
@@ -14,6 +15,7 @@ The bytes of weights read per step over the measured time give the achieved band
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -53,12 +55,13 @@ def main(argv=None) -> int:
     for _ in range(3):
         eng.step()
     batch = eng.scheduler.schedule()
-    dev = jax.device_put(run.prepare(batch))
+    dev = jax.device_put(run.prepare(batch)[0])
     attn_fn = make_attention_fn(cfg, eng.ecfg.attention_impl, eng.ecfg.attention_interpret)
     params = run.params
 
-    def full(params, kv, inp):
-        h, kv = forward(params, cfg, inp.token_ids, inp.positions, kv, inp.attn, attn_fn)
+    def full(params, kv, inp, decode=False):
+        attn = functools.partial(attn_fn, decode=decode)
+        h, kv = forward(params, cfg, inp.token_ids, inp.positions, kv, inp.attn, attn)
         return jnp.argmax(compute_logits(params, cfg, h[inp.logits_indices]), -1), kv
 
     def chain(params, inp, fused):
@@ -125,6 +128,7 @@ def main(argv=None) -> int:
         print(f"B={B} {name}: {ms:.3f} ms, {nbytes / ms / 1e9:.2f} TB/s of weights", flush=True)
 
     record("full", timeit(jax.jit(full, donate_argnums=(1,)), donate_kv=True))
+    record("full_decode_kernel", timeit(jax.jit(functools.partial(full, decode=True), donate_argnums=(1,)), donate_kv=True))
     record("no_attention", timeit(jax.jit(lambda p, i: chain(p, i, False)), params, dev))
     record("lm_head", timeit(jax.jit(lambda p, i: jnp.argmax(compute_logits(p, cfg, p.embed[i.token_ids][i.logits_indices]), -1)), params, dev))
     record("fused", timeit(jax.jit(lambda p, i: chain(as_attrs(p), i, True)), fused_params, dev))

@@ -5,18 +5,20 @@
 
 For each decode batch size (--batch-sizes), requests with --context-token prompts are prefilled, then
 --steps decode steps are timed three ways:
-  engine     `Engine.step()` as users call it (ms/step, wall clock);
-  phases     the same steps split into schedule / admit / prepare / device_put / dispatch (the call
-             returning) / wait (until the sampled ids are on the host) / update+postprocess;
-  device     the precompiled step called back to back on one device input, blocked once at the end: the
-             device's time per step with no host work in the way; and the forward pass alone (no
-             sampler), compiled for the same bucket.
+  engine     `Engine.step()` as users call it (ms/step, wall clock), with async scheduling (the default:
+             step N+1 is launched before step N's tokens are read) and without;
+  phases     synchronous steps split into schedule / admit / prepare / launch (packing, the copies to the
+             device and the two program calls returning) / wait (until the sampled ids are on the host) /
+             post (scheduler update, detokenizing, outputs);
+  device     the step's two precompiled programs (forward, sampler) called back to back on one device
+             input, blocked once at the end: the device's time per step with no host work in the way.
 The gap between `engine` and `device` is host time the device waits for.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -44,9 +46,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
 
-    from jaxinfer import compile_guard
+    from jaxinfer import compile_guard, sampler
     from jaxinfer.engine import Engine
-    from jaxinfer.model import compute_logits, forward
+    from jaxinfer.runner import pack
     from jaxinfer.sampling_params import SamplingParams
 
     sizes = [int(x) for x in args.batch_sizes.split(",")]
@@ -64,86 +66,71 @@ def main(argv=None) -> int:
     report = {"device": str(jax.devices()[0]), "jax": jax.__version__, "cases": []}
 
     for B in sizes:
-        prompts = [rng.integers(0, V, args.context).tolist() for _ in range(B)]
-        params = SamplingParams(temperature=0.0, max_tokens=3 * args.steps + 8, ignore_eos=True)
-        ids = [eng.add_request(p, params) for p in prompts]
-        while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.running + list(eng.scheduler.waiting)):
-            eng.step()
-        for _ in range(3):
-            eng.step()
-        c0 = compile_guard.count()
-        # 1. Engine.step() as is
-        jax.block_until_ready(eng.runner.kv)
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            eng.step()
-        engine_ms = (time.perf_counter() - t) / args.steps * 1e3
-        # 2. the same, phase by phase
-        ph = dict(schedule=0.0, admit=0.0, prepare=0.0, device_put=0.0, dispatch=0.0, wait=0.0, post=0.0)
-        run = eng.runner
-        for _ in range(args.steps):
+        case = dict(batch=B, context=args.context)
+        for mode in ("async", "sync"):
+            eng.ecfg = dataclasses.replace(eng.ecfg, async_scheduling=mode == "async")
+            prompts = [rng.integers(0, V, args.context).tolist() for _ in range(B)]
+            params = SamplingParams(temperature=0.0, max_tokens=3 * args.steps + 8, ignore_eos=True)
+            ids = [eng.add_request(p, params) for p in prompts]
+            while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.running + list(eng.scheduler.waiting)):
+                eng.step()
+            for _ in range(3):
+                eng.step()
+            c0 = compile_guard.count()
+            # 1. Engine.step() as users call it
+            jax.block_until_ready(eng.runner.kv)
             t = time.perf_counter()
-            batch = eng.scheduler.schedule()
-            t1 = time.perf_counter(); ph["schedule"] += t1 - t
-            eng._admit(batch)
-            t2 = time.perf_counter(); ph["admit"] += t2 - t1
-            inp = run.prepare(batch)
-            t3 = time.perf_counter(); ph["prepare"] += t3 - t2
-            dev = jax.device_put(inp)
-            t4 = time.perf_counter(); ph["device_put"] += t4 - t3
-            T, Bk = inp.token_ids.shape[0], inp.logits_indices.shape[0]
-            out, run.kv, run.sstate = run.compiled[(T, Bk)](run.params, run.kv, run.sstate, dev)
-            t5 = time.perf_counter(); ph["dispatch"] += t5 - t4
-            toks = np.asarray(out.token_ids)
-            t6 = time.perf_counter(); ph["wait"] += t6 - t5
-            sampled = [int(toks[i]) if batch.samples(i) else None for i in range(len(batch))]
-            eng.scheduler.update(batch, sampled)
-            eng._postprocess(batch, sampled, None)
-            eng._outputs(batch)
-            ph["post"] += time.perf_counter() - t6
-        phases = {k: v / args.steps * 1e3 for k, v in ph.items()}
-        # 3. device time: the same bucket back to back, and the forward pass alone
-        batch = eng.scheduler.schedule()
-        inp = run.prepare(batch)
-        dev = jax.device_put(inp)
-        T, Bk = inp.token_ids.shape[0], inp.logits_indices.shape[0]
-        fn = run.compiled[(T, Bk)]
-        out, run.kv, run.sstate = fn(run.params, run.kv, run.sstate, dev)
-        jax.block_until_ready(out)
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            out, run.kv, run.sstate = fn(run.params, run.kv, run.sstate, dev)
-        jax.block_until_ready(out)
-        device_ms = (time.perf_counter() - t) / args.steps * 1e3
-
-        from jaxinfer.attention import make_attention_fn
-        attn_fn = make_attention_fn(eng.cfg, eng.ecfg.attention_impl, eng.ecfg.attention_interpret)
-        cfg = eng.cfg
-
-        def fwd(params, kv, inp):
-            h, kv = forward(params, cfg, inp.token_ids, inp.positions, kv, inp.attn, attn_fn)
-            return jax.numpy.argmax(compute_logits(params, cfg, h[inp.logits_indices]), -1), kv
-
-        f = jax.jit(fwd, donate_argnums=(1,)).lower(run.params, run.kv, dev).compile()
-        o, run.kv = f(run.params, run.kv, dev)
-        jax.block_until_ready(o)
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            o, run.kv = f(run.params, run.kv, dev)
-        jax.block_until_ready(o)
-        forward_ms = (time.perf_counter() - t) / args.steps * 1e3
-        for rid in ids:
-            eng.abort(rid)
-        eng.step()
-        case = dict(batch=B, bucket=[T, Bk], context=args.context, engine_ms=engine_ms, phases_ms=phases,
-                    device_step_ms=device_ms, device_forward_ms=forward_ms, compiles_while_measured=compile_guard.count() - c0 - 1)
+            for _ in range(args.steps):
+                eng.step()
+            case[f"engine_{mode}_ms"] = (time.perf_counter() - t) / args.steps * 1e3
+            if mode == "sync":
+                # 2. the same steps, phase by phase (synchronous: each phase ends before the next starts)
+                ph = dict(schedule=0.0, admit=0.0, prepare=0.0, launch=0.0, wait=0.0, post=0.0)
+                run = eng.runner
+                for _ in range(args.steps):
+                    t = time.perf_counter()
+                    batch = eng.scheduler.schedule()
+                    t1 = time.perf_counter(); ph["schedule"] += t1 - t
+                    eng._admit(batch)
+                    t2 = time.perf_counter(); ph["admit"] += t2 - t1
+                    prepared = run.prepare(batch)
+                    t3 = time.perf_counter(); ph["prepare"] += t3 - t2
+                    launched = run.launch(*prepared)
+                    t4 = time.perf_counter(); ph["launch"] += t4 - t3
+                    result = launched.result()
+                    t5 = time.perf_counter(); ph["wait"] += t5 - t4
+                    sampled = [int(result.token_ids[i]) if batch.samples(i) else None for i in range(len(batch))]
+                    eng.scheduler.update(batch, sampled)
+                    eng._postprocess(batch, sampled, result)
+                    eng._outputs(batch.requests)
+                    ph["post"] += time.perf_counter() - t5
+                case["phases_ms"] = {k: v / args.steps * 1e3 for k, v in ph.items()}
+                # 3. device time: the step's two programs back to back on one input
+                inp, md, bucket = run.prepare(eng.scheduler.schedule())
+                fwd, smp = run.compiled[bucket], run.compiled_samplers[(bucket[1], sampler.variant_for(md))]
+                flat_in, flat_md = jax.device_put(pack(inp)), jax.device_put(pack(md))
+                for i in range(args.steps + 1):
+                    if i == 1:
+                        jax.block_until_ready(out)
+                        t = time.perf_counter()
+                    logits, run.kv, run.sstate = fwd(run.params, run.kv, run.sstate, flat_in)
+                    out, run.sstate = smp(logits, run.sstate, flat_md)
+                jax.block_until_ready(out)
+                case["device_step_ms"] = (time.perf_counter() - t) / args.steps * 1e3
+                case["bucket"] = list(bucket)
+            case[f"compiles_{mode}"] = compile_guard.count() - c0
+            for rid in ids:
+                eng.abort(rid)
+            while eng.has_unfinished():
+                eng.step()
         report["cases"].append(case)
         print(json.dumps(case), flush=True)
 
-    print("\n| batch | Engine.step ms | device step ms | forward only ms | " + " | ".join(ph) + " |")
-    print("|---" * (4 + len(ph)) + "|")
+    names = list(report["cases"][0]["phases_ms"])
+    print("\n| batch | Engine.step async ms | sync ms | device step ms | " + " | ".join(names) + " |")
+    print("|---" * (4 + len(names)) + "|")
     for c in report["cases"]:
-        print(f"| {c['batch']} | {c['engine_ms']:.2f} | {c['device_step_ms']:.2f} | {c['device_forward_ms']:.2f} | "
+        print(f"| {c['batch']} | {c['engine_async_ms']:.2f} | {c['engine_sync_ms']:.2f} | {c['device_step_ms']:.2f} | "
               + " | ".join(f"{v:.2f}" for v in c["phases_ms"].values()) + " |")
     if args.json_out:
         with open(args.json_out, "w") as f:

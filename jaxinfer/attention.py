@@ -45,14 +45,16 @@ def get_op(impl: str):
 
 
 def make_attention_fn(cfg: ModelConfig, impl: str, interpret: bool = False):
-    """(q [T, N, H], k_pages, v_pages, meta: AttentionMetadata) -> [T, N, H]."""
+    """(q [T, N, H], k_pages, v_pages, meta: AttentionMetadata, decode=False) -> [T, N, H]."""
     chosen = select_impl(impl, jax.default_backend())
     kwargs = dict(sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window)
     if chosen in _KERNELS:
         kwargs["interpret"] = interpret
     op = functools.partial(get_op(chosen), **kwargs)
 
-    def attention(q, k_pages, v_pages, meta):
-        return op(q, k_pages, v_pages, meta.page_tables, meta.kv_lens, meta.cu_q_lens, meta.num_seqs)
+    def attention(q, k_pages, v_pages, meta, decode: bool = False):
+        # decode: every live sequence has one query token (a decode bucket); only the GPU kernel uses it.
+        extra = {"decode_only": True} if decode and chosen == "gpu" else {}
+        return op(q, k_pages, v_pages, meta.page_tables, meta.kv_lens, meta.cu_q_lens, meta.num_seqs, **extra)
 
     return attention

@@ -34,7 +34,7 @@ FIELD_FLAGS = {
     "max_num_batched_tokens": "--max-num-batched-tokens", "token_buckets": "--token-buckets",
     "seq_buckets": "--seq-buckets", "page_size": "--page-size", "kv_cache_memory": "--kv-cache-memory",
     "dtype": "--dtype", "load_format": "--load-format", "attention_impl": "--attention-impl",
-    "enable_prefix_caching": "--no-prefix-caching",
+    "enable_prefix_caching": "--no-prefix-caching", "async_scheduling": "--no-async-scheduling",
 }
 
 EPILOG = """\
@@ -120,6 +120,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true",
                    help="recompute every prompt from scratch instead of reusing the KV cache of an earlier "
                    "prompt's identical prefix")
+    g.add_argument("--no-async-scheduling", action="store_true",
+                   help="finish each step before scheduling the next (default: the next step is launched while "
+                   "the device still runs the current one)")
     g.add_argument("--compilation-cache-dir", metavar="DIR",
                    help="where compiled step programs are kept between runs (default: ~/.cache/jaxinfer/xla)")
     g.add_argument("--no-compilation-cache", action="store_true",
@@ -138,6 +141,8 @@ def engine_options_from_args(args: argparse.Namespace) -> dict:
         opts["seed"] = args.engine_seed
     if getattr(args, "no_prefix_caching", False):
         opts["enable_prefix_caching"] = False
+    if getattr(args, "no_async_scheduling", False):
+        opts["async_scheduling"] = False
     if getattr(args, "no_compilation_cache", False):
         opts["use_compilation_cache"] = False
     if getattr(args, "quiet", False):

@@ -211,7 +211,8 @@ class EngineConfig:
     """Everything about how the engine runs a model, independent of the model's shape.
 
     `token_buckets` x `seq_buckets` is the set of step shapes compiled ahead of time: every step is padded
-    to the smallest (T, B) bucket with T >= scheduled tokens and B >= scheduled sequences.
+    to the smallest (T, B) bucket with T >= scheduled tokens and B >= scheduled sequences. A step where every
+    sequence feeds one token (decode) goes to a decode bucket (B, B); see `buckets`.
     """
 
     max_model_len: int | None = None  # None: the model's max_position_embeddings, capped by max_model_len_cap
@@ -228,6 +229,7 @@ class EngineConfig:
     attention_impl: str = "auto"  # auto | reference | xla | tpu | gpu (see jaxinfer/attention.py)
     attention_interpret: bool = False  # run a Pallas attention kernel in interpret mode (CPU tests)
     enable_prefix_caching: bool = True  # reuse the KV pages of a cached prompt prefix (page_allocator.py)
+    async_scheduling: bool = True  # launch step N+1 before reading step N's tokens (engine.py)
     max_logprobs: int = 20
     max_logit_bias: int = 300
     compilation_cache_dir: str | None = None  # persistent XLA cache; None: $JAXINFER_CACHE_DIR/xla or ~/.cache/jaxinfer/xla
@@ -267,9 +269,17 @@ class EngineConfig:
     def token_budget(self) -> int:
         return self.max_num_batched_tokens or self.token_buckets[-1]
 
-    def buckets(self) -> list[tuple[int, int]]:
-        """(T, B) pairs to compile: every token bucket with every seq bucket that can fit in it."""
-        return [(t, b) for t in self.token_buckets for b in self.seq_buckets if b <= t]
+    def buckets(self) -> list[tuple[int, int, bool]]:
+        """(T, B, decode) step shapes to compile, sorted.
+
+        decode buckets (B, B, True), one per seq bucket: every sequence feeds exactly one token, so attention
+        runs its decode kernel. Mixed buckets (T, B, False) for every token bucket with every smaller seq
+        bucket (a step with more tokens than sequences), and (T, T, False) only for the largest token bucket
+        when it is also a seq bucket (nothing larger could hold such a step).
+        """
+        tmax = self.token_buckets[-1]
+        mixed = [(t, b, False) for t in self.token_buckets for b in self.seq_buckets if b < t or b == t == tmax]
+        return sorted(mixed + [(b, b, True) for b in self.seq_buckets])
 
     @staticmethod
     def from_options(**options) -> "EngineConfig":

@@ -1,10 +1,17 @@
 """The engine: requests in, tokens and text out, one `step()` at a time.
 
-    step():  schedule -> pack into a bucket -> run the precompiled step -> append tokens -> detokenize
+    step():  schedule N+1 -> pack into a bucket -> launch it on the device
+             -> wait for step N's sampled ids -> append tokens -> detokenize -> outputs of step N
 
 `Engine.step()` below is the whole data path; the pieces live in scheduler.py (plain Python), runner.py
-(bucketing and the jitted step), model.py (the decoder), sampler.py (on-device sampling) and
+(bucketing and the precompiled programs), model.py (the decoder), sampler.py (on-device sampling) and
 detokenizer.py (incremental text and stop strings).
+
+Async scheduling (the default): the host schedules and launches step N+1 before it reads step N's tokens,
+so its Python work overlaps the device's. A decode of a token the host has not seen yet takes it from
+the device (runner.py), and a request that stops on EOS or a stop string in step N has one more token
+computed in step N+1, which is discarded. `async_scheduling=False` runs each step to the end before
+the next is scheduled; both give the same tokens.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.loader import load_model, resolve_dtype
 from jaxinfer.model import init_kv_cache
 from jaxinfer.request import CompletionOutput, Logprob, Request, RequestMetrics, RequestOutput
-from jaxinfer.runner import ModelRunner, StepResult
+from jaxinfer.runner import LaunchedStep, ModelRunner, StepResult
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import ScheduledBatch, Scheduler
 
@@ -72,6 +79,7 @@ class Engine:
         self._prompts: dict[str, str | None] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._aborted: list[str] = []
+        self._inflight: tuple[ScheduledBatch, LaunchedStep] | None = None  # launched, tokens not read yet
         self._rng = np.random.default_rng(ecfg.seed)
         self._ids = itertools.count()
 
@@ -173,29 +181,37 @@ class Engine:
                 self._aborted.append(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._aborted) or self._inflight is not None
 
     # -- the step -------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the current state of every request that progressed or finished."""
         batch = self.scheduler.schedule()
+        launched = None
         if len(batch):
             self._admit(batch)
-            inputs = self.runner.prepare(batch)
-            result = self.runner.execute(inputs, want_logprobs=any(r.params.logprobs is not None for r in batch.requests))
-            sampled = [int(result.token_ids[i]) if batch.samples(i) else None for i in range(len(batch))]
-            self.scheduler.update(batch, sampled)
-            self._postprocess(batch, sampled, result)
-        return self._outputs(batch)
+            launched = (batch, self.runner.launch(*self.runner.prepare(batch)))
+        if self.ecfg.async_scheduling:
+            done, self._inflight = self._inflight, launched
+        else:
+            done = launched
+        if done is None:
+            return self._outputs([])
+        batch, step = done
+        result = step.result()  # waits for this step only; the next one is already queued behind it
+        sampled = [int(result.token_ids[i]) if batch.samples(i) else None for i in range(len(batch))]
+        self.scheduler.update(batch, sampled)
+        self._postprocess(batch, sampled, result)
+        return self._outputs(batch.requests)
 
     def _admit(self, batch: ScheduledBatch) -> None:
         """Requests starting on a fresh sampler row get their logit bias / min_tokens stop set installed, and
         the tokens of their prefix-cache hit (which never enter a step) put into their penalty history."""
-        for req, reset in zip(batch.requests, batch.reset):
+        for req, reset, start in zip(batch.requests, batch.reset, batch.start):
             p = req.params
-            if reset and req.num_computed_tokens > 0:
-                self.runner.seed_history(req)
+            if reset and start > 0:
+                self.runner.seed_history(req, start)
             if reset and (p.logit_bias or p.min_tokens > 0):
                 stops = [] if p.ignore_eos else list(req.eos_token_ids)
                 self.runner.set_row(req.slot, p.logit_bias, stops + list(p.stop_token_ids or []))
@@ -229,8 +245,8 @@ class Engine:
     def _decode_token(self, tok: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([tok], skip_special_tokens=False)
 
-    def _outputs(self, batch: ScheduledBatch) -> list[RequestOutput]:
-        gids = list(dict.fromkeys([r.group_id for r in batch.requests] + self._aborted))
+    def _outputs(self, requests: list[Request]) -> list[RequestOutput]:
+        gids = list(dict.fromkeys([r.group_id for r in requests] + self._aborted))
         self._aborted = []
         outs = []
         for gid in gids:

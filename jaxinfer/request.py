@@ -39,7 +39,8 @@ class Request:
     status: Status = Status.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, Logprob]] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache, or will be once the scheduled steps ran
+    num_pending: int = 0  # tokens sampled in scheduled steps whose ids the host has not read yet
     pages: list[int] = field(default_factory=list)
     cache_extra: object = None  # hashed into every page with the tokens: whatever else changes K/V (LoRA id)
     page_hashes: list[bytes] = field(default_factory=list)  # of the full pages of known tokens, grown lazily

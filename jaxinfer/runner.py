@@ -1,26 +1,38 @@
-"""The model runner: packs a scheduled batch into a bucket and runs the precompiled step.
+"""The model runner: packs a scheduled batch into a bucket and launches the precompiled step.
 
 A batch exists in three forms, with fixed names:
   1. `ScheduledBatch` (scheduler.py): host `Request` objects and how many tokens each feeds this step.
-  2. `StepInput` of numpy arrays, padded to a (T, B) bucket by `ModelRunner.prepare`: T token rows (all
-     sequences' new tokens concatenated, then padding), B sequence rows (then padding).
-  3. The same `StepInput` pytree on device, passed to the jitted `step` with the params, the KV cache and
-     the sampler state; the cache and the sampler state are donated and come back updated.
-Padding tokens write to an out-of-bounds cache slot (dropped) and padding rows have kv_len 0; nothing they
-compute is read. The host reads back only sampled token ids (and logprobs when a request asked).
+  2. `StepInput` + `SamplingMetadata` of numpy arrays, padded to a (T, B) bucket by `ModelRunner.prepare`:
+     T token rows (all sequences' new tokens concatenated, then padding), B sequence rows (then padding).
+  3. The same two on device, each packed into ONE int32 buffer (one host-to-device copy each; `pack` /
+     `unpack`), passed to the two precompiled programs of a step:
+        forward[(T, B)]        (params, kv, sampler state, input)    -> logits [B, V], kv, sampler state
+        sampler[(B, variant)]  (logits, sampler state, metadata)     -> sampled ids (+ logprobs), state
+     The cache and the sampler state are donated and come back updated. `variant` (sampler.variant_for) is
+     chosen on the host per step: greedy / random / full, so a plain greedy step pays for an argmax only.
+Buckets with T == B are decode buckets: one token per sequence, so the attention op runs its decode
+kernel; every other step goes to a bucket with T > B. Padding tokens write to an out-of-bounds cache slot
+(dropped) and padding rows have kv_len 0; nothing they compute is read.
+
+`launch` returns at once (the device runs behind the host) and starts copying the sampled ids back; the
+result is read later with `LaunchedStep.result()`. A decode whose input token was sampled by a step still
+in flight gets token id -1 here: the forward program reads it from the sampler state's `last_token` row
+of its sequence, so the host never waits for a step before launching the next.
 
 A request that starts from a prefix-cache hit feeds only the tokens after the hit, so the sampler history
 (prompt_mask / output_counts, which `update_history` builds from the tokens entering a step) would miss the
 cached ones; `seed_history` writes them into the request's fresh sampler row before its first chunk runs,
 and that chunk then does not reset the row. Penalties see the same history as without caching.
 
-Every bucket is compiled ahead of time (`lower().compile()`) in `compile_all`; `execute` only looks the
-bucket up, so nothing compiles while serving.
+Every program is compiled ahead of time (`lower().compile()`) in `compile_all`; a step only looks them up,
+so nothing compiles while serving.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -41,30 +53,68 @@ from jaxinfer.scheduler import ScheduledBatch
 
 @pytree_dataclass
 class StepInput:
-    token_ids: Any  # [T] int32
+    token_ids: Any  # [T] int32; -1: the sequence's last sampled token, still on the device
     positions: Any  # [T] int32
     token_slot: Any  # [T] int32 sampler-state row of each token's sequence; padding: S
     is_prompt: Any  # [T] bool   token belongs to the prompt (else: an earlier output re-entering)
     reset_slot: Any  # [B] int32 rows to clear before this step (first chunk, no prefix-cache hit); else S
     logits_indices: Any  # [B] int32 token row whose hidden state is sampled for each sequence
     attn: AttentionMetadata
-    sampling: Any  # sampler.SamplingMetadata
 
 
-def make_step_fn(cfg: ModelConfig, attn_fn, max_logprobs: int):
-    """The whole device side of one engine step, as one pure function."""
+def pack(tree) -> np.ndarray:
+    """A pytree of numpy arrays (int32 / uint32 / float32 / bool) -> one flat int32 array."""
+    parts = []
+    for x in jax.tree_util.tree_leaves(tree):
+        x = np.asarray(x)
+        parts.append((x.astype(np.int32) if x.dtype == np.bool_ else x.view(np.int32)).ravel())
+    return np.concatenate(parts)
 
-    def step(params: Params, kv: KVCache, sstate, inp: StepInput):
+
+def unpack(flat: jax.Array, template):
+    """Inverse of `pack`, inside jit: `template` is the pytree of ShapeDtypeStructs it was packed from."""
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    out, offset = [], 0
+    for leaf in leaves:
+        n = math.prod(leaf.shape)
+        x = flat[offset : offset + n].reshape(leaf.shape)
+        offset += n
+        if leaf.dtype == np.bool_:
+            x = x != 0
+        elif leaf.dtype != np.int32:
+            x = jax.lax.bitcast_convert_type(x, leaf.dtype)
+        out.append(x)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _abstract(tree):
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), tree)
+
+
+def make_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput):
+    """The model part of one step, as one pure function over a packed input."""
+
+    def forward_step(params: Params, kv: KVCache, sstate, flat):
+        inp = unpack(flat, template)
+        S = sstate.last_token.shape[0]
+        # A decode input sampled by the step before (not yet seen by the host) comes from the device.
+        last = jnp.take(sstate.last_token, jnp.minimum(inp.token_slot, S - 1))
+        token_ids = jnp.where(inp.token_ids < 0, last, inp.token_ids)
         with jax.named_scope("history"):
-            sstate = sampling.update_history(sstate, inp.token_slot, inp.token_ids, inp.is_prompt, inp.reset_slot)
-        h, kv = forward(params, cfg, inp.token_ids, inp.positions, kv, inp.attn, attn_fn)  # [T, D]
+            sstate = sampling.update_history(sstate, inp.token_slot, token_ids, inp.is_prompt, inp.reset_slot)
+        h, kv = forward(params, cfg, token_ids, inp.positions, kv, inp.attn, attn_fn)  # [T, D]
         with jax.named_scope("logits"):
             logits = compute_logits(params, cfg, h[inp.logits_indices])  # [B, V]
-        with jax.named_scope("sample"):
-            out = sampling.sample(logits, inp.sampling, sstate, max_logprobs=max_logprobs)
-        return out, kv, sstate
+        return logits, kv, sstate
 
-    return step
+    return forward_step
+
+
+def make_sampler_fn(variant: str, max_logprobs: int, template):
+    def sample_step(logits, sstate, flat):
+        return sampling.sample(logits, unpack(flat, template), sstate, variant=variant, max_logprobs=max_logprobs)
+
+    return sample_step
 
 
 @dataclass
@@ -73,6 +123,21 @@ class StepResult:
     logprobs: np.ndarray | None  # [B]
     top_ids: np.ndarray | None  # [B, K]
     top_logprobs: np.ndarray | None  # [B, K]
+
+
+@dataclass
+class LaunchedStep:
+    """A step on its way through the device; `result()` waits for its sampled ids."""
+
+    out: Any  # sampler.SampleOutput of device arrays
+    want_logprobs: bool
+
+    def result(self) -> StepResult:
+        if not self.want_logprobs:
+            return StepResult(np.asarray(self.out.token_ids), None, None, None)
+        o = self.out
+        ids, lp, tid, tlp = jax.device_get((o.token_ids, o.logprobs, o.top_ids, o.top_logprobs))
+        return StepResult(ids, lp, tid, tlp)
 
 
 class ModelRunner:
@@ -84,13 +149,15 @@ class ModelRunner:
         self.max_pages_per_seq = -(-max_model_len // ecfg.page_size)  # M
         self.num_slots = ecfg.max_num_seqs  # S
         self.sstate = sampling.init_sampler_state(self.num_slots, cfg.vocab_size)
-        self.buckets = sorted(b for b in ecfg.buckets() if b[1] <= _round_up_bucket(ecfg.seq_buckets, ecfg.max_num_seqs))
-        attn_fn = make_attention_fn(cfg, ecfg.attention_impl, ecfg.attention_interpret)
-        self._step = jax.jit(make_step_fn(cfg, attn_fn, ecfg.max_logprobs), donate_argnums=(1, 2))
+        max_b = _round_up_bucket(ecfg.seq_buckets, ecfg.max_num_seqs)
+        self.buckets = [b for b in ecfg.buckets() if b[1] <= max_b]  # (T, B, decode)
+        self.seq_buckets = sorted({b[1] for b in self.buckets})
+        self._attn_fn = make_attention_fn(cfg, ecfg.attention_impl, ecfg.attention_interpret)
         self._set_row = jax.jit(sampling.set_row, donate_argnums=(0,))
         self._history = jax.jit(sampling.update_history, donate_argnums=(0,))
         self._history_len = self.max_pages_per_seq * self.page_size  # L: a cached prefix is shorter
-        self.compiled: dict[tuple[int, int], Any] = {}
+        self.compiled: dict[tuple[int, int, bool], Any] = {}  # (T, B, decode) -> forward program
+        self.compiled_samplers: dict[tuple[int, str], Any] = {}  # (B, variant) -> sampler program
         self._compiled_set_row = None
         self._compiled_history = None
         self.compile_seconds = 0.0
@@ -98,16 +165,32 @@ class ModelRunner:
     # -- ahead-of-time compilation --------------------------------------------------------------------------
 
     def abstract_input(self, T: int, B: int) -> StepInput:
-        return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self._empty_input(T, B))
+        return _abstract(self._empty_input(T, B)[0])
+
+    def _lower_forward(self, T: int, B: int, decode: bool):
+        template = self.abstract_input(T, B)
+        attn_fn = functools.partial(self._attn_fn, decode=decode)
+        fn = jax.jit(make_forward_fn(self.cfg, attn_fn, template), donate_argnums=(1, 2))
+        flat = jax.ShapeDtypeStruct(pack(self._empty_input(T, B)[0]).shape, jnp.int32)
+        return fn.lower(self.params, self.kv, self.sstate, flat)
+
+    def _lower_sampler(self, B: int, variant: str):
+        md = self._empty_input(B, B)[1]
+        fn = jax.jit(make_sampler_fn(variant, self.ecfg.max_logprobs, _abstract(md)), donate_argnums=(1,))
+        logits = jax.ShapeDtypeStruct((B, self.cfg.vocab_size), jnp.float32)
+        return fn.lower(logits, self.sstate, jax.ShapeDtypeStruct(pack(md).shape, jnp.int32))
 
     def compile_all(self, show_progress: bool = True) -> None:
-        """Lower every bucket (Python, in order) and compile them in parallel (XLA releases the GIL)."""
+        """Lower every program (Python, in order) and compile them in parallel (XLA releases the GIL)."""
         t0 = time.monotonic()
         W = self.ecfg.max_logit_bias
         lowered = {
-            b: self._step.lower(self.params, self.kv, self.sstate, self.abstract_input(*b))
+            b: self._lower_forward(*b)
             for b in tqdm(self.buckets, desc="tracing buckets", unit="bucket", disable=not show_progress, leave=False)
         }
+        for B in self.seq_buckets:
+            for variant in sampling.VARIANTS:
+                lowered[(B, variant)] = self._lower_sampler(B, variant)
         row_args = (self.sstate, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((W,), jnp.int32),
                     jax.ShapeDtypeStruct((W,), jnp.float32), jax.ShapeDtypeStruct((W,), jnp.int32))
         lowered["set_row"] = self._set_row.lower(*row_args)
@@ -118,7 +201,7 @@ class ModelRunner:
                 jax.ShapeDtypeStruct((L,), jnp.bool_), jax.ShapeDtypeStruct((1,), jnp.int32))
         threads = self.ecfg.compile_threads or min(8, os.cpu_count() or 1)
         with cf.ThreadPoolExecutor(threads) as pool, tqdm(
-            total=len(lowered), desc="compiling buckets", unit="bucket", disable=not show_progress
+            total=len(lowered), desc="compiling buckets", unit="program", disable=not show_progress
         ) as bar:
             futures = {pool.submit(low.compile): key for key, low in lowered.items()}
             for fut in cf.as_completed(futures):
@@ -127,23 +210,27 @@ class ModelRunner:
                     self._compiled_set_row = fut.result()
                 elif key == "history":
                     self._compiled_history = fut.result()
+                elif isinstance(key[1], str):
+                    self.compiled_samplers[key] = fut.result()
                 else:
                     self.compiled[key] = fut.result()
-                bar.set_postfix_str(f"T={key[0]} B={key[1]}" if isinstance(key, tuple) else "sampler")
+                bar.set_postfix_str(f"T={key[0]} B={key[1]}" if isinstance(key, tuple) else key)
                 bar.update()
         self.compile_seconds = time.monotonic() - t0
 
     # -- packing a batch into a bucket ----------------------------------------------------------------------
 
-    def bucket_for(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
-        for T, B in self.buckets:
-            if T >= num_tokens and B >= num_seqs:
-                return T, B
+    def bucket_for(self, num_tokens: int, num_seqs: int) -> tuple[int, int, bool]:
+        """The smallest bucket holding the step: a decode bucket iff every sequence feeds one token."""
+        decode = num_tokens == num_seqs
+        for T, B, d in self.buckets:
+            if d == decode and T >= num_tokens and B >= num_seqs:
+                return T, B, d
         raise ValueError(f"no bucket holds {num_tokens} tokens and {num_seqs} sequences (buckets: {self.buckets})")
 
-    def _empty_input(self, T: int, B: int) -> StepInput:
+    def _empty_input(self, T: int, B: int) -> tuple[StepInput, sampling.SamplingMetadata]:
         S, P = self.num_slots, self.num_pages
-        return StepInput(
+        inp = StepInput(
             token_ids=np.zeros(T, np.int32),
             positions=np.zeros(T, np.int32),
             token_slot=np.full(T, S, np.int32),
@@ -157,36 +244,39 @@ class ModelRunner:
                 cu_q_lens=np.zeros(B + 1, np.int32),
                 num_seqs=np.zeros((), np.int32),
             ),
-            sampling=sampling.SamplingMetadata(
-                temperature=np.zeros(B, np.float32),
-                top_k=np.zeros(B, np.int32),
-                top_p=np.ones(B, np.float32),
-                min_p=np.zeros(B, np.float32),
-                seed=np.zeros(B, np.uint32),
-                position=np.zeros(B, np.int32),
-                repetition_penalty=np.ones(B, np.float32),
-                presence_penalty=np.zeros(B, np.float32),
-                frequency_penalty=np.zeros(B, np.float32),
-                slot=np.full(B, S, np.int32),
-                has_bias=np.zeros(B, np.bool_),
-                suppress_stop=np.zeros(B, np.bool_),
-                num_logprobs=np.full(B, -1, np.int32),
-            ),
         )
+        md = sampling.SamplingMetadata(
+            temperature=np.zeros(B, np.float32),
+            top_k=np.zeros(B, np.int32),
+            top_p=np.ones(B, np.float32),
+            min_p=np.zeros(B, np.float32),
+            seed=np.zeros(B, np.uint32),
+            position=np.zeros(B, np.int32),
+            repetition_penalty=np.ones(B, np.float32),
+            presence_penalty=np.zeros(B, np.float32),
+            frequency_penalty=np.zeros(B, np.float32),
+            slot=np.full(B, S, np.int32),
+            has_bias=np.zeros(B, np.bool_),
+            suppress_stop=np.zeros(B, np.bool_),
+            num_logprobs=np.full(B, -1, np.int32),
+        )
+        return inp, md
 
-    def prepare(self, batch: ScheduledBatch) -> StepInput:
-        T, B = self.bucket_for(batch.num_tokens, len(batch))
-        inp = self._empty_input(T, B)
-        a, s = inp.attn, inp.sampling
+    def prepare(self, batch: ScheduledBatch) -> tuple[StepInput, sampling.SamplingMetadata, tuple]:
+        bucket = T, B, _ = self.bucket_for(batch.num_tokens, len(batch))
+        inp, s = self._empty_input(T, B)
+        a = inp.attn
         t = 0
-        for b, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
-            start = req.num_computed_tokens
-            pos = np.arange(start, start + n, dtype=np.int32)
+        for b, (req, n, start) in enumerate(zip(batch.requests, batch.num_new_tokens, batch.start)):
+            known = req.num_tokens
             if n == 1:  # decode: avoid touching the whole history
-                inp.token_ids[t] = req.token_at(start)
+                inp.token_ids[t] = req.token_at(start) if start < known else -1  # -1: still on the device
             else:
+                if start + n > known:
+                    raise AssertionError("only a one-token step may start at a token the host has not seen")
                 ids = req.prompt_token_ids if start + n <= req.num_prompt_tokens else req.prompt_token_ids + req.output_token_ids
                 inp.token_ids[t : t + n] = ids[start : start + n]
+            pos = np.arange(start, start + n, dtype=np.int32)
             inp.positions[t : t + n] = pos
             inp.token_slot[t : t + n] = req.slot
             inp.is_prompt[t : t + n] = pos < req.num_prompt_tokens
@@ -200,38 +290,40 @@ class ModelRunner:
             if batch.reset[b] and start == 0:  # else seed_history has cleared and filled the row
                 inp.reset_slot[b] = req.slot
             p = req.params
+            out_index = start + n - req.num_prompt_tokens  # index in the output of the token sampled here
             s.temperature[b] = 0.0 if p.greedy else p.temperature
             s.top_k[b] = p.top_k if p.top_k < self.cfg.vocab_size else 0  # k >= V keeps everything
             s.top_p[b] = p.top_p
             s.min_p[b] = p.min_p
             s.seed[b] = req.seed
-            s.position[b] = len(req.output_token_ids)
+            s.position[b] = out_index
             s.repetition_penalty[b] = p.repetition_penalty
             s.presence_penalty[b] = p.presence_penalty
             s.frequency_penalty[b] = p.frequency_penalty
             s.slot[b] = req.slot
             s.has_bias[b] = bool(p.logit_bias)
-            s.suppress_stop[b] = len(req.output_token_ids) < p.min_tokens
+            s.suppress_stop[b] = out_index < p.min_tokens
             s.num_logprobs[b] = -1 if p.logprobs is None else p.logprobs
         a.cu_q_lens[len(batch) + 1 :] = t
         a.num_seqs[...] = len(batch)
-        return inp
+        return inp, s, bucket
 
     # -- running ----------------------------------------------------------------------------------------
 
-    def execute(self, inp: StepInput, want_logprobs: bool) -> StepResult:
-        T, B = inp.token_ids.shape[0], inp.logits_indices.shape[0]
-        dev = jax.device_put(inp)
-        out, self.kv, self.sstate = self.compiled[(T, B)](self.params, self.kv, self.sstate, dev)
-        if not want_logprobs:
-            return StepResult(np.asarray(out.token_ids), None, None, None)
-        ids, lp, tid, tlp = jax.device_get((out.token_ids, out.logprobs, out.top_ids, out.top_logprobs))
-        return StepResult(ids, lp, tid, tlp)
+    def launch(self, inp: StepInput, md: sampling.SamplingMetadata, bucket: tuple[int, int, bool]) -> LaunchedStep:
+        """Enqueue the step on the device and return at once."""
+        B, variant = bucket[1], sampling.variant_for(md)
+        logits, self.kv, self.sstate = self.compiled[bucket](self.params, self.kv, self.sstate, pack(inp))
+        out, self.sstate = self.compiled_samplers[(B, variant)](logits, self.sstate, pack(md))
+        want_logprobs = bool((md.num_logprobs >= 0).any())
+        for x in (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs) if want_logprobs else (out.token_ids,):
+            x.copy_to_host_async()
+        return LaunchedStep(out, want_logprobs)
 
-    def seed_history(self, req: Request) -> None:
-        """Clear req's sampler row and fold in its first num_computed_tokens tokens (a prefix-cache hit),
+    def seed_history(self, req: Request, num_cached: int) -> None:
+        """Clear req's sampler row and fold in its first num_cached tokens (a prefix-cache hit),
         flagged prompt / output as a full recompute would."""
-        L, n = self._history_len, req.num_computed_tokens
+        L, n = self._history_len, num_cached
         ids, slots, is_prompt = np.zeros(L, np.int32), np.full(L, self.num_slots, np.int32), np.zeros(L, np.bool_)
         ids[:n] = [req.token_at(i) for i in range(n)]
         slots[:n] = req.slot

@@ -28,6 +28,7 @@ kept, so the kept set is a function of the values only.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -46,6 +47,7 @@ class SamplerState:
     output_counts: jax.Array  # [S, V] int32: occurrences in the output so far
     logit_bias: jax.Array  # [S, V] float32
     stop_mask: jax.Array  # [S, V] bool: EOS + stop_token_ids, masked while min_tokens not reached
+    last_token: jax.Array  # [S] int32: the latest sampled token (input of the next step before the host has it)
 
 
 def init_sampler_state(num_slots: int, vocab_size: int) -> SamplerState:
@@ -55,6 +57,7 @@ def init_sampler_state(num_slots: int, vocab_size: int) -> SamplerState:
         output_counts=jnp.zeros(shape, jnp.int32),
         logit_bias=jnp.zeros(shape, jnp.float32),
         stop_mask=jnp.zeros(shape, jnp.bool_),
+        last_token=jnp.zeros((num_slots,), jnp.int32),
     )
 
 
@@ -112,7 +115,7 @@ def update_history(
     output_slot = jnp.where(is_prompt, num_slots, slot_per_token)  # [T]
     prompt_mask = prompt_mask.at[prompt_slot, token_ids].set(True, mode="drop")
     output_counts = output_counts.at[output_slot, token_ids].add(1, mode="drop")
-    return SamplerState(prompt_mask, output_counts, state.logit_bias, state.stop_mask)
+    return dataclasses.replace(state, prompt_mask=prompt_mask, output_counts=output_counts)
 
 
 def set_row(
@@ -127,7 +130,7 @@ def set_row(
     logit_bias = logit_bias.at[slot, bias_ids].set(bias_vals.astype(jnp.float32), mode="drop")
     stop_mask = state.stop_mask.at[slot].set(False, mode="drop")
     stop_mask = stop_mask.at[slot, stop_ids].set(True, mode="drop")
-    return SamplerState(state.prompt_mask, state.output_counts, logit_bias, stop_mask)
+    return dataclasses.replace(state, logit_bias=logit_bias, stop_mask=stop_mask)
 
 
 def apply_penalties(
@@ -213,11 +216,6 @@ def apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
     return jnp.where(ratio >= min_p[:, None], logits, -jnp.inf)
 
 
-def _cond_apply(needed: jax.Array, fn, logits: jax.Array) -> jax.Array:
-    # The common batch has no row using a feature; skip its [B, V] passes at runtime.
-    return lax.cond(jnp.any(needed), fn, lambda x: x, logits)
-
-
 def _gumbel_noise(seed: jax.Array, position: jax.Array, vocab: int) -> jax.Array:
     """[B, V] noise that depends only on (seed, position) of each row, never on the batch."""
 
@@ -228,90 +226,94 @@ def _gumbel_noise(seed: jax.Array, position: jax.Array, vocab: int) -> jax.Array
     return jax.vmap(row)(seed, position)
 
 
+VARIANTS = ("greedy", "random", "full")
+
+
+def variant_for(md: SamplingMetadata) -> str:
+    """The cheapest sampler variant that serves every row of a step (host side, on the numpy metadata).
+
+    greedy  argmax only
+    random  greedy rows argmax, the others temperature + Gumbel-max
+    full    every feature: logprobs, logit bias, penalties, min_tokens, top-k / top-p / min-p
+    A row gets the same token from every variant that serves it (the extra passes of `full` leave a row
+    that does not use them bit-identical), so the choice never changes a request's output.
+    """
+    sampled = md.temperature >= GREEDY_TEMPERATURE
+    if (
+        (md.num_logprobs >= 0).any() or md.has_bias.any() or md.suppress_stop.any()
+        or (md.repetition_penalty != 1.0).any() or (md.presence_penalty != 0.0).any()
+        or (md.frequency_penalty != 0.0).any()
+        or (sampled & ((md.top_k > 0) | (md.top_p < 1.0) | (md.min_p > 0.0))).any()
+    ):
+        return "full"
+    return "random" if sampled.any() else "greedy"
+
+
 def sample(
     logits: jax.Array,  # [B, V]
     md: SamplingMetadata,
     state: SamplerState,
     *,
+    variant: str,
     max_logprobs: int,
-) -> SampleOutput:
-    """Sample one token per row. `max_logprobs` (K) is static: the width of the top-K outputs."""
+) -> tuple[SampleOutput, SamplerState]:
+    """Sample one token per row; the tokens are also kept in `state.last_token` for the next step.
+
+    `variant` (see `variant_for`) and `max_logprobs` (K, the width of the top-K outputs) are static. No
+    branch depends on device values: a `lax.cond` on XLA:GPU copies its predicate to the host, which
+    would stall the host until the step is done and forbid running ahead of the device.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     batch, vocab = logits.shape
-    logits = logits.astype(jnp.float32)
+    full = variant == "full"
+    x = logits.astype(jnp.float32)
+    greedy = md.temperature < GREEDY_TEMPERATURE  # [B]
 
-    with jax.named_scope("raw_logprobs"):
-        # vLLM's default: report logprobs of the model's distribution, not of the processed one.
-        raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
-
-    with jax.named_scope("logit_bias"):
-
-        def add_bias(x):
+    if full:
+        with jax.named_scope("raw_logprobs"):
+            # vLLM's default: report logprobs of the model's distribution, not of the processed one.
+            raw_logprobs = jax.nn.log_softmax(x, axis=-1)  # [B, V]
+        with jax.named_scope("logit_bias"):
             bias = jnp.take(state.logit_bias, md.slot, axis=0, mode="clip")  # [B, V]
-            return jnp.where(md.has_bias[:, None], x + bias, x)
-
-        x = _cond_apply(md.has_bias, add_bias, logits)
-
-    with jax.named_scope("penalties"):
-
-        def penalise(x):
+            x = jnp.where(md.has_bias[:, None], x + bias, x)
+        with jax.named_scope("penalties"):
             prompt_mask = jnp.take(state.prompt_mask, md.slot, axis=0, mode="clip")  # [B, V]
             output_counts = jnp.take(state.output_counts, md.slot, axis=0, mode="clip")  # [B, V]
-            return apply_penalties(
-                x, prompt_mask, output_counts,
-                md.repetition_penalty, md.presence_penalty, md.frequency_penalty,
-            )
-
-        needs_penalty = (
-            (md.repetition_penalty != 1.0) | (md.presence_penalty != 0.0) | (md.frequency_penalty != 0.0)
-        )
-        x = _cond_apply(needs_penalty, penalise, x)
-
-    with jax.named_scope("min_tokens"):
-
-        def suppress(x):
+            x = apply_penalties(x, prompt_mask, output_counts,
+                                md.repetition_penalty, md.presence_penalty, md.frequency_penalty)
+        with jax.named_scope("min_tokens"):
             stop = jnp.take(state.stop_mask, md.slot, axis=0, mode="clip")  # [B, V]
-            return jnp.where(md.suppress_stop[:, None] & stop, -jnp.inf, x)
+            x = jnp.where(md.suppress_stop[:, None] & stop, -jnp.inf, x)
 
-        x = _cond_apply(md.suppress_stop, suppress, x)
-
-    greedy = md.temperature < GREEDY_TEMPERATURE  # [B]
-    greedy_ids = jnp.argmax(x, axis=-1).astype(jnp.int32)  # [B]
-
-    def random_ids(x):
-        temperature = jnp.where(greedy, 1.0, md.temperature)
-        x = x / temperature[:, None]  # [B, V]
-        with jax.named_scope("top_k"):
-            active = ~greedy & (md.top_k > 0) & (md.top_k < vocab)
-            x = _cond_apply(active, lambda x: apply_top_k(x, jnp.where(active, md.top_k, 0)), x)
-        with jax.named_scope("top_p"):
-            active = ~greedy & (md.top_p < 1.0)
-            x = _cond_apply(active, lambda x: apply_top_p(x, jnp.where(active, md.top_p, 1.0)), x)
-        with jax.named_scope("min_p"):
-            active = ~greedy & (md.min_p > 0.0)
-            x = _cond_apply(active, lambda x: apply_min_p(x, jnp.where(active, md.min_p, 0.0)), x)
+    token_ids = jnp.argmax(x, axis=-1).astype(jnp.int32)  # [B] greedy rows
+    if variant != "greedy":
+        y = x / jnp.where(greedy, 1.0, md.temperature)[:, None]  # [B, V]
+        if full:
+            with jax.named_scope("top_k"):
+                y = apply_top_k(y, jnp.where(greedy, 0, md.top_k))
+            with jax.named_scope("top_p"):
+                y = apply_top_p(y, jnp.where(greedy, 1.0, md.top_p))
+            with jax.named_scope("min_p"):
+                y = apply_min_p(y, jnp.where(greedy, 0.0, md.min_p))
         with jax.named_scope("gumbel_max"):
-            # argmax(x + Gumbel) is an exact draw from softmax(x); -inf tokens can never win.
+            # argmax(y + Gumbel) is an exact draw from softmax(y); -inf tokens can never win.
             noise = _gumbel_noise(md.seed.astype(jnp.uint32), md.position, vocab)  # [B, V]
-            drawn = jnp.argmax(x + noise, axis=-1).astype(jnp.int32)  # [B]
-        return jnp.where(greedy, greedy_ids, drawn)
+            drawn = jnp.argmax(y + noise, axis=-1).astype(jnp.int32)  # [B]
+        token_ids = jnp.where(greedy, token_ids, drawn)
 
-    token_ids = lax.cond(jnp.all(greedy), lambda x: greedy_ids, random_ids, x)  # [B]
+    k = max_logprobs
+    if full:
+        token_logprobs = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]  # [B]
+        with jax.named_scope("top_logprobs"):
+            if k:
+                top_logprobs, top_ids = lax.top_k(raw_logprobs, k)
+                top_ids = top_ids.astype(jnp.int32)
+            else:
+                top_logprobs, top_ids = jnp.zeros((batch, 0), jnp.float32), jnp.zeros((batch, 0), jnp.int32)
+    else:  # nobody asked: the host does not read them
+        token_logprobs = jnp.zeros((batch,), jnp.float32)
+        top_logprobs, top_ids = jnp.zeros((batch, k), jnp.float32), jnp.zeros((batch, k), jnp.int32)
 
-    token_logprobs = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]  # [B]
-
-    with jax.named_scope("top_logprobs"):
-        k = max_logprobs
-        if k == 0:
-            top_logprobs = jnp.zeros((batch, 0), jnp.float32)
-            top_ids = jnp.zeros((batch, 0), jnp.int32)
-        else:
-            def top(lp):
-                values, ids = lax.top_k(lp, k)
-                return values, ids.astype(jnp.int32)
-
-            def none(lp):
-                return jnp.zeros((batch, k), jnp.float32), jnp.zeros((batch, k), jnp.int32)
-
-            top_logprobs, top_ids = lax.cond(jnp.any(md.num_logprobs > 0), top, none, raw_logprobs)
-
-    return SampleOutput(token_ids, token_logprobs, top_ids, top_logprobs)
+    state = dataclasses.replace(state, last_token=state.last_token.at[md.slot].set(token_ids, mode="drop"))
+    return SampleOutput(token_ids, token_logprobs, top_ids, top_logprobs), state

@@ -19,12 +19,20 @@ Requests admitted together share too: a waiting request whose next uncached page
 (admitted earlier, or earlier in this step) is still computing is not admitted yet; once that page is
 computed and registered it comes from the cache. So the n children of one request, or equal prompts
 arriving together, compute their common full pages once, at the price of a step or a few of waiting.
+
+A step's tokens count as computed as soon as it is scheduled, and a token sampled on the device but not
+yet read by the host is `num_pending` on its request. So the engine can schedule step N+1 while step N
+runs (async scheduling): a request whose last token is pending decodes it in step N+1 (the device
+supplies the id), a request that will reach max_tokens or the context with its pending token is not
+scheduled again, and one that stops on EOS or a stop string is finished when its token arrives, its
+already scheduled next token discarded. A preempted request with a token pending is not readmitted until
+the token has arrived.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from jaxinfer.page_allocator import OutOfPages, PageAllocator, page_hash
 from jaxinfer.request import Request, Status
@@ -35,7 +43,9 @@ class ScheduledBatch:
     requests: list[Request]
     num_new_tokens: list[int]  # tokens each request feeds this step
     reset: list[bool]  # the request's first chunk since (re)admission: its sampler-state row is fresh.
-    # On a reset chunk, any num_computed_tokens came from the prefix cache and never enter a step.
+    # On a reset chunk, the first `start` tokens came from the prefix cache and never enter a step.
+    start: list[int] = field(default_factory=list)  # position of each request's first token in this step
+    sample: list[bool] = field(default_factory=list)  # the chunk reaches the sequence's end: a token is sampled
 
     @property
     def num_tokens(self) -> int:
@@ -45,9 +55,19 @@ class ScheduledBatch:
         return len(self.requests)
 
     def samples(self, i: int) -> bool:
-        """Does request i produce a token this step (its chunk reaches the end of its known tokens)?"""
-        r = self.requests[i]
-        return r.num_computed_tokens + self.num_new_tokens[i] == r.num_tokens
+        """Does request i produce a token this step?"""
+        return self.sample[i]
+
+    def add(self, req: Request, n: int, reset: bool) -> None:
+        """Take req's next n tokens into the step; they count as computed from now on."""
+        self.requests.append(req)
+        self.num_new_tokens.append(n)
+        self.reset.append(reset)
+        self.start.append(req.num_computed_tokens)
+        req.num_computed_tokens += n
+        sample = req.num_computed_tokens == req.num_tokens + req.num_pending
+        self.sample.append(sample)
+        req.num_pending += sample
 
 
 class Scheduler:
@@ -150,8 +170,8 @@ class Scheduler:
         return self.allocator.lookup(self._page_hashes(req, (req.num_tokens - 1) // self.page_size))
 
     def _register_pages(self, req: Request) -> None:
-        """Offer the pages req has filled and computed to the prefix cache."""
-        full = req.num_computed_tokens // self.page_size
+        """Offer the pages req has filled with known tokens and computed to the prefix cache."""
+        full = min(req.num_computed_tokens, req.num_tokens) // self.page_size
         if not self.enable_prefix_caching or full <= req.num_registered_pages:
             return
         hashes = self._page_hashes(req, full)
@@ -195,7 +215,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_pending and (len(req.output_token_ids) + req.num_pending >= req.max_tokens
+                                    or req.num_tokens + req.num_pending >= self.max_model_len):
+                i += 1  # its pending token ends it ('length' when the token arrives)
+                continue
+            n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
             while not self._grow(req, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -203,9 +227,7 @@ class Scheduler:
                     break
             if req.status is not Status.RUNNING:
                 break  # req preempted itself: nothing younger is left to schedule
-            batch.requests.append(req)
-            batch.num_new_tokens.append(n)
-            batch.reset.append(False)
+            batch.add(req, n, reset=False)
             budget -= n
             i += 1
 
@@ -216,6 +238,9 @@ class Scheduler:
         w = 0
         while w < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[w]
+            if req.num_pending:  # preempted while its last token was still on the device
+                w += 1
+                continue
             hit = self._cached_prefix(req)
             if self._waits_for_pending(req, hit, pending):
                 w += 1
@@ -241,29 +266,28 @@ class Scheduler:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
             self.running.append(req)
-            batch.requests.append(req)
-            batch.num_new_tokens.append(n)
-            batch.reset.append(True)
+            batch.add(req, n, reset=True)
             budget -= n
             self._add_pending(req, pending)
         return batch
 
     def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Request]:
-        """Advance each scheduled request by its chunk and append its sampled token (None: no token this step).
+        """Append each request's sampled token of a finished step (None: no token this step).
 
         Applies the token-level stop rules (EOS, stop_token_ids, max_tokens, context length) and returns the
         requests that finished. Stop strings are the engine's business (they need text).
         """
         finished = []
         now = time.monotonic()
-        for req, n, tok in zip(batch.requests, batch.num_new_tokens, sampled):
-            if req.is_finished:  # aborted while the step ran
+        for req, tok in zip(batch.requests, sampled):
+            if req.is_finished:  # aborted, or stopped by the step before (this token is past its end)
                 continue
-            req.num_computed_tokens += n
-            self._register_pages(req)
             if tok is None:
+                self._register_pages(req)
                 continue
+            req.num_pending -= 1
             req.output_token_ids.append(tok)
+            self._register_pages(req)
             if req.first_token_time is None:
                 req.first_token_time = now
             p = req.params

@@ -62,17 +62,18 @@ def test_engine_flags_map_onto_engine_config():
         "generate", "x", "--max-model-len", "512", "--max-num-seqs", "8", "--max-num-batched-tokens", "32",
         "--token-buckets", "1,4,16,64", "--seq-buckets", "1, 8", "--page-size", "8", "--kv-cache-memory", "64MiB",
         "--dtype", "bfloat16", "--load-format", "dummy", "--compilation-cache-dir", "/tmp/cc", "--no-compilation-cache",
-        "--no-prefix-caching", "--engine-seed", "7", "--quiet", "--model", "some/dir",
+        "--no-prefix-caching", "--no-async-scheduling", "--engine-seed", "7", "--quiet", "--model", "some/dir",
     )
     opts = cli.engine_options_from_args(args)
     assert opts == dict(
         max_model_len=512, max_num_seqs=8, max_num_batched_tokens=32, token_buckets=(1, 4, 16, 64), seq_buckets=(1, 8),
         page_size=8, kv_cache_memory="64MiB", dtype="bfloat16", load_format="dummy", compilation_cache_dir="/tmp/cc",
-        use_compilation_cache=False, seed=7, show_progress=False, enable_prefix_caching=False,
+        use_compilation_cache=False, seed=7, show_progress=False, enable_prefix_caching=False, async_scheduling=False,
     )
     cfg = EngineConfig.from_options(**opts)
     assert not cfg.enable_prefix_caching and EngineConfig().enable_prefix_caching
-    assert cfg.kv_cache_memory == 64 << 20 and cfg.token_budget == 32 and cfg.buckets()[-1] == (64, 8)
+    assert not cfg.async_scheduling and EngineConfig().async_scheduling
+    assert cfg.kv_cache_memory == 64 << 20 and cfg.token_budget == 32 and cfg.buckets()[-1] == (64, 8, False)
     assert args.model == "some/dir"
 
 

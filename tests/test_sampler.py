@@ -24,11 +24,18 @@ from jaxinfer.sampler import (
     sample,
     set_row,
     update_history,
+    variant_for,
 )
 from jaxinfer.sampling_params import SamplingParams
 
 K = 4  # max_logprobs for every sample() call below
-_sample = jax.jit(sample, static_argnames="max_logprobs")
+_sample_jit = jax.jit(sample, static_argnames=("variant", "max_logprobs"))
+
+
+def _sample(logits, md, state, *, max_logprobs, variant="full"):
+    return _sample_jit(logits, md, state, variant=variant, max_logprobs=max_logprobs)[0]
+
+
 _update = jax.jit(update_history)
 _set_row = jax.jit(set_row)
 _top_k = jax.jit(apply_top_k)
@@ -554,11 +561,14 @@ def test_logprobs_are_raw_and_top_k_is_exact():
     assert out.top_ids.dtype == jnp.int32 and out.top_ids.shape == (B, K)
 
 
-def test_top_logprobs_skipped_and_zero_width():
+def test_logprobs_skipped_without_full_variant_and_zero_width():
     logits = _random_logits(19)
     state = init_sampler_state(S, V)
-    out = _sample(logits, make_md(B, num_logprobs=0), state, max_logprobs=K)
+    md = make_md(B)
+    assert variant_for(md) == "random"  # nobody asked for logprobs: they are not computed
+    out = _sample(logits, md, state, max_logprobs=K, variant="random")
     assert not np.asarray(out.top_logprobs).any() and not np.asarray(out.top_ids).any()
+    assert not np.asarray(out.logprobs).any()
 
     out = _sample(logits, make_md(B, num_logprobs=0), state, max_logprobs=0)
     assert out.top_ids.shape == (B, 0) and out.top_logprobs.shape == (B, 0)
@@ -566,3 +576,42 @@ def test_top_logprobs_skipped_and_zero_width():
         np.asarray(out.logprobs),
         np.asarray(jax.nn.log_softmax(logits, -1))[np.arange(B), np.asarray(out.token_ids)], rtol=1e-6,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler variants: the host picks the cheapest one that serves a step; a row's token never depends on it
+
+
+def test_variant_for_picks_the_cheapest_that_serves_every_row():
+    assert variant_for(make_md(3, temperature=0.0)) == "greedy"
+    assert variant_for(make_md(3, temperature=[0.0, 0.7, 0.0])) == "random"
+    assert variant_for(make_md(3, temperature=0.0, top_k=5)) == "greedy"  # top-k means nothing to a greedy row
+    assert variant_for(make_md(3, temperature=[0.0, 0.7, 0.0], top_p=0.9)) == "full"
+    assert variant_for(make_md(3, temperature=0.0, num_logprobs=0)) == "full"
+    assert variant_for(make_md(3, temperature=0.0, repetition_penalty=1.1)) == "full"
+    assert variant_for(make_md(3, temperature=0.0, has_bias=True)) == "full"
+    assert variant_for(make_md(3, temperature=0.0, suppress_stop=True)) == "full"
+
+
+def test_every_variant_that_serves_a_row_gives_it_the_same_token():
+    B, V, S = 6, 64, 8
+    logits = jnp.asarray(np.random.default_rng(3).normal(size=(B, V)).astype(np.float32) * 3)
+    md = make_md(B, num_slots=S, temperature=[0.0, 0.9, 0.0, 1.3, 0.5, 0.0], seed=np.arange(B) + 11,
+                 position=[0, 4, 2, 9, 1, 7], slot=np.arange(B))
+    state = init_sampler_state(S, V)
+    full = np.asarray(_sample(logits, md, state, max_logprobs=K, variant="full").token_ids)
+    random = np.asarray(_sample(logits, md, state, max_logprobs=K, variant="random").token_ids)
+    np.testing.assert_array_equal(random, full)
+    greedy_rows = np.asarray(md.temperature) == 0
+    greedy = np.asarray(_sample(logits, md, state, max_logprobs=K, variant="greedy").token_ids)
+    np.testing.assert_array_equal(greedy[greedy_rows], full[greedy_rows])
+    np.testing.assert_array_equal(greedy, np.argmax(np.asarray(logits), -1))
+
+
+def test_sampled_tokens_are_kept_per_slot_for_the_next_step():
+    B, V, S = 3, 32, 5
+    logits = jnp.asarray(np.random.default_rng(4).normal(size=(B, V)).astype(np.float32))
+    md = make_md(B, num_slots=S, temperature=0.0, slot=[3, S, 1])  # the middle row is padding
+    out, state = _sample_jit(logits, md, init_sampler_state(S, V), variant="greedy", max_logprobs=K)
+    ids, last = np.asarray(out.token_ids), np.asarray(state.last_token)
+    assert last[3] == ids[0] and last[1] == ids[2] and last[[0, 2, 4]].tolist() == [0, 0, 0]

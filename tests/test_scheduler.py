@@ -29,11 +29,11 @@ def run(sched: Scheduler, max_steps: int = 10_000):
     while sched.has_unfinished() and len(steps) < max_steps:
         batch = sched.schedule()
         assert len(batch) <= sched.max_num_seqs and batch.num_tokens <= sched.token_budget
-        for req, n in zip(batch.requests, batch.num_new_tokens):
+        for req, n, start in zip(batch.requests, batch.num_new_tokens, batch.start):
             # every scheduled request holds pages for what it will have computed ...
-            assert len(req.pages) * sched.page_size >= req.num_computed_tokens + n
+            assert len(req.pages) * sched.page_size >= start + n == req.num_computed_tokens
             # ... and the pages it writes are its own: never shared, never in the prefix cache
-            for page in {req.pages[pos // sched.page_size] for pos in range(req.num_computed_tokens, req.num_computed_tokens + n)}:
+            for page in {req.pages[pos // sched.page_size] for pos in range(start, start + n)}:
                 assert sched.allocator.ref_counts[page] == 1 and not sched.allocator.is_cached(page)
         sampled = [mock_token(r) if batch.samples(i) else None for i, r in enumerate(batch.requests)]
         sched.update(batch, sampled)
@@ -56,6 +56,7 @@ def test_chunked_prefill_splits_long_prompts_and_decodes_first():
     sched.update(first, [mock_token(a), None])  # b's first chunk samples nothing
     second = sched.schedule()
     assert second.requests == [a, b] and second.num_new_tokens == [1, 7]  # a's decode first, then b's next chunk
+    sched.update(second, [mock_token(a), None])
     run(sched)
     assert a.output_token_ids == expected_output(3, 5) and b.output_token_ids == expected_output(20, 2)
     assert sched.allocator.num_free == 100
@@ -168,7 +169,7 @@ def admit_alone(sched: Scheduler, req: Request) -> int:
     sched.add(req)
     batch = sched.schedule()
     assert batch.requests == [req] and batch.reset == [True]
-    hit = req.num_computed_tokens
+    hit = batch.start[0]
     assert batch.num_new_tokens == [min(req.num_tokens - hit, sched.token_budget)]
     sched.update(batch, [mock_token(req) if batch.samples(0) else None])
     return hit
@@ -357,3 +358,53 @@ def test_requests_admitted_together_compute_a_shared_prompt_once(budget):
         else:
             assert prefill == 4 * 21 and sched.prefix_cache_hits == 0
         assert sched.allocator.num_free == 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Async scheduling: step N+1 is scheduled before step N's tokens are known (engine.py)
+
+
+def run_async(sched: Scheduler, max_steps: int = 10_000) -> int:
+    """Schedule each step while the one before is still 'on the device'; its tokens arrive afterwards."""
+    inflight, steps = None, 0
+    while (sched.has_unfinished() or inflight) and steps < max_steps:
+        batch = sched.schedule()
+        for req, n, start in zip(batch.requests, batch.num_new_tokens, batch.start):
+            assert len(req.pages) * sched.page_size >= start + n == req.num_computed_tokens
+            # only a one-token decode may start at a token the host has not seen yet
+            assert start + n <= req.num_tokens or (n == 1 and start == req.num_tokens)
+        if inflight is not None:
+            sched.update(inflight, [mock_token(r) if inflight.samples(i) else None for i, r in enumerate(inflight.requests)])
+            sched.allocator.check_invariants()
+        inflight = batch if len(batch) else None
+        steps += 1
+    return steps
+
+
+def test_async_scheduling_gives_the_same_tokens_and_frees_everything():
+    rng = random.Random(2)
+    for pages in (200, 24):  # plenty, and few enough to preempt
+        sched = Scheduler(num_pages=pages, page_size=4, max_num_seqs=6, token_budget=16, max_model_len=80)
+        reqs = [make_request(i, rng.randint(1, 30), rng.randint(1, 20)) for i in range(30)]
+        for r in reqs:
+            sched.add(r)
+        run_async(sched)
+        for r in reqs:
+            assert r.output_token_ids == expected_output(r.num_prompt_tokens, r.max_tokens), r.request_id
+            assert r.finish_reason == "length" and r.num_pending == 0
+        assert sched.allocator.num_free == pages and sorted(sched._free_slots) == list(range(6))
+    assert sched.num_preemptions > 0
+
+
+def test_async_scheduling_discards_the_token_after_a_stop():
+    sched = Scheduler(num_pages=100, page_size=4, max_num_seqs=4, token_budget=32, max_model_len=80)
+    a = make_request(0, 5, 20)
+    a.params = SamplingParams(max_tokens=20)
+    a.eos_token_ids = frozenset({1000 + 5 + 3})  # its 4th output token
+    b, one = make_request(1, 7, 6), make_request(2, 3, 1)  # one: a single token, its prefill's
+    for r in (a, b, one):
+        sched.add(r)
+    run_async(sched)
+    assert a.output_token_ids == expected_output(5, 4) and a.finish_reason == "stop"
+    assert b.output_token_ids == expected_output(7, 6) and one.output_token_ids == expected_output(3, 1)
+    assert sched.allocator.num_free == 100
