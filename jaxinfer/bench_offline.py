@@ -458,8 +458,8 @@ def run(args: argparse.Namespace) -> int:
     report["results"] = res
     report["notes"] += notes_for(report)
     for note in report["notes"]:
-        if note.startswith("warning:"):
-            log(note)
+        if note.startswith("warning:"):  # shown even with --quiet
+            print(note, file=sys.stderr, flush=True)
     report["context"]["loadavg_end"] = _loadavg()
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")

@@ -107,6 +107,13 @@ def test_bad_flags_exit_2_naming_the_flag(extra, expected, capsys, monkeypatch):
     assert expected in err
 
 
+def test_compiles_while_measured_are_a_warning():
+    report = {"results": {"compiles_while_measured": 2, "requests_stopped_early": 3, "preemptions": 0},
+              "startup": {"compilation_cache": True, "this_process": {"cache_files_before": 0}}}
+    warning, early = bench_offline.notes_for(report)
+    assert warning.startswith("warning: 2 compilation(s) while measured") and "--ignore-eos" in early
+
+
 # -- runs on the tiny model ---------------------------------------------------------------------------------------
 
 
