@@ -62,7 +62,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog="examples:\n  jaxinfer bench                                    default model, 128 in / 128 out, batch 16\n"
         "  jaxinfer bench --json-out bench.json --no-peers\n"
         "  jaxinfer bench --input-len 512 --output-len 64 --batch-size 4\n"
-        "  jaxinfer bench serve --request-rate 1,2,inf     the HTTP server under load (TTFT, TPOT, goodput)",
+        "  jaxinfer bench serve --request-rate 1,2,inf     the HTTP server under load (TTFT, TPOT, goodput)\n"
+        "  jaxinfer bench throughput --num-prompts 200     offline: many requests at once, tokens/s\n"
+        "  jaxinfer bench latency --batch-size 8           offline: one batch's latency, TTFT, TPOT",
     )
     add_model_args(p)
     g = p.add_argument_group("benchmark options")
@@ -78,10 +80,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--json-out", metavar="PATH", help="also write every number and the run's context as JSON")
     add_engine_args(p)
     p.set_defaults(func=run)
-    from jaxinfer import bench_serve
+    from jaxinfer import bench_offline, bench_serve
 
-    bench_serve.add_parser(p.add_subparsers(dest="bench_command", metavar="{serve}",
-                                            title="load-test the HTTP server instead (see `jaxinfer bench serve -h`)"))
+    modes = p.add_subparsers(dest="bench_command", metavar="{serve,throughput,latency}",
+                             title="other measurements instead (see `jaxinfer bench MODE -h`)")
+    bench_serve.add_parser(modes)
+    bench_offline.add_parsers(modes)
     return p
 
 
