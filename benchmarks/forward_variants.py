@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--trace", metavar="DIR", help="also write a Perfetto trace of the decode-kernel forward here")
+    p.add_argument("--only", help="comma-separated variants to run (default: all)")
     args = p.parse_args(argv)
     import jax
     import jax.numpy as jnp
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
                 x = _mlp_block(lp, cfg, x)
         return jnp.argmax(compute_logits(params, cfg, x[inp.logits_indices]), -1)
 
-    fused_params = dict(embed=params.embed, final_norm=params.final_norm, lm_head=params.lm_head, layers=[
+    fused_params = None if args.only and "fused" not in args.only else dict(embed=params.embed, final_norm=params.final_norm, lm_head=params.lm_head, layers=[
         dict(attn_norm=lp.attn_norm, mlp_norm=lp.mlp_norm, wo=lp.wo, w_down=lp.w_down,
              wqkv=jnp.concatenate([lp.wq.reshape(cfg.hidden_size, -1), lp.wk.reshape(cfg.hidden_size, -1),
                                    lp.wv.reshape(cfg.hidden_size, -1)], axis=1),
@@ -125,13 +127,37 @@ def main(argv=None) -> int:
 
     def record(name, ms):
         res[name] = ms
+        if ms is None:
+            return
         print(f"B={B} {name}: {ms:.3f} ms, {nbytes / ms / 1e9:.2f} TB/s of weights", flush=True)
 
-    record("full", timeit(jax.jit(full, donate_argnums=(1,)), donate_kv=True))
-    record("full_decode_kernel", timeit(jax.jit(functools.partial(full, decode=True), donate_argnums=(1,)), donate_kv=True))
-    record("no_attention", timeit(jax.jit(lambda p, i: chain(p, i, False)), params, dev))
-    record("lm_head", timeit(jax.jit(lambda p, i: jnp.argmax(compute_logits(p, cfg, p.embed[i.token_ids][i.logits_indices]), -1)), params, dev))
-    record("fused", timeit(jax.jit(lambda p, i: chain(as_attrs(p), i, True)), fused_params, dev))
+    only = set(args.only.split(",")) if args.only else None
+
+    def want(name):
+        return only is None or name in only
+
+    if want("full"):
+        record("full", timeit(jax.jit(full, donate_argnums=(1,)), donate_kv=True))
+    decode_fn = jax.jit(functools.partial(full, decode=True), donate_argnums=(1,))
+    if want("full_decode_kernel"):
+        record("full_decode_kernel", timeit(decode_fn, donate_kv=True))
+    if want("full_decode_kernel_engine_options"):  # compiled with the engine's XLA options (runner.py)
+        from jaxinfer.runner import compiler_options
+        f = decode_fn.lower(params, run.kv, dev).compile(compiler_options())
+        record("full_decode_kernel_engine_options", timeit(f, donate_kv=True))
+    if want("no_attention"):
+        record("no_attention", timeit(jax.jit(lambda p, i: chain(p, i, False)), params, dev))
+    if want("lm_head"):
+        record("lm_head", timeit(jax.jit(lambda p, i: jnp.argmax(compute_logits(p, cfg, p.embed[i.token_ids][i.logits_indices]), -1)), params, dev))
+    if want("fused"):
+        record("fused", timeit(jax.jit(lambda p, i: chain(as_attrs(p), i, True)), fused_params, dev))
+    if args.trace:
+        o, run.kv = decode_fn(params, run.kv, dev)
+        jax.block_until_ready(o)
+        with jax.profiler.trace(args.trace, create_perfetto_trace=True):
+            for _ in range(5):
+                o, run.kv = decode_fn(params, run.kv, dev)
+            jax.block_until_ready(o)
     out = {k: dict(ms=v, tb_s=nbytes / v / 1e9) for k, v in res.items()}
     out["weights_gb"] = nbytes / 1e9
     out["batch"] = B
