@@ -141,10 +141,6 @@ def main(argv=None) -> int:
     decode_fn = jax.jit(functools.partial(full, decode=True), donate_argnums=(1,))
     if want("full_decode_kernel"):
         record("full_decode_kernel", timeit(decode_fn, donate_kv=True))
-    if want("full_decode_kernel_engine_options"):  # compiled with the engine's XLA options (runner.py)
-        from jaxinfer.runner import compiler_options
-        f = decode_fn.lower(params, run.kv, dev).compile(compiler_options())
-        record("full_decode_kernel_engine_options", timeit(f, donate_kv=True))
     if want("no_attention"):
         record("no_attention", timeit(jax.jit(lambda p, i: chain(p, i, False)), params, dev))
     if want("lm_head"):

@@ -87,16 +87,6 @@ def unpack(flat: jax.Array, template):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-# XLA:GPU rewrites a matrix-vector dot whose output is small (the K and V projections at batch 1) into a
-# broadcast multiply + reduce, which runs at ~0.8 TB/s instead of a GEMV's ~2.8 (profiled on H100: about
-# 1 ms of a 7 ms Llama-3.1-8B decode step). Keep every dot a GEMM.
-_GPU_COMPILER_OPTIONS = {"xla_gpu_enable_dot_strength_reduction": False}
-
-
-def compiler_options() -> dict | None:
-    return dict(_GPU_COMPILER_OPTIONS) if jax.default_backend() == "gpu" else None
-
-
 def _abstract(tree):
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), tree)
 
@@ -213,8 +203,7 @@ class ModelRunner:
         with cf.ThreadPoolExecutor(threads) as pool, tqdm(
             total=len(lowered), desc="compiling buckets", unit="program", disable=not show_progress
         ) as bar:
-            options = compiler_options()
-            futures = {pool.submit(low.compile, options): key for key, low in lowered.items()}
+            futures = {pool.submit(low.compile): key for key, low in lowered.items()}
             for fut in cf.as_completed(futures):
                 key = futures[fut]
                 if key == "set_row":
