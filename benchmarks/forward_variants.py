@@ -6,8 +6,8 @@
 Variants (each compiled once, called --steps times back to back, blocked once):
   full          the engine's forward (paged attention kernel, KV write) + argmax over the logits
   full_decode_kernel  the same with the attention op's decode kernel (what decode buckets run)
-  no_attention  attention output replaced by q and no KV write: the matmul / norm / rope chain alone
-  fused         as no_attention, with wq|wk|wv and w_gate|w_up concatenated into one matrix each
+  no_attention  attention output replaced by q (k and v kept live) and no KV write: the matmul / norm / rope
+                chain alone
   lm_head       the final norm + logits + argmax alone
 The bytes of weights read per step over the measured time give the achieved bandwidth of each.
 """
@@ -66,46 +66,17 @@ def main(argv=None) -> int:
         h, kv = forward(params, cfg, inp.token_ids, inp.positions, kv, inp.attn, attn)
         return jnp.argmax(compute_logits(params, cfg, h[inp.logits_indices]), -1), kv
 
-    def chain(params, inp, fused):
+    def chain(params, inp):
         eps, inv = cfg.rms_norm_eps, jnp.asarray(np.ones(cfg.head_dim // 2, np.float32))
         x = params.embed[inp.token_ids]
         for lp in params.layers:
             h = rms_norm(x, lp.attn_norm, eps)
-            if fused:
-                qkv = dot("td,de->te", h, lp["wqkv"])
-                q = qkv[:, : cfg.num_heads * cfg.head_dim].reshape(-1, cfg.num_heads, cfg.head_dim)
-            else:
-                q = dot("td,dnh->tnh", h, lp.wq)
-                dot("td,dkh->tkh", h, lp.wk), dot("td,dkh->tkh", h, lp.wv)
+            qkv = dot("td,dkgh->tkgh", h, lp.wqkv)
+            q = qkv[:, :, :-2].reshape(qkv.shape[0], -1, cfg.head_dim) + qkv[:, :, -2:].sum(axis=2).mean()
             q = apply_rope(q, inp.positions, inv)
-            x = x + dot("tnh,nhd->td", q, lp["wo"] if fused else lp.wo)
-            if fused:
-                hh = rms_norm(x, lp["mlp_norm"], eps)
-                gu = dot("td,df->tf", hh, lp["w_gu"])
-                g, u = jnp.split(gu, 2, axis=-1)
-                x = x + dot("tf,fd->td", jax.nn.silu(g) * u, lp["w_down"])
-            else:
-                x = _mlp_block(lp, cfg, x)
+            x = x + dot("tnh,nhd->td", q, lp.wo)
+            x = _mlp_block(lp, cfg, x)
         return jnp.argmax(compute_logits(params, cfg, x[inp.logits_indices]), -1)
-
-    fused_params = None if args.only and "fused" not in args.only else dict(embed=params.embed, final_norm=params.final_norm, lm_head=params.lm_head, layers=[
-        dict(attn_norm=lp.attn_norm, mlp_norm=lp.mlp_norm, wo=lp.wo, w_down=lp.w_down,
-             wqkv=jnp.concatenate([lp.wq.reshape(cfg.hidden_size, -1), lp.wk.reshape(cfg.hidden_size, -1),
-                                   lp.wv.reshape(cfg.hidden_size, -1)], axis=1),
-             w_gu=jnp.concatenate([lp.w_gate, lp.w_up], axis=1)) for lp in params.layers])
-
-    class P(dict):
-        def __getattr__(self, k):
-            try:
-                return self[k]
-            except KeyError:
-                raise AttributeError(k) from None
-
-
-    def as_attrs(d):
-        p = P(d)
-        p["layers"] = [P(x) for x in d["layers"]]
-        return p
 
     def timeit(f, *a, donate_kv=False):
         if donate_kv:
@@ -142,11 +113,9 @@ def main(argv=None) -> int:
     if want("full_decode_kernel"):
         record("full_decode_kernel", timeit(decode_fn, donate_kv=True))
     if want("no_attention"):
-        record("no_attention", timeit(jax.jit(lambda p, i: chain(p, i, False)), params, dev))
+        record("no_attention", timeit(jax.jit(chain), params, dev))
     if want("lm_head"):
         record("lm_head", timeit(jax.jit(lambda p, i: jnp.argmax(compute_logits(p, cfg, p.embed[i.token_ids][i.logits_indices]), -1)), params, dev))
-    if want("fused"):
-        record("fused", timeit(jax.jit(lambda p, i: chain(as_attrs(p), i, True)), fused_params, dev))
     if args.trace:
         o, run.kv = decode_fn(params, run.kv, dev)
         jax.block_until_ready(o)

@@ -106,14 +106,14 @@ def main(argv=None) -> int:
                     ph["post"] += time.perf_counter() - t5
                 case["phases_ms"] = {k: v / args.steps * 1e3 for k, v in ph.items()}
                 # 3. device time: the step's two programs back to back on one input
-                inp, md, bucket = run.prepare(eng.scheduler.schedule())
+                inp, md, bucket, _ = run.prepare(eng.scheduler.schedule())
                 fwd, smp = run.compiled[bucket], run.compiled_samplers[(bucket[1], sampler.variant_for(md))]
                 flat_in, flat_md = jax.device_put(pack(inp)), jax.device_put(pack(md))
                 for i in range(args.steps + 1):
                     if i == 1:
                         jax.block_until_ready(out)
                         t = time.perf_counter()
-                    logits, run.kv, run.sstate = fwd(run.params, run.kv, run.sstate, flat_in)
+                    logits, _, run.kv, run.sstate = fwd(run.params, run.kv, run.sstate, flat_in)
                     out, run.sstate = smp(logits, run.sstate, flat_md)
                 jax.block_until_ready(out)
                 case["device_step_ms"] = (time.perf_counter() - t) / args.steps * 1e3

@@ -145,6 +145,8 @@ class Engine:
                 priority=priority, group_id=gid, index=i,
             ))
         for r in children:
+            if params.prompt_logprobs is not None:
+                r.prompt_logprobs = [None] * len(ids)
             self.scheduler.add(r)
             if self.tokenizer is not None:
                 self._detok[id(r)] = IncrementalDetokenizer(
@@ -217,6 +219,8 @@ class Engine:
                 self.runner.set_row(req.slot, p.logit_bias, stops + list(p.stop_token_ids or []))
 
     def _postprocess(self, batch: ScheduledBatch, sampled: list[int | None], result: StepResult) -> None:
+        if result.prompt is not None:
+            self._prompt_logprobs(batch, result.prompt)
         for i, (req, tok) in enumerate(zip(batch.requests, sampled)):
             if tok is None:
                 continue
@@ -241,6 +245,21 @@ class Engine:
         for j, (t, lp) in enumerate(top):
             out.setdefault(t, Logprob(float(lp), j + 1, self._decode_token(t)))
         return out
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, plp) -> None:
+        """Store, per prompt position, the logprob of its token given the tokens before it (+ top-k)."""
+        t = 0
+        for req, n, start in zip(batch.requests, batch.num_new_tokens, batch.start):
+            k = req.params.prompt_logprobs
+            if k is not None and req.prompt_logprobs is not None:
+                for row in range(t, t + min(n, req.num_prompt_tokens - 1 - start)):
+                    pos = start + 1 + row - t  # the prompt token this row predicts
+                    tok = req.prompt_token_ids[pos]
+                    entry = {tok: Logprob(float(plp.logprobs[row]), int(plp.ranks[row]), self._decode_token(tok))}
+                    for j, (alt, lp) in enumerate(zip(plp.top_ids[row][:k].tolist(), plp.top_logprobs[row][:k].tolist())):
+                        entry.setdefault(alt, Logprob(float(lp), j + 1, self._decode_token(alt)))
+                    req.prompt_logprobs[pos] = entry
+            t += n
 
     def _decode_token(self, tok: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([tok], skip_special_tokens=False)
@@ -281,7 +300,7 @@ class Engine:
             num_generated_tokens=sum(len(r.output_token_ids) for r in children),
         )
         return RequestOutput(gid, self._prompts.get(gid), first.prompt_token_ids, comps,
-                             all(r.is_finished for r in children), metrics)
+                             all(r.is_finished for r in children), metrics, first.prompt_logprobs)
 
     # -- introspection --------------------------------------------------------------------------------------
 

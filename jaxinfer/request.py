@@ -39,6 +39,7 @@ class Request:
     status: Status = Status.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # per prompt position (0: None), if asked
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache, or will be once the scheduled steps ran
     num_pending: int = 0  # tokens sampled in scheduled steps whose ids the host has not read yet
     pages: list[int] = field(default_factory=list)
@@ -120,3 +121,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # per prompt token; the first is None

@@ -105,9 +105,26 @@ def make_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput):
         h, kv = forward(params, cfg, token_ids, inp.positions, kv, inp.attn, attn_fn)  # [T, D]
         with jax.named_scope("logits"):
             logits = compute_logits(params, cfg, h[inp.logits_indices])  # [B, V]
-        return logits, kv, sstate
+        return logits, h, kv, sstate
 
     return forward_step
+
+
+def make_prompt_logprobs_fn(cfg: ModelConfig, max_logprobs: int):
+    """Logprobs of the next prompt token at every token row: (params, h [T, D], targets [T]) -> logprob [T],
+    rank [T] (1 = most likely), top-K logprobs and ids [T, K]. Rows with target -1 are not read."""
+
+    def prompt_logprobs(params: Params, h, targets):
+        lp = jax.nn.log_softmax(compute_logits(params, cfg, h), axis=-1)  # [T, V]
+        target_lp = jnp.take_along_axis(lp, jnp.maximum(targets, 0)[:, None], axis=-1)  # [T, 1]
+        rank = 1 + jnp.sum(lp > target_lp, axis=-1, dtype=jnp.int32)
+        if max_logprobs:
+            top_lp, top_ids = jax.lax.top_k(lp, max_logprobs)
+        else:
+            top_lp, top_ids = jnp.zeros((h.shape[0], 0), jnp.float32), jnp.zeros((h.shape[0], 0), jnp.int32)
+        return target_lp[:, 0], rank, top_lp, top_ids.astype(jnp.int32)
+
+    return prompt_logprobs
 
 
 def make_sampler_fn(variant: str, max_logprobs: int, template):
@@ -123,6 +140,17 @@ class StepResult:
     logprobs: np.ndarray | None  # [B]
     top_ids: np.ndarray | None  # [B, K]
     top_logprobs: np.ndarray | None  # [B, K]
+    prompt: "PromptLogprobs | None" = None  # by token row, for requests that asked for prompt logprobs
+
+
+@dataclass
+class PromptLogprobs:
+    """Per token row of a step: the logprob and rank of the next prompt token, and the top-K alternatives."""
+
+    logprobs: np.ndarray  # [T]
+    ranks: np.ndarray  # [T]
+    top_logprobs: np.ndarray  # [T, K]
+    top_ids: np.ndarray  # [T, K]
 
 
 @dataclass
@@ -131,13 +159,18 @@ class LaunchedStep:
 
     out: Any  # sampler.SampleOutput of device arrays
     want_logprobs: bool
+    prompt: tuple | None = None  # device arrays of the prompt-logprobs program, when the step ran it
 
     def result(self) -> StepResult:
-        if not self.want_logprobs:
-            return StepResult(np.asarray(self.out.token_ids), None, None, None)
         o = self.out
-        ids, lp, tid, tlp = jax.device_get((o.token_ids, o.logprobs, o.top_ids, o.top_logprobs))
-        return StepResult(ids, lp, tid, tlp)
+        if self.want_logprobs:
+            ids, lp, tid, tlp = jax.device_get((o.token_ids, o.logprobs, o.top_ids, o.top_logprobs))
+            res = StepResult(ids, lp, tid, tlp)
+        else:
+            res = StepResult(np.asarray(o.token_ids), None, None, None)
+        if self.prompt is not None:
+            res.prompt = PromptLogprobs(*jax.device_get(self.prompt))
+        return res
 
 
 class ModelRunner:
@@ -158,6 +191,7 @@ class ModelRunner:
         self._history_len = self.max_pages_per_seq * self.page_size  # L: a cached prefix is shorter
         self.compiled: dict[tuple[int, int, bool], Any] = {}  # (T, B, decode) -> forward program
         self.compiled_samplers: dict[tuple[int, str], Any] = {}  # (B, variant) -> sampler program
+        self.compiled_prompt_logprobs: dict[int, Any] = {}  # T -> prompt-logprobs program
         self._compiled_set_row = None
         self._compiled_history = None
         self.compile_seconds = 0.0
@@ -191,6 +225,10 @@ class ModelRunner:
         for B in self.seq_buckets:
             for variant in sampling.VARIANTS:
                 lowered[(B, variant)] = self._lower_sampler(B, variant)
+        plp = jax.jit(make_prompt_logprobs_fn(self.cfg, self.ecfg.max_logprobs))
+        for T in sorted({b[0] for b in self.buckets}):
+            h = jax.ShapeDtypeStruct((T, self.cfg.hidden_size), jnp.dtype(self.params.embed.dtype))
+            lowered[("prompt_logprobs", T)] = plp.lower(self.params, h, jax.ShapeDtypeStruct((T,), jnp.int32))
         row_args = (self.sstate, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((W,), jnp.int32),
                     jax.ShapeDtypeStruct((W,), jnp.float32), jax.ShapeDtypeStruct((W,), jnp.int32))
         lowered["set_row"] = self._set_row.lower(*row_args)
@@ -210,11 +248,13 @@ class ModelRunner:
                     self._compiled_set_row = fut.result()
                 elif key == "history":
                     self._compiled_history = fut.result()
+                elif key[0] == "prompt_logprobs":
+                    self.compiled_prompt_logprobs[key[1]] = fut.result()
                 elif isinstance(key[1], str):
                     self.compiled_samplers[key] = fut.result()
                 else:
                     self.compiled[key] = fut.result()
-                bar.set_postfix_str(f"T={key[0]} B={key[1]}" if isinstance(key, tuple) else key)
+                bar.set_postfix_str(" ".join(map(str, key)) if isinstance(key, tuple) else key)
                 bar.update()
         self.compile_seconds = time.monotonic() - t0
 
@@ -262,10 +302,14 @@ class ModelRunner:
         )
         return inp, md
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[StepInput, sampling.SamplingMetadata, tuple]:
+    def prepare(self, batch: ScheduledBatch) -> tuple[StepInput, sampling.SamplingMetadata, tuple, np.ndarray | None]:
+        """The step's input and sampling metadata padded to its bucket, the bucket, and the prompt-logprob
+        targets: for each token row, the prompt token after it when its request asked for prompt logprobs
+        (else -1), or None when no row needs them."""
         bucket = T, B, _ = self.bucket_for(batch.num_tokens, len(batch))
         inp, s = self._empty_input(T, B)
         a = inp.attn
+        targets = None
         t = 0
         for b, (req, n, start) in enumerate(zip(batch.requests, batch.num_new_tokens, batch.start)):
             known = req.num_tokens
@@ -277,6 +321,11 @@ class ModelRunner:
                 ids = req.prompt_token_ids if start + n <= req.num_prompt_tokens else req.prompt_token_ids + req.output_token_ids
                 inp.token_ids[t : t + n] = ids[start : start + n]
             pos = np.arange(start, start + n, dtype=np.int32)
+            if req.params.prompt_logprobs is not None and start + 1 < req.num_prompt_tokens:
+                if targets is None:
+                    targets = np.full(T, -1, np.int32)
+                m = min(n, req.num_prompt_tokens - 1 - start)  # rows whose next token is a prompt token
+                targets[t : t + m] = req.prompt_token_ids[start + 1 : start + 1 + m]
             inp.positions[t : t + n] = pos
             inp.token_slot[t : t + n] = req.slot
             inp.is_prompt[t : t + n] = pos < req.num_prompt_tokens
@@ -306,19 +355,24 @@ class ModelRunner:
             s.num_logprobs[b] = -1 if p.logprobs is None else p.logprobs
         a.cu_q_lens[len(batch) + 1 :] = t
         a.num_seqs[...] = len(batch)
-        return inp, s, bucket
+        return inp, s, bucket, targets
 
     # -- running ----------------------------------------------------------------------------------------
 
-    def launch(self, inp: StepInput, md: sampling.SamplingMetadata, bucket: tuple[int, int, bool]) -> LaunchedStep:
+    def launch(self, inp: StepInput, md: sampling.SamplingMetadata, bucket: tuple[int, int, bool],
+               prompt_targets: np.ndarray | None = None) -> LaunchedStep:
         """Enqueue the step on the device and return at once."""
         B, variant = bucket[1], sampling.variant_for(md)
-        logits, self.kv, self.sstate = self.compiled[bucket](self.params, self.kv, self.sstate, pack(inp))
+        logits, h, self.kv, self.sstate = self.compiled[bucket](self.params, self.kv, self.sstate, pack(inp))
         out, self.sstate = self.compiled_samplers[(B, variant)](logits, self.sstate, pack(md))
         want_logprobs = bool((md.num_logprobs >= 0).any())
-        for x in (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs) if want_logprobs else (out.token_ids,):
+        prompt = None
+        if prompt_targets is not None:
+            prompt = self.compiled_prompt_logprobs[bucket[0]](self.params, h, prompt_targets)
+        copies = [out.token_ids] + ([out.logprobs, out.top_ids, out.top_logprobs] if want_logprobs else [])
+        for x in copies + list(prompt or ()):
             x.copy_to_host_async()
-        return LaunchedStep(out, want_logprobs)
+        return LaunchedStep(out, want_logprobs, prompt)
 
     def seed_history(self, req: Request, num_cached: int) -> None:
         """Clear req's sampler row and fold in its first num_cached tokens (a prefix-cache hit),

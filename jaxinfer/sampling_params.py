@@ -58,6 +58,7 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives to return; 0 = only the sampled token's logprob
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (no prefix-cache hit)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -112,10 +113,12 @@ class SamplingParams:
                 f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens}, max_tokens={self.max_tokens}"
             )
 
-        if self.logprobs is not None:
-            self.logprobs = _int("logprobs", self.logprobs, ">= 0 or null")
-            if self.logprobs < 0:
-                raise ValueError(f"logprobs must be an integer >= 0 or null, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                value = _int(name, getattr(self, name), ">= 0 or null")
+                if value < 0:
+                    raise ValueError(f"{name} must be an integer >= 0 or null, got {value}")
+                setattr(self, name, value)
 
         self.logit_bias = self._normalise_logit_bias(self.logit_bias)
         self.stop = self._normalise_stop(self.stop)
@@ -190,8 +193,9 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids entry {token} is outside the vocabulary [0, {vocab_size})")
         if len(self.stop_token_ids) > vocab_size:
             raise ValueError(f"stop_token_ids has more entries than the vocabulary ({vocab_size})")
-        if self.logprobs is not None and self.logprobs > max_logprobs:
-            raise ValueError(f"logprobs must be <= {max_logprobs}, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) > max_logprobs:
+                raise ValueError(f"{name} must be <= {max_logprobs}, got {getattr(self, name)}")
 
     @property
     def greedy(self) -> bool:

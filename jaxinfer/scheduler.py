@@ -163,9 +163,13 @@ class Scheduler:
             hs.append(page_hash(hs[-1] if hs else None, tokens, req.cache_extra))
         return hs[:num_pages]
 
+    def _uses_cache(self, req: Request) -> bool:
+        """Prompt logprobs need logits at every prompt position, so such a request computes its whole prompt."""
+        return self.enable_prefix_caching and req.params.prompt_logprobs is None
+
     def _cached_prefix(self, req: Request) -> list[int]:
         """Pages of req's longest cached prefix, leaving at least its last known token to compute."""
-        if not self.enable_prefix_caching:
+        if not self._uses_cache(req):
             return []
         return self.allocator.lookup(self._page_hashes(req, (req.num_tokens - 1) // self.page_size))
 
@@ -198,7 +202,7 @@ class Scheduler:
         waits: admitted a step or a few later, it takes that page from the cache instead of computing it
         again (n > 1 children, equal prompts arriving together). Hashes are chained, so a match means the
         whole prefix up to that page is equal."""
-        if not self.enable_prefix_caching or not pending:
+        if not self._uses_cache(req) or not pending:
             return False
         want = (req.num_tokens - 1) // self.page_size
         return len(hit) < want and self._page_hashes(req, want)[len(hit)] in pending

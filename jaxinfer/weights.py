@@ -68,9 +68,19 @@ def _then(f, g):
 
 @dataclass(frozen=True)
 class WeightEntry:
-    key: str  # checkpoint tensor name
-    path: str  # pytree path, e.g. "layers.3.wq"
-    transform: Callable[[np.ndarray], np.ndarray]
+    keys: tuple[str, ...]  # checkpoint tensor name(s)
+    path: str  # pytree path, e.g. "layers.3.wqkv"
+    transform: Callable[..., np.ndarray]  # one array per key -> the leaf
+
+
+def _fuse_qkv(K: int):
+    """q [D, N, H] (or [N, H]), k and v [D, K, H] -> [D, K, G + 2, H]: per kv head, its G query heads, k, v."""
+
+    def f(q, k, v):
+        q = q.reshape(*q.shape[:-2], K, q.shape[-2] // K, q.shape[-1])
+        return np.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
+
+    return f
 
 
 def weight_table(cfg: ModelConfig, fmt: str) -> list[WeightEntry]:
@@ -87,8 +97,8 @@ def weight_table(cfg: ModelConfig, fmt: str) -> list[WeightEntry]:
         if not cfg.tie_word_embeddings:
             top.append(("output.weight", "lm_head", _t))
         names = {
-            "attn_norm": "attn_norm.weight", "wq": "attn_q.weight", "wk": "attn_k.weight", "wv": "attn_v.weight",
-            "wo": "attn_output.weight", "bq": "attn_q.bias", "bk": "attn_k.bias", "bv": "attn_v.bias",
+            "attn_norm": "attn_norm.weight", "wqkv": ("attn_q.weight", "attn_k.weight", "attn_v.weight"),
+            "wo": "attn_output.weight", "bqkv": ("attn_q.bias", "attn_k.bias", "attn_v.bias"),
             "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight", "mlp_norm": "ffn_norm.weight",
             "w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
         }
@@ -98,29 +108,33 @@ def weight_table(cfg: ModelConfig, fmt: str) -> list[WeightEntry]:
         if not cfg.tie_word_embeddings:
             top.append(("lm_head.weight", "lm_head", _t))
         names = {
-            "attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
-            "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight", "bq": "self_attn.q_proj.bias",
-            "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias", "q_norm": "self_attn.q_norm.weight",
+            "attn_norm": "input_layernorm.weight",
+            "wqkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+            "wo": "self_attn.o_proj.weight",
+            "bqkv": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+            "q_norm": "self_attn.q_norm.weight",
             "k_norm": "self_attn.k_norm.weight", "mlp_norm": "post_attention_layernorm.weight",
             "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
         }
         prefix = "model.layers.{i}."
+    bq_in, bk_in = _heads(N, H), _heads(K, H)
+    if permuted:  # biases of permuted projections (none in llama, kept for completeness)
+        bq_in, bk_in = _then(_unpermute_gguf(N), bq_in), _then(_unpermute_gguf(K), bk_in)
+    fuse, v_in, bv_in = _fuse_qkv(K), _proj_in(K, H), _heads(K, H)
     transforms = {
-        "attn_norm": _same, "wq": q_in, "wk": k_in, "wv": _proj_in(K, H), "wo": _proj_out(N, H),
-        "bq": _heads(N, H), "bk": _heads(K, H), "bv": _heads(K, H), "q_norm": _same, "k_norm": _same,
+        "attn_norm": _same, "wqkv": lambda q, k, v: fuse(q_in(q), k_in(k), v_in(v)), "wo": _proj_out(N, H),
+        "bqkv": lambda q, k, v: fuse(bq_in(q), bk_in(k), bv_in(v)), "q_norm": _same, "k_norm": _same,
         "mlp_norm": _same, "w_gate": _t, "w_up": _t, "w_down": _t,
     }
-    if permuted:  # biases of permuted projections (none in llama, kept for completeness)
-        transforms["bq"] = _then(_unpermute_gguf(N), _heads(N, H))
-        transforms["bk"] = _then(_unpermute_gguf(K), _heads(K, H))
-    table = [WeightEntry(k, p, f) for k, p, f in top]
+    table = [WeightEntry((k,), p, f) for k, p, f in top]
     for i in range(cfg.num_layers):
         for leaf, name in names.items():
-            if leaf in ("bq", "bk", "bv") and not cfg.attention_bias:
+            if leaf == "bqkv" and not cfg.attention_bias:
                 continue
             if leaf in ("q_norm", "k_norm") and not cfg.qk_norm:
                 continue
-            table.append(WeightEntry(prefix.format(i=i) + name, f"layers.{i}.{leaf}", transforms[leaf]))
+            keys = tuple(prefix.format(i=i) + n for n in (name if isinstance(name, tuple) else (name,)))
+            table.append(WeightEntry(keys, f"layers.{i}.{leaf}", transforms[leaf]))
     return table
 
 
@@ -264,15 +278,16 @@ def load_params(cfg: ModelConfig, source, fmt: str, dtype, mesh: Mesh | None = N
     by_path = {e.path: e for e in weight_table(cfg, fmt)}
     where = getattr(source, "path", None) or getattr(source, "dir", "")
     np_dtype = np.dtype(jnp.dtype(dtype))
-    missing = [e.key for e in by_path.values() if e.key not in source.keys()]
+    missing = [k for e in by_path.values() for k in e.keys if k not in source.keys()]
     if missing:
         raise ValueError(f"{where}: checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
     def leaf(path: str, spec: ParamSpec):
         entry = by_path[path]
-        arr = entry.transform(source.get(entry.key))
+        arr = entry.transform(*(source.get(k) for k in entry.keys))
         if tuple(arr.shape) != spec.shape:
-            raise ValueError(f"{where}: tensor {entry.key!r} has shape {tuple(arr.shape)} after layout change, expected {spec.shape}")
+            name = entry.keys[0] if len(entry.keys) == 1 else entry.keys
+            raise ValueError(f"{where}: tensor {name!r} has shape {tuple(arr.shape)} after layout change, expected {spec.shape}")
         return np.ascontiguousarray(arr.astype(np_dtype))
 
     return _place(specs, leaf, mesh, f"loading weights ({Path(str(where)).name})", show_progress)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -229,8 +230,8 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
         prompts = protocol.completion_prompts(body, limits.vocab_size)
         params = protocol.sampling_params(body, limits, chat=False)
         echo = bool(body.get("echo"))
-        if echo and params.logprobs is not None:
-            raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
+        if echo and params.logprobs is not None:  # the prompt's tokens get logprobs too (first one: null)
+            params = dataclasses.replace(params, prompt_logprobs=params.logprobs)
         prompts_ids, prompt_texts = [], []
         for p in prompts:
             if isinstance(p, str):
@@ -287,8 +288,11 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
                                     "logprobs": lp, "finish_reason": c.finish_reason})
                 else:
                     prefix = prompt_texts[pi] if echo else ""
-                    lp = (protocol.completion_logprobs(c.logprobs, c.token_ids, k, 0, tok_decode)
+                    lp = (protocol.completion_logprobs(c.logprobs, c.token_ids, k, len(prefix), tok_decode)
                           if k is not None else None)
+                    if lp is not None and echo:
+                        lp = protocol.join_logprobs(protocol.prompt_logprobs(
+                            finals[rid].prompt_logprobs, finals[rid].prompt_token_ids, k, tok_decode), lp)
                     choices.append({"index": idx, "text": prefix + c.text, "logprobs": lp,
                                     "finish_reason": c.finish_reason})
         return json_response({"id": rid_base, "object": obj, "created": created, "model": model,
@@ -314,6 +318,8 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
                     lps = c.logprobs[cur.tokens:len(c.token_ids)] if (k is not None and c.logprobs) else None
                     if not text and not new_toks and not c.finish_reason and not cur.first:
                         continue
+                    if echo and k is not None and cur.first and not new_toks and not c.finish_reason:
+                        continue  # the echoed prompt's logprobs are complete once its first token is out
                     idx = pi * n + c.index
                     choice: dict = {"index": idx}
                     if chat:
@@ -324,8 +330,13 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
                     else:
                         prefix = prompt_texts[pi] if (echo and cur.first) else ""
                         choice["text"] = prefix + text
-                        choice["logprobs"] = (protocol.completion_logprobs(lps, new_toks, k, cur.text, tok_decode)
+                        shift = len(prompt_texts[pi]) if echo else 0  # offsets count from the choice's text
+                        choice["logprobs"] = (protocol.completion_logprobs(lps, new_toks, k, shift + cur.text, tok_decode)
                                               if lps is not None else None)
+                        if echo and cur.first and k is not None:
+                            choice["logprobs"] = protocol.join_logprobs(protocol.prompt_logprobs(
+                                out.prompt_logprobs, out.prompt_token_ids, k, tok_decode),
+                                choice["logprobs"] or protocol.completion_logprobs([], [], k, 0, tok_decode))
                     choice["finish_reason"] = c.finish_reason
                     cur.first = False
                     cur.text = max(cur.text, len(c.text))

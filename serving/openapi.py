@@ -83,7 +83,7 @@ def completion_request(lim: Limits | None) -> dict:
                    "description": "a string, token ids, or a list of either (one completion group each)"},
         "max_tokens": _nullable(_int(1, lim.max_model_len if lim else None, default=16)),
         "logprobs": _nullable(_int(0, lim.max_logprobs if lim else None)),
-        "echo": {"type": "boolean", "description": "prefix each choice with its prompt (not with logprobs)"},
+        "echo": {"type": "boolean", "description": "prefix each choice with its prompt; with logprobs, the prompt's tokens get logprobs too (the first: null)"},
     })
     return {"type": "object", "required": ["prompt"], "properties": props}
 

@@ -217,6 +217,26 @@ def completion_logprobs(c_logprobs: list[dict[int, Logprob]], token_ids: list[in
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
+def prompt_logprobs(p_logprobs: list[dict[int, Logprob] | None] | None, prompt_ids: list[int], k: int,
+                    decode) -> dict:
+    """The completions logprobs object for an echoed prompt: the first token has no logprob (null)."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    pos_text = 0
+    for i, tok in enumerate(prompt_ids):
+        pos = p_logprobs[i] if p_logprobs else None
+        s = decode(tok)
+        tokens.append(s)
+        token_lps.append(None if pos is None else pos[tok].logprob)
+        tops.append(None if pos is None or not k else {(l.decoded_token or decode(t)): l.logprob for t, l in _top(pos, k)})
+        offsets.append(pos_text)
+        pos_text += len(s)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def join_logprobs(first: dict, second: dict) -> dict:
+    return {key: first[key] + second[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
 def chat_logprobs(c_logprobs: list[dict[int, Logprob]], token_ids: list[int], k: int, decode) -> dict:
     content = []
     for tok, pos in zip(token_ids, c_logprobs):

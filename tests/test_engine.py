@@ -293,3 +293,33 @@ def test_huge_top_k_means_no_filter(tiny_llm):
                             use_tqdm=False)[0]
     assert big.outputs[0].token_ids == off.outputs[0].token_ids
     assert_all_pages_free(tiny_llm.engine)
+
+
+def test_prompt_logprobs_match_hf_across_chunks_and_cache(tiny_llm, tiny_llama_dir):
+    """prompt_logprobs: for every prompt token after the first, its logprob given the tokens before it, its
+    rank and the top-k, as HF computes them; a 100-token prompt runs in two chunks (64-token budget), and the
+    same prompt again (whose pages are now in the prefix cache) still computes every position."""
+    model = tiny_llama_dir[1]
+    prompt = np.random.default_rng(11).integers(0, 256, 100).tolist()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor(prompt)[None]).logits[0].float(), -1).numpy()  # [L, V]
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3, ignore_eos=True)
+    for _ in range(2):
+        out = tiny_llm.generate([prompt, prompt[:1]], params, use_tqdm=False)
+        plp = out[0].prompt_logprobs
+        assert len(plp) == 100 and plp[0] is None and out[1].prompt_logprobs == [None]
+        for pos in range(1, 100):
+            row, tok = ref[pos - 1], prompt[pos]
+            entry = plp[pos]
+            assert abs(entry[tok].logprob - row[tok]) < 1e-4
+            assert entry[tok].rank == 1 + int(np.sum(row > row[tok]))
+            top3 = np.argsort(-row)[:3].tolist()
+            assert set(entry) == set(top3) | {tok}
+            for t in top3:
+                assert abs(entry[t].logprob - row[t]) < 1e-4
+        assert out[0].outputs[0].token_ids == hf_greedy(model, prompt, 2)
+
+
+def test_prompt_logprobs_above_the_cap_are_refused(tiny_llm):
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        tiny_llm.generate([[1, 2, 3]], SamplingParams(prompt_logprobs=10_000), use_tqdm=False)

@@ -17,6 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx
 import openai
 import pytest
+import torch
+import transformers
 
 from serving.api_server import ROUTES, ServerConfig, build_app, start_server
 from serving.async_engine import AsyncEngine
@@ -140,6 +142,31 @@ def test_echo_and_logprobs(client):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 8
     assert all(len(t) <= 2 and max(t.values()) >= l - 1e-4 for t, l in zip(lp.top_logprobs, lp.token_logprobs))
     assert all(l <= 0 for l in lp.token_logprobs)
+
+
+def test_echo_with_logprobs_covers_the_prompt(client, server, tiny_chat_model):
+    """echo + logprobs: the prompt's tokens come first (the first with a null logprob), then the completion's;
+    the prompt part equals the engine's prompt_logprobs, streamed or not."""
+    kw = dict(model=MODEL, prompt="Echo me please", echo=True, logprobs=2, **GREEDY)
+    r = client.completions.create(**kw)
+    lp, text = r.choices[0].logprobs, r.choices[0].text
+    tok = server.engine.engine.tokenizer
+    n_prompt = len(tok.encode("Echo me please"))
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n_prompt + 8
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(isinstance(x, float) and x <= 0 for x in lp.token_logprobs[1:])
+    assert all(len(t) <= 2 for t in lp.top_logprobs[1:])
+    assert text.startswith("Echo me please") and lp.text_offset[0] == 0
+    assert lp.text_offset[n_prompt] == len("Echo me please")  # the completion's offsets follow the prompt
+    ids = tok.encode("Echo me please")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor(ids)[None]).logits[0], -1).numpy()
+    assert lp.token_logprobs[1:n_prompt] == pytest.approx([float(ref[i - 1, ids[i]]) for i in range(1, n_prompt)], abs=1e-4)
+    chunks = list(client.completions.create(stream=True, **kw))
+    streamed = [x for c in chunks for x in (c.choices[0].logprobs.token_logprobs if c.choices and c.choices[0].logprobs else [])]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
 
 
 def test_sampling_params_reach_the_engine(client, server):
@@ -407,6 +434,33 @@ def slow_engine(server, monkeypatch):
 
     monkeypatch.setattr(eng, "step", step)
     return reasons
+
+
+def test_burst_beyond_the_queue_is_refused_at_once_and_admitted_ones_complete(server, slow_engine, monkeypatch):
+    """A burst of 16 requests against a queue of 4: the overflow gets 503 + Retry-After immediately, while
+    the admitted requests run to their full length; nothing is left behind."""
+    monkeypatch.setattr(server.config, "max_queued_requests", 4)
+    body = {"model": MODEL, "prompt": "A burst of requests", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+
+    async def one(c):
+        t0 = time.monotonic()
+        r = await c.post(server.url + C, json=body, headers={"Authorization": f"Bearer {KEY}"})
+        return r, time.monotonic() - t0
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*(one(c) for _ in range(16)))
+
+    results = asyncio.run(burst())
+    ok = [r for r, _ in results if r.status_code == 200]
+    refused = [(r, dt) for r, dt in results if r.status_code != 200]
+    assert len(ok) >= 4 and refused, [r.status_code for r, _ in results]
+    for r, dt in refused:
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1" and dt < 2.0
+        assert r.json()["error"]["type"] == "service_unavailable"
+    for r in ok:
+        assert r.json()["usage"]["completion_tokens"] == 6 and r.json()["choices"][0]["finish_reason"] == "length"
+    assert _wait_idle(server)
 
 
 def _wait_idle(server, timeout=5.0):
