@@ -215,7 +215,7 @@ class EngineConfig:
     sequence feeds one token (decode) goes to a decode bucket (B, B); see `buckets`.
     """
 
-    max_model_len: int | None = None  # None: the model's max_position_embeddings, capped by max_model_len_cap
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_num_seqs: int = 16
     max_num_batched_tokens: int | None = None  # per-step token budget; None: the largest token bucket
     token_buckets: tuple[int, ...] = (1, 4, 16, 64, 256)
