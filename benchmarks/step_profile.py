@@ -100,8 +100,8 @@ def main(argv=None) -> int:
                     result = launched.result()
                     t5 = time.perf_counter(); ph["wait"] += t5 - t4
                     sampled = [int(result.token_ids[i]) if batch.samples(i) else None for i in range(len(batch))]
-                    eng.scheduler.update(batch, sampled)
-                    eng._postprocess(batch, sampled, result)
+                    appended = eng.scheduler.update(batch, sampled)
+                    eng._postprocess(batch, [t if ok else None for t, ok in zip(sampled, appended)], result)
                     eng._outputs(batch.requests)
                     ph["post"] += time.perf_counter() - t5
                 case["phases_ms"] = {k: v / args.steps * 1e3 for k, v in ph.items()}

@@ -17,8 +17,10 @@ met every --goodput bound (e.g. `ttft:500 tpot:50`, milliseconds).
 
 The server is either --base-url, or `jaxinfer serve` started in this process (its own event loop in a
 thread; the engine has its own thread too), warmed with one request first. Prompts are windows over
-English text tokenized by the server's /tokenize, at random offsets, so their prefixes rarely share
-KV-cache pages. matplotlib (`pip install jaxinfer[bench]`) is imported only for --plot.
+English text tokenized by the server's /tokenize, at random offsets, each starting with a few tokens drawn
+afresh for every request at every level: the server's prefix cache can never serve one level's prompts
+from an earlier level (reusing the prompts made every level after the first look faster than it was).
+matplotlib (`pip install jaxinfer[bench]`) is imported only for --plot.
 """
 
 from __future__ import annotations
@@ -139,6 +141,11 @@ class RequestResult:
     @property
     def tpot(self) -> float | None:
         return (self.e2el - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+
+
+def fresh_heads(prompts: list[list[int]], pool, rng, head: int = 4) -> list[list[int]]:
+    """The prompts with their first `head` tokens drawn anew from `pool`: same lengths, no shared prefix."""
+    return [[int(t) for t in rng.choice(pool, min(head, len(p)))] + p[head:] for p in prompts]
 
 
 async def send(session, url: str, headers: dict, model: str, prompt: list[int], max_tokens: int) -> RequestResult:
@@ -333,11 +340,13 @@ def run(args: argparse.Namespace) -> int:
         warm = asyncio.run(run_level(url, headers, model, prompts[:1], [(0, 4)], math.inf, None, [0.0]))[1][0]
         if not warm.ok:
             raise RuntimeError(f"the warm-up request failed: {warm.error}")
-        for rate in args.request_rate:
+        pool = np.unique(text_ids)
+        for level, rate in enumerate(args.request_rate):
             gaps = arrival_gaps(rate, len(prompts), np.random.default_rng([args.seed, 1]))
+            level_prompts = fresh_heads(prompts, pool, np.random.default_rng([args.seed, 2, level]))
             log(f"request rate {rate:g}/s, {len(prompts)} requests"
                 + (f", at most {args.max_concurrency} in flight" if args.max_concurrency else "") + " ...")
-            duration, results = asyncio.run(run_level(url, headers, model, prompts, lengths, rate,
+            duration, results = asyncio.run(run_level(url, headers, model, level_prompts, lengths, rate,
                                                       args.max_concurrency, gaps))
             res = summarize(rate, duration, results, goodput)
             report["results"].append(res)

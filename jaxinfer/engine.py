@@ -203,8 +203,8 @@ class Engine:
         batch, step = done
         result = step.result()  # waits for this step only; the next one is already queued behind it
         sampled = [int(result.token_ids[i]) if batch.samples(i) else None for i in range(len(batch))]
-        self.scheduler.update(batch, sampled)
-        self._postprocess(batch, sampled, result)
+        appended = self.scheduler.update(batch, sampled)
+        self._postprocess(batch, [t if ok else None for t, ok in zip(sampled, appended)], result)
         return self._outputs(batch.requests)
 
     def _admit(self, batch: ScheduledBatch) -> None:

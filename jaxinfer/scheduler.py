@@ -275,15 +275,17 @@ class Scheduler:
             self._add_pending(req, pending)
         return batch
 
-    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Request]:
+    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[bool]:
         """Append each request's sampled token of a finished step (None: no token this step).
 
-        Applies the token-level stop rules (EOS, stop_token_ids, max_tokens, context length) and returns the
-        requests that finished. Stop strings are the engine's business (they need text).
+        Applies the token-level stop rules (EOS, stop_token_ids, max_tokens, context length); stop strings are
+        the engine's business (they need text). Returns, per request, whether its token was appended: a
+        request that was aborted, or stopped by the step before, drops it.
         """
-        finished = []
+        appended = []
         now = time.monotonic()
         for req, tok in zip(batch.requests, sampled):
+            appended.append(tok is not None and not req.is_finished)
             if req.is_finished:  # aborted, or stopped by the step before (this token is past its end)
                 continue
             if tok is None:
@@ -301,6 +303,4 @@ class Scheduler:
                 self.finish(req, "stop", tok)
             elif len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
                 self.finish(req, "length")
-            if req.is_finished:
-                finished.append(req)
-        return finished
+        return appended

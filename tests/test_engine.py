@@ -323,3 +323,18 @@ def test_prompt_logprobs_match_hf_across_chunks_and_cache(tiny_llm, tiny_llama_d
 def test_prompt_logprobs_above_the_cap_are_refused(tiny_llm):
     with pytest.raises(ValueError, match="prompt_logprobs"):
         tiny_llm.generate([[1, 2, 3]], SamplingParams(prompt_logprobs=10_000), use_tqdm=False)
+
+
+def test_async_stop_discards_the_extra_token_and_its_logprobs(tiny_llm):
+    """With async scheduling a request that stops on a token has one more token computed (launched before
+    the stop was seen); it never reaches the output, nor do its logprobs."""
+    prompt = np.random.default_rng(12).integers(0, 256, 9).tolist()
+    free = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    toks = free[0].outputs[0].token_ids
+    stop_at = min(i for i, t in enumerate(toks) if i >= 1 and t not in toks[:i])  # well before max_tokens
+    assert stop_at < 8
+    params = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[toks[stop_at]], logprobs=1)
+    assert tiny_llm.engine.ecfg.async_scheduling
+    out = tiny_llm.generate([prompt, prompt[:5]], params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == toks[: stop_at + 1] and out.finish_reason == "stop" and out.stop_reason == toks[stop_at]
+    assert len(out.logprobs) == len(out.token_ids)

@@ -718,6 +718,22 @@ def test_bench_serve_lengths_and_arrivals_are_seeded():
     assert np.mean(gaps) == pytest.approx(0.25, rel=0.1) and arrival_gaps(float("inf"), 3, None) == [0.0] * 3
 
 
+def test_bench_serve_levels_never_share_prompt_prefixes():
+    """Each level's prompts get fresh leading tokens, so no level is served from an earlier level's cache."""
+    import numpy as np
+
+    from jaxinfer.bench_serve import fresh_heads
+
+    base = [list(range(100, 100 + n)) for n in (3, 40, 40, 80)]
+    pool = np.arange(1000, 5000)
+    a = fresh_heads(base, pool, np.random.default_rng([0, 2, 0]))
+    b = fresh_heads(base, pool, np.random.default_rng([0, 2, 1]))
+    assert [len(p) for p in a] == [len(p) for p in b] == [3, 40, 40, 80]
+    assert all(x[4:] == p[4:] for x, p in zip(a, base))  # the text after the head is kept
+    heads = [tuple(p[:4]) for p in a + b]
+    assert len(set(heads)) == len(heads)  # no two prompts (also across levels) start alike
+
+
 def test_bench_serve_starts_its_own_server(tiny_chat_model, tmp_path, capsys):
     import json
 
