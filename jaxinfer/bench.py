@@ -209,10 +209,20 @@ def bench_jaxinfer(args, opts: dict, log) -> dict:
 def run_requests(eng, prompts: list[list[int]], params) -> tuple[float, dict, dict, dict]:
     """Submit all prompts at once and step to the end; returns (t_submit, first-token times, end times, counts)."""
     t0 = time.perf_counter()
-    ids = [eng.add_request(p, params) for p in prompts]
+    for p in prompts:
+        eng.add_request(p, params)
+    first, end, count, _ = step_until_done(eng)
+    return t0, first, end, count
+
+
+def step_until_done(eng) -> tuple[dict, dict, dict, int]:
+    """Step the engine until it is idle: per request id, the perf_counter time of its first output token and of
+    its end, its output token count; and the number of steps."""
     first, end, count = {}, {}, {}
-    while len(end) < len(ids):
+    steps = 0
+    while eng.has_unfinished():
         outs = eng.step()
+        steps += 1
         now = time.perf_counter()
         for o in outs:
             n = len(o.outputs[0].token_ids)
@@ -221,7 +231,7 @@ def run_requests(eng, prompts: list[list[int]], params) -> tuple[float, dict, di
             if o.finished:
                 end[o.request_id] = now
                 count[o.request_id] = n
-    return t0, first, end, count
+    return first, end, count, steps
 
 
 def single_stream_stats(t0, first, end, count) -> dict:

@@ -58,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxinfer.bench import step_until_done
 from jaxinfer.cli import UsageError
 
 # ShareGPT-like lengths: log-normal around these medians (see the module docstring).
@@ -313,19 +314,7 @@ def run_all(eng, prompts: list[list[int]], params: list) -> dict:
     """Submit every prompt, step until all are done; per-request first-token and end times (perf_counter)."""
     t0 = time.perf_counter()
     ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
-    first, end, count = {}, {}, {}
-    steps = 0
-    while eng.has_unfinished():
-        outs = eng.step()
-        steps += 1
-        now = time.perf_counter()
-        for o in outs:
-            n = len(o.outputs[0].token_ids)
-            if n and o.request_id not in first:
-                first[o.request_id] = now
-            if o.finished:
-                end[o.request_id] = now
-                count[o.request_id] = n
+    first, end, count, steps = step_until_done(eng)
     return {"t0": t0, "ids": ids, "first": first, "end": end, "count": count, "steps": steps,
             "elapsed_s": max(end.values()) - t0}
 
