@@ -96,6 +96,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Flags mapping onto `EngineConfig` fields; `engine_options_from_args` reads them back."""
     g = parser.add_argument_group("engine options (how the model runs)")
+    g.add_argument("--engine-config", metavar="NAME|FILE",
+                   help="defaults for the options below from configs/engine/NAME.json or a JSON file, e.g. "
+                   "h100-llama-3.1-8b; flags given explicitly override it")
     g.add_argument("--max-model-len", type=_positive_int, metavar="N",
                    help="longest sequence (prompt + output) in tokens; default: the model's context length")
     g.add_argument("--max-num-seqs", type=_positive_int, metavar="N",
@@ -133,10 +136,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_options_from_args(args: argparse.Namespace) -> dict:
-    """Only the engine flags that were given, so EngineConfig's own defaults apply to the rest."""
+    """Only the engine flags that were given (over --engine-config), so EngineConfig's own defaults apply to the rest."""
+    opts = {}
+    if getattr(args, "engine_config", None):
+        from jaxinfer.config import engine_preset
+
+        try:
+            opts.update(engine_preset(args.engine_config))
+        except ValueError as e:
+            raise UsageError(f"--engine-config: {e}") from None
     names = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "token_buckets", "seq_buckets",
              "page_size", "kv_cache_memory", "dtype", "load_format", "attention_impl", "compilation_cache_dir"]
-    opts = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    opts.update({k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
     if getattr(args, "engine_seed", None) is not None:
         opts["seed"] = args.engine_seed
     if getattr(args, "no_prefix_caching", False):

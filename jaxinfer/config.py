@@ -186,6 +186,28 @@ class ModelConfig:
         return ModelConfig.from_hf(json.loads(path.read_text()), name=name)
 
 
+def engine_preset(name_or_path: str) -> dict:
+    """Engine options from configs/engine/<name>.json, or from a JSON file at that path ("_" keys are comments).
+
+    Use them as defaults: `LLM(model, **{**engine_preset("h100-llama-3.1-8b"), "max_model_len": 8192})`.
+    """
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = CONFIGS_DIR / "engine" / f"{name_or_path}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIGS_DIR / "engine").glob("*.json"))
+        raise ValueError(f"engine config {name_or_path!r} is neither a JSON file nor a preset; known presets: {known}")
+    try:
+        options = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"engine config {path}: not valid JSON ({e})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"engine config {path}: expected a JSON object of engine options")
+    options = {k: v for k, v in options.items() if not k.startswith("_")}
+    EngineConfig.from_options(**options)  # unknown or bad options fail here, naming the option
+    return options
+
+
 def _rope_params_scaling(cfg: dict) -> dict | None:
     # transformers >= 5 nests rope settings under "rope_parameters".
     rp = cfg.get("rope_parameters")

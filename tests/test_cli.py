@@ -77,6 +77,23 @@ def test_engine_flags_map_onto_engine_config():
     assert args.model == "some/dir"
 
 
+def test_engine_config_preset_and_file_give_defaults_that_flags_override(tmp_path):
+    opts = cli.engine_options_from_args(parse("generate", "x", "--engine-config", "h100-llama-3.1-8b"))
+    assert opts["max_num_seqs"] == 256 and opts["token_buckets"] == [512, 2048] and "_comment" not in opts
+    opts = cli.engine_options_from_args(parse("generate", "x", "--engine-config", "h100-llama-3.1-8b",
+                                              "--max-model-len", "8192", "--seq-buckets", "1,256"))
+    assert opts["max_model_len"] == 8192 and opts["seq_buckets"] == (1, 256) and opts["max_num_seqs"] == 256
+    f = tmp_path / "mine.json"
+    f.write_text('{"max_num_seqs": 4, "seq_buckets": [1, 4], "_note": "x"}')
+    assert cli.engine_options_from_args(parse("generate", "x", "--engine-config", str(f))) == dict(
+        max_num_seqs=4, seq_buckets=[1, 4])
+    f.write_text('{"max_num_seq": 4}')
+    with pytest.raises(cli.UsageError, match="--engine-config: unknown engine option"):
+        cli.engine_options_from_args(parse("generate", "x", "--engine-config", str(f)))
+    with pytest.raises(cli.UsageError, match="--engine-config: .*known presets: .*h100-llama-3.1-8b"):
+        cli.engine_options_from_args(parse("generate", "x", "--engine-config", "nope"))
+
+
 def test_unset_engine_flags_leave_engine_defaults():
     assert cli.engine_options_from_args(parse("generate", "x")) == {}
     # chat runs one conversation: single-sequence buckets unless the user says otherwise
