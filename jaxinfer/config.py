@@ -272,8 +272,10 @@ class EngineConfig:
             raise ValueError(f"seq_buckets must be a non-empty increasing list, got {self.seq_buckets}")
         if self.seq_buckets[-1] < self.max_num_seqs:
             raise ValueError(f"the largest seq bucket ({self.seq_buckets[-1]}) must be >= max_num_seqs ({self.max_num_seqs})")
-        if self.token_buckets[-1] < self.max_num_seqs:
-            raise ValueError(f"the largest token bucket ({self.token_buckets[-1]}) must be >= max_num_seqs ({self.max_num_seqs})")
+        seq_bucket = next(b for b in self.seq_buckets if b >= self.max_num_seqs)
+        if self.token_buckets[-1] < seq_bucket:  # else a step of max_num_seqs sequences fits no bucket
+            raise ValueError(f"the largest token bucket ({self.token_buckets[-1]}) must be >= the seq bucket that holds "
+                             f"max_num_seqs ({seq_bucket})")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens > self.token_buckets[-1]:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) exceeds the largest token bucket ({self.token_buckets[-1]})"

@@ -80,6 +80,7 @@ class Engine:
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._aborted: list[str] = []
         self._inflight: tuple[ScheduledBatch, LaunchedStep] | None = None  # launched, tokens not read yet
+        self._token_text: dict[int, str] = {}
         self._rng = np.random.default_rng(ecfg.seed)
         self._ids = itertools.count()
 
@@ -262,7 +263,13 @@ class Engine:
             t += n
 
     def _decode_token(self, tok: int) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode([tok], skip_special_tokens=False)
+        """One token's text (for logprobs), decoded once per token id."""
+        if self.tokenizer is None:
+            return None
+        text = self._token_text.get(tok)
+        if text is None:
+            text = self._token_text[tok] = self.tokenizer.decode([tok], skip_special_tokens=False)
+        return text
 
     def _outputs(self, requests: list[Request]) -> list[RequestOutput]:
         gids = list(dict.fromkeys([r.group_id for r in requests] + self._aborted))

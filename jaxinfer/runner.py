@@ -338,6 +338,8 @@ class ModelRunner:
             inp.logits_indices[b] = t - 1
             if batch.reset[b] and start == 0:  # else seed_history has cleared and filled the row
                 inp.reset_slot[b] = req.slot
+            if not batch.sample[b]:
+                continue  # a prompt chunk short of the end: neutral sampling row, its token is not read
             p = req.params
             out_index = start + n - req.num_prompt_tokens  # index in the output of the token sampled here
             s.temperature[b] = 0.0 if p.greedy else p.temperature

@@ -259,7 +259,7 @@ class Scheduler:
             req.pages, req.num_computed_tokens, req.num_registered_pages = hit, computed, len(hit)
             if not self._grow(req, computed + n):
                 raise AssertionError("pages counted as available could not be allocated")
-            if self.enable_prefix_caching:
+            if self._uses_cache(req):
                 self.prefix_cache_queries += req.num_tokens
                 self.prefix_cache_hits += computed
             if req.first_scheduled_time is None:

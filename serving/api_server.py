@@ -203,10 +203,11 @@ async def sse_send(resp: web.StreamResponse, data) -> None:
 class _Choice:
     """Per-choice streaming cursor: how much text / how many tokens were already sent."""
 
-    __slots__ = ("text", "tokens", "finish", "first")
+    __slots__ = ("text", "tokens", "finish", "first", "shift")
 
     def __init__(self):
         self.text, self.tokens, self.finish, self.first = 0, 0, None, True
+        self.shift = 0  # echo + logprobs: the completion's text offsets start after the prompt's tokens
 
 
 async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
@@ -288,11 +289,12 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
                                     "logprobs": lp, "finish_reason": c.finish_reason})
                 else:
                     prefix = prompt_texts[pi] if echo else ""
-                    lp = (protocol.completion_logprobs(c.logprobs, c.token_ids, k, len(prefix), tok_decode)
+                    head = (protocol.prompt_logprobs(finals[rid].prompt_logprobs, finals[rid].prompt_token_ids, k,
+                                                     tok_decode) if echo and k is not None else None)
+                    lp = (protocol.completion_logprobs(c.logprobs, c.token_ids, k, protocol.text_end(head), tok_decode)
                           if k is not None else None)
-                    if lp is not None and echo:
-                        lp = protocol.join_logprobs(protocol.prompt_logprobs(
-                            finals[rid].prompt_logprobs, finals[rid].prompt_token_ids, k, tok_decode), lp)
+                    if head is not None:
+                        lp = protocol.join_logprobs(head, lp)
                     choices.append({"index": idx, "text": prefix + c.text, "logprobs": lp,
                                     "finish_reason": c.finish_reason})
         return json_response({"id": rid_base, "object": obj, "created": created, "model": model,
@@ -330,13 +332,15 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
                     else:
                         prefix = prompt_texts[pi] if (echo and cur.first) else ""
                         choice["text"] = prefix + text
-                        shift = len(prompt_texts[pi]) if echo else 0  # offsets count from the choice's text
-                        choice["logprobs"] = (protocol.completion_logprobs(lps, new_toks, k, shift + cur.text, tok_decode)
-                                              if lps is not None else None)
+                        head = None
                         if echo and cur.first and k is not None:
-                            choice["logprobs"] = protocol.join_logprobs(protocol.prompt_logprobs(
-                                out.prompt_logprobs, out.prompt_token_ids, k, tok_decode),
-                                choice["logprobs"] or protocol.completion_logprobs([], [], k, 0, tok_decode))
+                            head = protocol.prompt_logprobs(out.prompt_logprobs, out.prompt_token_ids, k, tok_decode)
+                            cur.shift = protocol.text_end(head)
+                        choice["logprobs"] = (protocol.completion_logprobs(lps, new_toks, k, cur.shift + cur.text,
+                                                                           tok_decode) if lps is not None else None)
+                        if head is not None:
+                            choice["logprobs"] = protocol.join_logprobs(
+                                head, choice["logprobs"] or protocol.completion_logprobs([], [], k, 0, tok_decode))
                     choice["finish_reason"] = c.finish_reason
                     cur.first = False
                     cur.text = max(cur.text, len(c.text))

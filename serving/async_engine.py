@@ -223,6 +223,8 @@ class AsyncEngine:
                 for c in out.outputs:  # the engine keeps appending to this list; hand over a copy
                     if c.logprobs is not None:
                         c.logprobs = list(c.logprobs)
+                if out.prompt_logprobs is not None:  # entries are rewritten if the request is recomputed
+                    out.prompt_logprobs = list(out.prompt_logprobs)
                 loop.call_soon_threadsafe(self._deliver, out.request_id, out)
 
     def _command(self, engine, cmd) -> None:

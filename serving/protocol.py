@@ -233,6 +233,13 @@ def prompt_logprobs(p_logprobs: list[dict[int, Logprob] | None] | None, prompt_i
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
+def text_end(lp: dict | None) -> int:
+    """Where the text of a logprobs object's tokens ends (0 for none): the next token's text_offset."""
+    if not lp or not lp["tokens"]:
+        return 0
+    return lp["text_offset"][-1] + len(lp["tokens"][-1])
+
+
 def join_logprobs(first: dict, second: dict) -> dict:
     return {key: first[key] + second[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
 

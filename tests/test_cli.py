@@ -340,3 +340,15 @@ def test_bench_smoke(tiny_chat_model, tmp_path, capsys):
     assert lc["engine"] == "llama.cpp" and lc["skipped"]
     assert "jaxinfer" in table and "HF transformers" in table and "vs HF" in table
     assert table.rstrip().splitlines()[-1].startswith("note: llama.cpp skipped")
+
+
+def test_bucket_sets_that_cannot_hold_every_step_are_refused():
+    """Every step must fit a bucket: decode steps a (B, B) decode bucket, mixed steps a (T > B) one, so the
+    largest token bucket must reach the seq bucket that holds max_num_seqs."""
+    with pytest.raises(ValueError, match="largest token bucket"):
+        EngineConfig(max_num_seqs=5, seq_buckets=(1, 4, 8), token_buckets=(4, 6))
+    with pytest.raises(ValueError, match="largest seq bucket"):
+        EngineConfig(max_num_seqs=9, seq_buckets=(1, 4, 8), token_buckets=(4, 64))
+    cfg = EngineConfig(max_num_seqs=5, seq_buckets=(1, 4, 8), token_buckets=(4, 8))
+    assert cfg.buckets() == [(1, 1, True), (4, 1, False), (4, 4, True), (8, 1, False), (8, 4, False),
+                             (8, 8, False), (8, 8, True)]
