@@ -146,7 +146,7 @@ class Engine:
                 priority=priority, group_id=gid, index=i,
             ))
         for r in children:
-            if params.prompt_logprobs is not None:
+            if params.prompt_logprobs is not None and r.index == 0:  # the n children share one prompt
                 r.prompt_logprobs = [None] * len(ids)
             self.scheduler.add(r)
             if self.tokenizer is not None:
@@ -272,7 +272,9 @@ class Engine:
         return text
 
     def _outputs(self, requests: list[Request]) -> list[RequestOutput]:
-        gids = list(dict.fromkeys([r.group_id for r in requests] + self._aborted))
+        # A finished request's discarded row (async scheduling) must not report a new group reusing its id.
+        live = [r.group_id for r in requests if any(c is r for c in self._groups.get(r.group_id, ()))]
+        gids = list(dict.fromkeys(live + self._aborted))
         self._aborted = []
         outs = []
         for gid in gids:

@@ -321,7 +321,7 @@ class ModelRunner:
                 ids = req.prompt_token_ids if start + n <= req.num_prompt_tokens else req.prompt_token_ids + req.output_token_ids
                 inp.token_ids[t : t + n] = ids[start : start + n]
             pos = np.arange(start, start + n, dtype=np.int32)
-            if req.params.prompt_logprobs is not None and start + 1 < req.num_prompt_tokens:
+            if req.prompt_logprobs is not None and start + 1 < req.num_prompt_tokens:
                 if targets is None:
                     targets = np.full(T, -1, np.int32)
                 m = min(n, req.num_prompt_tokens - 1 - start)  # rows whose next token is a prompt token

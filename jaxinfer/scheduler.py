@@ -164,8 +164,9 @@ class Scheduler:
         return hs[:num_pages]
 
     def _uses_cache(self, req: Request) -> bool:
-        """Prompt logprobs need logits at every prompt position, so such a request computes its whole prompt."""
-        return self.enable_prefix_caching and req.params.prompt_logprobs is None
+        """Prompt logprobs need logits at every prompt position, so the request collecting them (the first of its
+        n children) computes its whole prompt; its siblings then take its pages from the cache."""
+        return self.enable_prefix_caching and req.prompt_logprobs is None
 
     def _cached_prefix(self, req: Request) -> list[int]:
         """Pages of req's longest cached prefix, leaving at least its last known token to compute."""

@@ -318,6 +318,14 @@ def test_prompt_logprobs_match_hf_across_chunks_and_cache(tiny_llm, tiny_llama_d
             for t in top3:
                 assert abs(entry[t].logprob - row[t]) < 1e-4
         assert out[0].outputs[0].token_ids == hf_greedy(model, prompt, 2)
+    # n = 2: one child collects them (computing the whole prompt), its sibling reads its pages from the cache
+    hits = tiny_llm.engine.scheduler.prefix_cache_hits
+    two = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3, n=2,
+                                                     ignore_eos=True), use_tqdm=False)[0]
+    assert [c.token_ids for c in two.outputs] == [out[0].outputs[0].token_ids] * 2 and two.prompt_logprobs[0] is None
+    for pos in range(1, 100):
+        assert abs(two.prompt_logprobs[pos][prompt[pos]].logprob - plp[pos][prompt[pos]].logprob) < 1e-5
+    assert tiny_llm.engine.scheduler.prefix_cache_hits > hits
 
 
 def test_prompt_logprobs_above_the_cap_are_refused(tiny_llm):
@@ -338,3 +346,27 @@ def test_async_stop_discards_the_extra_token_and_its_logprobs(tiny_llm):
     out = tiny_llm.generate([prompt, prompt[:5]], params, use_tqdm=False)[0].outputs[0]
     assert out.token_ids == toks[: stop_at + 1] and out.finish_reason == "stop" and out.stop_reason == toks[stop_at]
     assert len(out.logprobs) == len(out.token_ids)
+
+
+def test_a_reused_request_id_is_not_reported_from_the_old_requests_discarded_row(tiny_llm):
+    """Async scheduling: the step after a token stop still computes the stopped request's next token (discarded).
+    A new request reusing the id must not be reported by that step with the old row's (empty) state."""
+    eng = tiny_llm.engine
+    prompt = np.random.default_rng(13).integers(0, 256, 7).tolist()
+    free = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    toks = free[0].outputs[0].token_ids
+    stop_at = min(i for i, t in enumerate(toks) if i >= 1 and t not in toks[:i])
+    params = SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[toks[stop_at]])
+    eng.add_request(prompt, params, request_id="reused")
+    while True:
+        outs = {o.request_id: o for o in eng.step()}
+        if "reused" in outs and outs["reused"].finished:
+            break
+    assert eng._inflight is not None  # the stopped request's extra token is still on the device
+    eng.add_request(prompt, params, request_id="reused")
+    assert "reused" not in {o.request_id for o in eng.step()}
+    final = None
+    while eng.has_unfinished():
+        for o in eng.step():
+            final = o if o.request_id == "reused" else final
+    assert final.finished and final.outputs[0].token_ids == toks[: stop_at + 1]
