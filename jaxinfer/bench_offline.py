@@ -72,16 +72,6 @@ DEFAULT_LENS = {"throughput": (128, 128), "latency": (32, 128)}
 # -- flags ------------------------------------------------------------------------------------------------------
 
 
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
 def _len_range(s: str) -> tuple[int, int]:
     lo, sep, hi = s.partition(",")
     try:
@@ -96,7 +86,7 @@ def _len_range(s: str) -> tuple[int, int]:
 
 def add_parsers(subparsers) -> None:
     """`throughput` and `latency` under `jaxinfer bench`."""
-    from jaxinfer.cli import _positive_int
+    from jaxinfer.cli import _nonneg_int, _positive_int
 
     def throughput_flags(g):
         g.add_argument("--num-prompts", type=_positive_int, default=100, metavar="N",
@@ -137,7 +127,7 @@ def add_parsers(subparsers) -> None:
 
 def _add_mode(subparsers, mode: str, own_flags, **kw) -> None:
     """A mode's parser: the shared flags, plus `own_flags(workload_group)`."""
-    from jaxinfer.cli import _Formatter, _positive_int, add_engine_args, add_model_args
+    from jaxinfer.cli import _Formatter, _nonneg_int, _positive_int, add_engine_args, add_model_args
 
     p = subparsers.add_parser(mode, formatter_class=_Formatter, **kw)
     p.description += ("\n\nPrompts are random token ids, decoding is greedy. Start-up (weight load, KV-cache\n"

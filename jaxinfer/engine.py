@@ -242,7 +242,11 @@ class Engine:
         """The sampled token's logprob, then the top-k alternatives (rank 1 = most likely)."""
         top = list(zip(result.top_ids[i][:k].tolist(), result.top_logprobs[i][:k].tolist()))
         rank = next((j + 1 for j, (t, _) in enumerate(top) if t == tok), None)
-        out = {tok: Logprob(float(result.logprobs[i]), rank, self._decode_token(tok))}
+        return self._logprob_entry(tok, float(result.logprobs[i]), rank, top)
+
+    def _logprob_entry(self, tok: int, logprob: float, rank: int | None, top: list[tuple[int, float]]) -> dict[int, Logprob]:
+        """{token: its Logprob} followed by the top alternatives [(id, logprob)], most likely first."""
+        out = {tok: Logprob(logprob, rank, self._decode_token(tok))}
         for j, (t, lp) in enumerate(top):
             out.setdefault(t, Logprob(float(lp), j + 1, self._decode_token(t)))
         return out
@@ -255,11 +259,9 @@ class Engine:
             if k is not None and req.prompt_logprobs is not None:
                 for row in range(t, t + min(n, req.num_prompt_tokens - 1 - start)):
                     pos = start + 1 + row - t  # the prompt token this row predicts
-                    tok = req.prompt_token_ids[pos]
-                    entry = {tok: Logprob(float(plp.logprobs[row]), int(plp.ranks[row]), self._decode_token(tok))}
-                    for j, (alt, lp) in enumerate(zip(plp.top_ids[row][:k].tolist(), plp.top_logprobs[row][:k].tolist())):
-                        entry.setdefault(alt, Logprob(float(lp), j + 1, self._decode_token(alt)))
-                    req.prompt_logprobs[pos] = entry
+                    top = list(zip(plp.top_ids[row][:k].tolist(), plp.top_logprobs[row][:k].tolist()))
+                    req.prompt_logprobs[pos] = self._logprob_entry(
+                        req.prompt_token_ids[pos], float(plp.logprobs[row]), int(plp.ranks[row]), top)
             t += n
 
     def _decode_token(self, tok: int) -> str | None:

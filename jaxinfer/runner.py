@@ -198,14 +198,11 @@ class ModelRunner:
 
     # -- ahead-of-time compilation --------------------------------------------------------------------------
 
-    def abstract_input(self, T: int, B: int) -> StepInput:
-        return _abstract(self._empty_input(T, B)[0])
-
     def _lower_forward(self, T: int, B: int, decode: bool):
-        template = self.abstract_input(T, B)
+        inp = self._empty_input(T, B)[0]
         attn_fn = functools.partial(self._attn_fn, decode=decode)
-        fn = jax.jit(make_forward_fn(self.cfg, attn_fn, template), donate_argnums=(1, 2))
-        flat = jax.ShapeDtypeStruct(pack(self._empty_input(T, B)[0]).shape, jnp.int32)
+        fn = jax.jit(make_forward_fn(self.cfg, attn_fn, _abstract(inp)), donate_argnums=(1, 2))
+        flat = jax.ShapeDtypeStruct(pack(inp).shape, jnp.int32)
         return fn.lower(self.params, self.kv, self.sstate, flat)
 
     def _lower_sampler(self, B: int, variant: str):
