@@ -187,7 +187,10 @@ def decode_variants(case, sm_scale, args):
                       {"decode_block_kv": 64, "num_kv_splits": 1}, {"decode_block_kv": 64, "num_kv_splits": 2},
                       {"decode_block_kv": 64, "decode_num_stages": 4, "num_kv_splits": 1},
                       {"decode_block_kv": 64, "decode_num_stages": 2, "num_kv_splits": 1},
-                      {"decode_num_stages": 2, "num_kv_splits": 1}):
+                      {"decode_num_stages": 2, "num_kv_splits": 1},
+                      {"decode_block_kv": 64, "decode_num_stages": 2}, {"decode_block_kv": 32},
+                      {"decode_block_kv": 32, "decode_num_stages": 4}, {"decode_block_kv": 64, "decode_num_warps": 2},
+                      {"decode_block_kv": 32, "decode_num_warps": 2}):
             v.append(("ours_" + "_".join(f"{k}={x}" for k, x in knobs.items()),
                       ragged_fn(ours, sm_scale, decode_only=True, **knobs), knobs))
     try:
@@ -203,7 +206,8 @@ def decode_variants(case, sm_scale, args):
 def prefill_variants(case, sm_scale, args):
     ours = functools.partial(ragged_paged_attention_gpu, interpret=args.interpret)
     v = [("xla", ragged_fn(ragged_paged_attention_xla, sm_scale), {}),
-         ("ours", ragged_fn(ours, sm_scale), {})]
+         ("ours", ragged_fn(ours, sm_scale), {}),
+         ("ours_split_decodes", ragged_fn(ours, sm_scale, split_decodes=True), {"split_decodes": True})]
     if args.sweep:
         for knobs in ({"block_m": 64}, {"block_m": 64, "block_kv": 128}, {"block_kv": 32}, {"block_kv": 128},
                       {"num_warps": 8}, {"block_kv": 128, "num_warps": 8}, {"num_stages": 2},
@@ -229,6 +233,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time kernel knobs around the defaults")
     ap.add_argument("--only", choices=("decode", "prefill"), default=None)
     ap.add_argument("--filter", default=None, help="regex: only cases whose name matches")
+    ap.add_argument("--decode-cases", default=None, metavar="BxCTX,...",
+                    help="decode cases instead of the grid, e.g. 256x400,16x2048")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--loop", type=int, default=None)
     args = ap.parse_args()
@@ -245,11 +251,15 @@ def main():
     else:
         N, K, H, S, dtype = 32, 8, 128, 16, jnp.bfloat16
         decode_grid = [(b, c) for b in (1, 16, 64, 256) for c in (512, 2048, 8192)]
+        if args.decode_cases:
+            decode_grid = [tuple(int(x) for x in c.split("x")) for c in args.decode_cases.split(",")]
         prefill_cases = {
             **{f"prefill_{t}": ([t], [t]) for t in (512, 1024, 2048, 4096)},
             "chunk_2048_on_6144": ([2048], [8192]),
             "8x512_prefill": ([512] * 8, [512] * 8),
             "mixed_2048+64dec@2048": ([2048] + [1] * 64, [2048] * 65),
+            # what a 2048-token step of 256 x 256-token prompts looks like in the engine: 8 chunks + 248 decodes
+            "mixed_8x225+248dec@400": ([225] * 8 + [1] * 248, [225] * 8 + [400] * 248),
         }
         min_bytes = 4 * L2_BYTES
     sm_scale = H**-0.5

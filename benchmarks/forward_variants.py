@@ -1,9 +1,13 @@
-"""Device time of one decode forward pass, with parts switched off, to see where the time goes.
+"""Device time of one forward pass (a decode or a mixed step), with parts switched off, to see where the time goes.
 
     python benchmarks/forward_variants.py --model llama-3.1-8b --load-format dummy --batch 1
     python benchmarks/forward_variants.py --smoke
 
+The measured step is B decodes at ~--context tokens each (every prompt prefilled first), or with --mixed N,
+B - N decodes plus the first chunk of N new prompts (a 2048-token bucket).
+
 Variants (each compiled once, called --steps times back to back, blocked once):
+  engine        the engine's own compiled forward program for the step's bucket (what `Engine.step` runs)
   full          the engine's forward (paged attention kernel, KV write) + argmax over the logits
   full_decode_kernel  the same with the attention op's decode kernel (what decode buckets run)
   no_attention  attention output replaced by q (k and v kept live) and no KV write: the matmul / norm / rope
@@ -32,8 +36,13 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--smoke", action="store_true")
-    p.add_argument("--trace", metavar="DIR", help="also write a Perfetto trace of the decode-kernel forward here")
+    p.add_argument("--trace", metavar="DIR", help="also write a Perfetto trace of the engine's forward program here")
     p.add_argument("--only", help="comma-separated variants to run (default: all)")
+    p.add_argument("--compile-threads", type=int, default=0, help="the engine's compile threads (0: its default)")
+    p.add_argument("--no-compilation-cache", action="store_true")
+    p.add_argument("--mixed", type=int, default=0, metavar="N",
+                   help="measure a mixed step: batch - N decodes plus the first chunk of N new prompts")
+    p.add_argument("--kv-cache-memory", default="24GiB")
     args = p.parse_args(argv)
     import jax
     import jax.numpy as jnp
@@ -46,18 +55,35 @@ def main(argv=None) -> int:
 
     if args.smoke:
         args.context, args.steps = 16, 3
-    B = args.batch
-    eng = Engine(args.model, load_format=args.load_format, max_num_seqs=B, token_buckets=[B, args.context],
-                 seq_buckets=[B], max_model_len=args.context + 64, show_progress=False,
-                 kv_cache_memory="4GiB" if not args.smoke else None)
+    B, T_big = args.batch, (64 if args.smoke else 2048)
+    eng = Engine(args.model, load_format=args.load_format, max_num_seqs=B, token_buckets=sorted({B, T_big}),
+                 seq_buckets=[B], max_num_batched_tokens=T_big, max_model_len=args.context + 64, show_progress=False,
+                 kv_cache_memory=None if args.smoke else args.kv_cache_memory, compile_threads=args.compile_threads,
+                 use_compilation_cache=not args.no_compilation_cache)
     cfg, run = eng.cfg, eng.runner
     rng = np.random.default_rng(0)
-    for _ in range(B):
-        eng.add_request(rng.integers(0, cfg.vocab_size, args.context).tolist(), SamplingParams(max_tokens=32, ignore_eos=True))
-    for _ in range(3):
+    prompt = lambda: rng.integers(0, cfg.vocab_size, args.context).tolist()
+    for _ in range(B - args.mixed):
+        eng.add_request(prompt(), SamplingParams(max_tokens=48, ignore_eos=True))
+    # Step until every prompt is in (the scheduler advances num_computed_tokens when it schedules), so the
+    # next step is all decodes at ~context tokens; --mixed N then adds N new prompts to that step.
+    while eng.scheduler.waiting or any(r.num_computed_tokens < r.num_tokens for r in eng.scheduler.running):
         eng.step()
+    for _ in range(args.mixed):
+        eng.add_request(prompt(), SamplingParams(max_tokens=48, ignore_eos=True))
     batch = eng.scheduler.schedule()
-    dev = jax.device_put(run.prepare(batch)[0])
+    print(f"measured step: {len(batch)} rows, {batch.num_tokens} tokens, bucket {run.bucket_for(batch.num_tokens, len(batch))}",
+          flush=True)
+    step_inp, _, bucket, _ = run.prepare(batch)
+    dev = jax.device_put(step_inp)
+    from jaxinfer.runner import pack
+
+    packed = jax.device_put(pack(step_inp))
+
+    def engine_step():
+        """The engine's own compiled forward program for this bucket, on the real step input."""
+        logits, _, run.kv, run.sstate = run.compiled[bucket](run.params, run.kv, run.sstate, packed)
+        return logits
     attn_fn = make_attention_fn(cfg, eng.ecfg.attention_impl, eng.ecfg.attention_interpret)
     params = run.params
 
@@ -107,6 +133,13 @@ def main(argv=None) -> int:
     def want(name):
         return only is None or name in only
 
+    if want("engine"):
+        jax.block_until_ready(engine_step())
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            o = engine_step()
+        jax.block_until_ready(o)
+        record("engine", (time.perf_counter() - t) / args.steps * 1e3)
     if want("full"):
         record("full", timeit(jax.jit(full, donate_argnums=(1,)), donate_kv=True))
     decode_fn = jax.jit(functools.partial(full, decode=True), donate_argnums=(1,))
@@ -117,11 +150,10 @@ def main(argv=None) -> int:
     if want("lm_head"):
         record("lm_head", timeit(jax.jit(lambda p, i: jnp.argmax(compute_logits(p, cfg, p.embed[i.token_ids][i.logits_indices]), -1)), params, dev))
     if args.trace:
-        o, run.kv = decode_fn(params, run.kv, dev)
-        jax.block_until_ready(o)
+        jax.block_until_ready(engine_step())
         with jax.profiler.trace(args.trace, create_perfetto_trace=True):
             for _ in range(5):
-                o, run.kv = decode_fn(params, run.kv, dev)
+                o = engine_step()
             jax.block_until_ready(o)
     out = {k: dict(ms=v, tb_s=nbytes / v / 1e9) for k, v in res.items()}
     out["weights_gb"] = nbytes / 1e9

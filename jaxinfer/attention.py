@@ -53,8 +53,9 @@ def make_attention_fn(cfg: ModelConfig, impl: str, interpret: bool = False):
     op = functools.partial(get_op(chosen), **kwargs)
 
     def attention(q, k_pages, v_pages, meta, decode: bool = False):
-        # decode: every live sequence has one query token (a decode bucket); only the GPU kernel uses it.
-        extra = {"decode_only": True} if decode and chosen == "gpu" else {}
+        # decode: every live sequence has one query token (a decode bucket); only the GPU kernel uses it, and
+        # in a mixed step it sends the one-token sequences to its decode kernel.
+        extra = ({"decode_only": True} if decode else {"split_decodes": True}) if chosen == "gpu" else {}
         return op(q, k_pages, v_pages, meta.page_tables, meta.kv_lens, meta.cu_q_lens, meta.num_seqs, **extra)
 
     return attention

@@ -215,15 +215,22 @@ def run_requests(eng, prompts: list[list[int]], params) -> tuple[float, dict, di
     return t0, first, end, count
 
 
-def step_until_done(eng) -> tuple[dict, dict, dict, int]:
+def step_until_done(eng, by_bucket: dict | None = None) -> tuple[dict, dict, dict, int]:
     """Step the engine until it is idle: per request id, the perf_counter time of its first output token and of
-    its end, its output token count; and the number of steps."""
+    its end, its output token count; and the number of steps. With by_bucket, also adds up per (T, B, decode)
+    bucket the steps read back, their real tokens and the wall time of the `step()` calls that read them
+    (with async scheduling that is about the device time of the step)."""
     first, end, count = {}, {}, {}
     steps = 0
     while eng.has_unfinished():
+        t = time.perf_counter()
         outs = eng.step()
         steps += 1
         now = time.perf_counter()
+        if by_bucket is not None and eng.last_completed is not None:
+            bucket, ntok = eng.last_completed
+            acc = by_bucket.setdefault(bucket, [0, 0, 0.0])
+            acc[0], acc[1], acc[2] = acc[0] + 1, acc[1] + ntok, acc[2] + now - t
         for o in outs:
             n = len(o.outputs[0].token_ids)
             if n and o.request_id not in first:

@@ -304,9 +304,12 @@ def run_all(eng, prompts: list[list[int]], params: list) -> dict:
     """Submit every prompt, step until all are done; per-request first-token and end times (perf_counter)."""
     t0 = time.perf_counter()
     ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
-    first, end, count, steps = step_until_done(eng)
+    by_bucket = {}
+    first, end, count, steps = step_until_done(eng, by_bucket)
+    buckets = [{"T": T, "B": B, "decode": d, "steps": n, "real_tokens": ntok, "seconds": s}
+               for (T, B, d), (n, ntok, s) in sorted(by_bucket.items(), key=lambda kv: -kv[1][2])]
     return {"t0": t0, "ids": ids, "first": first, "end": end, "count": count, "steps": steps,
-            "elapsed_s": max(end.values()) - t0}
+            "elapsed_s": max(end.values()) - t0, "steps_by_bucket": buckets}
 
 
 def greedy(n: int, ignore_eos: bool):
@@ -335,7 +338,7 @@ def measure_throughput(eng, input_lens, output_lens, args, rng) -> dict:
         "total_tokens_per_s": (prompt_tokens + output_tokens) / elapsed,
         "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "requested_output_tokens": sum(output_lens),
         "requests_stopped_early": sum(r["count"][i] < n for i, n in zip(r["ids"], output_lens)),
-        "engine_steps": r["steps"], "preemptions": stats1["preemptions"] - stats0["preemptions"],
+        "engine_steps": r["steps"], "steps_by_bucket": r["steps_by_bucket"], "preemptions": stats1["preemptions"] - stats0["preemptions"],
         "prefix_cache_hit_tokens": stats1["prefix_cache_hits"] - stats0["prefix_cache_hits"],
         "compiles_while_measured": eng.num_compiles_since_ready - compiles0,
     }
@@ -544,6 +547,11 @@ def format_table(report: dict) -> str:
                       [[str(res["num_requests"]), _f(res["elapsed_s"], ".2f"), _f(res["requests_per_s"], ".2f"),
                         _f(res["output_tokens_per_s"]), _f(res["total_tokens_per_s"]), str(res["prompt_tokens"]),
                         str(res["output_tokens"]), str(res["engine_steps"]), str(res["compiles_while_measured"])]])
+        out += [""] + _table(["bucket (T x B)", "steps", "real tokens / step", "ms / step", "share of time"],
+                             [[f"{b['T']} x {b['B']}{' decode' if b['decode'] else ''}", str(b["steps"]),
+                               _f(b["real_tokens"] / b["steps"], ".0f"), _f(b["seconds"] / b["steps"] * 1e3, ".2f"),
+                               _f(b["seconds"] / res["elapsed_s"] * 100, ".0f") + "%"]
+                              for b in res["steps_by_bucket"]])
     else:
         out.append(f"batch of {res['batch_size']}, {res['num_iters']} measured iterations after "
                    f"{res['num_iters_warmup']} warm-up; {res['compiles_while_measured']} compilations while measured")

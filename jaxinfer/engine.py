@@ -80,6 +80,7 @@ class Engine:
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._aborted: list[str] = []
         self._inflight: tuple[ScheduledBatch, LaunchedStep] | None = None  # launched, tokens not read yet
+        self.last_completed: tuple[tuple[int, int, bool], int] | None = None  # (bucket, real tokens) of the last step read
         self._token_text: dict[int, str] = {}
         self._rng = np.random.default_rng(ecfg.seed)
         self._ids = itertools.count()
@@ -200,8 +201,10 @@ class Engine:
         else:
             done = launched
         if done is None:
+            self.last_completed = None
             return self._outputs([])
         batch, step = done
+        self.last_completed = (step.bucket, batch.num_tokens)
         result = step.result()  # waits for this step only; the next one is already queued behind it
         sampled = [int(result.token_ids[i]) if batch.samples(i) else None for i in range(len(batch))]
         appended = self.scheduler.update(batch, sampled)

@@ -160,6 +160,7 @@ class LaunchedStep:
     out: Any  # sampler.SampleOutput of device arrays
     want_logprobs: bool
     prompt: tuple | None = None  # device arrays of the prompt-logprobs program, when the step ran it
+    bucket: tuple[int, int, bool] | None = None  # the (T, B, decode) program it ran
 
     def result(self) -> StepResult:
         o = self.out
@@ -371,7 +372,7 @@ class ModelRunner:
         copies = [out.token_ids] + ([out.logprobs, out.top_ids, out.top_logprobs] if want_logprobs else [])
         for x in copies + list(prompt or ()):
             x.copy_to_host_async()
-        return LaunchedStep(out, want_logprobs, prompt)
+        return LaunchedStep(out, want_logprobs, prompt, bucket)
 
     def seed_history(self, req: Request, num_cached: int) -> None:
         """Clear req's sampler row and fold in its first num_cached tokens (a prefix-cache hit),

@@ -46,15 +46,18 @@ Mosaic GPU (`plgpu.kernel`: TMA, wgmma, warp specialisation) can go further on p
 gathers need hand-built TMA descriptors or per-page copies, and it has no public interpret mode, so it
 could not be tested here. jax-triton runs real Triton kernels but has no CPU path at all.
 
-Measured (H100 SXM, jax 0.11.2, GQA 32/8, H 128, bf16, page 16; benchmarks/attention_gpu.py; runs vary by
-~10-20%). Decode, share of 2.94 TB/s: B=16 ctx 2048 ~55%, ctx 8192 ~75%; B=64 ctx 2048 ~65-80%, 8192 ~90%;
-B=256 ctx 2048 ~90%, 8192 ~95%; jax's paged_attention 42 / 62 / 56 / 74 / 65 / 79% on the same shapes, the
-XLA form 6-19%. Prefill (ragged kernel, current defaults), share of 787 TFLOP/s: 4096-token chunk 31%,
-2048 on 6144 history 34%; 10-100x the XLA form. Not yet at the targets (85% decode at B >= 16, 50%
-prefill): short per-program kv loops (B=16) and, for prefill, the lack of TMA / warp specialisation that
-Mosaic GPU would bring. In a mixed batch the ragged kernel gives each
-decode sequence a whole BM-row block (4 of 128 rows live at G=4): issuing the decode rows through the
-decode kernel (decode_only on that slice) is faster when the scheduler can order them first.
+Mixed batches (`split_decodes=True`, what the engine's mixed buckets run): the one-token sequences go to
+the decode kernel (its grid over the B rows, other rows skipped) and the ragged kernel skips them, writing
+the remaining rows into the decode kernel's output in place (`input_output_aliases`). Without it the ragged
+kernel gives each decode sequence a whole BM-row block (4 of 128 rows live at G = 4) and 128-token kv steps.
+
+Decode knobs. 32-token kv iterations with 2 warps keep the pipelined K/V tiles at 48 KB (several programs per
+SM) and waste little on a context's last, partial iteration; 128-token iterations (196 KB, one program per
+SM) lost a third of the bandwidth on contexts of a few hundred tokens. H100, B=256 x 400 tokens: 63% -> 89%
+of 2.94 TB/s; B=64 x 400: 46% -> 67%; B=256 x 2048: 91% -> 99%; B=16 x 2048: 58% -> 70%
+(`benchmarks/attention_gpu.py --decode-cases ... --sweep`; the full grid is in benchmarks/RESULTS.md).
+Prefill (ragged kernel) reaches ~32% of the bf16 matmul peak at a 4k-token chunk: no TMA / warp
+specialisation in the Triton path, which Mosaic GPU would bring.
 
 Constraints: H a power of two >= 16; BQ, bk powers of two, bk >= 16; the decode kernel assumes each live
 sequence has at most max(1, 16 // Gp) query tokens (one, in practice).
@@ -204,8 +207,10 @@ def _finish(acc, l_i, v_s):
 
 
 def _ragged_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref, *refs, BQ, G, Gp, bk,
-                   sm_scale, window, soft_cap, has_k_scale, has_v_scale):
+                   sm_scale, window, soft_cap, has_k_scale, has_v_scale, skip_single):
     *scale_refs, o_ref = refs
+    if skip_single:  # the last input is the decode kernel's output, aliased to o_ref: its rows stay
+        scale_refs = scale_refs[:-1]
     T, _, H = q_ref.shape
     B = kv_lens_ref.shape[0]
     # Block ids run backwards in launch order: a sequence's last (causally heaviest) query blocks start
@@ -226,8 +231,11 @@ def _ragged_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref,
         q_start = cu_ref[b]
         q_end = cu_ref[b + 1]
         q0 = q_start + (i - lax.div(q_start, BQ) - b) * BQ  # first token of this block
+        live = q0 < q_end
+        if skip_single:  # one-token sequences were done by the decode kernel
+            live &= q_end - q_start > 1
 
-        @pl.when(q0 < q_end)
+        @pl.when(live)
         def _():
             kv_len = kv_lens_ref[b]
             t, head, head_ok = _rows(BQ, Gp, G, kh, q0)
@@ -253,7 +261,7 @@ def _ragged_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref,
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref, *refs, BQ, G, Gp, bk,
-                   splits, sm_scale, window, soft_cap, has_k_scale, has_v_scale):
+                   splits, sm_scale, window, soft_cap, has_k_scale, has_v_scale, only_single):
     n_scales = int(has_k_scale) + int(has_v_scale)
     scale_refs, out_refs = refs[:n_scales], refs[n_scales:]
     T, _, H = q_ref.shape
@@ -263,7 +271,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref,
     sp = pl.program_id(2)
     ns = ns_ref[0]
 
-    @pl.when(i < ns)
+    @pl.when(_decode_row(i, ns, cu_ref, only_single))
     def _attention():
         q_start = cu_ref[i]
         q_end = cu_ref[i + 1]
@@ -293,8 +301,17 @@ def _decode_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref,
             m_part[i, kh, sp, r] = m_i
             l_part[i, kh, sp, r] = l_i
 
-    if splits == 1:
+    if splits == 1 and not only_single:
         _zero_padding_token(out_refs[0], cu_ref, ns, i, kh, G, Gp, T, H)
+
+
+def _decode_row(i, ns, cu_ref, only_single):
+    """Program row i holds a live sequence the decode kernel handles (with only_single: a one-token one)."""
+    ok = i < ns
+    if only_single:
+        i = jnp.minimum(i, cu_ref.shape[0] - 2)
+        ok &= cu_ref[i + 1] - cu_ref[i] == 1
+    return ok
 
 
 def _zero_padding_token(o_ref, cu_ref, ns, i, kh, G, Gp, T, H):
@@ -305,7 +322,7 @@ def _zero_padding_token(o_ref, cu_ref, ns, i, kh, G, Gp, T, H):
         _store_rows(o_ref, jnp.zeros((Gp, H), jnp.float32), t, head, head_ok, H)
 
 
-def _combine_kernel(o_part, m_part, l_part, cu_ref, ns_ref, *refs, BQ, G, Gp, splits, has_v_scale):
+def _combine_kernel(o_part, m_part, l_part, cu_ref, ns_ref, *refs, BQ, G, Gp, splits, has_v_scale, only_single):
     """Merge the decode splits of (sequence i, kv head kh) and write its rows; zero padding tokens."""
     *scale_refs, o_ref = refs
     T, _, H = o_ref.shape
@@ -314,7 +331,7 @@ def _combine_kernel(o_part, m_part, l_part, cu_ref, ns_ref, *refs, BQ, G, Gp, sp
     kh = pl.program_id(1)
     ns = ns_ref[0]
 
-    @pl.when(i < ns)
+    @pl.when(_decode_row(i, ns, cu_ref, only_single))
     def _merge():
         r = _iota(BM)
         h = _iota(H)
@@ -332,7 +349,8 @@ def _combine_kernel(o_part, m_part, l_part, cu_ref, ns_ref, *refs, BQ, G, Gp, sp
         t, head, head_ok = _rows(BQ, Gp, G, kh, q_start)
         _store_rows(o_ref, _finish(acc, l_i, v_s), t, head, head_ok & (t < cu_ref[i + 1]), H)
 
-    _zero_padding_token(o_ref, cu_ref, ns, i, kh, G, Gp, T, H)
+    if not only_single:
+        _zero_padding_token(o_ref, cu_ref, ns, i, kh, G, Gp, T, H)
 
 
 def _fit_block_kv(bk, H, itemsize, num_stages):
@@ -350,19 +368,21 @@ def default_num_kv_splits(B, K, max_kv_len, bk):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "sm_scale", "sliding_window", "soft_cap", "decode_only", "interpret", "block_m", "block_kv",
+    "sm_scale", "sliding_window", "soft_cap", "decode_only", "split_decodes", "interpret", "block_m", "block_kv",
     "num_warps", "num_stages", "decode_block_kv", "num_kv_splits", "decode_num_warps", "decode_num_stages"))
 def ragged_paged_attention_gpu(
     q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens, num_seqs,
     *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
-    k_scale=None, v_scale=None, decode_only: bool = False, interpret: bool = False,
+    k_scale=None, v_scale=None, decode_only: bool = False, split_decodes: bool = False, interpret: bool = False,
     block_m: int = 128, block_kv: int = 128, num_warps: int = 8, num_stages: int = 2,
-    decode_block_kv: int = 128, num_kv_splits: int | None = None, decode_num_warps: int = 4,
+    decode_block_kv: int = 32, num_kv_splits: int | None = None, decode_num_warps: int = 2,
     decode_num_stages: int = 3,
 ):
     """Ragged paged attention (see the module docstring for shapes); returns [T, N, H] in q.dtype.
 
     decode_only: every live sequence has exactly one query token -> the split-KV decode kernel.
+    split_decodes: a mixed batch; its one-token sequences go to the decode kernel, the others to the ragged
+      kernel, which writes their rows into the decode kernel's output in place.
     Ragged kernel knobs: block_m rows per query block (BQ = block_m // Gp tokens), block_kv kv tokens per
     iteration, num_warps / num_stages. Decode knobs: decode_block_kv, num_kv_splits (None: by
     `default_num_kv_splits`), decode_num_warps / decode_num_stages. kv blocks shrink (halving) until the
@@ -387,26 +407,42 @@ def ragged_paged_attention_gpu(
     args = (q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens, num_seqs, *scales)
     out_shape = jax.ShapeDtypeStruct((T, N, H), q.dtype)
 
-    if not decode_only:
-        BQ = _next_pow2(max(1, block_m // Gp))
-        bk = _fit_block_kv(block_kv, H, k_pages.dtype.itemsize, num_stages)
-        return pl.pallas_call(
-            functools.partial(_ragged_kernel, BQ=BQ, bk=bk, **flags),
-            grid=(pl.cdiv(T, BQ) + B, K),
-            out_shape=out_shape,
-            compiler_params=_compiler_params(num_warps, num_stages),
-            interpret=interpret,
-            name="ragged_paged_attention",
-        )(*args)
+    out = None
+    split_decodes = split_decodes and not decode_only
+    if decode_only or split_decodes:
+        out = _decode_call(args, out_shape, flags, B, M * S, k_pages.dtype.itemsize, rows=B if split_decodes else max(B, T),
+                           only_single=split_decodes, interpret=interpret, block_kv=decode_block_kv,
+                           num_kv_splits=num_kv_splits, num_warps=decode_num_warps, num_stages=decode_num_stages)
+        if decode_only:
+            return out
+    BQ = _next_pow2(max(1, block_m // Gp))
+    bk = _fit_block_kv(block_kv, H, k_pages.dtype.itemsize, num_stages)
+    aliases = {}
+    if split_decodes:  # fill in the other rows of the decode kernel's output, in place
+        args, aliases = (*args, out), {len(args): 0}
+    return pl.pallas_call(
+        functools.partial(_ragged_kernel, BQ=BQ, bk=bk, skip_single=split_decodes, **flags),
+        grid=(pl.cdiv(T, BQ) + B, K),
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=_compiler_params(num_warps, num_stages),
+        interpret=interpret,
+        name="ragged_paged_attention",
+    )(*args)
 
+
+def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_single, interpret, block_kv,
+                 num_kv_splits, num_warps, num_stages):
+    """The split-KV decode kernel (+ the merge of its splits) over program rows [0, rows)."""
+    (T, _, H), K, Gp = out_shape.shape, args[1].shape[1], flags["Gp"]
     BQ = max(1, 16 // Gp)
     BM = BQ * Gp
-    bk = _fit_block_kv(decode_block_kv, H, k_pages.dtype.itemsize, decode_num_stages)
-    splits = num_kv_splits or default_num_kv_splits(B, K, M * S, bk)
-    params = _compiler_params(decode_num_warps, decode_num_stages)
-    kernel = functools.partial(_decode_kernel, BQ=BQ, bk=bk, splits=splits, **flags)
+    bk = _fit_block_kv(block_kv, H, itemsize, num_stages)
+    splits = num_kv_splits or default_num_kv_splits(B, K, max_kv, bk)
+    params = _compiler_params(num_warps, num_stages)
+    kernel = functools.partial(_decode_kernel, BQ=BQ, bk=bk, splits=splits, only_single=only_single, **flags)
     if splits == 1:
-        return pl.pallas_call(kernel, grid=(max(B, T), K, 1), out_shape=out_shape, compiler_params=params,
+        return pl.pallas_call(kernel, grid=(rows, K, 1), out_shape=out_shape, compiler_params=params,
                               interpret=interpret, name="paged_decode_attention")(*args)
     o_part, m_part, l_part = pl.pallas_call(
         kernel, grid=(B, K, splits),
@@ -415,12 +451,14 @@ def ragged_paged_attention_gpu(
                    jax.ShapeDtypeStruct((B, K, splits, BM), jnp.float32)),
         compiler_params=params, interpret=interpret, name="paged_decode_attention_split",
     )(*args)
-    v_scales = [scales[-1]] if v_scale is not None else []
+    has_v_scale = flags["has_v_scale"]
+    v_scales = [args[-1]] if has_v_scale else []
     return pl.pallas_call(
-        functools.partial(_combine_kernel, BQ=BQ, G=G, Gp=Gp, splits=splits, has_v_scale=v_scale is not None),
-        grid=(max(B, T), K),
+        functools.partial(_combine_kernel, BQ=BQ, G=flags["G"], Gp=Gp, splits=splits, has_v_scale=has_v_scale,
+                          only_single=only_single),
+        grid=(rows, K),
         out_shape=out_shape,
         compiler_params=_compiler_params(4, 1),
         interpret=interpret,
         name="paged_decode_combine",
-    )(o_part, m_part, l_part, cu_q_lens, num_seqs, *v_scales)
+    )(o_part, m_part, l_part, args[5], args[6], *v_scales)

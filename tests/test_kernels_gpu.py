@@ -73,6 +73,24 @@ def test_ragged_bf16_default_blocks():
     _check(args, dtype=jnp.bfloat16)
 
 
+@pytest.mark.parametrize("splits", [1, 2])
+@pytest.mark.parametrize("kw", [{}, {"sliding_window": 24, "soft_cap": 20.0}])
+def test_mixed_batch_split_decodes(splits, kw):
+    """A mixed batch with its one-token sequences sent to the decode kernel and the rest to the ragged kernel,
+    writing into one output: every row (decode, prefill chunk, padding) as the reference has it."""
+    rng = np.random.default_rng(7)
+    q_lens, kv_lens = [1, 13, 1, 30, 1, 1, 5], [90, 13, 8, 50, 300, 1, 21]
+    args = make_batch(rng, q_lens, kv_lens, N=8, K=2, H=64, S=16, pad_tokens=3, pad_seqs=2, dtype=jnp.float32)
+    _check(args, dtype=jnp.float32, split_decodes=True, num_kv_splits=splits, **SMALL, **kw)
+
+
+def test_mixed_batch_split_decodes_all_prefill_or_all_decode_bf16():
+    rng = np.random.default_rng(8)
+    for q_lens, kv_lens in (PREFILL, DECODE):
+        args = make_batch(rng, q_lens, kv_lens, N=8, K=2, H=128, S=16, pad_tokens=4, dtype=jnp.bfloat16)
+        _check(args, dtype=jnp.bfloat16, split_decodes=True)
+
+
 def test_decode_window_softcap_bf16():
     rng = np.random.default_rng(4)
     args = make_batch(rng, *DECODE, N=8, K=2, H=64, S=16, dtype=jnp.bfloat16)
@@ -135,6 +153,7 @@ def test_every_variant_lowers_to_triton_for_cuda():
     variants = [
         (jnp.bfloat16, {}), (jnp.bfloat16, {"decode_only": True}),
         (jnp.bfloat16, {"decode_only": True, "num_kv_splits": 1}),
+        (jnp.bfloat16, {"split_decodes": True}), (jnp.bfloat16, {"split_decodes": True, "num_kv_splits": 2}),
         (jnp.bfloat16, {"sliding_window": 100, "soft_cap": 30.0}),
         (jnp.int8, {"scales": True}), (jnp.float8_e4m3fn, {"scales": True, "decode_only": True}),
     ]

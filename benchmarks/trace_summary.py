@@ -1,0 +1,63 @@
+"""Summarise a jax profiler trace (the Perfetto `*.trace.json.gz` that `jax.profiler.trace` writes): device time
+per kernel name, largest first, so one can see where a step's time goes without opening a UI.
+
+    python benchmarks/trace_summary.py TRACE_DIR_OR_FILE [--top 40] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+
+
+def load(path: str) -> dict:
+    if os.path.isdir(path):
+        files = glob.glob(os.path.join(path, "**", "*.trace.json.gz"), recursive=True)
+        if not files:
+            raise SystemExit(f"no *.trace.json.gz under {path}")
+        path = max(files, key=os.path.getmtime)
+    with gzip.open(path) if path.endswith(".gz") else open(path) as f:
+        return json.load(f)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("path")
+    p.add_argument("--top", type=int, default=40)
+    p.add_argument("--steps", type=int, default=1, help="divide the totals by this many steps")
+    args = p.parse_args(argv)
+    tr = load(args.path)
+    events = tr["traceEvents"] if isinstance(tr, dict) else tr
+    # Device lanes: processes whose name mentions the GPU / TPU.
+    pnames = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    dev = {pid for pid, n in pnames.items() if re.search(r"/device:(GPU|TPU)", n)}
+    tnames = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+              if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    lanes = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in dev:
+            lanes[(e["pid"], e["tid"])] += e.get("dur", 0)
+    for lane, us in lanes.most_common():
+        print(f"lane {tnames.get(lane, lane)}: {us / 1e3 / args.steps:.3f} ms per step")
+    # Kernels live on the stream lanes; the "XLA Ops" / "XLA Modules" lanes repeat them per op / per program.
+    keep = {lane for lane in lanes if not re.search(r"XLA (Ops|Modules)|Steps", str(tnames.get(lane, "")))}
+    tot, cnt = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in keep:
+            tot[e["name"]] += e.get("dur", 0)
+            cnt[e["name"]] += 1
+    total = sum(tot.values())
+    print(f"device lanes: {[pnames[p] for p in sorted(dev)]}")
+    print(f"total kernel time {total / 1e3 / args.steps:.3f} ms per step over {sum(cnt.values())} events")
+    for name, us in tot.most_common(args.top):
+        print(f"{us / args.steps:10.1f} us  {cnt[name] / args.steps:6.1f}x  {us / total:5.1%}  {name[:110]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
