@@ -434,7 +434,7 @@ def ragged_paged_attention_gpu(
 def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_single, interpret, block_kv,
                  num_kv_splits, num_warps, num_stages):
     """The split-KV decode kernel (+ the merge of its splits) over program rows [0, rows)."""
-    (T, _, H), K, Gp = out_shape.shape, args[1].shape[1], flags["Gp"]
+    H, K, Gp = out_shape.shape[2], args[1].shape[1], flags["Gp"]
     BQ = max(1, 16 // Gp)
     BM = BQ * Gp
     bk = _fit_block_kv(block_kv, H, itemsize, num_stages)
