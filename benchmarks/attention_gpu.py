@@ -180,6 +180,10 @@ def decode_variants(case, sm_scale, args):
     v.append(("xla", ragged_fn(ragged_paged_attention_xla, sm_scale), {}))
     v.append(("ours", ragged_fn(ours, sm_scale, decode_only=True), {"decode_only": True}))
     v.append(("ours_ragged", ragged_fn(ours, sm_scale), {}))
+    if args.knobs:
+        for knobs in json.loads(args.knobs):
+            v.append(("ours_" + "_".join(f"{k}={x}" for k, x in knobs.items()),
+                      ragged_fn(ours, sm_scale, decode_only=True, **knobs), knobs))
     if args.sweep:
         for knobs in ({"num_kv_splits": 1}, {"num_kv_splits": 2}, {"num_kv_splits": 4}, {"num_kv_splits": 8},
                       {"decode_block_kv": 64}, {"decode_block_kv": 256}, {"decode_num_warps": 8},
@@ -233,6 +237,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time kernel knobs around the defaults")
     ap.add_argument("--only", choices=("decode", "prefill"), default=None)
     ap.add_argument("--filter", default=None, help="regex: only cases whose name matches")
+    ap.add_argument("--knobs", default=None, help='decode: a JSON list of knob dicts to time, e.g. '
+                    '\'[{"num_kv_splits": 2}]\'')
     ap.add_argument("--decode-cases", default=None, metavar="BxCTX,...",
                     help="decode cases instead of the grid, e.g. 256x400,16x2048")
     ap.add_argument("--reps", type=int, default=None)
