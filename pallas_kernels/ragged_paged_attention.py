@@ -40,12 +40,14 @@ def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping):
     """Scatter this step's K/V [T, K, H] into their cache slots (slot = page * S + offset).
 
     Padding tokens carry slot P * S, which is out of bounds and dropped. With the cache donated, XLA
-    updates it in place: no copy of the cache per step.
+    updates it in place: no copy of the cache per step. Live tokens never share a slot, and the padding ones
+    are dropped, so the scatter is declared free of duplicates (XLA:GPU then writes rows in parallel
+    without serialising on possible collisions).
     """
     P, K, S, H = k_pages.shape
     page, off = slot_mapping // S, slot_mapping % S  # padding: page P, out of bounds
-    k_pages = k_pages.at[page, :, off].set(k_new.astype(k_pages.dtype), mode="drop")
-    v_pages = v_pages.at[page, :, off].set(v_new.astype(v_pages.dtype), mode="drop")
+    k_pages = k_pages.at[page, :, off].set(k_new.astype(k_pages.dtype), mode="drop", unique_indices=True)
+    v_pages = v_pages.at[page, :, off].set(v_new.astype(v_pages.dtype), mode="drop", unique_indices=True)
     return k_pages, v_pages
 
 
