@@ -21,7 +21,10 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 
+# Presets: configs/ of a source checkout, or the copy a wheel installs as the package jaxinfer.configs.
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+if not (CONFIGS_DIR / "models").is_dir():
+    CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
 
 @dataclass(frozen=True)
