@@ -30,7 +30,6 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=None, help="comma-separated names from: " + ",".join(s[0] for s in SHAPES))
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--tag", default=os.environ.get("XLA_FLAGS", "default"))
-    p.add_argument("--impl", default="xla", help="xla | pallas (the project's skinny GEMM, if present)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json-out", default=None)
     p.add_argument("--mlp", action="store_true", help="time 8 MLP blocks (norm, gate/up, silu, down, residual) in "
@@ -46,12 +45,8 @@ def main(argv=None) -> int:
     if args.smoke:
         shapes, args.reps = [("tiny", 64, 128)], 2
     ms = [int(m) for m in args.ms.split(",")]
-    if args.impl == "xla":
-        mm = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.bfloat16)
-    else:
-        from pallas_kernels.skinny_matmul import skinny_matmul
-        mm = lambda x, w: skinny_matmul(x, w, interpret=args.smoke)
-    print(f"jax {jax.__version__}, {jax.devices()[0]}, tag {args.tag}, impl {args.impl}", flush=True)
+    mm = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.bfloat16)
+    print(f"jax {jax.__version__}, {jax.devices()[0]}, tag {args.tag}", flush=True)
     if args.mlp:
         return mlp_variants(args, ms)
     rows = []
@@ -79,14 +74,13 @@ def main(argv=None) -> int:
             tbs = (nbytes_w + 2 * M * (K + N)) / dt / 1e12
             tfs = 2 * M * K * N / dt / 1e12
             rows.append(dict(shape=name, K=K, N=N, M=M, us=dt * 1e6, tb_s=tbs, tflop_s=tfs, err=err))
-            print(f"{args.tag[:40]:40s} {args.impl:6s} {name:8s} M={M:5d} {dt * 1e6:9.1f} us  {tbs:5.2f} TB/s "
+            print(f"{args.tag[:40]:40s} {name:8s} M={M:5d} {dt * 1e6:9.1f} us  {tbs:5.2f} TB/s "
                   f"({tbs * 1e12 / PEAK_BW:4.0%})  {tfs:6.1f} TF/s ({tfs * 1e12 / PEAK_FLOPS:4.0%})  err {err:.1e}",
                   flush=True)
         ws = None
     if args.json_out:
         with open(args.json_out, "w") as fh:
-            json.dump(dict(jax=jax.__version__, device=str(jax.devices()[0]), tag=args.tag, impl=args.impl,
-                           rows=rows), fh, indent=1)
+            json.dump(dict(jax=jax.__version__, device=str(jax.devices()[0]), tag=args.tag, rows=rows), fh, indent=1)
     return 0
 
 
