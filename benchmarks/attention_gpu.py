@@ -212,6 +212,8 @@ def prefill_variants(case, sm_scale, args):
     v = [("xla", ragged_fn(ragged_paged_attention_xla, sm_scale), {}),
          ("ours", ragged_fn(ours, sm_scale), {}),
          ("ours_split_decodes", ragged_fn(ours, sm_scale, split_decodes=True), {"split_decodes": True})]
+    for knobs in json.loads(args.prefill_knobs or "[]"):
+        v.append(("ours_" + "_".join(f"{k}={x}" for k, x in knobs.items()), ragged_fn(ours, sm_scale, **knobs), knobs))
     if args.sweep:
         for knobs in ({"block_m": 64}, {"block_m": 64, "block_kv": 128}, {"block_kv": 32}, {"block_kv": 128},
                       {"num_warps": 8}, {"block_kv": 128, "num_warps": 8}, {"num_stages": 2},
@@ -220,9 +222,49 @@ def prefill_variants(case, sm_scale, args):
                       {"block_m": 64, "num_warps": 8}):
             v.append(("ours_" + "_".join(f"{k}={x}" for k, x in knobs.items()),
                       ragged_fn(ours, sm_scale, **knobs), knobs))
+    if case["B"] == 1 and case["q_lens"] == case["kv_lens_list"] and not args.interpret:
+        v += dense_prefill_peers(case, sm_scale)
     if dense_fits(case):
         v.append(("dense_ref", ragged_fn(ragged_paged_attention_reference, sm_scale), {}))
     return v
+
+
+def dense_prefill_peers(case, sm_scale):
+    """jax's own dense causal attention kernels on the same prompt (contiguous K/V, no page table): the
+    Triton-lowered `pallas.ops.gpu.attention.mha` (K/V heads repeated to N: it has no GQA) and the Mosaic GPU
+    `attention_mgpu.attention` (TMA, wgmma, warp specialisation; it applies no softmax scale, so q comes
+    pre-scaled, and in jax 0.11 it only runs in float16, so its inputs are cast). They show what each Pallas
+    backend reaches on this shape without paging."""
+    T, K, H, G = case["T"], case["K"], case["H"], case["N"] // case["K"]
+    pages = case["tables"][0, 0]
+    k = jnp.swapaxes(case["k"][pages], 1, 2).reshape(-1, K, H)[:T]  # [T, K, H], the same K/V as set 0
+    v = jnp.swapaxes(case["v"][pages], 1, 2).reshape(-1, K, H)[:T]
+    peers = []
+    try:
+        from jax.experimental.pallas.ops.gpu import attention as tri
+
+        for stages in (2, 3):
+            def fn(case, q, k, v, tables, stages=stages):
+                return tri.mha(q[None], k[None], v[None], None, sm_scale=sm_scale, causal=True,
+                               num_stages=stages)[0]
+            peers.append((f"jax_mha_triton_s{stages}", fn, {"num_stages": stages},
+                          (case["q"], jnp.repeat(k, G, axis=1), jnp.repeat(v, G, axis=1))))
+    except Exception as e:
+        print(f"jax mha unavailable: {e}")
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as mg
+
+        for bq, bkv, steps in ((128, 128, 2), (128, 64, 3)):
+            cfg = mg.TuningConfig(block_q=bq, block_kv=bkv, max_concurrent_steps=steps, causal=True)
+
+            def fn(case, q, k, v, tables, cfg=cfg):
+                return mg.attention(q[None], k[None], v[None], cfg)[0]
+            f16 = jnp.float16
+            peers.append((f"jax_mgpu_{bq}x{bkv}x{steps}", fn, {"block_q": bq, "block_kv": bkv, "steps": steps},
+                          ((case["q"].astype(jnp.float32) * sm_scale).astype(f16), k.astype(f16), v.astype(f16))))
+    except Exception as e:
+        print(f"jax attention_mgpu unavailable: {e}")
+    return peers
 
 
 def dense_fits(case):
@@ -239,6 +281,8 @@ def main():
     ap.add_argument("--filter", default=None, help="regex: only cases whose name matches")
     ap.add_argument("--knobs", default=None, help='decode: a JSON list of knob dicts to time, e.g. '
                     '\'[{"num_kv_splits": 2}]\'')
+    ap.add_argument("--prefill-knobs", default=None, help='prefill / mixed: a JSON list of knob dicts to time, e.g. '
+                    '\'[{"num_stages": 3}]\'')
     ap.add_argument("--decode-cases", default=None, metavar="BxCTX,...",
                     help="decode cases instead of the grid, e.g. 256x400,16x2048")
     ap.add_argument("--reps", type=int, default=None)

@@ -39,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--attention-impl", default="auto")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json-out")
+    p.add_argument("--trace", metavar="DIR", help="also write a Perfetto trace of --trace-steps async "
+                   "Engine.step() calls per batch size, to DIR/b<batch> (summarise: benchmarks/trace_summary.py)")
+    p.add_argument("--trace-steps", type=int, default=20)
     return p.parse_args(argv)
 
 
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
         for mode in ("async", "sync"):
             eng.ecfg = dataclasses.replace(eng.ecfg, async_scheduling=mode == "async")
             prompts = [rng.integers(0, V, args.context).tolist() for _ in range(B)]
-            params = SamplingParams(temperature=0.0, max_tokens=3 * args.steps + 8, ignore_eos=True)
+            params = SamplingParams(temperature=0.0, max_tokens=3 * args.steps + args.trace_steps + 8, ignore_eos=True)
             ids = [eng.add_request(p, params) for p in prompts]
             while any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.running + list(eng.scheduler.waiting)):
                 eng.step()
@@ -83,6 +86,11 @@ def main(argv=None) -> int:
             for _ in range(args.steps):
                 eng.step()
             case[f"engine_{mode}_ms"] = (time.perf_counter() - t) / args.steps * 1e3
+            if mode == "async" and args.trace:
+                with jax.profiler.trace(os.path.join(args.trace, f"b{B}"), create_perfetto_trace=True):
+                    for _ in range(args.trace_steps):
+                        eng.step()
+                    jax.block_until_ready(eng.runner.kv)
             if mode == "sync":
                 # 2. the same steps, phase by phase (synchronous: each phase ends before the next starts)
                 ph = dict(schedule=0.0, admit=0.0, prepare=0.0, launch=0.0, wait=0.0, post=0.0)

@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("path")
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--steps", type=int, default=1, help="divide the totals by this many steps")
+    p.add_argument("--group", action="store_true",
+                   help="merge kernels whose names differ only by numeric suffixes (fusion.12, fusion.13, ...)")
     args = p.parse_args(argv)
     tr = load(args.path)
     events = tr["traceEvents"] if isinstance(tr, dict) else tr
@@ -47,13 +49,28 @@ def main(argv=None) -> int:
     # Kernels live on the stream lanes; the "XLA Ops" / "XLA Modules" lanes repeat them per op / per program.
     keep = {lane for lane in lanes if not re.search(r"XLA (Ops|Modules)|Steps", str(tnames.get(lane, "")))}
     tot, cnt = collections.Counter(), collections.Counter()
+    spans = []
     for e in events:
         if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in keep:
-            tot[e["name"]] += e.get("dur", 0)
-            cnt[e["name"]] += 1
+            name = re.sub(r"([._]\d+)+$", "", e["name"]) if args.group else e["name"]
+            tot[name] += e.get("dur", 0)
+            cnt[name] += 1
+            spans.append((float(e["ts"]), float(e["ts"]) + e.get("dur", 0)))
     total = sum(tot.values())
     print(f"device lanes: {[pnames[p] for p in sorted(dev)]}")
     print(f"total kernel time {total / 1e3 / args.steps:.3f} ms per step over {sum(cnt.values())} events")
+    if spans:  # how much of the traced window the device was busy (kernels on any kept lane)
+        spans.sort()
+        busy, (lo, hi) = 0.0, spans[0]
+        for a, b in spans[1:]:
+            if a > hi:
+                busy, lo, hi = busy + hi - lo, a, b
+            else:
+                hi = max(hi, b)
+        busy += hi - lo
+        window = max(b for _, b in spans) - spans[0][0]
+        print(f"device busy {busy / 1e3 / args.steps:.3f} ms per step of a {window / 1e3 / args.steps:.3f} ms "
+              f"window: idle {1 - busy / window:.1%}")
     for name, us in tot.most_common(args.top):
         print(f"{us / args.steps:10.1f} us  {cnt[name] / args.steps:6.1f}x  {us / total:5.1%}  {name[:110]}")
     return 0

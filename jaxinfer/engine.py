@@ -219,8 +219,7 @@ class Engine:
             if reset and start > 0:
                 self.runner.seed_history(req, start)
             if reset and (p.logit_bias or p.min_tokens > 0):
-                stops = [] if p.ignore_eos else list(req.eos_token_ids)
-                self.runner.set_row(req.slot, p.logit_bias, stops + list(p.stop_token_ids or []))
+                self.runner.set_row(req.slot, p.logit_bias, req.stop_ids)
 
     def _postprocess(self, batch: ScheduledBatch, sampled: list[int | None], result: StepResult) -> None:
         if result.prompt is not None:

@@ -9,7 +9,9 @@ maps logical axes to mesh axes, so the same model runs on one device or a `jax.s
 Every matmul goes through `dot`, the one place where a quantized weight leaf will plug in. The Q, K and V
 projections are one weight [D, K, G + 2, H] (each kv head with its query heads), so they are one GEMM: as
 three, XLA:GPU turned the small K / V products at one token into multiply + reduce at a third of the
-bandwidth, and tensor parallelism still shards whole kv-head groups.
+bandwidth, and tensor parallelism still shards whole kv-head groups. Gate and up are one [D, 2, F] weight
+(one launch, a wider GEMM: MLP blocks 2-9% faster at 1-64 rows on an H100, even at 256-2048 rows);
+sharding its F axis keeps each device's gate and up columns paired.
 Layers are unrolled in Python with one KV buffer per layer: each buffer is donated and updated in place,
 which on GPU is about 3x faster than a `lax.scan` carrying a stacked cache.
 """
@@ -68,8 +70,7 @@ class LayerParams:
     q_norm: Any  # [H] or None
     k_norm: Any  # [H] or None
     mlp_norm: Any  # [D]
-    w_gate: Any  # [D, F]
-    w_up: Any  # [D, F]
+    w_gate_up: Any  # [D, 2, F]: gate and up projections as one GEMM
     w_down: Any  # [F, D]
 
 
@@ -112,8 +113,7 @@ def param_specs(cfg: ModelConfig) -> Params:
             q_norm=ParamSpec((H,), ("head_dim",), "ones") if cfg.qk_norm else None,
             k_norm=ParamSpec((H,), ("head_dim",), "ones") if cfg.qk_norm else None,
             mlp_norm=ParamSpec((D,), ("embed",), "ones"),
-            w_gate=ParamSpec((D, F), ("embed", "mlp")),
-            w_up=ParamSpec((D, F), ("embed", "mlp")),
+            w_gate_up=ParamSpec((D, 2, F), ("embed", None, "mlp")),
             w_down=ParamSpec((F, D), ("mlp", "embed")),
         )
 
@@ -209,9 +209,8 @@ def _attention_block(lp: LayerParams, cfg: ModelConfig, x, positions, inv_freq, 
 
 def _mlp_block(lp: LayerParams, cfg: ModelConfig, x):
     h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
-    g = dot("td,df->tf", h, lp.w_gate)  # [T, F]
-    u = dot("td,df->tf", h, lp.w_up)
-    return x + dot("tf,fd->td", jax.nn.silu(g) * u, lp.w_down)
+    gu = dot("td,dcf->tcf", h, lp.w_gate_up)  # [T, 2, F]
+    return x + dot("tf,fd->td", jax.nn.silu(gu[:, 0]) * gu[:, 1], lp.w_down)
 
 
 def forward(params: Params, cfg: ModelConfig, tokens, positions, kv: KVCache, meta: AttentionMetadata, attn_fn: AttentionFn):

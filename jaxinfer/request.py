@@ -56,6 +56,13 @@ class Request:
     num_preemptions: int = 0
 
     @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end this request: its EOS ids (unless ignore_eos) and its stop_token_ids. min_tokens
+        masks exactly these until the output is long enough."""
+        eos = [] if self.params.ignore_eos else sorted(self.eos_token_ids)
+        return eos + list(self.params.stop_token_ids or [])
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 

@@ -351,7 +351,9 @@ class ModelRunner:
             s.frequency_penalty[b] = p.frequency_penalty
             s.slot[b] = req.slot
             s.has_bias[b] = bool(p.logit_bias)
-            s.suppress_stop[b] = out_index < p.min_tokens
+            # Nothing to mask (e.g. ignore_eos and no stop_token_ids): the row needs no suppression, and the step
+            # can keep the cheap sampler variant.
+            s.suppress_stop[b] = out_index < p.min_tokens and bool(req.stop_ids)
             s.num_logprobs[b] = -1 if p.logprobs is None else p.logprobs
         a.cu_q_lens[len(batch) + 1 :] = t
         a.num_seqs[...] = len(batch)

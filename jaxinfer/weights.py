@@ -100,7 +100,7 @@ def weight_table(cfg: ModelConfig, fmt: str) -> list[WeightEntry]:
             "attn_norm": "attn_norm.weight", "wqkv": ("attn_q.weight", "attn_k.weight", "attn_v.weight"),
             "wo": "attn_output.weight", "bqkv": ("attn_q.bias", "attn_k.bias", "attn_v.bias"),
             "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight", "mlp_norm": "ffn_norm.weight",
-            "w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
+            "w_gate_up": ("ffn_gate.weight", "ffn_up.weight"), "w_down": "ffn_down.weight",
         }
         prefix = "blk.{i}."
     else:
@@ -114,7 +114,7 @@ def weight_table(cfg: ModelConfig, fmt: str) -> list[WeightEntry]:
             "bqkv": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
             "q_norm": "self_attn.q_norm.weight",
             "k_norm": "self_attn.k_norm.weight", "mlp_norm": "post_attention_layernorm.weight",
-            "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
+            "w_gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "w_down": "mlp.down_proj.weight",
         }
         prefix = "model.layers.{i}."
     bq_in, bk_in = _heads(N, H), _heads(K, H)
@@ -124,7 +124,7 @@ def weight_table(cfg: ModelConfig, fmt: str) -> list[WeightEntry]:
     transforms = {
         "attn_norm": _same, "wqkv": lambda q, k, v: fuse(q_in(q), k_in(k), v_in(v)), "wo": _proj_out(N, H),
         "bqkv": lambda q, k, v: fuse(bq_in(q), bk_in(k), bv_in(v)), "q_norm": _same, "k_norm": _same,
-        "mlp_norm": _same, "w_gate": _t, "w_up": _t, "w_down": _t,
+        "mlp_norm": _same, "w_gate_up": lambda g, u: np.stack([g.T, u.T], axis=1), "w_down": _t,
     }
     table = [WeightEntry((k,), p, f) for k, p, f in top]
     for i in range(cfg.num_layers):

@@ -141,6 +141,24 @@ def test_stop_token_ids_max_tokens_min_tokens(default_llm):
     assert len(c.token_ids) == 3 and c.finish_reason == "length"
 
 
+def test_min_tokens_needs_the_full_sampler_only_when_something_can_stop(default_llm):
+    """min_tokens masks the request's stop tokens; with ignore_eos and no stop_token_ids there is nothing to mask,
+    so the step keeps the cheap greedy sampler (benchmarks ask for ignore_eos + min_tokens)."""
+    from jaxinfer.sampler import variant_for
+
+    eng = default_llm.engine
+    for params, want in ((dict(ignore_eos=True), "greedy"), (dict(), "full"),
+                         (dict(ignore_eos=True, stop_token_ids=[5]), "full")):
+        rid = eng.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=8, min_tokens=4, **params))
+        try:
+            _, md, _, _ = eng.runner.prepare(eng.scheduler.schedule())
+            assert variant_for(md) == want, params
+        finally:
+            eng.abort(rid)
+            while eng.has_unfinished():
+                eng.step()
+
+
 def test_logit_bias_and_n(default_llm):
     tok = default_llm.tokenizer.encode(" banana", add_special_tokens=False)[0]
     out = default_llm.generate(["My favourite fruit is"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
