@@ -123,7 +123,7 @@ def _store_rows(o_ref, val, t, head, ok, H):
 
 
 def _attend(q, pos, blk_lo, blk_hi, min_pos, max_pos, kv_len, b, kh, tables_ref, k_ref, v_ref, scale, *,
-            S, bk, window, soft_cap):
+            S, bk, window, soft_cap, prefetch_pages=False):
     """Online softmax of q [BM, H] over kv blocks [blk_lo, blk_hi) of sequence b, kv head kh.
 
     pos [BM] is each row's position; min_pos / max_pos bound the live rows'. Returns (m, l, acc) in the
@@ -136,20 +136,26 @@ def _attend(q, pos, blk_lo, blk_hi, min_pos, max_pos, kv_len, b, kh, tables_ref,
     h = _iota(H)
     M = tables_ref.shape[1]
 
+    def pages(j):  # page id of each kv position of block j (clamped into the table: past kv_len it is unused)
+        return tables_ref[b, jnp.minimum(lax.div(j * bk + _iota(bk), S), M - 1)]
+
     def body(j, carry, masked):
-        m_i, l_i, acc = carry
+        m_i, l_i, acc, *pg_pre = carry
         kv = j * bk + _iota(bk)  # [bk] positions
         pidx = lax.div(kv, S)
         off = lax.rem(kv, S)
+        if prefetch_pages:  # this block's page ids came with the carry; fetch the next block's now
+            pg_next = pages(j + 1)
         if masked:  # the last block may run past kv_len, into pages that may hold NaN (or past the table)
             ok = kv < kv_len
-            pg = pltriton.load(tables_ref.at[b, jnp.minimum(pidx, M - 1)], mask=ok, other=0)
+            pg = pg_pre[0] if prefetch_pages else pltriton.load(
+                tables_ref.at[b, jnp.minimum(pidx, M - 1)], mask=ok, other=0)
             idx = (pg[:, None], kh, off[:, None], h[None, :])
             # Zeroed after the cast rather than through `other=`: Triton cannot splat a constant into fp8.
             k = jnp.where(ok[:, None], pltriton.load(k_ref.at[idx], mask=ok[:, None]).astype(cdt), 0)
             v = jnp.where(ok[:, None], pltriton.load(v_ref.at[idx], mask=ok[:, None]).astype(cdt), 0)
         else:
-            pg = tables_ref[b, pidx]
+            pg = pg_pre[0] if prefetch_pages else tables_ref[b, pidx]
             idx = (pg[:, None], kh, off[:, None], h[None, :])
             k = k_ref[idx].astype(cdt)  # [bk, H]; 8-bit caches dequantise here, the scale is in `scale`
             v = v_ref[idx].astype(cdt)
@@ -171,7 +177,7 @@ def _attend(q, pos, blk_lo, blk_hi, min_pos, max_pos, kv_len, b, kh, tables_ref,
         l_new = l_i * alpha + jnp.sum(p, axis=1)
         pv = lax.dot_general(p.astype(cdt), v, (((1,), (0,)), ((), ())), precision=prec,
                              preferred_element_type=jnp.float32)
-        return m_new, l_new, acc * alpha[:, None] + pv
+        return (m_new, l_new, acc * alpha[:, None] + pv, *([pg_next] if prefetch_pages else []))
 
     # Blocks every live row sees whole: j * bk > max_pos - window and (j + 1) * bk - 1 <= min_pos.
     full_lo = blk_lo
@@ -181,10 +187,17 @@ def _attend(q, pos, blk_lo, blk_hi, min_pos, max_pos, kv_len, b, kh, tables_ref,
     x2 = jnp.clip(lax.div(min_pos + 1, bk), x1, blk_hi)
     carry = (jnp.full((BM,), -jnp.inf, jnp.float32), jnp.zeros((BM,), jnp.float32),
              jnp.zeros((BM, H), jnp.float32))
+
+    def loop(lo, hi, carry, masked):
+        if prefetch_pages:
+            carry = (*carry, pages(lo))
+        carry = lax.fori_loop(lo, hi, functools.partial(body, masked=masked), carry)
+        return carry[:3]
+
     if window is not None:
-        carry = lax.fori_loop(blk_lo, x1, functools.partial(body, masked=True), carry)
-    carry = lax.fori_loop(x1, x2, functools.partial(body, masked=False), carry)
-    return lax.fori_loop(x2, blk_hi, functools.partial(body, masked=True), carry)
+        carry = loop(blk_lo, x1, carry, True)
+    carry = loop(x1, x2, carry, False)
+    return loop(x2, blk_hi, carry, True)
 
 
 def _kv_range(kv_len, min_pos, max_pos, bk, window):
@@ -207,7 +220,7 @@ def _finish(acc, l_i, v_s):
 
 
 def _ragged_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref, *refs, BQ, G, Gp, bk,
-                   sm_scale, window, soft_cap, has_k_scale, has_v_scale, skip_single):
+                   sm_scale, window, soft_cap, has_k_scale, has_v_scale, skip_single, prefetch_pages):
     *scale_refs, o_ref = refs
     if skip_single:  # the last input is the decode kernel's output, aliased to o_ref: its rows stay
         scale_refs = scale_refs[:-1]
@@ -250,7 +263,7 @@ def _ragged_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref,
             blk_lo, blk_hi = _kv_range(kv_len, min_pos, max_pos, bk, window)
             _, l_i, acc = _attend(q, pos, blk_lo, blk_hi, min_pos, max_pos, kv_len, b, kh, tables_ref,
                                   k_ref, v_ref, scale, S=k_ref.shape[2], bk=bk, window=window,
-                                  soft_cap=soft_cap)
+                                  soft_cap=soft_cap, prefetch_pages=prefetch_pages)
             _store_rows(o_ref, _finish(acc, l_i, v_s), t, head, ok, H)
 
     @pl.when(i >= live_blocks)
@@ -261,7 +274,7 @@ def _ragged_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref,
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref, *refs, BQ, G, Gp, bk,
-                   splits, sm_scale, window, soft_cap, has_k_scale, has_v_scale, only_single):
+                   splits, sm_scale, window, soft_cap, has_k_scale, has_v_scale, only_single, prefetch_pages):
     n_scales = int(has_k_scale) + int(has_v_scale)
     scale_refs, out_refs = refs[:n_scales], refs[n_scales:]
     T, _, H = q_ref.shape
@@ -291,7 +304,8 @@ def _decode_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref,
             blk_lo = jnp.minimum(blk_lo + sp * per, blk_hi)
             blk_hi = jnp.minimum(blk_lo + per, blk_hi)
         m_i, l_i, acc = _attend(q, pos, blk_lo, blk_hi, min_pos, max_pos, kv_len, i, kh, tables_ref, k_ref,
-                                v_ref, scale, S=k_ref.shape[2], bk=bk, window=window, soft_cap=soft_cap)
+                                v_ref, scale, S=k_ref.shape[2], bk=bk, window=window, soft_cap=soft_cap,
+                                prefetch_pages=prefetch_pages)
         if splits == 1:
             _store_rows(out_refs[0], _finish(acc, l_i, v_s), t, head, ok, H)
         else:
@@ -369,14 +383,15 @@ def default_num_kv_splits(B, K, max_kv_len, bk):
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "sliding_window", "soft_cap", "decode_only", "split_decodes", "interpret", "block_m", "block_kv",
-    "num_warps", "num_stages", "decode_block_kv", "num_kv_splits", "decode_num_warps", "decode_num_stages"))
+    "num_warps", "num_stages", "decode_block_kv", "num_kv_splits", "decode_num_warps", "decode_num_stages",
+    "prefetch_pages", "decode_prefetch_pages"))
 def ragged_paged_attention_gpu(
     q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens, num_seqs,
     *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
     k_scale=None, v_scale=None, decode_only: bool = False, split_decodes: bool = False, interpret: bool = False,
-    block_m: int = 128, block_kv: int = 128, num_warps: int = 8, num_stages: int = 2,
+    block_m: int = 128, block_kv: int = 128, num_warps: int = 8, num_stages: int = 3,
     decode_block_kv: int = 32, num_kv_splits: int | None = None, decode_num_warps: int = 2,
-    decode_num_stages: int = 3,
+    decode_num_stages: int = 3, prefetch_pages: bool = True, decode_prefetch_pages: bool = False,
 ):
     """Ragged paged attention (see the module docstring for shapes); returns [T, N, H] in q.dtype.
 
@@ -385,7 +400,8 @@ def ragged_paged_attention_gpu(
       kernel, which writes their rows into the decode kernel's output in place.
     Ragged kernel knobs: block_m rows per query block (BQ = block_m // Gp tokens), block_kv kv tokens per
     iteration, num_warps / num_stages. Decode knobs: decode_block_kv, num_kv_splits (None: by
-    `default_num_kv_splits`), decode_num_warps / decode_num_stages. kv blocks shrink (halving) until the
+    `default_num_kv_splits`), decode_num_warps / decode_num_stages. prefetch_pages / decode_prefetch_pages:
+    each kv iteration loads the next one's page ids, so its K/V loads need not wait for a page-table load. kv blocks shrink (halving) until the
     pipelined K/V tiles fit in shared memory.
     """
     T, N, H = q.shape
@@ -412,7 +428,8 @@ def ragged_paged_attention_gpu(
     if decode_only or split_decodes:
         out = _decode_call(args, out_shape, flags, B, M * S, k_pages.dtype.itemsize, rows=B if split_decodes else max(B, T),
                            only_single=split_decodes, interpret=interpret, block_kv=decode_block_kv,
-                           num_kv_splits=num_kv_splits, num_warps=decode_num_warps, num_stages=decode_num_stages)
+                           num_kv_splits=num_kv_splits, num_warps=decode_num_warps, num_stages=decode_num_stages,
+                           prefetch_pages=decode_prefetch_pages)
         if decode_only:
             return out
     BQ = _next_pow2(max(1, block_m // Gp))
@@ -421,7 +438,8 @@ def ragged_paged_attention_gpu(
     if split_decodes:  # fill in the other rows of the decode kernel's output, in place
         args, aliases = (*args, out), {len(args): 0}
     return pl.pallas_call(
-        functools.partial(_ragged_kernel, BQ=BQ, bk=bk, skip_single=split_decodes, **flags),
+        functools.partial(_ragged_kernel, BQ=BQ, bk=bk, skip_single=split_decodes, prefetch_pages=prefetch_pages,
+                          **flags),
         grid=(pl.cdiv(T, BQ) + B, K),
         out_shape=out_shape,
         input_output_aliases=aliases,
@@ -432,7 +450,7 @@ def ragged_paged_attention_gpu(
 
 
 def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_single, interpret, block_kv,
-                 num_kv_splits, num_warps, num_stages):
+                 num_kv_splits, num_warps, num_stages, prefetch_pages):
     """The split-KV decode kernel (+ the merge of its splits) over program rows [0, rows)."""
     H, K, Gp = out_shape.shape[2], args[1].shape[1], flags["Gp"]
     BQ = max(1, 16 // Gp)
@@ -440,7 +458,8 @@ def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_sing
     bk = _fit_block_kv(block_kv, H, itemsize, num_stages)
     splits = num_kv_splits or default_num_kv_splits(B, K, max_kv, bk)
     params = _compiler_params(num_warps, num_stages)
-    kernel = functools.partial(_decode_kernel, BQ=BQ, bk=bk, splits=splits, only_single=only_single, **flags)
+    kernel = functools.partial(_decode_kernel, BQ=BQ, bk=bk, splits=splits, only_single=only_single,
+                               prefetch_pages=prefetch_pages, **flags)
     if splits == 1:
         return pl.pallas_call(kernel, grid=(rows, K, 1), out_shape=out_shape, compiler_params=params,
                               interpret=interpret, name="paged_decode_attention")(*args)

@@ -42,11 +42,11 @@ PREFILL = ([40, 7, 64], [40, 7, 64])
 MIXED = ([1, 13, 1, 30, 1, 5], [90, 13, 8, 50, 300, 21])  # incl. a prefill chunk on history
 
 
-@pytest.mark.parametrize("splits", [None, 1, 3])
-def test_decode(splits):
+@pytest.mark.parametrize("splits,prefetch", [(None, False), (1, False), (3, False), (3, True)])
+def test_decode(splits, prefetch):
     rng = np.random.default_rng(0)
     args = make_batch(rng, *DECODE, N=8, K=2, H=64, S=16, pad_tokens=2, pad_seqs=3, dtype=jnp.float32)
-    _check(args, dtype=jnp.float32, decode_only=True, num_kv_splits=splits, **SMALL)
+    _check(args, dtype=jnp.float32, decode_only=True, num_kv_splits=splits, decode_prefetch_pages=prefetch, **SMALL)
 
 
 def test_decode_fewer_tokens_than_rows_bf16_gqa8_page64():
@@ -57,6 +57,7 @@ def test_decode_fewer_tokens_than_rows_bf16_gqa8_page64():
 
 @pytest.mark.parametrize("case,N,K,H,S,kw", [
     ("prefill", 4, 4, 64, 16, {}),                                       # MHA
+    ("mixed", 8, 2, 64, 16, {"prefetch_pages": True, "sliding_window": 24}),
     ("mixed", 8, 2, 64, 16, {"sliding_window": 24}),                     # GQA 4
     ("mixed", 8, 1, 128, 64, {"soft_cap": 5.0}),                         # GQA 8 (MQA), page 64
     ("mixed", 6, 2, 64, 16, {"sliding_window": 9, "soft_cap": 20.0}),    # G = 3: padded head rows
@@ -155,6 +156,7 @@ def test_every_variant_lowers_to_triton_for_cuda():
         (jnp.bfloat16, {"decode_only": True, "num_kv_splits": 1}),
         (jnp.bfloat16, {"split_decodes": True}), (jnp.bfloat16, {"split_decodes": True, "num_kv_splits": 2}),
         (jnp.bfloat16, {"sliding_window": 100, "soft_cap": 30.0}),
+        (jnp.bfloat16, {"split_decodes": True, "prefetch_pages": True, "decode_prefetch_pages": True}),
         (jnp.int8, {"scales": True}), (jnp.float8_e4m3fn, {"scales": True, "decode_only": True}),
     ]
     for kv_dtype, kw in variants:
