@@ -4,7 +4,8 @@ Two numbers per engine, all greedy with the end-of-sequence token ignored so eve
 --output-len tokens from prompts of exactly --input-len tokens (real English text, tokenized):
 
   single stream   one request; TTFT (submit -> first token) and decode tok/s = (tokens - 1) / (time after
-                  the first token)
+                  the first token); jaxinfer runs it --single-runs times and reports the median run (one short
+                  run on a GPU varied by ~10% from machine to machine)
   batch           --batch-size requests submitted together; all output tokens / wall time (prefill included)
 
 jaxinfer is warmed up with one short request first, and must not compile anything while measured (the
@@ -53,7 +54,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Measure generation speed on this machine (greedy, end-of-sequence ignored, so every run makes\n"
         "exactly --output-len tokens from prompts of exactly --input-len tokens of English text):\n"
         "  single stream  one request: time to first token (TTFT) and decode tok/s = (tokens - 1) / (time after\n"
-        "                 the first token)\n"
+        "                 the first token); jaxinfer's median of --single-runs runs\n"
         "  batch          --batch-size requests at once: all output tokens / wall time (prefill included)\n\n"
         "Start-up (weight load, KV-cache allocation, bucket compilation) is reported separately and a warm-up\n"
         "request runs first, so no compilation is measured. Unless --no-peers, HF transformers (PyTorch CPU,\n"
@@ -74,6 +75,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="tokens generated per request (default: %(default)s)")
     g.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
                    help="concurrent requests in the batch measurement (default: %(default)s)")
+    g.add_argument("--single-runs", type=_positive_int, default=3, metavar="N",
+                   help="jaxinfer's single stream is run N times; the median run is reported (default: %(default)s)")
     g.add_argument("--no-peers", action="store_true", help="measure jaxinfer only (no HF transformers, no llama.cpp)")
     g.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
                    help="CPU threads for the peers (default: all %(default)s cores)")
@@ -171,7 +174,10 @@ def bench_jaxinfer(args, opts: dict, log) -> dict:
     run_requests(eng, [prompts[0][: min(16, args.input_len)]], params(4))
     compiles0 = eng.num_compiles_since_ready
     log(f"jaxinfer: single stream ({args.input_len} in, {args.output_len} out)")
-    single = single_stream_stats(*run_requests(eng, [prompts[0]], params(args.output_len)))
+    runs = [single_stream_stats(*run_requests(eng, [prompts[0]], params(args.output_len)))
+            for _ in range(args.single_runs)]
+    single = sorted(runs, key=lambda r: r["decode_tok_s"] or 0.0)[len(runs) // 2]  # the median run
+    single = {**single, "runs_decode_tok_s": [r["decode_tok_s"] for r in runs]}
     log(f"jaxinfer: batch of {args.batch_size}")
     batch = batch_stats(*run_requests(eng, prompts, params(args.output_len)))
     compiles = eng.num_compiles_since_ready - compiles0

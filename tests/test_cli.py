@@ -335,6 +335,8 @@ def test_bench_smoke(tiny_chat_model, tmp_path, capsys):
     jx, hf, lc = rep["results"]
     assert jx["engine"] == "jaxinfer" and jx["compiles_while_measured"] == 0
     assert jx["single"]["output_tokens"] == 5 and jx["single"]["decode_tok_s"] > 0 and jx["single"]["ttft_s"] > 0
+    runs = jx["single"]["runs_decode_tok_s"]  # --single-runs 3 (default): the reported one is the median
+    assert len(runs) == 3 and jx["single"]["decode_tok_s"] == sorted(runs)[1]
     assert jx["batch"]["output_tokens"] == 15 and jx["batch"]["tok_s"] > 0
     assert set(jx["startup"]) >= {"weights_s", "kv_cache_s", "compile_s"}
     assert hf["engine"] == "HF transformers" and hf["single"]["output_tokens"] == 5 and hf["batch"]["output_tokens"] == 15
