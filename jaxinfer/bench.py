@@ -4,8 +4,8 @@ Two numbers per engine, all greedy with the end-of-sequence token ignored so eve
 --output-len tokens from prompts of exactly --input-len tokens (real English text, tokenized):
 
   single stream   one request; TTFT (submit -> first token) and decode tok/s = (tokens - 1) / (time after
-                  the first token); jaxinfer runs it --single-runs times and reports the median run (one short
-                  run on a GPU varied by ~10% from machine to machine)
+                  the first token); jaxinfer runs it --single-runs times (a new prompt each time) and reports
+                  the median decode rate and the median TTFT
   batch           --batch-size requests submitted together; all output tokens / wall time (prefill included)
 
 jaxinfer is warmed up with one short request first, and must not compile anything while measured (the
@@ -174,10 +174,12 @@ def bench_jaxinfer(args, opts: dict, log) -> dict:
     run_requests(eng, [prompts[0][: min(16, args.input_len)]], params(4))
     compiles0 = eng.num_compiles_since_ready
     log(f"jaxinfer: single stream ({args.input_len} in, {args.output_len} out)")
-    runs = [single_stream_stats(*run_requests(eng, [prompts[0]], params(args.output_len)))
-            for _ in range(args.single_runs)]
+    # A different prompt each run, so no run is served from the prefix cache.
+    runs = [single_stream_stats(*run_requests(eng, [prompts[i % len(prompts)]], params(args.output_len)))
+            for i in range(args.single_runs)]
     single = sorted(runs, key=lambda r: r["decode_tok_s"] or 0.0)[len(runs) // 2]  # the median run
-    single = {**single, "runs_decode_tok_s": [r["decode_tok_s"] for r in runs]}
+    single = {**single, "ttft_s": sorted(r["ttft_s"] for r in runs)[len(runs) // 2],  # and the median TTFT
+              "runs_decode_tok_s": [r["decode_tok_s"] for r in runs], "runs_ttft_s": [r["ttft_s"] for r in runs]}
     log(f"jaxinfer: batch of {args.batch_size}")
     batch = batch_stats(*run_requests(eng, prompts, params(args.output_len)))
     compiles = eng.num_compiles_since_ready - compiles0
