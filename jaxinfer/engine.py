@@ -58,11 +58,8 @@ class Engine:
             )
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else self.cfg.eos_token_ids)
 
-        t0 = time.monotonic()
         kv_dtype = self.dtype if ecfg.kv_cache_dtype == "auto" else np.dtype(ecfg.kv_cache_dtype)
         self.num_pages = self._num_pages(kv_dtype)
-        kv = init_kv_cache(self.cfg, self.num_pages, ecfg.page_size, kv_dtype, mesh)
-        self.kv_seconds = time.monotonic() - t0
         self._log(
             f"KV cache: {self.num_pages} pages x {ecfg.page_size} tokens = {self.num_pages * ecfg.page_size:,} tokens, "
             f"{self.num_pages * self._page_bytes(kv_dtype) / _GiB:.2f} GiB ({np.dtype(kv_dtype).name}); "
@@ -70,9 +67,15 @@ class Engine:
         )
         self.scheduler = Scheduler(self.num_pages, ecfg.page_size, ecfg.max_num_seqs, ecfg.token_budget, self.max_model_len,
                                    ecfg.enable_prefix_caching)
-        self.runner = ModelRunner(self.cfg, ecfg, loaded.params, kv, self.num_pages, self.max_model_len)
+        # Compile against the cache's shapes before allocating it: XLA's autotuner (on a cold compilation cache)
+        # needs device memory for its trial runs, which a cache filling the device would leave it without.
+        abstract_kv = init_kv_cache(self.cfg, self.num_pages, ecfg.page_size, kv_dtype, mesh, abstract=True)
+        self.runner = ModelRunner(self.cfg, ecfg, loaded.params, abstract_kv, self.num_pages, self.max_model_len)
         self.runner.compile_all(ecfg.show_progress)
         self.compile_seconds = self.runner.compile_seconds
+        t0 = time.monotonic()
+        self.runner.kv = init_kv_cache(self.cfg, self.num_pages, ecfg.page_size, kv_dtype, mesh)
+        self.kv_seconds = time.monotonic() - t0
         self._log(f"compiled {len(self.runner.compiled)} buckets in {self.compile_seconds:.1f} s: {self.runner.buckets}")
         self.compiles_at_ready = compile_guard.count()
         self._groups: dict[str, list[Request]] = {}

@@ -139,10 +139,15 @@ def kv_cache_spec(cfg: ModelConfig, num_pages: int, page_size: int) -> ParamSpec
     return ParamSpec((num_pages, cfg.num_kv_heads, page_size, cfg.head_dim), ("pages", "kv_heads", "page_slot", "head_dim"), "zeros")
 
 
-def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, mesh: Mesh | None = None) -> KVCache:
+def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, mesh: Mesh | None = None,
+                  abstract: bool = False) -> KVCache:
+    """Zeroed per-layer K and V page arrays; abstract=True: their ShapeDtypeStructs (to compile before allocating)."""
     spec = kv_cache_spec(cfg, num_pages, page_size)
     sharding = logical_sharding(spec.axes, mesh)
-    make = jax.jit(lambda: jnp.zeros(spec.shape, dtype), out_shardings=sharding)
+    if abstract:
+        make = lambda: jax.ShapeDtypeStruct(spec.shape, dtype, sharding=sharding)  # noqa: E731
+    else:
+        make = jax.jit(lambda: jnp.zeros(spec.shape, dtype), out_shardings=sharding)
     return KVCache(k=[make() for _ in range(cfg.num_layers)], v=[make() for _ in range(cfg.num_layers)])
 
 
