@@ -14,7 +14,8 @@ Inside the kernels (the names used below):
        the program's kv head, so the G heads sharing a kv head share every K/V tile loaded (GQA packing)
   bk   kv tokens per inner iteration (any power of two, independent of S: a token's page id comes from
        the page table, so one iteration may span several pages, or part of one)
-  partials (decode, when split): o [B, K, splits, BM, H] f32 unnormalised, m / l [B, K, splits, BM] f32
+  partials (decode, when split): o [B, K, splits, Gp, H] f32 unnormalised, m / l [B, K, splits, Gp] f32 (the
+       G heads of the sequence's one query token; the block's other rows only pad the dot to 16 rows)
 
 Two kernels, chosen statically by `decode_only` (a `lax.cond` would copy its predicate to the host on
 XLA:GPU, a sync per step):
@@ -60,7 +61,7 @@ Prefill (ragged kernel) reaches ~32% of the bf16 matmul peak at a 4k-token chunk
 specialisation in the Triton path, which Mosaic GPU would bring.
 
 Constraints: H a power of two >= 16; BQ, bk powers of two, bk >= 16; the decode kernel assumes each live
-sequence has at most max(1, 16 // Gp) query tokens (one, in practice).
+sequence has exactly one query token (decode buckets; the one-token sequences of a mixed batch).
 """
 
 from __future__ import annotations
@@ -309,11 +310,15 @@ def _decode_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref,
         if splits == 1:
             _store_rows(out_refs[0], _finish(acc, l_i, v_s), t, head, ok, H)
         else:
+            # Only the rows of the sequence's one query token (its G heads) are kept: the other BM - Gp rows
+            # exist for the tensor-core dot. Rows not stored point past the end (masked / dropped).
             o_part, m_part, l_part = out_refs
             r = _iota(BM)
-            o_part[i, kh, sp, r[:, None], h[None, :]] = acc
-            m_part[i, kh, sp, r] = m_i
-            l_part[i, kh, sp, r] = l_i
+            keep = r < Gp
+            r = jnp.where(keep, r, Gp)
+            pltriton.store(o_part.at[i, kh, sp, r[:, None], h[None, :]], acc, mask=keep[:, None])
+            pltriton.store(m_part.at[i, kh, sp, r], m_i, mask=keep)
+            pltriton.store(l_part.at[i, kh, sp, r], l_i, mask=keep)
 
     if splits == 1 and not only_single:
         _zero_padding_token(out_refs[0], cu_ref, ns, i, kh, G, Gp, T, H)
@@ -336,11 +341,11 @@ def _zero_padding_token(o_ref, cu_ref, ns, i, kh, G, Gp, T, H):
         _store_rows(o_ref, jnp.zeros((Gp, H), jnp.float32), t, head, head_ok, H)
 
 
-def _combine_kernel(o_part, m_part, l_part, cu_ref, ns_ref, *refs, BQ, G, Gp, splits, has_v_scale, only_single):
-    """Merge the decode splits of (sequence i, kv head kh) and write its rows; zero padding tokens."""
+def _combine_kernel(o_part, m_part, l_part, cu_ref, ns_ref, *refs, G, Gp, splits, has_v_scale, only_single):
+    """Merge the decode splits of (sequence i, kv head kh) and write its Gp rows; zero padding tokens."""
     *scale_refs, o_ref = refs
     T, _, H = o_ref.shape
-    BM = BQ * Gp
+    BM = Gp  # one query token: its heads
     i = pl.program_id(0)
     kh = pl.program_id(1)
     ns = ns_ref[0]
@@ -360,8 +365,8 @@ def _combine_kernel(o_part, m_part, l_part, cu_ref, ns_ref, *refs, BQ, G, Gp, sp
             acc += w[:, None] * o_part[i, kh, s, r[:, None], h[None, :]]
         v_s = scale_refs[0][kh] if has_v_scale else None
         q_start = cu_ref[i]
-        t, head, head_ok = _rows(BQ, Gp, G, kh, q_start)
-        _store_rows(o_ref, _finish(acc, l_i, v_s), t, head, head_ok & (t < cu_ref[i + 1]), H)
+        t, head, head_ok = _rows(1, Gp, G, kh, q_start)
+        _store_rows(o_ref, _finish(acc, l_i, v_s), t, head, head_ok, H)
 
     if not only_single:
         _zero_padding_token(o_ref, cu_ref, ns, i, kh, G, Gp, T, H)
@@ -453,8 +458,7 @@ def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_sing
                  num_kv_splits, num_warps, num_stages, prefetch_pages):
     """The split-KV decode kernel (+ the merge of its splits) over program rows [0, rows)."""
     H, K, Gp = out_shape.shape[2], args[1].shape[1], flags["Gp"]
-    BQ = max(1, 16 // Gp)
-    BM = BQ * Gp
+    BQ = max(1, 16 // Gp)  # BQ * Gp >= 16 rows for the tensor-core dot; only token 0's Gp rows are live
     bk = _fit_block_kv(block_kv, H, itemsize, num_stages)
     splits = num_kv_splits or default_num_kv_splits(B, K, max_kv, bk)
     params = _compiler_params(num_warps, num_stages)
@@ -465,15 +469,15 @@ def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_sing
                               interpret=interpret, name="paged_decode_attention")(*args)
     o_part, m_part, l_part = pl.pallas_call(
         kernel, grid=(B, K, splits),
-        out_shape=(jax.ShapeDtypeStruct((B, K, splits, BM, H), jnp.float32),
-                   jax.ShapeDtypeStruct((B, K, splits, BM), jnp.float32),
-                   jax.ShapeDtypeStruct((B, K, splits, BM), jnp.float32)),
+        out_shape=(jax.ShapeDtypeStruct((B, K, splits, Gp, H), jnp.float32),
+                   jax.ShapeDtypeStruct((B, K, splits, Gp), jnp.float32),
+                   jax.ShapeDtypeStruct((B, K, splits, Gp), jnp.float32)),
         compiler_params=params, interpret=interpret, name="paged_decode_attention_split",
     )(*args)
     has_v_scale = flags["has_v_scale"]
     v_scales = [args[-1]] if has_v_scale else []
     return pl.pallas_call(
-        functools.partial(_combine_kernel, BQ=BQ, G=flags["G"], Gp=Gp, splits=splits, has_v_scale=has_v_scale,
+        functools.partial(_combine_kernel, G=flags["G"], Gp=Gp, splits=splits, has_v_scale=has_v_scale,
                           only_single=only_single),
         grid=(rows, K),
         out_shape=out_shape,
