@@ -57,8 +57,11 @@ SM) and waste little on a context's last, partial iteration; 128-token iteration
 SM) lost a third of the bandwidth on contexts of a few hundred tokens. H100, B=256 x 400 tokens: 63% -> 89%
 of 2.94 TB/s; B=64 x 400: 46% -> 67%; B=256 x 2048: 91% -> 99%; B=16 x 2048: 58% -> 70%
 (`benchmarks/attention_gpu.py --decode-cases ... --sweep`; the full grid is in benchmarks/RESULTS.md).
-Prefill (ragged kernel) reaches ~32% of the bf16 matmul peak at a 4k-token chunk: no TMA / warp
-specialisation in the Triton path, which Mosaic GPU would bring.
+Prefill (ragged kernel): each kv iteration loads the next iteration's page ids (`prefetch_pages`), so with 3
+pipeline stages its K/V loads never wait on a page-table load: 31% -> 34% of the bf16 matmul peak at a
+4k-token chunk on an H100. jax's own dense kernels on the same prompt (contiguous K/V, no page table) reach
+44% (Triton `mha`) and 42% (Mosaic GPU `attention_mgpu`, float16) in the same run; the rest of our gap is
+the paged gather, and the path beyond ~45% is TMA / warp specialisation (Mosaic GPU) with per-page copies.
 
 Constraints: H a power of two >= 16; BQ, bk powers of two, bk >= 16; the decode kernel assumes each live
 sequence has exactly one query token (decode buckets; the one-token sequences of a mixed batch).
