@@ -165,18 +165,19 @@ def bench_jaxinfer(args, opts: dict, log) -> dict:
                          f"({eng.max_model_len})")
     if args.batch_size > eng.ecfg.max_num_seqs:
         notes.append(f"batch size {args.batch_size} > max_num_seqs {eng.ecfg.max_num_seqs}: the rest waited in the queue")
-    prompts = make_prompts(eng.tokenizer, eng.cfg.vocab_size, args.input_len, args.batch_size)
+    # Distinct windows for the warm-up, each single-stream run and the batch, so none is served from the
+    # prefix cache that an earlier phase filled.
+    windows = make_prompts(eng.tokenizer, eng.cfg.vocab_size, args.input_len, args.batch_size + args.single_runs + 1)
+    prompts, singles, warm = (windows[: args.batch_size], windows[args.batch_size : -1], windows[-1])
 
     def params(n):
         return SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True)
 
     log("jaxinfer: warm-up")
-    run_requests(eng, [prompts[0][: min(16, args.input_len)]], params(4))
+    run_requests(eng, [warm[: min(16, args.input_len)]], params(4))
     compiles0 = eng.num_compiles_since_ready
     log(f"jaxinfer: single stream ({args.input_len} in, {args.output_len} out)")
-    # A different prompt each run, so no run is served from the prefix cache.
-    runs = [single_stream_stats(*run_requests(eng, [prompts[i % len(prompts)]], params(args.output_len)))
-            for i in range(args.single_runs)]
+    runs = [single_stream_stats(*run_requests(eng, [p], params(args.output_len))) for p in singles]
     single = sorted(runs, key=lambda r: r["decode_tok_s"] or 0.0)[len(runs) // 2]  # the median run
     single = {**single, "ttft_s": sorted(r["ttft_s"] for r in runs)[len(runs) // 2],  # and the median TTFT
               "runs_decode_tok_s": [r["decode_tok_s"] for r in runs], "runs_ttft_s": [r["ttft_s"] for r in runs]}

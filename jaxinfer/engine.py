@@ -74,7 +74,7 @@ class Engine:
         self.runner.compile_all(ecfg.show_progress)
         self.compile_seconds = self.runner.compile_seconds
         t0 = time.monotonic()
-        self.runner.kv = init_kv_cache(self.cfg, self.num_pages, ecfg.page_size, kv_dtype, mesh)
+        self.runner.kv = jax.block_until_ready(init_kv_cache(self.cfg, self.num_pages, ecfg.page_size, kv_dtype, mesh))
         self.kv_seconds = time.monotonic() - t0
         self._log(f"compiled {len(self.runner.compiled)} buckets in {self.compile_seconds:.1f} s: {self.runner.buckets}")
         self.compiles_at_ready = compile_guard.count()

@@ -369,18 +369,38 @@ def _combine_kernel(o_part, m_part, l_part, cu_ref, ns_ref, *refs, G, Gp, splits
         v_s = scale_refs[0][kh] if has_v_scale else None
         q_start = cu_ref[i]
         t, head, head_ok = _rows(1, Gp, G, kh, q_start)
-        _store_rows(o_ref, _finish(acc, l_i, v_s), t, head, head_ok, H)
+        _store_rows(o_ref, _finish(acc, l_i, v_s), t, head, head_ok & (t < cu_ref[i + 1]), H)
 
     if not only_single:
         _zero_padding_token(o_ref, cu_ref, ns, i, kh, G, Gp, T, H)
 
 
-def _fit_block_kv(bk, H, itemsize, num_stages):
-    """Largest power of two <= bk whose pipelined K and V tiles fit in shared memory (227 KB on H100)."""
-    bk = _next_pow2(max(16, bk))
-    while bk > 16 and max(num_stages, 1) * 2 * bk * H * max(itemsize, 2) > 200 * 1024:
+def _smem_bytes() -> int:
+    """Shared memory one program may use on this GPU (by compute capability; H100 when unknown, e.g. on CPU)."""
+    try:
+        cc = float(getattr(jax.devices()[0], "compute_capability", "9.0"))
+    except (TypeError, ValueError, RuntimeError):
+        cc = 9.0
+    kib = 227 if cc >= 9.0 else 163 if cc == 8.0 else 99
+    return kib * 1024 - 2048  # minus Triton's own scratch (barriers, reduction buffers)
+
+
+def _fit(bk, num_stages, H, kv_itemsize, q_tile_bytes):
+    """(bk, stages): the largest power-of-two kv block <= bk, then fewer stages (down to 2), whose pipelined K and
+    V tiles plus the query tile fit in shared memory."""
+    bk, stages = _next_pow2(max(16, bk)), max(num_stages, 1)
+
+    def need(bk, stages):
+        return stages * 2 * bk * H * max(kv_itemsize, 2) + q_tile_bytes
+
+    limit = _smem_bytes()
+    while bk > 64 and need(bk, stages) > limit:
         bk //= 2
-    return bk
+    while stages > 2 and need(bk, stages) > limit:
+        stages -= 1
+    while bk > 16 and need(bk, stages) > limit:
+        bk //= 2
+    return bk, stages
 
 
 def default_num_kv_splits(B, K, max_kv_len, bk):
@@ -409,8 +429,9 @@ def ragged_paged_attention_gpu(
     Ragged kernel knobs: block_m rows per query block (BQ = block_m // Gp tokens), block_kv kv tokens per
     iteration, num_warps / num_stages. Decode knobs: decode_block_kv, num_kv_splits (None: by
     `default_num_kv_splits`), decode_num_warps / decode_num_stages. prefetch_pages / decode_prefetch_pages:
-    each kv iteration loads the next one's page ids, so its K/V loads need not wait for a page-table load. kv blocks shrink (halving) until the
-    pipelined K/V tiles fit in shared memory.
+    each kv iteration loads the next one's page ids, so its K/V loads need not wait for a page-table load.
+    Where the pipelined K/V tiles and the query tile would not fit in shared memory (f32 caches, head dim 256,
+    smaller GPUs), kv blocks shrink and stages drop until they do (`_fit`).
     """
     T, N, H = q.shape
     P, K, S, H_k = k_pages.shape
@@ -441,7 +462,7 @@ def ragged_paged_attention_gpu(
         if decode_only:
             return out
     BQ = _next_pow2(max(1, block_m // Gp))
-    bk = _fit_block_kv(block_kv, H, k_pages.dtype.itemsize, num_stages)
+    bk, num_stages = _fit(block_kv, num_stages, H, k_pages.dtype.itemsize, BQ * Gp * H * q.dtype.itemsize)
     aliases = {}
     if split_decodes:  # fill in the other rows of the decode kernel's output, in place
         args, aliases = (*args, out), {len(args): 0}
@@ -462,7 +483,7 @@ def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_sing
     """The split-KV decode kernel (+ the merge of its splits) over program rows [0, rows)."""
     H, K, Gp = out_shape.shape[2], args[1].shape[1], flags["Gp"]
     BQ = max(1, 16 // Gp)  # BQ * Gp >= 16 rows for the tensor-core dot; only token 0's Gp rows are live
-    bk = _fit_block_kv(block_kv, H, itemsize, num_stages)
+    bk, num_stages = _fit(block_kv, num_stages, H, itemsize, BQ * Gp * H * args[0].dtype.itemsize)
     splits = num_kv_splits or default_num_kv_splits(B, K, max_kv, bk)
     params = _compiler_params(num_warps, num_stages)
     kernel = functools.partial(_decode_kernel, BQ=BQ, bk=bk, splits=splits, only_single=only_single,

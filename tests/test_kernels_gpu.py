@@ -57,7 +57,7 @@ def test_decode_fewer_tokens_than_rows_bf16_gqa8_page64():
 
 @pytest.mark.parametrize("case,N,K,H,S,kw", [
     ("prefill", 4, 4, 64, 16, {}),                                       # MHA
-    ("mixed", 8, 2, 64, 16, {"prefetch_pages": True, "sliding_window": 24}),
+    ("mixed", 8, 2, 64, 16, {"prefetch_pages": False, "sliding_window": 24}),  # page ids loaded in the loop
     ("mixed", 8, 2, 64, 16, {"sliding_window": 24}),                     # GQA 4
     ("mixed", 8, 1, 128, 64, {"soft_cap": 5.0}),                         # GQA 8 (MQA), page 64
     ("mixed", 6, 2, 64, 16, {"sliding_window": 9, "soft_cap": 20.0}),    # G = 3: padded head rows
@@ -83,6 +83,14 @@ def test_mixed_batch_split_decodes(splits, kw):
     q_lens, kv_lens = [1, 13, 1, 30, 1, 1, 5], [90, 13, 8, 50, 300, 1, 21]
     args = make_batch(rng, q_lens, kv_lens, N=8, K=2, H=64, S=16, pad_tokens=3, pad_seqs=2, dtype=jnp.float32)
     _check(args, dtype=jnp.float32, split_decodes=True, num_kv_splits=splits, **SMALL, **kw)
+
+
+@pytest.mark.parametrize("dtype,H", [(jnp.float32, 128), (jnp.bfloat16, 256)])
+def test_default_knobs_where_shared_memory_is_tight(dtype, H):
+    """Default knobs with an f32 cache or head dim 256: on a GPU the tiles must shrink to fit (see `_fit`)."""
+    rng = np.random.default_rng(9)
+    args = make_batch(rng, *MIXED, N=8, K=2, H=H, S=16, dtype=dtype)
+    _check(args, dtype=dtype, split_decodes=True)
 
 
 def test_mixed_batch_split_decodes_all_prefill_or_all_decode_bf16():
@@ -166,3 +174,20 @@ def test_every_variant_lowers_to_triton_for_cuda():
         fn = jax.jit(lambda *a, kw=kw: ragged_paged_attention_gpu(*a, sm_scale=0.1, **kw))
         text = fn.trace(*shapes(jnp.bfloat16, kv_dtype)).lower(lowering_platforms=("cuda",)).as_text()
         assert "triton" in text, kw
+
+
+@pytest.mark.parametrize("H,itemsize,q_itemsize,bk,stages,want", [
+    (128, 2, 2, 128, 3, (128, 3)),  # the H100 presets: 192 KB of K/V + 32 KB of queries fit
+    (128, 4, 4, 128, 3, (64, 2)),   # f32 cache: 64-token blocks, 2 stages
+    (256, 2, 2, 128, 3, (64, 2)),   # head dim 256
+    (128, 1, 2, 32, 3, (32, 3)),    # the decode kernel's default, 8-bit cache
+])
+def test_tiles_fit_in_shared_memory(H, itemsize, q_itemsize, bk, stages, want):
+    """Shared memory the compiled kernel asks for is its pipelined K/V tiles plus the query tile (an H100 refused
+    262,656 bytes for f32 / H=128 at 3 stages); the knobs shrink until that fits."""
+    from pallas_kernels.ragged_paged_attention_gpu import _fit, _smem_bytes
+
+    BM = 128 if bk >= 64 else 16
+    got = _fit(bk, stages, H, itemsize, BM * H * q_itemsize)
+    assert got == want
+    assert got[1] * 2 * got[0] * H * max(itemsize, 2) + BM * H * q_itemsize <= _smem_bytes()
