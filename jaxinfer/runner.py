@@ -41,6 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxinfer import sampler as sampling
@@ -91,8 +92,9 @@ def _abstract(tree):
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), tree)
 
 
-def make_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput):
-    """The model part of one step, as one pure function over a packed input."""
+def make_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput, replicated=None):
+    """The model part of one step, as one pure function over a packed input. replicated: on a mesh, the sharding
+    its logits and hidden states leave with (whole on every device, as the sampler programs take them)."""
 
     def forward_step(params: Params, kv: KVCache, sstate, flat):
         inp = unpack(flat, template)
@@ -105,6 +107,8 @@ def make_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput):
         h, kv = forward(params, cfg, token_ids, inp.positions, kv, inp.attn, attn_fn)  # [T, D]
         with jax.named_scope("logits"):
             logits = compute_logits(params, cfg, h[inp.logits_indices])  # [B, V]
+        if replicated is not None:
+            logits, h = jax.lax.with_sharding_constraint((logits, h), replicated)
         return logits, h, kv, sstate
 
     return forward_step
@@ -182,7 +186,13 @@ class ModelRunner:
         self.page_size = ecfg.page_size
         self.max_pages_per_seq = -(-max_model_len // ecfg.page_size)  # M
         self.num_slots = ecfg.max_num_seqs  # S
+        # On a mesh (the weights carry NamedShardings), the sampler state and what the sampler programs take are
+        # replicated: each device samples the same ids from the same logits.
+        mesh = getattr(getattr(params.embed, "sharding", None), "mesh", None)
+        self._replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
         self.sstate = sampling.init_sampler_state(self.num_slots, cfg.vocab_size)
+        if self._replicated is not None:
+            self.sstate = jax.device_put(self.sstate, self._replicated)
         max_b = _round_up_bucket(ecfg.seq_buckets, ecfg.max_num_seqs)
         self.buckets = [b for b in ecfg.buckets() if b[1] <= max_b]  # (T, B, decode)
         self.seq_buckets = sorted({b[1] for b in self.buckets})
@@ -202,14 +212,14 @@ class ModelRunner:
     def _lower_forward(self, T: int, B: int, decode: bool):
         inp = self._empty_input(T, B)[0]
         attn_fn = functools.partial(self._attn_fn, decode=decode)
-        fn = jax.jit(make_forward_fn(self.cfg, attn_fn, _abstract(inp)), donate_argnums=(1, 2))
+        fn = jax.jit(make_forward_fn(self.cfg, attn_fn, _abstract(inp), self._replicated), donate_argnums=(1, 2))
         flat = jax.ShapeDtypeStruct(pack(inp).shape, jnp.int32)
         return fn.lower(self.params, self.kv, self.sstate, flat)
 
     def _lower_sampler(self, B: int, variant: str):
         md = self._empty_input(B, B)[1]
         fn = jax.jit(make_sampler_fn(variant, self.ecfg.max_logprobs, _abstract(md)), donate_argnums=(1,))
-        logits = jax.ShapeDtypeStruct((B, self.cfg.vocab_size), jnp.float32)
+        logits = jax.ShapeDtypeStruct((B, self.cfg.vocab_size), jnp.float32, sharding=self._replicated)
         return fn.lower(logits, self.sstate, jax.ShapeDtypeStruct(pack(md).shape, jnp.int32))
 
     def compile_all(self, show_progress: bool = True) -> None:
@@ -225,7 +235,8 @@ class ModelRunner:
                 lowered[(B, variant)] = self._lower_sampler(B, variant)
         plp = jax.jit(make_prompt_logprobs_fn(self.cfg, self.ecfg.max_logprobs))
         for T in sorted({b[0] for b in self.buckets}):
-            h = jax.ShapeDtypeStruct((T, self.cfg.hidden_size), jnp.dtype(self.params.embed.dtype))
+            h = jax.ShapeDtypeStruct((T, self.cfg.hidden_size), jnp.dtype(self.params.embed.dtype),
+                                     sharding=self._replicated)
             lowered[("prompt_logprobs", T)] = plp.lower(self.params, h, jax.ShapeDtypeStruct((T,), jnp.int32))
         row_args = (self.sstate, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((W,), jnp.int32),
                     jax.ShapeDtypeStruct((W,), jnp.float32), jax.ShapeDtypeStruct((W,), jnp.int32))
