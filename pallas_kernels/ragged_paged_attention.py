@@ -45,8 +45,8 @@ def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping):
     without serialising on possible collisions).
     """
     P, K, S, H = k_pages.shape
-    # Unsigned: slots are never negative, so jnp adds no negative-index wrap (on XLA:GPU that select was a
-    # kernel of its own in every layer), and // and % by the page size are plain shifts and masks.
+    # Unsigned: slots are never negative, so jnp adds no negative-index wrap, and // and % by the page size are
+    # plain shifts and masks.
     slot = slot_mapping.astype(jnp.uint32)
     page, off = slot // S, slot % S  # padding: page P, out of bounds
     k_pages = k_pages.at[page, :, off].set(k_new.astype(k_pages.dtype), mode="drop", unique_indices=True)
