@@ -173,6 +173,51 @@ def run_case(kind, name, case, variants, args, results):
         results.append(rec)
 
 
+# --sweep: knob sets around the defaults (decode kernel / ragged kernel).
+DECODE_SWEEP = (
+    {"num_kv_splits": 1},
+    {"num_kv_splits": 2},
+    {"num_kv_splits": 4},
+    {"num_kv_splits": 8},
+    {"decode_block_kv": 64},
+    {"decode_block_kv": 256},
+    {"decode_num_warps": 8},
+    {"decode_num_stages": 2},
+    {"decode_num_stages": 4},
+    {"decode_block_kv": 64, "num_kv_splits": 1},
+    {"decode_block_kv": 64, "num_kv_splits": 2},
+    {"decode_block_kv": 64, "decode_num_stages": 4, "num_kv_splits": 1},
+    {"decode_block_kv": 64, "decode_num_stages": 2, "num_kv_splits": 1},
+    {"decode_num_stages": 2, "num_kv_splits": 1},
+    {"decode_block_kv": 64, "decode_num_stages": 2},
+    {"decode_block_kv": 32},
+    {"decode_block_kv": 32, "decode_num_stages": 4},
+    {"decode_block_kv": 64, "decode_num_warps": 2},
+    {"decode_block_kv": 32, "decode_num_warps": 2},
+)
+PREFILL_SWEEP = (
+    {"block_m": 64},
+    {"block_m": 64, "block_kv": 128},
+    {"block_kv": 32},
+    {"block_kv": 128},
+    {"num_warps": 8},
+    {"block_kv": 128, "num_warps": 8},
+    {"num_stages": 2},
+    {"num_stages": 4},
+    {"num_warps": 8, "num_stages": 2},
+    {"num_warps": 8, "num_stages": 4},
+    {"block_kv": 128, "num_warps": 8, "num_stages": 2},
+    {"block_m": 256, "num_warps": 8},
+    {"block_m": 64, "num_warps": 8},
+)
+
+
+def knob_variants(ours, sm_scale, knob_list, **fixed):
+    """One variant of our kernel per dict of knobs, named ours_<knob>=<value>_..."""
+    return [("ours_" + "_".join(f"{k}={x}" for k, x in knobs.items()), ragged_fn(ours, sm_scale, **fixed, **knobs), knobs)
+            for knobs in knob_list]
+
+
 def decode_variants(case, sm_scale, args):
     ours = functools.partial(ragged_paged_attention_gpu, interpret=args.interpret)
     v = []
@@ -180,23 +225,9 @@ def decode_variants(case, sm_scale, args):
     v.append(("xla", ragged_fn(ragged_paged_attention_xla, sm_scale), {}))
     v.append(("ours", ragged_fn(ours, sm_scale, decode_only=True), {"decode_only": True}))
     v.append(("ours_ragged", ragged_fn(ours, sm_scale), {}))
-    if args.knobs:
-        for knobs in json.loads(args.knobs):
-            v.append(("ours_" + "_".join(f"{k}={x}" for k, x in knobs.items()),
-                      ragged_fn(ours, sm_scale, decode_only=True, **knobs), knobs))
+    v += knob_variants(ours, sm_scale, json.loads(args.knobs or "[]"), decode_only=True)
     if args.sweep:
-        for knobs in ({"num_kv_splits": 1}, {"num_kv_splits": 2}, {"num_kv_splits": 4}, {"num_kv_splits": 8},
-                      {"decode_block_kv": 64}, {"decode_block_kv": 256}, {"decode_num_warps": 8},
-                      {"decode_num_stages": 2}, {"decode_num_stages": 4},
-                      {"decode_block_kv": 64, "num_kv_splits": 1}, {"decode_block_kv": 64, "num_kv_splits": 2},
-                      {"decode_block_kv": 64, "decode_num_stages": 4, "num_kv_splits": 1},
-                      {"decode_block_kv": 64, "decode_num_stages": 2, "num_kv_splits": 1},
-                      {"decode_num_stages": 2, "num_kv_splits": 1},
-                      {"decode_block_kv": 64, "decode_num_stages": 2}, {"decode_block_kv": 32},
-                      {"decode_block_kv": 32, "decode_num_stages": 4}, {"decode_block_kv": 64, "decode_num_warps": 2},
-                      {"decode_block_kv": 32, "decode_num_warps": 2}):
-            v.append(("ours_" + "_".join(f"{k}={x}" for k, x in knobs.items()),
-                      ragged_fn(ours, sm_scale, decode_only=True, **knobs), knobs))
+        v += knob_variants(ours, sm_scale, DECODE_SWEEP, decode_only=True)
     try:
         fn, own = jax_paged_fn(case, sm_scale, args.interpret)
         v.append(("jax_paged", fn, {"k_splits": 16, "pages_per_compute_block": 8}, own))
@@ -212,16 +243,9 @@ def prefill_variants(case, sm_scale, args):
     v = [("xla", ragged_fn(ragged_paged_attention_xla, sm_scale), {}),
          ("ours", ragged_fn(ours, sm_scale), {}),
          ("ours_split_decodes", ragged_fn(ours, sm_scale, split_decodes=True), {"split_decodes": True})]
-    for knobs in json.loads(args.prefill_knobs or "[]"):
-        v.append(("ours_" + "_".join(f"{k}={x}" for k, x in knobs.items()), ragged_fn(ours, sm_scale, **knobs), knobs))
+    v += knob_variants(ours, sm_scale, json.loads(args.prefill_knobs or "[]"))
     if args.sweep:
-        for knobs in ({"block_m": 64}, {"block_m": 64, "block_kv": 128}, {"block_kv": 32}, {"block_kv": 128},
-                      {"num_warps": 8}, {"block_kv": 128, "num_warps": 8}, {"num_stages": 2},
-                      {"num_stages": 4}, {"num_warps": 8, "num_stages": 2}, {"num_warps": 8, "num_stages": 4},
-                      {"block_kv": 128, "num_warps": 8, "num_stages": 2}, {"block_m": 256, "num_warps": 8},
-                      {"block_m": 64, "num_warps": 8}):
-            v.append(("ours_" + "_".join(f"{k}={x}" for k, x in knobs.items()),
-                      ragged_fn(ours, sm_scale, **knobs), knobs))
+        v += knob_variants(ours, sm_scale, PREFILL_SWEEP)
     if case["B"] == 1 and case["q_lens"] == case["kv_lens_list"] and not args.interpret:
         v += dense_prefill_peers(case, sm_scale)
     if dense_fits(case):
