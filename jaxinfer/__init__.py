@@ -2,7 +2,7 @@
 
 from jaxinfer.llm import LLM, generate
 from jaxinfer.request import CompletionOutput, Logprob, RequestOutput
-from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 
-__all__ = ["LLM", "generate", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "generate", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput", "Logprob"]
 __version__ = "0.1.0"

@@ -151,7 +151,7 @@ def bench_jaxinfer(args, opts: dict, log) -> dict:
     import numpy as np
 
     from jaxinfer.llm import LLM
-    from jaxinfer.sampling_params import SamplingParams
+    from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 
     t0 = time.perf_counter()
     llm = LLM(args.model, **opts)
@@ -171,7 +171,8 @@ def bench_jaxinfer(args, opts: dict, log) -> dict:
     prompts, singles, warm = (windows[: args.batch_size], windows[args.batch_size : -1], windows[-1])
 
     def params(n):
-        return SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True)
+        return SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, ignore_eos=True,
+                              output_kind=RequestOutputKind.FINAL_ONLY)
 
     log("jaxinfer: warm-up")
     run_requests(eng, [warm[: min(16, args.input_len)]], params(4))
@@ -195,7 +196,7 @@ def bench_jaxinfer(args, opts: dict, log) -> dict:
         "model": eng.model_name,
         "startup": {
             "total_s": startup, "weights_s": eng.load_seconds, "kv_cache_s": eng.kv_seconds,
-            "compile_s": eng.compile_seconds, "num_buckets": len(eng.runner.compiled),
+            "compile_s": eng.compile_seconds, "warm_up_s": eng.warm_up_seconds, "num_buckets": len(eng.runner.compiled),
         },
         "engine_config": {
             "token_buckets": list(c.token_buckets), "seq_buckets": list(c.seq_buckets), "max_num_seqs": c.max_num_seqs,
@@ -226,11 +227,14 @@ def run_requests(eng, prompts: list[list[int]], params) -> tuple[float, dict, di
 
 def step_until_done(eng, by_bucket: dict | None = None) -> tuple[dict, dict, dict, int]:
     """Step the engine until it is idle: per request id, the perf_counter time of its first output token and of
-    its end, its output token count; and the number of steps. With by_bucket, also adds up per (T, B, decode)
-    bucket the steps read back, their real tokens and the wall time of the `step()` calls that read them
-    (with async scheduling that is about the device time of the step)."""
+    its end (the engine's own times, from the finished output's metrics, so FINAL_ONLY requests report them
+    too), its output token count; and the number of steps. With by_bucket, also adds up per (T, B, decode)
+    bucket the steps read back, their real tokens, the wall time of the `step()` calls that read them
+    (with async scheduling that is about the device time of the step) and the part of it they spent waiting
+    for the device (the rest is host work; a step that hardly waits had the device waiting for the host)."""
     first, end, count = {}, {}, {}
     steps = 0
+    to_perf = time.perf_counter() - time.monotonic()  # the engine's metrics are time.monotonic() stamps
     while eng.has_unfinished():
         t = time.perf_counter()
         outs = eng.step()
@@ -238,15 +242,15 @@ def step_until_done(eng, by_bucket: dict | None = None) -> tuple[dict, dict, dic
         now = time.perf_counter()
         if by_bucket is not None and eng.last_completed is not None:
             bucket, ntok = eng.last_completed
-            acc = by_bucket.setdefault(bucket, [0, 0, 0.0])
-            acc[0], acc[1], acc[2] = acc[0] + 1, acc[1] + ntok, acc[2] + now - t
+            acc = by_bucket.setdefault(bucket, [0, 0, 0.0, 0.0])
+            acc[0], acc[1], acc[2], acc[3] = acc[0] + 1, acc[1] + ntok, acc[2] + now - t, acc[3] + eng.last_wait_seconds
         for o in outs:
-            n = len(o.outputs[0].token_ids)
-            if n and o.request_id not in first:
-                first[o.request_id] = now
             if o.finished:
-                end[o.request_id] = now
-                count[o.request_id] = n
+                m = o.metrics
+                if m.first_token_time is not None:
+                    first[o.request_id] = m.first_token_time + to_perf
+                end[o.request_id] = m.finished_time + to_perf
+                count[o.request_id] = len(o.outputs[0].token_ids)
     return first, end, count, steps
 
 
@@ -468,7 +472,7 @@ def format_table(report: dict, args) -> str:
         f"greedy, EOS ignored; {ctx['backend']} backend, {ctx['cpu_count']} CPUs ({ctx['cpu_model']}), "
         f"git {ctx['git_commit']}{'+dirty' if ctx['git_dirty'] else ''}",
         f"jaxinfer start-up {s['total_s']:.1f} s: weights {s['weights_s']:.1f} s, KV cache {s['kv_cache_s']:.2f} s, "
-        f"{s['num_buckets']} buckets compiled in {s['compile_s']:.1f} s"
+        f"{s['num_buckets']} buckets compiled in {s['compile_s']:.1f} s, warm-up {s.get('warm_up_s', 0):.2f} s"
         + ("" if jx["engine_config"]["compilation_cache"] else " (compilation cache off)"),
         "",
         line(header),

@@ -33,7 +33,8 @@ Seeds: input lengths are the first draw of numpy.random.default_rng(--input-lens
 output lengths come from default_rng([--seed, 1]) and prompt token ids from default_rng([--seed, 2]).
 
 Start-up: building the engine is timed and split into weight load (`Engine.load_seconds`), KV-cache
-allocation (`kv_seconds`) and bucket compilation (`compile_seconds`); "other" is the rest of the total.
+allocation (`kv_seconds`), bucket compilation (`compile_seconds`) and the programs' first runs (`warm_up_seconds`,
+on a GPU or TPU); "other" is the rest of the total.
 --warm-start also measures a cold and a warm start, each in a fresh process (`python -m jaxinfer <same
 arguments> --startup-only`, which builds the engine and prints its split as one JSON line). A second
 build in this process would not be a warm start: jax keeps lowered and compiled programs in in-memory
@@ -49,6 +50,8 @@ cache before each build (point --compilation-cache-dir at an empty directory for
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import subprocess
@@ -165,6 +168,9 @@ def _add_mode(subparsers, mode: str, own_flags, **kw) -> None:
     o.add_argument("--warm-start", action="store_true",
                    help="also time a cold and a warm engine start, each in a fresh process, through the "
                    "persistent compilation cache")
+    o.add_argument("--profile", metavar="DIR",
+                   help="write a jax profiler trace (Perfetto / TensorBoard) of the measured run to DIR; "
+                   "benchmarks/trace_summary.py DIR sums its device time per kernel")
     o.add_argument("--startup-only", action="store_true", help=argparse.SUPPRESS)  # the --warm-start child
     add_engine_args(p)
     # The JSON's "config" keeps these flags, not the plain `bench` ones argparse also leaves in the namespace.
@@ -268,7 +274,8 @@ def build_engine(args, opts: dict):
     total = time.perf_counter() - t0
     split = {
         "total_s": total, "weights_s": eng.load_seconds, "kv_cache_s": eng.kv_seconds,
-        "compile_s": eng.compile_seconds, "other_s": total - eng.load_seconds - eng.kv_seconds - eng.compile_seconds,
+        "compile_s": eng.compile_seconds, "warm_up_s": eng.warm_up_seconds,
+        "other_s": total - eng.load_seconds - eng.kv_seconds - eng.compile_seconds - eng.warm_up_seconds,
         "num_buckets": len(eng.runner.compiled), "cache_files_before": before,
         "cache_files_after": cache_files(cache_dir) if cache_dir else None,
     }
@@ -294,7 +301,8 @@ def startup_in_fresh_process(args) -> tuple[dict | None, int]:
 
 def startup_line(name: str, s: dict) -> str:
     return (f"{name}: {s['total_s']:.1f} s = weights {s['weights_s']:.1f} s + KV cache {s['kv_cache_s']:.2f} s + "
-            f"{s['num_buckets']} buckets compiled {s['compile_s']:.1f} s + other {s['other_s']:.2f} s")
+            f"{s['num_buckets']} buckets compiled {s['compile_s']:.1f} s + warm-up {s.get('warm_up_s', 0):.2f} s + "
+            f"other {s['other_s']:.2f} s")
 
 
 # -- measuring --------------------------------------------------------------------------------------------------
@@ -306,16 +314,16 @@ def run_all(eng, prompts: list[list[int]], params: list) -> dict:
     ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
     by_bucket = {}
     first, end, count, steps = step_until_done(eng, by_bucket)
-    buckets = [{"T": T, "B": B, "decode": d, "steps": n, "real_tokens": ntok, "seconds": s}
-               for (T, B, d), (n, ntok, s) in sorted(by_bucket.items(), key=lambda kv: -kv[1][2])]
+    buckets = [{"T": T, "B": B, "decode": d, "steps": n, "real_tokens": ntok, "seconds": s, "wait_seconds": w}
+               for (T, B, d), (n, ntok, s, w) in sorted(by_bucket.items(), key=lambda kv: -kv[1][2])]
     return {"t0": t0, "ids": ids, "first": first, "end": end, "count": count, "steps": steps,
             "elapsed_s": max(end.values()) - t0, "steps_by_bucket": buckets}
 
 
 def greedy(n: int, ignore_eos: bool):
-    from jaxinfer.sampling_params import SamplingParams
+    from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 
-    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=ignore_eos)
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=ignore_eos, output_kind=RequestOutputKind.FINAL_ONLY)
 
 
 def warm_up(eng, rng) -> None:
@@ -328,7 +336,8 @@ def measure_throughput(eng, input_lens, output_lens, args, rng) -> dict:
     params = [greedy(n, args.ignore_eos) for n in output_lens]
     warm_up(eng, rng)
     stats0, compiles0 = eng.stats(), eng.num_compiles_since_ready
-    r = run_all(eng, prompts, params)
+    with profiled(args.profile), gc_pauses() as gc_stats:
+        r = run_all(eng, prompts, params)
     stats1 = eng.stats()
     prompt_tokens, output_tokens = sum(input_lens), sum(r["count"].values())
     elapsed = r["elapsed_s"]
@@ -340,8 +349,44 @@ def measure_throughput(eng, input_lens, output_lens, args, rng) -> dict:
         "requests_stopped_early": sum(r["count"][i] < n for i, n in zip(r["ids"], output_lens)),
         "engine_steps": r["steps"], "steps_by_bucket": r["steps_by_bucket"], "preemptions": stats1["preemptions"] - stats0["preemptions"],
         "prefix_cache_hit_tokens": stats1["prefix_cache_hits"] - stats0["prefix_cache_hits"],
-        "compiles_while_measured": eng.num_compiles_since_ready - compiles0,
+        "compiles_while_measured": eng.num_compiles_since_ready - compiles0, "gc": gc_stats,
     }
+
+
+@contextlib.contextmanager
+def gc_pauses():
+    """Python's garbage-collector passes during the block: a dict filled with their count, total and longest
+    pause, and the passes over the oldest generation (the long ones)."""
+    stats = {"collections": 0, "full_collections": 0, "seconds": 0.0, "longest_ms": 0.0}
+    start = [0.0]
+
+    def callback(phase, info):
+        if phase == "start":
+            start[0] = time.perf_counter()
+            return
+        dt = time.perf_counter() - start[0]
+        stats["collections"] += 1
+        stats["full_collections"] += info.get("generation") == 2
+        stats["seconds"] += dt
+        stats["longest_ms"] = max(stats["longest_ms"], dt * 1e3)
+
+    gc.callbacks.append(callback)
+    try:
+        yield stats
+    finally:
+        gc.callbacks.remove(callback)
+
+
+@contextlib.contextmanager
+def profiled(trace_dir: str | None):
+    """A jax profiler trace of the block into trace_dir (nothing when None)."""
+    if not trace_dir:
+        yield
+        return
+    import jax
+
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        yield
 
 
 def percentiles(xs: list[float], scale: float = 1.0) -> dict:
@@ -359,7 +404,8 @@ def measure_latency(eng, input_lens, output_lens, args, rng) -> dict:
     for i in range(args.num_iters_warmup + args.num_iters):
         if i == args.num_iters_warmup:
             compiles0 = eng.num_compiles_since_ready
-        r = run_all(eng, make_prompts(input_lens, eng.cfg.vocab_size, rng), params)
+        with profiled(args.profile if i == args.num_iters_warmup else None):  # the first measured iteration
+            r = run_all(eng, make_prompts(input_lens, eng.cfg.vocab_size, rng), params)
         if i < args.num_iters_warmup:
             continue
         batches.append(r["elapsed_s"])
@@ -438,6 +484,9 @@ def run(args: argparse.Namespace) -> int:
         log(f"latency: batch of {n}, {args.num_iters_warmup} warm-up + {args.num_iters} measured iterations ...")
         res = measure_latency(eng, input_lens, output_lens, args, rng)
     report["results"] = res
+    if args.profile:
+        what = "the run" if args.bench_mode == "throughput" else "the first measured iteration"
+        report["notes"].append(f"{what} was traced with the jax profiler into {args.profile}; tracing slows it")
     report["notes"] += notes_for(report)
     for note in report["notes"]:
         if note.startswith("warning:"):  # shown even with --quiet
@@ -531,10 +580,10 @@ def format_table(report: dict) -> str:
     starts = [("cold, fresh process", s.get("cold_process")), ("warm, fresh process", s.get("warm_process")),
               ("this process", s["this_process"])]
     rows = [[name, _f(x["total_s"]), _f(x["weights_s"]), _f(x["kv_cache_s"], ".2f"), _f(x["compile_s"]),
-             _f(x["other_s"], ".2f"), str(x["num_buckets"]), _f(x["cache_files_before"], "d"),
-             _f(x.get("process_wall_s"))]
+             _f(x.get("warm_up_s"), ".2f"), _f(x["other_s"], ".2f"), str(x["num_buckets"]),
+             _f(x["cache_files_before"], "d"), _f(x.get("process_wall_s"))]
             for name, x in starts if x]
-    out += _table(["start-up", "total s", "weights s", "KV cache s", "compile s", "other s", "buckets",
+    out += _table(["start-up", "total s", "weights s", "KV cache s", "compile s", "warm-up s", "other s", "buckets",
                    "cache files before", "process s"], rows)
     out.append("total = Engine(...) construction; process s = the whole fresh process (interpreter start, imports, "
                "exit)")
@@ -547,11 +596,17 @@ def format_table(report: dict) -> str:
                       [[str(res["num_requests"]), _f(res["elapsed_s"], ".2f"), _f(res["requests_per_s"], ".2f"),
                         _f(res["output_tokens_per_s"]), _f(res["total_tokens_per_s"]), str(res["prompt_tokens"]),
                         str(res["output_tokens"]), str(res["engine_steps"]), str(res["compiles_while_measured"])]])
-        out += [""] + _table(["bucket (T x B)", "steps", "real tokens / step", "ms / step", "share of time"],
+        out += [""] + _table(["bucket (T x B)", "steps", "real tokens / step", "ms / step", "waiting for device ms",
+                              "share of time"],
                              [[f"{b['T']} x {b['B']}{' decode' if b['decode'] else ''}", str(b["steps"]),
                                _f(b["real_tokens"] / b["steps"], ".0f"), _f(b["seconds"] / b["steps"] * 1e3, ".2f"),
+                               _f(b["wait_seconds"] / b["steps"] * 1e3, ".2f"),
                                _f(b["seconds"] / res["elapsed_s"] * 100, ".0f") + "%"]
                               for b in res["steps_by_bucket"]])
+        g = res.get("gc")
+        if g:
+            out.append(f"python garbage collector while measured: {g['collections']} passes ({g['full_collections']} "
+                       f"full), {g['seconds'] * 1e3:.0f} ms, longest {g['longest_ms']:.1f} ms")
     else:
         out.append(f"batch of {res['batch_size']}, {res['num_iters']} measured iterations after "
                    f"{res['num_iters_warmup']} warm-up; {res['compiles_while_measured']} compilations while measured")

@@ -231,6 +231,10 @@ def parse_bytes(s: str | int | float | None) -> int | None:
     return int(float(t))
 
 
+# A mixed (T, B) bucket is compiled only for B >= T / this (see EngineConfig.buckets).
+MIXED_TOKENS_PER_ROW = 16
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything about how the engine runs a model, independent of the model's shape.
@@ -260,6 +264,7 @@ class EngineConfig:
     compilation_cache_dir: str | None = None  # persistent XLA cache; None: $JAXINFER_CACHE_DIR/xla or ~/.cache/jaxinfer/xla
     use_compilation_cache: bool = True
     compile_threads: int = 0  # 0: one per CPU core, at most 8
+    warm_up: bool | None = None  # run every program once at start-up (runner.warm_up); None: on GPU / TPU, not on CPU
     seed: int = 0
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
     show_progress: bool = True
@@ -297,16 +302,21 @@ class EngineConfig:
         return self.max_num_batched_tokens or self.token_buckets[-1]
 
     def buckets(self) -> list[tuple[int, int, bool]]:
-        """(T, B, decode) step shapes to compile, sorted.
+        """(T, B, decode) step shapes to compile, sorted; B up to the seq bucket that holds max_num_seqs.
 
         decode buckets (B, B, True), one per seq bucket: every sequence feeds exactly one token, so attention
-        runs its decode kernel. Mixed buckets (T, B, False) for every token bucket with every smaller seq
-        bucket (a step with more tokens than sequences), and (T, T, False) only for the largest token bucket
-        when it is also a seq bucket (nothing larger could hold such a step).
+        runs its decode kernel. Mixed buckets (T, B, False) for every token bucket with the smaller seq buckets
+        (a step with more tokens than sequences), and (T, T, False) only for the largest token bucket when it is
+        also a seq bucket (nothing larger could hold such a step). A mixed bucket's B only sizes its logits and
+        sampling (B rows), which next to T tokens of forward pass cost little: so T gets only the seq buckets
+        with B >= T / MIXED_TOKENS_PER_ROW, and always the largest (an 8192-token step samples 512 rows, not 32).
         """
+        max_b = next(b for b in self.seq_buckets if b >= self.max_num_seqs)
+        seqs = [b for b in self.seq_buckets if b <= max_b]
         tmax = self.token_buckets[-1]
-        mixed = [(t, b, False) for t in self.token_buckets for b in self.seq_buckets if b < t or b == t == tmax]
-        return sorted(mixed + [(b, b, True) for b in self.seq_buckets])
+        mixed = [(t, b, False) for t in self.token_buckets for b in seqs
+                 if (b < t or b == t == tmax) and (b == max_b or b * MIXED_TOKENS_PER_ROW >= t)]
+        return sorted(mixed + [(b, b, True) for b in seqs])
 
     @staticmethod
     def from_options(**options) -> "EngineConfig":

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 from tqdm.auto import tqdm
 
 from jaxinfer.engine import Engine
 from jaxinfer.request import RequestOutput
-from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -41,7 +42,11 @@ class LLM:
         ids = []
         try:  # validate everything before anything runs
             for p, sp in zip(prompts, params):
-                ids.append(self.engine.add_request(p, sp or SamplingParams()))
+                if sp is not None and not isinstance(sp, SamplingParams):
+                    raise ValueError(f"sampling_params: expected SamplingParams, got {type(sp).__name__}")
+                # Only the final outputs are read here: the engine need not build one per request per step.
+                sp = dataclasses.replace(sp or SamplingParams(), output_kind=RequestOutputKind.FINAL_ONLY)
+                ids.append(self.engine.add_request(p, sp))
         except Exception:
             for rid in ids:
                 self.engine.abort(rid)

@@ -114,19 +114,34 @@ def make_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput, replicated=N
     return forward_step
 
 
-def make_prompt_logprobs_fn(cfg: ModelConfig, max_logprobs: int):
-    """Logprobs of the next prompt token at every token row: (params, h [T, D], targets [T]) -> logprob [T],
-    rank [T] (1 = most likely), top-K logprobs and ids [T, K]. Rows with target -1 are not read."""
+PROMPT_LOGPROBS_ROWS = 256  # token rows per block of the prompt-logprobs program: bounds its [rows, V] float32 temporaries
 
-    def prompt_logprobs(params: Params, h, targets):
-        lp = jax.nn.log_softmax(compute_logits(params, cfg, h), axis=-1)  # [T, V]
-        target_lp = jnp.take_along_axis(lp, jnp.maximum(targets, 0)[:, None], axis=-1)  # [T, 1]
+
+def make_prompt_logprobs_fn(cfg: ModelConfig, max_logprobs: int, block: int = PROMPT_LOGPROBS_ROWS):
+    """Logprobs of the next prompt token at every token row: (params, h [T, D], targets [T]) -> logprob [T],
+    rank [T] (1 = most likely), top-K logprobs and ids [T, K]. Rows with target -1 are not read.
+    Rows go through in blocks of `block`, so a 2048-token step needs [block, V] of logits at a time, not [T, V]
+    (6 GB of temporaries for an 8B Llama-3 at T = 2048)."""
+
+    def one_block(params: Params, h, targets):
+        lp = jax.nn.log_softmax(compute_logits(params, cfg, h), axis=-1)  # [block, V]
+        target_lp = jnp.take_along_axis(lp, jnp.maximum(targets, 0)[:, None], axis=-1)  # [block, 1]
         rank = 1 + jnp.sum(lp > target_lp, axis=-1, dtype=jnp.int32)
         if max_logprobs:
             top_lp, top_ids = jax.lax.top_k(lp, max_logprobs)
         else:
             top_lp, top_ids = jnp.zeros((h.shape[0], 0), jnp.float32), jnp.zeros((h.shape[0], 0), jnp.int32)
         return target_lp[:, 0], rank, top_lp, top_ids.astype(jnp.int32)
+
+    def prompt_logprobs(params: Params, h, targets):
+        T = h.shape[0]
+        if T <= block:
+            return one_block(params, h, targets)
+        n = -(-T // block)
+        h = jnp.pad(h, ((0, n * block - T), (0, 0))).reshape(n, block, h.shape[1])
+        targets = jnp.pad(targets, (0, n * block - T), constant_values=-1).reshape(n, block)
+        out = jax.lax.map(lambda xs: one_block(params, *xs), (h, targets))
+        return tuple(x.reshape(n * block, *x.shape[2:])[:T] for x in out)
 
     return prompt_logprobs
 
@@ -193,13 +208,17 @@ class ModelRunner:
         self.sstate = sampling.init_sampler_state(self.num_slots, cfg.vocab_size)
         if self._replicated is not None:
             self.sstate = jax.device_put(self.sstate, self._replicated)
-        max_b = _round_up_bucket(ecfg.seq_buckets, ecfg.max_num_seqs)
-        self.buckets = [b for b in ecfg.buckets() if b[1] <= max_b]  # (T, B, decode)
+        self.buckets = ecfg.buckets()  # (T, B, decode)
         self.seq_buckets = sorted({b[1] for b in self.buckets})
         self._attn_fn = make_attention_fn(cfg, ecfg.attention_impl, ecfg.attention_interpret)
         self._set_row = jax.jit(sampling.set_row, donate_argnums=(0,))
         self._history = jax.jit(sampling.update_history, donate_argnums=(0,))
         self._history_len = self.max_pages_per_seq * self.page_size  # L: a cached prefix is shorter
+        # Host copy of every sampler row's page table, kept in step with the requests' page lists (append-only
+        # between admission and release), so a step gathers its rows at once instead of converting each list.
+        self._page_table = np.zeros((self.num_slots, self.max_pages_per_seq), np.int32)
+        self._page_table_src: list[list | None] = [None] * self.num_slots  # the page list each row was copied from
+        self._page_table_len = [0] * self.num_slots
         self.compiled: dict[tuple[int, int, bool], Any] = {}  # (T, B, decode) -> forward program
         self.compiled_samplers: dict[tuple[int, str], Any] = {}  # (B, variant) -> sampler program
         self.compiled_prompt_logprobs: dict[int, Any] = {}  # T -> prompt-logprobs program
@@ -267,6 +286,39 @@ class ModelRunner:
                 bar.update()
         self.compile_seconds = time.monotonic() - t0
 
+    def peak_step_bytes(self) -> int:
+        """Device memory a step allocates beyond its donated inputs, by XLA's memory analysis of the compiled
+        programs: the largest forward, sampler and prompt-logprobs programs' temporaries and new outputs."""
+        def new_bytes(programs) -> int:
+            sizes = [0]
+            for c in programs:
+                m = c.memory_analysis()
+                if m is not None:
+                    sizes.append(m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+            return max(sizes)
+
+        return (new_bytes(self.compiled.values()) + new_bytes(self.compiled_samplers.values())
+                + new_bytes(self.compiled_prompt_logprobs.values()))
+
+    def warm_up(self) -> None:
+        """Run every forward, sampler and prompt-logprobs program once on an all-padding input.
+
+        A program's first run on a GPU costs far more than the next ones (the runtime loads its kernels and
+        builds its launch graphs): 20-90 ms per 8B-model program on an H100, idle device time that would
+        otherwise land on the first step of each bucket while serving. Padding changes nothing: its tokens
+        write to the dropped cache slot and its rows use the sampler state's out-of-range row."""
+        logits_by_b, h_by_t = {}, {}
+        for bucket in self.buckets:
+            inp, _ = self._empty_input(bucket[0], bucket[1])
+            logits, h, self.kv, self.sstate = self.compiled[bucket](self.params, self.kv, self.sstate, pack(inp))
+            logits_by_b[bucket[1]], h_by_t[bucket[0]] = logits, h
+        outs = [program(self.params, h_by_t[T], np.full(T, -1, np.int32))
+                for T, program in self.compiled_prompt_logprobs.items()]
+        for (B, _), program in self.compiled_samplers.items():
+            out, self.sstate = program(logits_by_b[B], self.sstate, pack(self._empty_input(B, B)[1]))
+            outs.append(out)
+        jax.block_until_ready((outs, self.kv, self.sstate))
+
     # -- packing a batch into a bucket ----------------------------------------------------------------------
 
     def bucket_for(self, num_tokens: int, num_seqs: int) -> tuple[int, int, bool]:
@@ -311,6 +363,19 @@ class ModelRunner:
         )
         return inp, md
 
+    def _sync_page_table(self, req: Request) -> None:
+        """Bring req's row of the host page table up to date with req.pages."""
+        pages, slot = req.pages, req.slot
+        done = self._page_table_len[slot]
+        if self._page_table_src[slot] is not pages or len(pages) < done:  # a new list: (re)admitted, or another request
+            self._page_table[slot] = 0
+            self._page_table_src[slot], done = pages, 0
+        if len(pages) > done:
+            self._page_table[slot, done : len(pages)] = pages[done:]
+            self._page_table_len[slot] = len(pages)
+        else:
+            self._page_table_len[slot] = done
+
     def prepare(self, batch: ScheduledBatch) -> tuple[StepInput, sampling.SamplingMetadata, tuple, np.ndarray | None]:
         """The step's input and sampling metadata padded to its bucket, the bucket, and the prompt-logprob
         targets: for each token row, the prompt token after it when its request asked for prompt logprobs
@@ -320,27 +385,31 @@ class ModelRunner:
         a = inp.attn
         targets = None
         t = 0
+        S = self.page_size
         for b, (req, n, start) in enumerate(zip(batch.requests, batch.num_new_tokens, batch.start)):
             known = req.num_tokens
-            if n == 1:  # decode: avoid touching the whole history
+            self._sync_page_table(req)
+            if n == 1:  # decode: plain ints, no small numpy arrays (the host's per-row cost at 512 rows)
                 inp.token_ids[t] = req.token_at(start) if start < known else -1  # -1: still on the device
+                inp.positions[t] = start
+                inp.token_slot[t] = req.slot
+                inp.is_prompt[t] = start < req.num_prompt_tokens
+                a.slot_mapping[t] = req.pages[start // S] * S + start % S
             else:
                 if start + n > known:
                     raise AssertionError("only a one-token step may start at a token the host has not seen")
                 ids = req.prompt_token_ids if start + n <= req.num_prompt_tokens else req.prompt_token_ids + req.output_token_ids
                 inp.token_ids[t : t + n] = ids[start : start + n]
-            pos = np.arange(start, start + n, dtype=np.int32)
+                pos = np.arange(start, start + n, dtype=np.int32)
+                inp.positions[t : t + n] = pos
+                inp.token_slot[t : t + n] = req.slot
+                inp.is_prompt[t : t + n] = pos < req.num_prompt_tokens
+                a.slot_mapping[t : t + n] = self._page_table[req.slot, pos // S] * S + pos % S
             if req.prompt_logprobs is not None and start + 1 < req.num_prompt_tokens:
                 if targets is None:
                     targets = np.full(T, -1, np.int32)
                 m = min(n, req.num_prompt_tokens - 1 - start)  # rows whose next token is a prompt token
                 targets[t : t + m] = req.prompt_token_ids[start + 1 : start + 1 + m]
-            inp.positions[t : t + n] = pos
-            inp.token_slot[t : t + n] = req.slot
-            inp.is_prompt[t : t + n] = pos < req.num_prompt_tokens
-            pages = np.asarray(req.pages, np.int32)
-            a.slot_mapping[t : t + n] = pages[pos // self.page_size] * self.page_size + pos % self.page_size
-            a.page_tables[b, : len(pages)] = pages
             a.kv_lens[b] = start + n
             a.cu_q_lens[b + 1] = t + n
             t += n
@@ -368,6 +437,7 @@ class ModelRunner:
             s.num_logprobs[b] = -1 if p.logprobs is None else p.logprobs
         a.cu_q_lens[len(batch) + 1 :] = t
         a.num_seqs[...] = len(batch)
+        a.page_tables[: len(batch)] = self._page_table[[req.slot for req in batch.requests]]
         return inp, s, bucket, targets
 
     # -- running ----------------------------------------------------------------------------------------
@@ -410,6 +480,3 @@ class ModelRunner:
         stops[: len(stop_ids)] = stop_ids
         self.sstate = self._compiled_set_row(self.sstate, np.int32(slot), bias_ids, bias_vals, stops)
 
-
-def _round_up_bucket(buckets, n: int) -> int:
-    return next(b for b in buckets if b >= n)

@@ -79,11 +79,11 @@ def test_engine_flags_map_onto_engine_config():
 
 def test_engine_config_preset_and_file_give_defaults_that_flags_override(tmp_path):
     opts = cli.engine_options_from_args(parse("generate", "x", "--engine-config", "h100-llama-3.1-8b"))
-    assert opts["max_num_seqs"] == 512 and opts["token_buckets"] == [512, 2048] and "_comment" not in opts
+    assert opts["max_num_seqs"] == 512 and opts["token_buckets"] == [512, 2048, 8192] and "_comment" not in opts
     opts = cli.engine_options_from_args(parse("generate", "x", "--engine-config", "h100-llama-3.1-8b",
                                               "--max-model-len", "8192", "--seq-buckets", "1,256", "--max-num-seqs", "256"))
     assert opts["max_model_len"] == 8192 and opts["seq_buckets"] == (1, 256) and opts["max_num_seqs"] == 256
-    assert opts["token_buckets"] == [512, 2048]  # the preset's, not overridden
+    assert opts["token_buckets"] == [512, 2048, 8192]  # the preset's, not overridden
     f = tmp_path / "mine.json"
     f.write_text('{"max_num_seqs": 4, "seq_buckets": [1, 4], "_note": "x"}')
     assert cli.engine_options_from_args(parse("generate", "x", "--engine-config", str(f))) == dict(

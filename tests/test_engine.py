@@ -388,3 +388,82 @@ def test_a_reused_request_id_is_not_reported_from_the_old_requests_discarded_row
         for o in eng.step():
             final = o if o.request_id == "reused" else final
     assert final.finished and final.outputs[0].token_ids == toks[: stop_at + 1]
+
+
+def test_prompt_logprobs_program_in_blocks_equals_whole(tiny_llm):
+    """The prompt-logprobs program goes through long steps in row blocks (bounded temporaries); blocks,
+    including a padded last one, give what one pass over all rows gives."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinfer.runner import make_prompt_logprobs_fn
+
+    eng = tiny_llm.engine
+    rng = np.random.default_rng(5)
+    h = jnp.asarray(rng.standard_normal((10, eng.cfg.hidden_size)), eng.runner.params.embed.dtype)
+    targets = jnp.asarray(rng.integers(-1, eng.cfg.vocab_size, 10), jnp.int32)
+    whole = make_prompt_logprobs_fn(eng.cfg, 3, block=16)(eng.runner.params, h, targets)
+    blocks = jax.jit(make_prompt_logprobs_fn(eng.cfg, 3, block=4))(eng.runner.params, h, targets)
+    for a, b in zip(whole, blocks):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+SMALL = dict(token_buckets=(4, 16), seq_buckets=(1, 4), max_num_seqs=4, max_model_len=64, page_size=16,
+             show_progress=False, use_compilation_cache=False)
+
+
+def test_kv_cache_shrinks_when_the_step_programs_do_not_fit(tiny_llama_dir, monkeypatch):
+    """If XLA's memory analysis says the largest step would not fit beside the KV cache, the engine takes the
+    missing pages off the cache and compiles again (once); an explicit num_pages is refused instead."""
+    from jaxinfer.engine import Engine
+
+    d, model = tiny_llama_dir
+    calls = []
+
+    def shortfall(self, kv_dtype):
+        calls.append(self.num_pages)
+        return 10 * self._page_bytes(kv_dtype) - 1 if len(calls) == 1 else 0  # 10 pages short, then fits
+
+    monkeypatch.setattr(Engine, "_memory_shortfall", shortfall)
+    llm = jaxinfer.LLM(str(d), kv_cache_memory="1MiB", **SMALL)
+    eng = llm.engine
+    assert calls[0] > 14 and calls == [calls[0], calls[0] - 10] and eng.num_pages == calls[0] - 10
+    assert eng.runner.kv.k[0].shape[0] == eng.num_pages and eng.scheduler.allocator.num_free == eng.num_pages
+    p = [3, 1, 4, 1, 5, 9, 2, 6]
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == hf_greedy(model, p, 6)
+    calls.clear()
+    with pytest.raises(ValueError, match="num_pages"):
+        jaxinfer.LLM(str(d), num_pages=24, **SMALL)
+
+
+def test_peak_step_bytes_counts_the_logits(tiny_llm):
+    """The step-memory estimate covers at least the largest forward program's logits [B, V] float32."""
+    run = tiny_llm.engine.runner
+    assert run.peak_step_bytes() >= max(b[1] for b in run.buckets) * tiny_llm.engine.cfg.vocab_size * 4
+
+
+def test_final_only_requests_report_once_when_finished(tiny_llm):
+    """output_kind FINAL_ONLY: step() reports the request only in the step that finishes it (with its metrics);
+    CUMULATIVE requests in the same steps are reported every step."""
+    from jaxinfer import RequestOutputKind
+
+    eng = tiny_llm.engine
+    final = eng.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
+                                                      output_kind=RequestOutputKind.FINAL_ONLY))
+    cumulative = eng.add_request([5, 6, 8], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    seen = {final: [], cumulative: []}
+    while eng.has_unfinished():
+        for o in eng.step():
+            seen[o.request_id].append(o)
+    assert len(seen[final]) == 1 and seen[final][0].finished and len(seen[final][0].outputs[0].token_ids) == 5
+    m = seen[final][0].metrics
+    assert m.first_token_time is not None and m.finished_time >= m.first_token_time
+    assert len(seen[cumulative]) >= 5 and seen[cumulative][-1].finished
+    assert [len(o.outputs[0].token_ids) for o in seen[cumulative]][-1] == 5
+    assert_all_pages_free(eng)
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind="final")
+    with pytest.raises(ValueError, match="sampling_params"):
+        tiny_llm.generate([[1, 2]], {"max_tokens": 2}, use_tqdm=False)

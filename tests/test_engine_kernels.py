@@ -30,3 +30,30 @@ def test_greedy_matches_hf_with_kernel(impl, tiny_llama_dir):
     outs = llm.generate(prompts, jaxinfer.SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
     for p, o in zip(prompts, outs):
         assert o.outputs[0].token_ids == hf_greedy(model, p, 12)
+
+
+@pytest.mark.parametrize("impl", ["reference", *KERNELS])
+def test_warm_up_changes_no_state(impl, tiny_llama_dir):
+    """runner.warm_up runs every program on an all-padding input: the KV cache and sampler state stay as they
+    were (here: after real requests filled them), and generation afterwards still equals HF's. The engine is
+    built without its own warm-up, so no earlier warm-up has left its marks in the snapshot."""
+    import jax
+
+    d, model = tiny_llama_dir
+    llm = jaxinfer.LLM(str(d), attention_impl=impl, attention_interpret=impl != "reference", token_buckets=(4, 16),
+                       seq_buckets=(1, 4), max_num_seqs=4, max_model_len=64, page_size=16, num_pages=24,
+                       show_progress=False, use_compilation_cache=False, warm_up=False)
+    run = llm.engine.runner
+    rng = np.random.default_rng(12)
+    prompts = [rng.integers(0, 256, n).tolist() for n in (5, 19)]
+    sp = jaxinfer.SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=6, ignore_eos=True,
+                                 logit_bias={7: 2.0}, min_tokens=2)
+    llm.generate(prompts, sp, use_tqdm=False)
+    before = jax.tree_util.tree_map(np.asarray, (run.kv, run.sstate))
+    run.warm_up()
+    after = jax.tree_util.tree_map(np.asarray, (run.kv, run.sstate))
+    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
+        np.testing.assert_array_equal(a, b)
+    greedy = jaxinfer.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for p, o in zip(prompts, llm.generate(prompts, greedy, use_tqdm=False)):
+        assert o.outputs[0].token_ids == hf_greedy(model, p, 8)
