@@ -11,7 +11,13 @@ Async scheduling (the default): the host schedules and launches step N+1 before 
 so its Python work overlaps the device's. A decode of a token the host has not seen yet takes it from
 the device (runner.py), and a request that stops on EOS or a stop string in step N has one more token
 computed in step N+1, which is discarded. `async_scheduling=False` runs each step to the end before
-the next is scheduled; both give the same tokens.
+the next is scheduled; both give the same tokens. That overlap only holds while the host's share of a step
+(reading N's tokens, outputs, scheduling and packing N+1) stays under the device's: `RequestOutputKind.
+FINAL_ONLY` requests skip the per-step outputs, and `Engine.last_wait_seconds` says how long a step waited.
+
+Start-up: load weights -> size the KV cache -> compile every bucket against the cache's shapes -> check the
+largest step's temporaries fit beside it (else shrink it once, recompile) -> allocate it -> run each program
+once (GPU / TPU) -> `gc.freeze()`.
 """
 
 from __future__ import annotations

@@ -375,6 +375,24 @@ def _combine_kernel(o_part, m_part, l_part, cu_ref, ns_ref, *refs, G, Gp, splits
         _zero_padding_token(o_ref, cu_ref, ns, i, kh, G, Gp, T, H)
 
 
+def _merge_xla(o_part, m_part, l_part, num_seqs, v_scale, G, out_shape):
+    """The merge of a decode-only step's splits as plain jnp, for XLA to fuse (token row i is sequence i there):
+    the same math as `_combine_kernel`, without a second Pallas launch."""
+    B, K, _, Gp, H = o_part.shape
+    T = out_shape.shape[0]
+    m_max = jnp.max(m_part, axis=2, keepdims=True)
+    w = jnp.exp2(m_part - jnp.where(m_max == -jnp.inf, 0.0, m_max))  # empty split: m = -inf -> 0
+    l_i = jnp.sum(w * l_part, axis=2)  # [B, K, Gp]
+    acc = jnp.sum(w[..., None] * o_part, axis=2)  # [B, K, Gp, H]
+    inv = jnp.where(l_i > 0, 1.0 / l_i, 0.0)
+    if v_scale is not None:
+        inv = inv * v_scale[None, :, None]
+    out = (acc * inv[..., None])[:, :, :G].reshape(B, K * G, H)
+    live = (jnp.arange(B) < num_seqs[0])[:, None, None]  # rows past num_seqs hold no partials: zeros
+    out = jnp.where(live, out, 0.0).astype(out_shape.dtype)
+    return out[:T] if T <= B else jnp.pad(out, ((0, T - B), (0, 0), (0, 0)))
+
+
 def _smem_bytes() -> int:
     """Shared memory one program may use on this GPU (by compute capability; H100 when unknown, e.g. on CPU)."""
     try:
@@ -412,7 +430,7 @@ def default_num_kv_splits(B, K, max_kv_len, bk):
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "sliding_window", "soft_cap", "decode_only", "split_decodes", "interpret", "block_m", "block_kv",
     "num_warps", "num_stages", "decode_block_kv", "num_kv_splits", "decode_num_warps", "decode_num_stages",
-    "prefetch_pages", "decode_prefetch_pages"))
+    "prefetch_pages", "decode_prefetch_pages", "xla_merge"))
 def ragged_paged_attention_gpu(
     q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens, num_seqs,
     *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
@@ -420,6 +438,7 @@ def ragged_paged_attention_gpu(
     block_m: int = 128, block_kv: int = 128, num_warps: int = 8, num_stages: int = 3,
     decode_block_kv: int = 32, num_kv_splits: int | None = None, decode_num_warps: int = 2,
     decode_num_stages: int = 3, prefetch_pages: bool = True, decode_prefetch_pages: bool = False,
+    xla_merge: bool = False,
 ):
     """Ragged paged attention (see the module docstring for shapes); returns [T, N, H] in q.dtype.
 
@@ -458,7 +477,7 @@ def ragged_paged_attention_gpu(
         out = _decode_call(args, out_shape, flags, B, M * S, k_pages.dtype.itemsize, rows=B if split_decodes else max(B, T),
                            only_single=split_decodes, interpret=interpret, block_kv=decode_block_kv,
                            num_kv_splits=num_kv_splits, num_warps=decode_num_warps, num_stages=decode_num_stages,
-                           prefetch_pages=decode_prefetch_pages)
+                           prefetch_pages=decode_prefetch_pages, xla_merge=xla_merge and decode_only)
         if decode_only:
             return out
     BQ = _next_pow2(max(1, block_m // Gp))
@@ -479,7 +498,7 @@ def ragged_paged_attention_gpu(
 
 
 def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_single, interpret, block_kv,
-                 num_kv_splits, num_warps, num_stages, prefetch_pages):
+                 num_kv_splits, num_warps, num_stages, prefetch_pages, xla_merge=False):
     """The split-KV decode kernel (+ the merge of its splits) over program rows [0, rows)."""
     H, K, Gp = out_shape.shape[2], args[1].shape[1], flags["Gp"]
     BQ = max(1, 16 // Gp)  # BQ * Gp >= 16 rows for the tensor-core dot; only token 0's Gp rows are live
@@ -500,6 +519,8 @@ def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_sing
     )(*args)
     has_v_scale = flags["has_v_scale"]
     v_scales = [args[-1]] if has_v_scale else []
+    if xla_merge:
+        return _merge_xla(o_part, m_part, l_part, args[6], v_scales[0] if has_v_scale else None, flags["G"], out_shape)
     return pl.pallas_call(
         functools.partial(_combine_kernel, G=flags["G"], Gp=Gp, splits=splits, has_v_scale=has_v_scale,
                           only_single=only_single),

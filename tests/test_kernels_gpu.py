@@ -42,11 +42,13 @@ PREFILL = ([40, 7, 64], [40, 7, 64])
 MIXED = ([1, 13, 1, 30, 1, 5], [90, 13, 8, 50, 300, 21])  # incl. a prefill chunk on history
 
 
-@pytest.mark.parametrize("splits,prefetch", [(None, False), (1, False), (3, False), (3, True)])
-def test_decode(splits, prefetch):
+@pytest.mark.parametrize("splits,prefetch,xla_merge", [(None, False, False), (1, False, False), (3, False, False),
+                                                       (3, True, False), (3, False, True), (None, False, True)])
+def test_decode(splits, prefetch, xla_merge):
     rng = np.random.default_rng(0)
     args = make_batch(rng, *DECODE, N=8, K=2, H=64, S=16, pad_tokens=2, pad_seqs=3, dtype=jnp.float32)
-    _check(args, dtype=jnp.float32, decode_only=True, num_kv_splits=splits, decode_prefetch_pages=prefetch, **SMALL)
+    _check(args, dtype=jnp.float32, decode_only=True, num_kv_splits=splits, decode_prefetch_pages=prefetch,
+           xla_merge=xla_merge, **SMALL)
 
 
 def test_decode_fewer_tokens_than_rows_bf16_gqa8_page64():
@@ -136,14 +138,14 @@ def _quantize(args, dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", [jnp.int8, jnp.float8_e4m3fn])
-@pytest.mark.parametrize("decode_only", [False, True])
-def test_8bit_cache_with_scales(dtype, decode_only):
+@pytest.mark.parametrize("decode_only,xla_merge", [(False, False), (True, False), (True, True)])
+def test_8bit_cache_with_scales(dtype, decode_only, xla_merge):
     rng = np.random.default_rng(6)
     case = DECODE if decode_only else MIXED
     args, (ks, vs) = _quantize(make_batch(rng, *case, N=8, K=2, H=64, S=16), dtype, rng)
     q_dtype = jnp.float32 if dtype == jnp.int8 else jnp.bfloat16  # fp8 -> bf16 is exact
     args = (args[0].astype(q_dtype), *args[1:])
-    extra = {"num_kv_splits": 2} if decode_only else {}
+    extra = {"num_kv_splits": 2, "xla_merge": xla_merge} if decode_only else {}
     _check(args, dtype=q_dtype if q_dtype == jnp.bfloat16 else jnp.float32, decode_only=decode_only,
            k_scale=ks, v_scale=vs, **SMALL, **extra)
 
