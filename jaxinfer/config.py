@@ -239,9 +239,9 @@ MIXED_TOKENS_PER_ROW = 16
 class EngineConfig:
     """Everything about how the engine runs a model, independent of the model's shape.
 
-    `token_buckets` x `seq_buckets` is the set of step shapes compiled ahead of time: every step is padded
-    to the smallest (T, B) bucket with T >= scheduled tokens and B >= scheduled sequences. A step where every
-    sequence feeds one token (decode) goes to a decode bucket (B, B); see `buckets`.
+    `buckets()` (drawn from `token_buckets` x `seq_buckets`) is the set of step shapes compiled ahead of time:
+    every step is padded to the smallest (T, B) bucket with T >= scheduled tokens and B >= scheduled sequences.
+    A step where every sequence feeds one token (decode) goes to a decode bucket (B, B).
     """
 
     max_model_len: int | None = None  # None: the model's max_position_embeddings
@@ -294,8 +294,15 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.attention_impl not in ("auto", "reference", "xla", "tpu", "gpu"):
             raise ValueError(f"attention_impl must be auto, reference, xla, tpu or gpu, got {self.attention_impl!r}")
+        if self.warm_up not in (None, True, False):
+            raise ValueError(f"warm_up must be true, false or null (auto), got {self.warm_up!r}")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
+
+    def warms_up(self, backend: str) -> bool:
+        """Whether start-up runs every program once: `warm_up`, or by default on a GPU / TPU (not on CPU,
+        where a first run costs nothing extra)."""
+        return self.warm_up if self.warm_up is not None else backend != "cpu"
 
     @property
     def token_budget(self) -> int:
@@ -309,13 +316,17 @@ class EngineConfig:
         (a step with more tokens than sequences), and (T, T, False) only for the largest token bucket when it is
         also a seq bucket (nothing larger could hold such a step). A mixed bucket's B only sizes its logits and
         sampling (B rows), which next to T tokens of forward pass cost little: so T gets only the seq buckets
-        with B >= T / MIXED_TOKENS_PER_ROW, and always the largest (an 8192-token step samples 512 rows, not 32).
+        with B >= T / MIXED_TOKENS_PER_ROW, and always the largest one below T (an 8192-token step samples 512
+        rows, not 32; a step never moves to a larger T for want of a small B).
         """
         max_b = next(b for b in self.seq_buckets if b >= self.max_num_seqs)
         seqs = [b for b in self.seq_buckets if b <= max_b]
         tmax = self.token_buckets[-1]
-        mixed = [(t, b, False) for t in self.token_buckets for b in seqs
-                 if (b < t or b == t == tmax) and (b == max_b or b * MIXED_TOKENS_PER_ROW >= t)]
+        mixed = []
+        for t in self.token_buckets:
+            fits = [b for b in seqs if b < t or b == t == tmax]
+            # B >= T / 16, and always the largest B that fits T: a step is never moved to a larger T for want of B
+            mixed += [(t, b, False) for b in fits if b * MIXED_TOKENS_PER_ROW >= t or b == fits[-1]]
         return sorted(mixed + [(b, b, True) for b in seqs])
 
     @staticmethod

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import math
 import sys
 import time
 import uuid
@@ -76,16 +77,23 @@ class Engine:
             self.runner = ModelRunner(self.cfg, ecfg, loaded.params, abstract_kv, self.num_pages, self.max_model_len)
             self.runner.compile_all(ecfg.show_progress)
             self.compile_seconds += self.runner.compile_seconds
-            short = self._memory_shortfall(kv_dtype)
-            if short <= 0 or attempt:
+            short = self._memory_shortfall(abstract_kv)
+            if short <= 0:
+                break
+            if attempt:
+                print(f"warning: the step programs may still need {short / _GiB:.2f} GiB more device memory than the "
+                      "KV cache leaves; lower memory_fraction or kv_cache_memory if a step runs out of memory",
+                      file=sys.stderr, flush=True)
                 break
             if ecfg.num_pages:
                 raise ValueError(f"num_pages: {ecfg.num_pages} pages leave the step programs {short / _GiB:.2f} GiB "
                                  "short of device memory; ask for fewer")
-            pages = self.num_pages - -(-short // self._page_bytes(kv_dtype))
-            self._log(f"the step programs need {short / _GiB:.2f} GiB more than the KV cache leaves: "
-                      f"{self.num_pages} -> {pages} pages, compiling again")
-            self.num_pages = self._check_pages(pages)
+            per_page = self._kv_device_bytes(abstract_kv) // self.num_pages
+            pages = self.num_pages - -(-short // per_page)
+            print(f"note: the step programs need {short / _GiB:.2f} GiB more device memory than the KV cache leaves: "
+                  f"{self.num_pages} -> {pages} pages, compiling again", file=sys.stderr, flush=True)
+            self.num_pages = self._check_pages(pages, "after leaving room for the step programs; lower "
+                                               "max_num_batched_tokens or max_num_seqs, or free device memory")
         self._log(
             f"KV cache: {self.num_pages} pages x {ecfg.page_size} tokens = {self.num_pages * ecfg.page_size:,} tokens, "
             f"{self.num_pages * self._page_bytes(kv_dtype) / _GiB:.2f} GiB ({np.dtype(kv_dtype).name}); "
@@ -97,7 +105,7 @@ class Engine:
         self.runner.kv = jax.block_until_ready(init_kv_cache(self.cfg, self.num_pages, ecfg.page_size, kv_dtype, mesh))
         self.kv_seconds = time.monotonic() - t0
         t0 = time.monotonic()
-        if ecfg.warm_up if ecfg.warm_up is not None else backend != "cpu":
+        if ecfg.warms_up(backend):
             self.runner.warm_up()  # first runs are slow on an accelerator: not while serving
         self.warm_up_seconds = time.monotonic() - t0
         self._log(f"compiled {len(self.runner.compiled)} buckets in {self.compile_seconds:.1f} s: {self.runner.buckets}")
@@ -139,24 +147,33 @@ class Engine:
                 budget = min(_GiB, e.max_num_seqs * per_seq * self._page_bytes(kv_dtype))
         return self._check_pages(budget // self._page_bytes(kv_dtype))
 
-    def _check_pages(self, n: int) -> int:
+    def _check_pages(self, n: int, advice: str = "raise kv_cache_memory or lower max_model_len") -> int:
         per_seq = -(-self.max_model_len // self.ecfg.page_size)
         if n < per_seq:
             raise ValueError(
                 f"the KV cache ({n} pages) cannot hold one sequence of max_model_len={self.max_model_len} "
-                f"({per_seq} pages); raise kv_cache_memory or lower max_model_len"
+                f"({per_seq} pages); {advice}"
             )
         return int(n)
 
-    def _memory_shortfall(self, kv_dtype) -> int:
-        """Bytes by which the largest step (forward + sampler + prompt-logprobs temporaries, from XLA's memory
-        analysis) would overrun what the KV cache leaves of the device's memory; <= 0 when it fits or the device
-        reports no limit (CPU)."""
+    def _memory_shortfall(self, abstract_kv) -> int:
+        """Bytes by which the largest step (XLA's memory analysis, `ModelRunner.peak_step_bytes`) would overrun
+        what the KV cache leaves of a device's memory; <= 0 when it fits or the device reports no limit (CPU).
+        On a mesh each device holds its shard of the cache."""
         stats = jax.local_devices()[0].memory_stats() or {}
         if "bytes_limit" not in stats:
             return 0
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0) - self.num_pages * self._page_bytes(kv_dtype)
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0) - self._kv_device_bytes(abstract_kv)
         return self.runner.peak_step_bytes() - free
+
+    @staticmethod
+    def _kv_device_bytes(abstract_kv) -> int:
+        """Bytes of the KV cache on one device (its shard, on a mesh)."""
+        total = 0
+        for x in jax.tree_util.tree_leaves(abstract_kv):
+            shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+            total += math.prod(shape) * np.dtype(x.dtype).itemsize
+        return total
 
     # -- requests -------------------------------------------------------------------------------------------
 
@@ -236,7 +253,8 @@ class Engine:
     # -- the step -------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One engine step; returns the current state of every request that progressed or finished."""
+        """One engine step; returns the current state of every request that progressed or finished (FINAL_ONLY
+        requests: only of those that finished)."""
         batch = self.scheduler.schedule()
         launched = None
         if len(batch):

@@ -287,37 +287,50 @@ class ModelRunner:
         self.compile_seconds = time.monotonic() - t0
 
     def peak_step_bytes(self) -> int:
-        """Device memory a step allocates beyond its donated inputs, by XLA's memory analysis of the compiled
-        programs: the largest forward, sampler and prompt-logprobs programs' temporaries and new outputs."""
-        def new_bytes(programs) -> int:
-            sizes = [0]
+        """Device memory (per device) a step needs beyond its donated inputs, by XLA's memory analysis of the
+        compiled programs: the forward's new outputs (logits, hidden states) stay live while the sampler and the
+        prompt-logprobs program run, each program's temporaries only while it runs. Largest of each kind."""
+        def largest(programs) -> tuple[int, int]:  # (temporaries, new outputs)
+            temp = out = 0
             for c in programs:
                 m = c.memory_analysis()
                 if m is not None:
-                    sizes.append(m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
-            return max(sizes)
+                    temp = max(temp, m.temp_size_in_bytes)
+                    out = max(out, m.output_size_in_bytes - m.alias_size_in_bytes)
+            return temp, out
 
-        return (new_bytes(self.compiled.values()) + new_bytes(self.compiled_samplers.values())
-                + new_bytes(self.compiled_prompt_logprobs.values()))
+        f_temp, f_out = largest(self.compiled.values())
+        after = [sum(largest(p)) for p in (self.compiled_samplers.values(), self.compiled_prompt_logprobs.values())]
+        return f_out + max(f_temp, *after)
 
     def warm_up(self) -> None:
-        """Run every forward, sampler and prompt-logprobs program once on an all-padding input.
+        """Run every compiled program once on an all-padding input.
 
         A program's first run on a GPU costs far more than the next ones (the runtime loads its kernels and
         builds its launch graphs): 20-90 ms per 8B-model program on an H100, idle device time that would
         otherwise land on the first step of each bucket while serving. Padding changes nothing: its tokens
-        write to the dropped cache slot and its rows use the sampler state's out-of-range row."""
-        logits_by_b, h_by_t = {}, {}
-        for bucket in self.buckets:
-            inp, _ = self._empty_input(bucket[0], bucket[1])
-            logits, h, self.kv, self.sstate = self.compiled[bucket](self.params, self.kv, self.sstate, pack(inp))
-            logits_by_b[bucket[1]], h_by_t[bucket[0]] = logits, h
-        outs = [program(self.params, h_by_t[T], np.full(T, -1, np.int32))
-                for T, program in self.compiled_prompt_logprobs.items()]
-        for (B, _), program in self.compiled_samplers.items():
-            out, self.sstate = program(logits_by_b[B], self.sstate, pack(self._empty_input(B, B)[1]))
-            outs.append(out)
-        jax.block_until_ready((outs, self.kv, self.sstate))
+        write to the dropped cache slot and its rows use the sampler state's out-of-range row. One step's
+        arrays are live at a time (each seq bucket's samplers run on the first logits of that B)."""
+        S, done_b, done_t = self.num_slots, set(), set()
+        for T, B, decode in self.buckets:
+            inp, md = self._empty_input(T, B)
+            logits, h, self.kv, self.sstate = self.compiled[(T, B, decode)](self.params, self.kv, self.sstate, pack(inp))
+            if B not in done_b:
+                done_b.add(B)
+                for variant in sampling.VARIANTS:
+                    _, self.sstate = self.compiled_samplers[(B, variant)](logits, self.sstate, pack(md))
+            if T not in done_t and T in self.compiled_prompt_logprobs:
+                done_t.add(T)
+                jax.block_until_ready(self.compiled_prompt_logprobs[T](self.params, h, np.full(T, -1, np.int32)))
+            jax.block_until_ready(self.sstate)
+        W = self.ecfg.max_logit_bias
+        self.sstate = self._compiled_set_row(self.sstate, np.int32(S), np.zeros(W, np.int32), np.zeros(W, np.float32),
+                                             np.zeros(W, np.int32))
+        if self._compiled_history is not None:
+            L = self._history_len
+            self.sstate = self._compiled_history(self.sstate, np.full(L, S, np.int32), np.zeros(L, np.int32),
+                                                 np.zeros(L, np.bool_), np.array([S], np.int32))
+        jax.block_until_ready((self.kv, self.sstate))
 
     # -- packing a batch into a bucket ----------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pytest
 
 from jaxinfer import cli
@@ -355,3 +356,29 @@ def test_bucket_sets_that_cannot_hold_every_step_are_refused():
     cfg = EngineConfig(max_num_seqs=5, seq_buckets=(1, 4, 8), token_buckets=(4, 8))
     assert cfg.buckets() == [(1, 1, True), (4, 1, False), (4, 4, True), (8, 1, False), (8, 4, False),
                              (8, 8, False), (8, 8, True)]
+
+
+def test_mixed_buckets_never_move_a_step_to_more_tokens():
+    """Mixed buckets keep only B >= T / 16 (and the largest B below T): a mixed step may land on a larger B
+    than with every (T, B) compiled, never on a larger T."""
+    def smallest(buckets, n, s):
+        return min((b for b in buckets if not b[2] and b[0] >= n and b[1] >= s), key=lambda b: (b[0], b[1]))
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        seqs = tuple(sorted({1, *rng.choice([2, 4, 8, 16, 32, 64, 128, 256, 512], rng.integers(1, 5)).tolist()}))
+        max_num_seqs = int(rng.integers(1, seqs[-1] + 1))
+        max_b = next(b for b in seqs if b >= max_num_seqs)
+        toks = tuple(sorted({max_b * 2, *rng.choice([4, 16, 64, 256, 1024, 4096], rng.integers(1, 4)).tolist()}))
+        cfg = EngineConfig(max_num_seqs=max_num_seqs, seq_buckets=seqs, token_buckets=toks)
+        every = [(t, b, False) for t in toks for b in seqs if b <= max_b and (b < t or b == t == toks[-1])]
+        for n in range(2, toks[-1] + 1, max(1, toks[-1] // 97)):
+            for s in range(1, min(n - 1, max_num_seqs) + 1, max(1, max_num_seqs // 7)):
+                assert smallest(cfg.buckets(), n, s)[0] == smallest(every, n, s)[0], (cfg, n, s)
+
+
+def test_warm_up_defaults_to_accelerators_only():
+    assert not EngineConfig().warms_up("cpu") and EngineConfig().warms_up("gpu") and EngineConfig().warms_up("tpu")
+    assert EngineConfig(warm_up=True).warms_up("cpu") and not EngineConfig(warm_up=False).warms_up("gpu")
+    with pytest.raises(ValueError, match="warm_up"):
+        EngineConfig(warm_up="no")

@@ -421,9 +421,10 @@ def test_kv_cache_shrinks_when_the_step_programs_do_not_fit(tiny_llama_dir, monk
     d, model = tiny_llama_dir
     calls = []
 
-    def shortfall(self, kv_dtype):
+    def shortfall(self, abstract_kv):
         calls.append(self.num_pages)
-        return 10 * self._page_bytes(kv_dtype) - 1 if len(calls) == 1 else 0  # 10 pages short, then fits
+        per_page = Engine._kv_device_bytes(abstract_kv) // self.num_pages
+        return 10 * per_page - 1 if len(calls) == 1 else 0  # 10 pages short, then fits
 
     monkeypatch.setattr(Engine, "_memory_shortfall", shortfall)
     llm = jaxinfer.LLM(str(d), kv_cache_memory="1MiB", **SMALL)
@@ -462,6 +463,21 @@ def test_final_only_requests_report_once_when_finished(tiny_llm):
     assert m.first_token_time is not None and m.finished_time >= m.first_token_time
     assert len(seen[cumulative]) >= 5 and seen[cumulative][-1].finished
     assert [len(o.outputs[0].token_ids) for o in seen[cumulative]][-1] == 5
+    # n > 1: one report with both completions; an aborted request: one report, finish_reason abort
+    two = eng.add_request([5, 6, 9], SamplingParams(temperature=0.8, seed=1, n=2, max_tokens=4, ignore_eos=True,
+                                                    output_kind=RequestOutputKind.FINAL_ONLY))
+    gone = eng.add_request([5, 6, 10], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True,
+                                                      output_kind=RequestOutputKind.FINAL_ONLY))
+    seen = {two: [], gone: []}
+    steps = 0
+    while eng.has_unfinished():
+        if steps == 2:
+            eng.abort(gone)
+        for o in eng.step():
+            seen[o.request_id].append(o)
+        steps += 1
+    assert len(seen[two]) == 1 and [len(c.token_ids) for c in seen[two][0].outputs] == [4, 4]
+    assert len(seen[gone]) == 1 and seen[gone][0].outputs[0].finish_reason == "abort"
     assert_all_pages_free(eng)
     with pytest.raises(ValueError, match="output_kind"):
         SamplingParams(output_kind="final")

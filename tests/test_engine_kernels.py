@@ -34,7 +34,7 @@ def test_greedy_matches_hf_with_kernel(impl, tiny_llama_dir):
 
 @pytest.mark.parametrize("impl", ["reference", *KERNELS])
 def test_warm_up_changes_no_state(impl, tiny_llama_dir):
-    """runner.warm_up runs every program on an all-padding input: the KV cache and sampler state stay as they
+    """runner.warm_up runs every program once on an all-padding input: the KV cache and sampler state stay as they
     were (here: after real requests filled them), and generation afterwards still equals HF's. The engine is
     built without its own warm-up, so no earlier warm-up has left its marks in the snapshot."""
     import jax
@@ -50,7 +50,25 @@ def test_warm_up_changes_no_state(impl, tiny_llama_dir):
                                  logit_bias={7: 2.0}, min_tokens=2)
     llm.generate(prompts, sp, use_tqdm=False)
     before = jax.tree_util.tree_map(np.asarray, (run.kv, run.sstate))
+    calls = []
+
+    def counted(name, program):
+        def call(*args):
+            calls.append(name)
+            return program(*args)
+        return call
+
+    saved = (run.compiled, run.compiled_samplers, run.compiled_prompt_logprobs, run._compiled_set_row,
+             run._compiled_history)
+    run.compiled = {k: counted(k, p) for k, p in run.compiled.items()}
+    run.compiled_samplers = {k: counted(k, p) for k, p in run.compiled_samplers.items()}
+    run.compiled_prompt_logprobs = {k: counted(("prompt_logprobs", k), p) for k, p in run.compiled_prompt_logprobs.items()}
+    run._compiled_set_row, run._compiled_history = counted("set_row", saved[3]), counted("history", saved[4])
     run.warm_up()
+    every = [*saved[0], *saved[1], *(("prompt_logprobs", k) for k in saved[2]), "set_row", "history"]
+    assert sorted(map(str, calls)) == sorted(map(str, every))  # every program, once
+    (run.compiled, run.compiled_samplers, run.compiled_prompt_logprobs, run._compiled_set_row,
+     run._compiled_history) = saved
     after = jax.tree_util.tree_map(np.asarray, (run.kv, run.sstate))
     for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
         np.testing.assert_array_equal(a, b)
