@@ -363,7 +363,9 @@ class Engine:
         return outs
 
     def _group_output(self, gid: str, children: list[Request]) -> RequestOutput:
-        comps = []
+        # One pass over the children (a RequestOutput per running request per step is the host's main per-row
+        # cost in CUMULATIVE mode).
+        comps, scheduled, first_token, finished, generated, done = [], [], [], [], 0, True
         for r in children:
             detok = self._detok.get(id(r))
             lps = r.output_logprobs if r.params.logprobs is not None else None
@@ -372,17 +374,24 @@ class Engine:
                 index=r.index, text=detok.text if detok else "", token_ids=list(r.output_token_ids),
                 finish_reason=r.finish_reason, stop_reason=r.stop_reason, logprobs=lps, cumulative_logprob=cum,
             ))
+            if r.first_scheduled_time:
+                scheduled.append(r.first_scheduled_time)
+            if r.first_token_time:
+                first_token.append(r.first_token_time)
+            finished.append(r.finished_time or 0)
+            generated += len(r.output_token_ids)
+            done = done and r.is_finished
         first = children[0]
         metrics = RequestMetrics(
             arrival_time=first.arrival_time,
-            first_scheduled_time=min((r.first_scheduled_time for r in children if r.first_scheduled_time), default=None),
-            first_token_time=min((r.first_token_time for r in children if r.first_token_time), default=None),
-            finished_time=max((r.finished_time or 0 for r in children), default=None) if all(r.is_finished for r in children) else None,
+            first_scheduled_time=min(scheduled) if scheduled else None,
+            first_token_time=min(first_token) if first_token else None,
+            finished_time=max(finished) if done else None,
             num_prompt_tokens=first.num_prompt_tokens,
-            num_generated_tokens=sum(len(r.output_token_ids) for r in children),
+            num_generated_tokens=generated,
         )
-        return RequestOutput(gid, self._prompts.get(gid), first.prompt_token_ids, comps,
-                             all(r.is_finished for r in children), metrics, first.prompt_logprobs)
+        return RequestOutput(gid, self._prompts.get(gid), first.prompt_token_ids, comps, done, metrics,
+                             first.prompt_logprobs)
 
     # -- introspection --------------------------------------------------------------------------------------
 
