@@ -18,6 +18,8 @@ from dataclasses import dataclass
 GREEDY_TEMPERATURE = 1e-5
 MAX_TEMPERATURE = 100.0
 MAX_LOGIT_BIAS_VALUE = 100.0
+# The sampler divides / multiplies logits by repetition_penalty in float32: it must be a normal float32 there.
+FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
 
 
 def _is_int(value) -> bool:
@@ -106,9 +108,10 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a finite number in [-2, 2], got {value}")
             setattr(self, name, value)
 
-        self.repetition_penalty = _finite_float("repetition_penalty", self.repetition_penalty, "> 0")
-        if self.repetition_penalty <= 0.0:
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        req = f"> 0 (float32: {FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g})"
+        self.repetition_penalty = _finite_float("repetition_penalty", self.repetition_penalty, req)
+        if not FLOAT32_TINY <= self.repetition_penalty <= FLOAT32_MAX:
+            raise ValueError(f"repetition_penalty must be a finite number {req}, got {self.repetition_penalty}")
 
         if self.seed is not None:
             # Any int is accepted; the metadata builder reduces it to uint32.

@@ -8,6 +8,7 @@ before the engine is ready those bounds are simply left out.
 
 from __future__ import annotations
 
+from jaxinfer.sampling_params import FLOAT32_MAX, FLOAT32_TINY
 from serving.protocol import MAX_STOP_LENGTH, MAX_STOP_STRINGS, Limits
 
 MAX_LOGIT_BIAS = 100.0  # jaxinfer.sampling_params.MAX_LOGIT_BIAS_VALUE
@@ -57,7 +58,7 @@ def _sampling(lim: Limits | None) -> dict:
         "priority": _nullable(_int(-MAX_SEED - 1, MAX_SEED, description="scheduling priority: lower runs first")),
         "presence_penalty": _nullable(_num(-2.0, 2.0)),
         "frequency_penalty": _nullable(_num(-2.0, 2.0)),
-        "repetition_penalty": _nullable(_num(0.0, exclusive_min=True)),
+        "repetition_penalty": _nullable(_num(FLOAT32_TINY, FLOAT32_MAX, description="> 0, a normal float32")),
         "logit_bias": _nullable({"type": "object", "propertyNames": {"pattern": "^[0-9]{1,9}$"},
                                  "additionalProperties": _num(-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS),
                                  "description": "token id (as a string) -> bias added to its logit"}),

@@ -113,6 +113,8 @@ def test_normalisation():
         (dict(frequency_penalty=float("-inf")), "frequency_penalty"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
         (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+        (dict(repetition_penalty=1e39), "repetition_penalty"),  # inf in the sampler's float32
+        (dict(repetition_penalty=1e-39), "repetition_penalty"),  # 0 / subnormal in float32
         (dict(max_tokens=0), "max_tokens"),
         (dict(max_tokens=-3), "max_tokens"),
         (dict(max_tokens=False), "max_tokens"),
