@@ -354,7 +354,7 @@ class Engine:
             done = all(r.is_finished for r in children)
             if not done and children[0].params.output_kind is RequestOutputKind.FINAL_ONLY:
                 continue
-            outs.append(self._group_output(gid, children))
+            outs.append(self._group_output(gid, children, done))
             if done:
                 del self._groups[gid]
                 self._prompts.pop(gid, None)
@@ -362,10 +362,10 @@ class Engine:
                     self._detok.pop(id(r), None)
         return outs
 
-    def _group_output(self, gid: str, children: list[Request]) -> RequestOutput:
-        # One pass over the children (a RequestOutput per running request per step is the host's main per-row
-        # cost in CUMULATIVE mode).
-        comps, scheduled, first_token, finished, generated, done = [], [], [], [], 0, True
+    def _group_output(self, gid: str, children: list[Request], done: bool) -> RequestOutput:
+        """done: every child has finished. One pass over the children (a RequestOutput per running request per
+        step is the host's main per-row cost in CUMULATIVE mode)."""
+        comps, scheduled, first_token, finished, generated = [], [], [], [], 0
         for r in children:
             detok = self._detok.get(id(r))
             lps = r.output_logprobs if r.params.logprobs is not None else None
@@ -380,7 +380,6 @@ class Engine:
                 first_token.append(r.first_token_time)
             finished.append(r.finished_time or 0)
             generated += len(r.output_token_ids)
-            done = done and r.is_finished
         first = children[0]
         metrics = RequestMetrics(
             arrival_time=first.arrival_time,

@@ -323,9 +323,7 @@ class ModelRunner:
                 done_t.add(T)
                 jax.block_until_ready(self.compiled_prompt_logprobs[T](self.params, h, np.full(T, -1, np.int32)))
             jax.block_until_ready(self.sstate)
-        W = self.ecfg.max_logit_bias
-        self.sstate = self._compiled_set_row(self.sstate, np.int32(S), np.zeros(W, np.int32), np.zeros(W, np.float32),
-                                             np.zeros(W, np.int32))
+        self.set_row(S, None, [])  # row S: out of range, dropped
         if self._compiled_history is not None:
             L = self._history_len
             self.sstate = self._compiled_history(self.sstate, np.full(L, S, np.int32), np.zeros(L, np.int32),
@@ -383,11 +381,8 @@ class ModelRunner:
         if self._page_table_src[slot] is not pages or len(pages) < done:  # a new list: (re)admitted, or another request
             self._page_table[slot] = 0
             self._page_table_src[slot], done = pages, 0
-        if len(pages) > done:
-            self._page_table[slot, done : len(pages)] = pages[done:]
-            self._page_table_len[slot] = len(pages)
-        else:
-            self._page_table_len[slot] = done
+        self._page_table[slot, done : len(pages)] = pages[done:]  # the pages appended since the last sync
+        self._page_table_len[slot] = len(pages)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[StepInput, sampling.SamplingMetadata, tuple, np.ndarray | None]:
         """The step's input and sampling metadata padded to its bucket, the bucket, and the prompt-logprob
