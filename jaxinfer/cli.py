@@ -121,7 +121,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--page-size", type=_positive_int, metavar="N",
                    help="tokens per KV-cache page, a power of two (default: 16)")
     g.add_argument("--kv-cache-memory", type=_byte_size, metavar="SIZE",
-                   help="memory for the KV cache, e.g. 2GiB or 512MiB (default: sized from free memory)")
+                   help="memory for the KV cache per device, e.g. 2GiB or 512MiB (default: sized from free memory)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight and activation type (default: auto = float32 on CPU, bfloat16 on GPU/TPU)")
     g.add_argument("--load-format", choices=["auto", "safetensors", "gguf", "dummy"],

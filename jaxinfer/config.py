@@ -250,7 +250,7 @@ class EngineConfig:
     token_buckets: tuple[int, ...] = (1, 4, 16, 64, 256)
     seq_buckets: tuple[int, ...] = (1, 4, 16)
     page_size: int = 16
-    kv_cache_memory: int | None = None  # bytes for the KV cache; None: memory_fraction of free device memory
+    kv_cache_memory: int | None = None  # bytes of KV cache per device; None: memory_fraction of free device memory
     memory_fraction: float = 0.9
     num_pages: int | None = None  # overrides the memory budget (tests)
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU/TPU

@@ -45,6 +45,22 @@ from jaxinfer.scheduler import ScheduledBatch, Scheduler
 _GiB = 1 << 30
 
 
+def kv_device_bytes(abstract_kv) -> int:
+    """Bytes of a KV cache on one device (its shard, on a mesh)."""
+    total = 0
+    for x in jax.tree_util.tree_leaves(abstract_kv):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shape) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def device_page_bytes(cfg: ModelConfig, page_size: int, kv_dtype, mesh=None) -> int:
+    """Bytes of one KV page (all layers, K and V) on one device: the whole page, or on a mesh its shard (the kv
+    heads are split over "tp"), so a budget of one device's memory holds tp times the pages."""
+    n = 1 if mesh is None else mesh.size  # a page count any sharding of the pages axis divides
+    return kv_device_bytes(init_kv_cache(cfg, n, page_size, kv_dtype, mesh, abstract=True)) // n
+
+
 class Engine:
     def __init__(self, model: str | None = None, *, mesh=None, **options):
         self.ecfg = ecfg = EngineConfig.from_options(**options)
@@ -67,7 +83,7 @@ class Engine:
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else self.cfg.eos_token_ids)
 
         kv_dtype = self.dtype if ecfg.kv_cache_dtype == "auto" else np.dtype(ecfg.kv_cache_dtype)
-        self.num_pages = self._num_pages(kv_dtype)
+        self.num_pages = self._num_pages(kv_dtype, mesh)
         # Compile against the cache's shapes before allocating it: XLA's autotuner (on a cold compilation cache)
         # needs device memory for its trial runs, which a cache filling the device would leave it without.
         # Then check that the largest step's temporaries fit beside the cache; if not, shrink it once and recompile.
@@ -88,7 +104,7 @@ class Engine:
             if ecfg.num_pages:
                 raise ValueError(f"num_pages: {ecfg.num_pages} pages leave the step programs {short / _GiB:.2f} GiB "
                                  "short of device memory; ask for fewer")
-            per_page = self._kv_device_bytes(abstract_kv) // self.num_pages
+            per_page = kv_device_bytes(abstract_kv) // self.num_pages
             pages = self.num_pages - -(-short // per_page)
             print(f"note: the step programs need {short / _GiB:.2f} GiB more device memory than the KV cache leaves: "
                   f"{self.num_pages} -> {pages} pages, compiling again", file=sys.stderr, flush=True)
@@ -96,7 +112,8 @@ class Engine:
                                                "max_num_batched_tokens or max_num_seqs, or free device memory")
         self._log(
             f"KV cache: {self.num_pages} pages x {ecfg.page_size} tokens = {self.num_pages * ecfg.page_size:,} tokens, "
-            f"{self.num_pages * self._page_bytes(kv_dtype) / _GiB:.2f} GiB ({np.dtype(kv_dtype).name}); "
+            f"{self.num_pages * device_page_bytes(self.cfg, ecfg.page_size, kv_dtype, mesh) / _GiB:.2f} GiB per device "
+            f"({np.dtype(kv_dtype).name}); "
             f"max_model_len {self.max_model_len}, weights {np.dtype(self.dtype).name} on {backend}"
         )
         self.scheduler = Scheduler(self.num_pages, ecfg.page_size, ecfg.max_num_seqs, ecfg.token_budget, self.max_model_len,
@@ -129,23 +146,20 @@ class Engine:
 
     # -- sizing ---------------------------------------------------------------------------------------------
 
-    def _page_bytes(self, kv_dtype) -> int:
-        c = self.cfg
-        return 2 * c.num_layers * self.ecfg.page_size * c.num_kv_heads * c.head_dim * np.dtype(kv_dtype).itemsize
-
-    def _num_pages(self, kv_dtype) -> int:
+    def _num_pages(self, kv_dtype, mesh) -> int:
+        """Pages that fit the KV budget of one device: on a mesh each device holds only its shard of a page."""
         e = self.ecfg
         if e.num_pages:
             return self._check_pages(e.num_pages)
-        budget = e.kv_cache_memory
-        if budget is None:
-            stats = jax.local_devices()[0].memory_stats() or {}
-            if "bytes_limit" in stats:  # accelerator: a fraction of what the weights left
-                budget = int(e.memory_fraction * stats["bytes_limit"]) - stats.get("bytes_in_use", 0) - _GiB // 2
-            else:  # CPU: enough for every sequence at full length, at most 1 GiB
-                per_seq = -(-self.max_model_len // e.page_size)
-                budget = min(_GiB, e.max_num_seqs * per_seq * self._page_bytes(kv_dtype))
-        return self._check_pages(budget // self._page_bytes(kv_dtype))
+        per_page = device_page_bytes(self.cfg, e.page_size, kv_dtype, mesh)
+        if e.kv_cache_memory is not None:
+            return self._check_pages(e.kv_cache_memory // per_page)
+        stats = jax.local_devices()[0].memory_stats() or {}
+        if "bytes_limit" in stats:  # accelerator: a fraction of what the weights left
+            budget = int(e.memory_fraction * stats["bytes_limit"]) - stats.get("bytes_in_use", 0) - _GiB // 2
+            return self._check_pages(budget // per_page)
+        per_seq = -(-self.max_model_len // e.page_size)  # CPU: every sequence at full length, at most 1 GiB
+        return self._check_pages(min(_GiB // per_page, e.max_num_seqs * per_seq))
 
     def _check_pages(self, n: int, advice: str = "raise kv_cache_memory or lower max_model_len") -> int:
         per_seq = -(-self.max_model_len // self.ecfg.page_size)
@@ -163,17 +177,8 @@ class Engine:
         stats = jax.local_devices()[0].memory_stats() or {}
         if "bytes_limit" not in stats:
             return 0
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0) - self._kv_device_bytes(abstract_kv)
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0) - kv_device_bytes(abstract_kv)
         return self.runner.peak_step_bytes() - free
-
-    @staticmethod
-    def _kv_device_bytes(abstract_kv) -> int:
-        """Bytes of the KV cache on one device (its shard, on a mesh)."""
-        total = 0
-        for x in jax.tree_util.tree_leaves(abstract_kv):
-            shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-            total += math.prod(shape) * np.dtype(x.dtype).itemsize
-        return total
 
     # -- requests -------------------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """Tensor parallelism: the engine over a 2-device `jax.sharding.Mesh` (host CPU devices) gives the tokens and
 logprobs of the single-device engine: the forward, the sampler variants (greedy, seeded top-p with a logit bias,
-min_tokens, logprobs), prompt logprobs and a prefix-cache hit. It runs in a child process, because the number of
-host devices is fixed when jax starts."""
+min_tokens, logprobs), prompt logprobs and a prefix-cache hit; and a KV budget (per device) holds twice the pages,
+each device keeping half of every page. It runs in a child process, because the number of host devices is fixed
+when jax starts."""
 
 from __future__ import annotations
 
@@ -42,16 +43,19 @@ def run(eng):
                 compiles=eng.num_compiles_since_ready)
 
 
-single = run(Engine(model, **opts))
+one = Engine(model, **opts)
+single = run(one)
 mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
 eng = Engine(model, mesh=mesh, **opts)
 sharded = run(eng)
-print(json.dumps(dict(single=single, sharded=sharded, kv_spec=str(eng.runner.kv.k[0].sharding.spec))))
+kv = eng.runner.kv.k[0]
+print(json.dumps(dict(single=single, sharded=sharded, kv_spec=str(kv.sharding.spec), pages=[one.num_pages, eng.num_pages],
+                      shard_bytes=[s.data.nbytes for s in kv.addressable_shards], whole_bytes=kv.nbytes)))
 """
 
 
 def test_two_device_mesh_matches_one_device(tiny_llama_dir):
-    opts = dict(TINY_ENGINE_OPTIONS, num_pages=160)
+    opts = dict(TINY_ENGINE_OPTIONS, kv_cache_memory="320KiB")  # per device: 160 pages of the tiny model (f32)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_llama_dir[0]), json.dumps(opts)], env=env,
                           capture_output=True, text=True, timeout=900)
@@ -59,6 +63,8 @@ def test_two_device_mesh_matches_one_device(tiny_llama_dir):
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     single, sharded = res["single"], res["sharded"]
     assert "tp" in res["kv_spec"]  # the cache really is split over the kv heads
+    assert res["shard_bytes"] == [res["whole_bytes"] // 2] * 2
+    assert res["pages"] == [160, 320]  # the same bytes per device hold twice the pages
     assert sharded["compiles"] == 0 and single["hits"] and sharded["hits"] == single["hits"]
     for a, b in zip(single["out"], sharded["out"]):
         assert a["tokens"] == b["tokens"] and len(a["tokens"]) == 6
