@@ -37,7 +37,9 @@ class IncrementalDetokenizer:
 
     add(ids) -> newly final text. flush() -> held-back text, to call once when the request ends for a
     reason other than a stop string. `text` is everything returned so far; `stopped_by` is the stop
-    string that ended the output, or None.
+    string that ended the output, or None. Stop strings end the output only once `min_tokens` ids have
+    been added (as vLLM: a stop string completed earlier is plain text, one that completes at or after the
+    min_tokens-th id counts, even if it began before).
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] | str = (),
         include_stop_str_in_output: bool = False,
+        min_tokens: int = 0,
     ):
         if isinstance(stop, str):
             stop = [stop]
@@ -57,6 +60,7 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self.stop: tuple[str, ...] = tuple(stop)
         self.include_stop_str_in_output = include_stop_str_in_output
+        self.min_tokens = min_tokens
         self.stopped_by: str | None = None
         self.token_ids: list[int] = []  # every output id given to add()
 
@@ -149,7 +153,7 @@ class IncrementalDetokenizer:
         out = held
         self._held = ""
         if self.stop:
-            hit = self._first_stop(held)
+            hit = self._first_stop(held) if len(self.token_ids) >= self.min_tokens else None
             if hit is not None:
                 start, s = hit
                 self.stopped_by = s

@@ -220,7 +220,8 @@ class Engine:
             self.scheduler.add(r)
             if self.tokenizer is not None:
                 self._detok[id(r)] = IncrementalDetokenizer(
-                    self.tokenizer, ids, params.skip_special_tokens, params.stop or [], params.include_stop_str_in_output
+                    self.tokenizer, ids, params.skip_special_tokens, params.stop or [], params.include_stop_str_in_output,
+                    params.min_tokens,
                 )
         self._groups[gid] = children
         self._prompts[gid] = text

@@ -121,6 +121,11 @@ def test_stop_strings_do_not_leak(default_llm):
                                 SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, stop=[stop],
                                                include_stop_str_in_output=True), use_tqdm=False)[0]
     assert kept.outputs[0].text == text[: text.index(stop) + len(stop)]
+    # Until min_tokens the stop string is plain text (as vLLM): here the output runs to max_tokens.
+    late = default_llm.generate(["The first five letters of the alphabet are"],
+                                SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, stop=[stop],
+                                               min_tokens=32), use_tqdm=False)[0].outputs[0]
+    assert late.text == text and late.finish_reason == "length"
 
 
 def test_stop_token_ids_max_tokens_min_tokens(default_llm):

@@ -418,6 +418,22 @@ def test_stop_partial_match_is_released(any_tok, seed):
     assert out == "one two " and detok.stopped_by == "twofold"
 
 
+def test_stop_strings_wait_for_min_tokens(any_tok):
+    # As vLLM: before min_tokens ids a stop string is plain text; one completing at the min_tokens-th id counts.
+    text = "Stop one. Stop two. Stop three."
+    ids = any_tok.encode(text, add_special_tokens=False)
+    first = next(n for n in range(1, len(ids) + 1) if "Stop" in any_tok.decode(ids[:n]))  # ids that complete it
+
+    def run(min_tokens):
+        detok = IncrementalDetokenizer(any_tok, prompt_ids=[], stop=["Stop"], min_tokens=min_tokens)
+        out = "".join(detok.add([i]) for i in ids)
+        return out + (detok.flush() if detok.stopped_by is None else ""), detok.stopped_by
+
+    assert run(0) == run(first) == ("", "Stop")
+    assert run(first + 1) == ("Stop one. ", "Stop")
+    assert run(len(ids) + 1) == (any_tok.decode(ids), None)
+
+
 def test_stop_held_back_text_released_by_flush(any_tok):
     ids = any_tok.encode("It ends with St", add_special_tokens=False)
     detok = IncrementalDetokenizer(any_tok, prompt_ids=[], stop=["Stop"])
