@@ -20,8 +20,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PEAK_BW, PEAK_FLOPS = 2.94e12, 787e12
-# (name, K, N) of Llama-3.1-8B's weights: fused qkv, o, gate, up, down, lm_head.
-SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate", 4096, 14336), ("down", 14336, 4096), ("lm_head", 4096, 128256)]
+# (name, K, N) of Llama-3.1-8B's weights: fused qkv, o, gate (or up), gate and up fused, down, lm_head.
+SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate", 4096, 14336), ("gate_up", 4096, 28672), ("down", 14336, 4096), ("lm_head", 4096, 128256)]
 
 
 def main(argv=None) -> int:
@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--ms", default="1,16,64,128,256,512,2048")
     p.add_argument("--shapes", default=None, help="comma-separated names from: " + ",".join(s[0] for s in SHAPES))
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--layouts", default="kn", help="comma-separated weight layouts: kn (w [K, N], x @ w: the model's) "
+                   "and / or nk (w [N, K], x @ w.T: the checkpoints' [out, in])")
     p.add_argument("--tag", default=os.environ.get("XLA_FLAGS", "default"))
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json-out", default=None)
@@ -50,13 +52,19 @@ def main(argv=None) -> int:
     if args.mlp:
         return mlp_variants(args, ms)
     rows = []
-    for name, K, N in shapes:
+    for (name, K, N), layout in [(s, lay) for s in shapes for lay in args.layouts.split(",")]:
         nbytes_w = K * N * 2
         L = max(2, min(16, int(4e8 // nbytes_w)))  # >= ~400 MB of weights per call: well past the 50 MB L2
         ws = [jax.random.normal(jax.random.PRNGKey(i), (K, N), jnp.bfloat16) * 0.02 for i in range(L)]
+        if layout == "nk":  # stored transposed; the product is the same
+            ws = [jnp.array(w.T) for w in ws]
         for M in ms:
             x = jax.random.normal(jax.random.PRNGKey(99), (M, K), jnp.bfloat16)
-            f = jax.jit(lambda x, ws: [mm(x, w) for w in ws])
+            if layout == "nk":
+                f = jax.jit(lambda x, ws: [jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())),
+                                                               preferred_element_type=jnp.bfloat16) for w in ws])
+            else:
+                f = jax.jit(lambda x, ws: [mm(x, w) for w in ws])
             try:
                 jax.block_until_ready(f(x, ws))
                 t = time.perf_counter()
@@ -64,7 +72,8 @@ def main(argv=None) -> int:
                     o = f(x, ws)
                 jax.block_until_ready(o)
                 dt = (time.perf_counter() - t) / args.reps / L
-                ref = np.asarray(jnp.dot(x[:4].astype(jnp.float32), ws[0].astype(jnp.float32)))
+                w0 = ws[0].T if layout == "nk" else ws[0]
+                ref = np.asarray(jnp.dot(x[:4].astype(jnp.float32), w0.astype(jnp.float32)))
                 err = float(np.max(np.abs(np.asarray(o[0][:4], np.float32) - ref)))
             except Exception as e:  # one failing case must not stop the rest
                 print(f"{name} M={M}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -73,8 +82,8 @@ def main(argv=None) -> int:
                 trace_once(f, (x, ws), os.path.join(args.trace, f"{name}_M{M}"), steps=L)
             tbs = (nbytes_w + 2 * M * (K + N)) / dt / 1e12
             tfs = 2 * M * K * N / dt / 1e12
-            rows.append(dict(shape=name, K=K, N=N, M=M, us=dt * 1e6, tb_s=tbs, tflop_s=tfs, err=err))
-            print(f"{args.tag[:40]:40s} {name:8s} M={M:5d} {dt * 1e6:9.1f} us  {tbs:5.2f} TB/s "
+            rows.append(dict(shape=name, layout=layout, K=K, N=N, M=M, us=dt * 1e6, tb_s=tbs, tflop_s=tfs, err=err))
+            print(f"{args.tag[:40]:40s} {name:8s} {layout} M={M:5d} {dt * 1e6:9.1f} us  {tbs:5.2f} TB/s "
                   f"({tbs * 1e12 / PEAK_BW:4.0%})  {tfs:6.1f} TF/s ({tfs * 1e12 / PEAK_FLOPS:4.0%})  err {err:.1e}",
                   flush=True)
         ws = None
