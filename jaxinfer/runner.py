@@ -258,7 +258,8 @@ class ModelRunner:
                                      sharding=self._replicated)
             lowered[("prompt_logprobs", T)] = plp.lower(self.params, h, jax.ShapeDtypeStruct((T,), jnp.int32))
         row_args = (self.sstate, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((W,), jnp.int32),
-                    jax.ShapeDtypeStruct((W,), jnp.float32), jax.ShapeDtypeStruct((W,), jnp.int32))
+                    jax.ShapeDtypeStruct((W,), jnp.float32), jax.ShapeDtypeStruct((W,), jnp.int32),
+                    jax.ShapeDtypeStruct((), jnp.int32))
         lowered["set_row"] = self._set_row.lower(*row_args)
         if self.ecfg.enable_prefix_caching:
             L = self._history_len
@@ -477,14 +478,20 @@ class ModelRunner:
         self.sstate = self._compiled_history(self.sstate, slots, ids, is_prompt, reset)
 
     def set_row(self, slot: int, logit_bias: dict[int, float] | None, stop_ids: list[int]) -> None:
-        """Install a request's logit bias and min_tokens stop set into its sampler-state row."""
+        """Install a request's logit bias and min_tokens stop set into its sampler-state row (a stop set longer than
+        the program's width W goes in W ids per call, the first call clearing the row)."""
         W, V = self.ecfg.max_logit_bias, self.cfg.vocab_size
-        bias_ids, bias_vals, stops = np.full(W, V, np.int32), np.zeros(W, np.float32), np.full(W, V, np.int32)
-        items = list((logit_bias or {}).items())[:W]
+        bias_ids, bias_vals = np.full(W, V, np.int32), np.zeros(W, np.float32)
+        items = list((logit_bias or {}).items())[:W]  # validated: at most W entries
         if items:
             bias_ids[: len(items)] = [k for k, _ in items]
             bias_vals[: len(items)] = [v for _, v in items]
-        stop_ids = list(stop_ids)[:W]
-        stops[: len(stop_ids)] = stop_ids
-        self.sstate = self._compiled_set_row(self.sstate, np.int32(slot), bias_ids, bias_vals, stops)
+        stop_ids = list(stop_ids)
+        for n in range(0, max(len(stop_ids), 1), W):
+            stops = np.full(W, V, np.int32)
+            chunk = stop_ids[n : n + W]
+            stops[: len(chunk)] = chunk
+            clear = slot if n == 0 else self.num_slots  # later chunks add to the row
+            self.sstate = self._compiled_set_row(self.sstate, np.int32(slot), bias_ids, bias_vals, stops, np.int32(clear))
+            bias_ids = np.full(W, V, np.int32)  # the bias went in with the first chunk
 

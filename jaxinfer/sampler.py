@@ -124,11 +124,14 @@ def set_row(
     bias_ids: jax.Array,  # [W] i32, padded with V
     bias_vals: jax.Array,  # [W] f32
     stop_ids: jax.Array,  # [W'] i32, padded with V
+    clear_slot: jax.Array | None = None,  # [] i32: the row to clear first (default: slot; out of range: none)
 ) -> SamplerState:
-    """Install a request's logit_bias and stop rows at admission (only if it has bias or min_tokens)."""
-    logit_bias = state.logit_bias.at[slot].set(0.0, mode="drop")
+    """Install a request's logit_bias and stop rows at admission (only if it has bias or min_tokens). A stop
+    set longer than W' comes in several calls, the later ones with clear_slot out of range (adding to the row)."""
+    clear = slot if clear_slot is None else clear_slot
+    logit_bias = state.logit_bias.at[clear].set(0.0, mode="drop")
     logit_bias = logit_bias.at[slot, bias_ids].set(bias_vals.astype(jnp.float32), mode="drop")
-    stop_mask = state.stop_mask.at[slot].set(False, mode="drop")
+    stop_mask = state.stop_mask.at[clear].set(False, mode="drop")
     stop_mask = stop_mask.at[slot, stop_ids].set(True, mode="drop")
     return dataclasses.replace(state, logit_bias=logit_bias, stop_mask=stop_mask)
 

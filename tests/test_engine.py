@@ -488,3 +488,20 @@ def test_final_only_requests_report_once_when_finished(tiny_llm):
         SamplingParams(output_kind="final")
     with pytest.raises(ValueError, match="sampling_params"):
         tiny_llm.generate([[1, 2]], {"max_tokens": 2}, use_tqdm=False)
+
+
+def test_min_tokens_suppresses_stop_ids_beyond_one_set_row_call(tiny_llama_dir):
+    """set_row takes max_logit_bias ids per call: a longer stop set goes in several calls, none of it lost."""
+    d, _ = tiny_llama_dir
+    llm = jaxinfer.LLM(str(d), max_logit_bias=4, **SMALL)
+    p = [3, 1, 4, 1, 5, 9, 2, 6]
+    free = llm.generate([p], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    first = free.outputs[0].token_ids[0]
+    stops = [t for t in range(llm.engine.cfg.vocab_size) if t != first][:9] + [first]  # `first` in the third call
+    c = llm.generate([p], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop_token_ids=stops,
+                                         min_tokens=5), use_tqdm=False)[0].outputs[0]
+    assert len(c.token_ids) >= 5 and not set(c.token_ids[:4]) & set(stops)
+    # The next request on that sampler row starts from a cleared row: `first` is no longer suppressed.
+    c = llm.generate([p], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop_token_ids=[stops[0]],
+                                         min_tokens=1), use_tqdm=False)[0].outputs[0]
+    assert c.token_ids[0] == first
