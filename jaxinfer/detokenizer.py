@@ -84,6 +84,15 @@ class IncrementalDetokenizer:
         return self._text_cache
 
     @property
+    def num_pieces(self) -> int:
+        """How many non-empty deltas `text` is made of (add / flush calls that returned text)."""
+        return len(self._pieces)
+
+    def text_since(self, piece: int) -> str:
+        """The text of the deltas from number `piece` on (the part of `text` after the first `piece` deltas)."""
+        return "".join(self._pieces[piece:])
+
+    @property
     def finished(self) -> bool:
         return self.stopped_by is not None
 

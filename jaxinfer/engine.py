@@ -300,7 +300,9 @@ class Engine:
             if tok is None:
                 continue
             if req.params.logprobs is not None:
-                req.output_logprobs.append(self._logprobs(result, i, tok, req.params.logprobs))
+                entry = self._logprobs(result, i, tok, req.params.logprobs)
+                req.output_logprobs.append(entry)
+                req.cumulative_logprob += entry[tok].logprob
             detok = self._detok.get(id(req))
             if detok is None or req.finish_reason == "abort":
                 continue
@@ -370,22 +372,36 @@ class Engine:
 
     def _group_output(self, gid: str, children: list[Request], done: bool) -> RequestOutput:
         """done: every child has finished. One pass over the children (a RequestOutput per running request per
-        step is the host's main per-row cost in CUMULATIVE mode)."""
+        step is the host's main per-row cost in CUMULATIVE mode). DELTA: each child's output holds what it added
+        since the last one, and a child with nothing new (and no finish to report) is left out."""
+        delta = children[0].params.output_kind is RequestOutputKind.DELTA
         comps, scheduled, first_token, finished, generated = [], [], [], [], 0
         for r in children:
-            detok = self._detok.get(id(r))
-            lps = r.output_logprobs if r.params.logprobs is not None else None
-            cum = sum(d[t].logprob for d, t in zip(r.output_logprobs, r.output_token_ids)) if lps else None
-            comps.append(CompletionOutput(
-                index=r.index, text=detok.text if detok else "", token_ids=list(r.output_token_ids),
-                finish_reason=r.finish_reason, stop_reason=r.stop_reason, logprobs=lps, cumulative_logprob=cum,
-            ))
             if r.first_scheduled_time:
                 scheduled.append(r.first_scheduled_time)
             if r.first_token_time:
                 first_token.append(r.first_token_time)
             finished.append(r.finished_time or 0)
             generated += len(r.output_token_ids)
+            detok = self._detok.get(id(r))
+            want_lps = r.params.logprobs is not None
+            if delta:
+                n0, p0 = r.num_reported_tokens, r.num_reported_pieces
+                ids = r.output_token_ids[n0:]
+                pieces = detok.num_pieces if detok else 0
+                if not ids and pieces == p0 and (r.finish_reported or not r.is_finished):
+                    continue
+                text = detok.text_since(p0) if detok else ""
+                lps = r.output_logprobs[n0:] if want_lps else None
+                r.num_reported_tokens, r.num_reported_pieces = len(r.output_token_ids), pieces
+                r.finish_reported = r.is_finished
+            else:
+                ids, text = list(r.output_token_ids), detok.text if detok else ""
+                lps = r.output_logprobs if want_lps else None
+            comps.append(CompletionOutput(
+                index=r.index, text=text, token_ids=ids, finish_reason=r.finish_reason, stop_reason=r.stop_reason,
+                logprobs=lps, cumulative_logprob=r.cumulative_logprob if want_lps else None,
+            ))
         first = children[0]
         metrics = RequestMetrics(
             arrival_time=first.arrival_time,
@@ -395,8 +411,11 @@ class Engine:
             num_prompt_tokens=first.num_prompt_tokens,
             num_generated_tokens=generated,
         )
-        return RequestOutput(gid, self._prompts.get(gid), first.prompt_token_ids, comps, done, metrics,
-                             first.prompt_logprobs)
+        prompt_lps = first.prompt_logprobs
+        if delta and prompt_lps is not None:  # with the group's first output only
+            prompt_lps = None if first.prompt_logprobs_reported else list(prompt_lps)
+            first.prompt_logprobs_reported = True
+        return RequestOutput(gid, self._prompts.get(gid), first.prompt_token_ids, comps, done, metrics, prompt_lps)
 
     # -- introspection --------------------------------------------------------------------------------------
 

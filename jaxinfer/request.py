@@ -54,6 +54,12 @@ class Request:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    cumulative_logprob: float = 0.0  # of the output tokens, kept as their logprobs arrive (when asked for)
+    # What DELTA outputs have handed out: output tokens, detokenizer text pieces, and whether the finish.
+    num_reported_tokens: int = 0
+    num_reported_pieces: int = 0
+    finish_reported: bool = False
+    prompt_logprobs_reported: bool = False
 
     @property
     def stop_ids(self) -> list[int]:

@@ -46,12 +46,16 @@ def _int(name: str, value, requirement: str) -> int:
 class RequestOutputKind(enum.Enum):
     """Which `Engine.step()` calls report a request (as vLLM's RequestOutputKind).
 
-    CUMULATIVE: every step that made progress, with everything generated so far (streaming).
+    CUMULATIVE: every step that made progress, with everything generated so far.
+    DELTA: every step that made progress, with only what is new since the last output: the new token ids,
+      text and logprobs (cumulative_logprob stays the running total; prompt_logprobs come with the first
+      output only). A step's cost then does not grow with the output's length (what the server streams).
     FINAL_ONLY: only the step that finishes it; what offline generation needs, and it spares the host a
-    RequestOutput per running request per step (at 512 running requests, a third of the host's step time).
+      RequestOutput per running request per step (at 512 running requests, a third of the host's step time).
     """
 
     CUMULATIVE = 0
+    DELTA = 1
     FINAL_ONLY = 2
 
 

@@ -201,13 +201,28 @@ async def sse_send(resp: web.StreamResponse, data) -> None:
 
 
 class _Choice:
-    """Per-choice streaming cursor: how much text / how many tokens were already sent."""
+    """One choice's state across the engine's DELTA outputs: how much text / how many tokens came so far (and,
+    without streaming, the pieces themselves)."""
 
-    __slots__ = ("text", "tokens", "finish", "first", "shift")
+    __slots__ = ("text", "tokens", "finish", "first", "shift", "pieces", "token_ids", "logprobs")
 
     def __init__(self):
         self.text, self.tokens, self.finish, self.first = 0, 0, None, True
         self.shift = 0  # echo + logprobs: the completion's text offsets start after the prompt's tokens
+        self.pieces: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list | None = None
+
+    def add(self, c) -> None:
+        """Keep a DELTA CompletionOutput's new text, tokens and logprobs (the non-streaming response)."""
+        self.pieces.append(c.text)
+        self.token_ids += c.token_ids
+        if c.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs += c.logprobs
+        if c.finish_reason:
+            self.finish = c.finish_reason
 
 
 async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
@@ -269,34 +284,37 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
     echo = (not chat) and bool(body.get("echo"))
     gen = state.engine.generate(reqs, priority)
 
+    prompt_lps: dict[str, list] = {}  # request id -> its prompt logprobs (DELTA: in its first output only)
     if not stream:
-        finals = {}
+        got: dict[tuple[int, int], _Choice] = {}
         async with contextlib.aclosing(gen):
             try:
                 async for out in gen:
-                    if out.finished:
-                        finals[out.request_id] = out
+                    pi = index_of[out.request_id]
+                    if out.prompt_logprobs is not None:
+                        prompt_lps[out.request_id] = out.prompt_logprobs
+                    for c in out.outputs:
+                        got.setdefault((pi, c.index), _Choice()).add(c)
             except (ValueError, EngineDeadError) as e:
                 raise engine_error(e) from None
         choices, completion_tokens = [], 0
-        for rid, pi in sorted(index_of.items(), key=lambda x: x[1]):
-            for c in finals[rid].outputs:
-                completion_tokens += len(c.token_ids)
-                idx = pi * n + c.index
-                if chat:
-                    lp = protocol.chat_logprobs(c.logprobs, c.token_ids, k, tok_decode) if k is not None else None
-                    choices.append({"index": idx, "message": {"role": "assistant", "content": c.text},
-                                    "logprobs": lp, "finish_reason": c.finish_reason})
-                else:
-                    prefix = prompt_texts[pi] if echo else ""
-                    head = (protocol.prompt_logprobs(finals[rid].prompt_logprobs, finals[rid].prompt_token_ids, k,
-                                                     tok_decode) if echo and k is not None else None)
-                    lp = (protocol.completion_logprobs(c.logprobs, c.token_ids, k, protocol.text_end(head), tok_decode)
-                          if k is not None else None)
-                    if head is not None:
-                        lp = protocol.join_logprobs(head, lp)
-                    choices.append({"index": idx, "text": prefix + c.text, "logprobs": lp,
-                                    "finish_reason": c.finish_reason})
+        for (pi, ci), cur in sorted(got.items()):
+            rid, text = reqs[pi][0], "".join(cur.pieces)
+            completion_tokens += len(cur.token_ids)
+            idx = pi * n + ci
+            if chat:
+                lp = protocol.chat_logprobs(cur.logprobs, cur.token_ids, k, tok_decode) if k is not None else None
+                choices.append({"index": idx, "message": {"role": "assistant", "content": text},
+                                "logprobs": lp, "finish_reason": cur.finish})
+            else:
+                prefix = prompt_texts[pi] if echo else ""
+                head = (protocol.prompt_logprobs(prompt_lps.get(rid), prompts_ids[pi], k, tok_decode)
+                        if echo and k is not None else None)
+                lp = (protocol.completion_logprobs(cur.logprobs, cur.token_ids, k, protocol.text_end(head), tok_decode)
+                      if k is not None else None)
+                if head is not None:
+                    lp = protocol.join_logprobs(head, lp)
+                choices.append({"index": idx, "text": prefix + text, "logprobs": lp, "finish_reason": cur.finish})
         return json_response({"id": rid_base, "object": obj, "created": created, "model": model,
                               "choices": choices, "usage": protocol.usage(num_prompt, completion_tokens)})
 
@@ -311,13 +329,14 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
                 if resp is None:
                     resp = await sse_start(request)
                 pi = index_of[out.request_id]
-                for c in out.outputs:
+                if out.prompt_logprobs is not None:
+                    prompt_lps[out.request_id] = out.prompt_logprobs
+                for c in out.outputs:  # DELTA: c holds this step's new text, tokens and logprobs
                     cur = cursors.setdefault((pi, c.index), _Choice())
                     if cur.finish is not None:
                         continue
-                    text = c.text[cur.text:] if len(c.text) > cur.text else ""
-                    new_toks = c.token_ids[cur.tokens:]
-                    lps = c.logprobs[cur.tokens:len(c.token_ids)] if (k is not None and c.logprobs) else None
+                    text, new_toks = c.text, c.token_ids
+                    lps = c.logprobs if (k is not None and c.logprobs is not None and (cur.tokens or new_toks)) else None
                     if not text and not new_toks and not c.finish_reason and not cur.first:
                         continue
                     if echo and k is not None and cur.first and not new_toks and not c.finish_reason:
@@ -334,7 +353,8 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
                         choice["text"] = prefix + text
                         head = None
                         if echo and cur.first and k is not None:
-                            head = protocol.prompt_logprobs(out.prompt_logprobs, out.prompt_token_ids, k, tok_decode)
+                            head = protocol.prompt_logprobs(prompt_lps.get(out.request_id), out.prompt_token_ids, k,
+                                                            tok_decode)
                             cur.shift = protocol.text_end(head)
                         choice["logprobs"] = (protocol.completion_logprobs(lps, new_toks, k, cur.shift + cur.text,
                                                                            tok_decode) if lps is not None else None)
@@ -343,11 +363,11 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
                                 head, choice["logprobs"] or protocol.completion_logprobs([], [], k, 0, tok_decode))
                     choice["finish_reason"] = c.finish_reason
                     cur.first = False
-                    cur.text = max(cur.text, len(c.text))
-                    cur.tokens = len(c.token_ids)
+                    cur.text += len(text)
+                    cur.tokens += len(new_toks)
                     if c.finish_reason:
                         cur.finish = c.finish_reason
-                        completion_tokens += len(c.token_ids)
+                        completion_tokens += cur.tokens
                     await sse_send(resp, {"id": rid_base, "object": chunk_obj, "created": created, "model": model,
                                           "choices": [choice]})
         except (ValueError, EngineDeadError) as e:

@@ -141,7 +141,8 @@ class AsyncEngine:
             self._cmds.put(("abort", request_id))
 
     async def generate(self, requests: list[tuple[str, list[int], SamplingParams]], priority: int = 0):
-        """Async iterator over the cumulative RequestOutputs of several requests, interleaved as they come.
+        """Async iterator over the RequestOutputs of several requests (of their params' output_kind: the server asks
+        for DELTA), interleaved as they come.
         `priority`: the scheduler runs lower values first (FCFS among equals).
 
         Closing it early (client gone, handler cancelled) aborts whatever has not finished.

@@ -62,21 +62,21 @@ class Metrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.generated = Counter("jaxinfer_generation_tokens", "output tokens generated", registry=r)
         self.prompt_tokens = Counter("jaxinfer_prompt_tokens", "prompt tokens processed", registry=r)
-        self._seen: dict[str, tuple[float, int]] = {}  # request id -> (time of last token, tokens so far)
+        self._seen: dict[str, float | None] = {}  # request id -> time of its last token (None: none yet)
         self._recent: collections.deque = collections.deque()  # (time, tokens)
 
     def request_done(self, route: str, status: int) -> None:
         self.requests.labels(route, str(status)).inc()
 
     def on_output(self, out) -> None:
+        """One DELTA RequestOutput (the server's kind): its token ids are the ones new since the last output."""
         now = time.monotonic()
-        tokens = sum(len(c.token_ids) for c in out.outputs)
-        last, before = self._seen.get(out.request_id, (None, 0))
-        if last is None:
+        new = sum(len(c.token_ids) for c in out.outputs)
+        last = self._seen.get(out.request_id)
+        if out.request_id not in self._seen:
             self.prompt_tokens.inc(len(out.prompt_token_ids))
             if out.metrics is not None and out.metrics.ttft is not None:
                 self.ttft.observe(out.metrics.ttft)
-        new = tokens - before
         if new > 0:
             if last is not None:
                 self.itl.observe((now - last) / new)
@@ -85,7 +85,7 @@ class Metrics:
         if out.finished:
             self._seen.pop(out.request_id, None)
         else:
-            self._seen[out.request_id] = (now if new > 0 or last is None else last, tokens)
+            self._seen[out.request_id] = now if new > 0 else last
 
     def _tokens_per_second(self) -> float:
         now = time.monotonic()

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 
 from jaxinfer.request import Logprob
-from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
@@ -94,7 +94,8 @@ def sampling_params(body: dict, limits: Limits, chat: bool) -> SamplingParams:
     fields = {k: (getattr(defaults, k) if v is None and k not in ("seed", "max_tokens", "logprobs") else v)
               for k, v in fields.items()}
     try:
-        params = SamplingParams(**fields)
+        # DELTA: each step hands the server only what is new, so a step's cost does not grow with the outputs.
+        params = SamplingParams(**fields, output_kind=RequestOutputKind.DELTA)
         params.validate_for_model(limits.vocab_size, limits.max_logprobs, 300)
     except (ValueError, TypeError) as e:
         msg = str(e)

@@ -490,6 +490,46 @@ def test_final_only_requests_report_once_when_finished(tiny_llm):
         tiny_llm.generate([[1, 2]], {"max_tokens": 2}, use_tqdm=False)
 
 
+def test_delta_outputs_add_up_to_the_cumulative_ones(default_llm):
+    """output_kind DELTA (what the server streams): each output holds only what is new; joined per choice they
+    are the CUMULATIVE request's final output (text, ids, logprobs, finish), prompt logprobs come once, and
+    no output is empty."""
+    from jaxinfer import RequestOutputKind
+
+    eng = default_llm.engine
+    prompt = "The first five letters of the alphabet are"
+
+    def run(kind, **kw):
+        rid = eng.add_request(prompt, SamplingParams(output_kind=kind, **kw))
+        outs = []
+        while eng.has_unfinished():
+            outs += [o for o in eng.step() if o.request_id == rid]
+        return outs
+
+    sampled = dict(temperature=0.8, seed=5, n=2, max_tokens=12, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    cum = run(RequestOutputKind.CUMULATIVE, **sampled)[-1]
+    greedy = dict(temperature=0, max_tokens=24, ignore_eos=True)
+    text = run(RequestOutputKind.CUMULATIVE, **greedy)[-1].outputs[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    stopped = run(RequestOutputKind.CUMULATIVE, stop=[stop], **greedy)[-1]
+    assert stopped.outputs[0].finish_reason == "stop"
+    for ref, kw in ((cum, sampled), (stopped, dict(stop=[stop], **greedy))):
+        deltas = run(RequestOutputKind.DELTA, **kw)
+        assert deltas[-1].finished and not any(o.finished for o in deltas[:-1])
+        assert [o.prompt_logprobs is not None for o in deltas] == [ref.prompt_logprobs is not None] + [False] * (len(deltas) - 1)
+        assert deltas[0].prompt_logprobs == ref.prompt_logprobs
+        for c in ref.outputs:
+            parts = [d for o in deltas for d in o.outputs if d.index == c.index]
+            assert all(p.token_ids or p.text or p.finish_reason for p in parts)
+            assert "".join(p.text for p in parts) == c.text and [t for p in parts for t in p.token_ids] == c.token_ids
+            assert [p.finish_reason for p in parts][-1] == c.finish_reason and [p.finish_reason for p in parts[:-1]] == [None] * (len(parts) - 1)
+            if c.logprobs is not None:
+                assert [x for p in parts for x in p.logprobs] == c.logprobs
+                assert parts[-1].cumulative_logprob == pytest.approx(c.cumulative_logprob)
+                assert c.cumulative_logprob == pytest.approx(sum(d[t].logprob for d, t in zip(c.logprobs, c.token_ids)))
+    assert_all_pages_free(eng)
+
+
 def test_min_tokens_suppresses_stop_ids_beyond_one_set_row_call(tiny_llama_dir):
     """set_row takes max_logit_bias ids per call: a longer stop set goes in several calls, none of it lost."""
     d, _ = tiny_llama_dir

@@ -206,6 +206,34 @@ def test_chat_non_streaming_and_streaming_agree(client):
     assert chunks[-1].usage.total_tokens == r.usage.total_tokens
 
 
+def test_streamed_n_choices_match_the_response(client):
+    """n > 1 with echo and logprobs: the streamed chunks of every choice (the engine hands the server only what
+    is new each step) join to that choice of the non-streamed response, prompt logprobs included."""
+    kw = dict(model=MODEL, prompt=["Two ways", "to go"], n=2, max_tokens=6, temperature=0.9, seed=11, echo=True,
+              logprobs=1, extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw)
+    assert sorted(c.index for c in full.choices) == [0, 1, 2, 3] and full.usage.completion_tokens == 24
+    text, lps = {}, {}
+    for ch in client.completions.create(stream=True, **kw):
+        for c in ch.choices:
+            text[c.index] = text.get(c.index, "") + c.text
+            lps.setdefault(c.index, []).extend(c.logprobs.token_logprobs if c.logprobs else [])
+    for c in full.choices:
+        assert text[c.index] == c.text and c.text.startswith(kw["prompt"][c.index // 2])
+        assert lps[c.index][0] is None and lps[c.index][1:] == pytest.approx(c.logprobs.token_logprobs[1:], abs=1e-5)
+    assert full.choices[0].text != full.choices[1].text  # the two samples of a prompt differ
+
+
+def test_generation_token_metrics_count_each_token_once(client, server):
+    before = _scrape(server)
+    r = client.completions.create(model=MODEL, prompt=["count", "these"], n=2, max_tokens=5, temperature=0.7,
+                                  extra_body={"ignore_eos": True}, stream=True)
+    assert sum(1 for ch in r for c in ch.choices if c.finish_reason) == 4
+    after = _scrape(server)
+    assert after["jaxinfer_generation_tokens_total"] - before["jaxinfer_generation_tokens_total"] == 20
+    assert after["jaxinfer_inter_token_latency_seconds_count"] > before["jaxinfer_inter_token_latency_seconds_count"]
+
+
 def test_chat_n_choices(client):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hey"}], n=3,
                                        max_tokens=3, seed=3)
