@@ -37,9 +37,9 @@ class IncrementalDetokenizer:
 
     add(ids) -> newly final text. flush() -> held-back text, to call once when the request ends for a
     reason other than a stop string. `text` is everything returned so far; `stopped_by` is the stop
-    string that ended the output, or None. Stop strings end the output only once `min_tokens` ids have
-    been added (as vLLM: a stop string completed earlier is plain text, one that completes at or after the
-    min_tokens-th id counts, even if it began before).
+    string that ended the output, or None. Stop strings wait for `min_tokens`, as stop token ids do (and as
+    vLLM's detokenizer does): one that is complete by the min_tokens-th id is plain text; one that completes
+    with a later id ends the output, even if it began before.
     """
 
     def __init__(
@@ -73,6 +73,7 @@ class IncrementalDetokenizer:
         self._unread_emitted = 0
 
         self._held = ""  # final text kept back because it may begin a stop string
+        self._exempt = 0  # chars at the start of _held seen before min_tokens: no stop string may end in them
         self._pieces: list[str] = []
         self._text_cache: str | None = ""
 
@@ -162,7 +163,9 @@ class IncrementalDetokenizer:
         out = held
         self._held = ""
         if self.stop:
-            hit = self._first_stop(held) if len(self.token_ids) >= self.min_tokens else None
+            active = len(self.token_ids) > self.min_tokens
+            exempt = self._exempt if active else len(held)
+            hit = self._first_stop(held, exempt) if active else None
             if hit is not None:
                 start, s = hit
                 self.stopped_by = s
@@ -171,18 +174,19 @@ class IncrementalDetokenizer:
                 keep = self._stop_prefix_len(held)
                 if keep:
                     out, self._held = held[:-keep], held[-keep:]
+                self._exempt = max(0, exempt - (len(held) - keep))
         if out:
             self._pieces.append(out)
             self._text_cache = None
         return out
 
-    def _first_stop(self, text: str) -> tuple[int, str] | None:
-        """The stop string that completes first in `text` (earliest end), and where it starts.
-        Held-back text never contains the start of an earlier match, so searching only the held
-        and new text finds every stop."""
+    def _first_stop(self, text: str, min_end: int = 0) -> tuple[int, str] | None:
+        """The stop string that completes first in `text` (earliest end) after its first `min_end` chars, and
+        where it starts. Held-back text never contains the start of an earlier match, so searching only the
+        held and new text finds every stop."""
         best = None
         for s in self.stop:
-            i = text.find(s)
+            i = text.find(s, max(0, min_end - len(s) + 1))
             if i >= 0 and (best is None or i + len(s) < best[0] + len(best[1])):
                 best = (i, s)
         return best

@@ -362,7 +362,9 @@ class Engine:
             done = all(r.is_finished for r in children)
             if not done and children[0].params.output_kind is RequestOutputKind.FINAL_ONLY:
                 continue
-            outs.append(self._group_output(gid, children, done))
+            out = self._group_output(gid, children, done)
+            if out.outputs or done:  # DELTA: nothing new (a prompt chunk, a recompute) is no output
+                outs.append(out)
             if done:
                 del self._groups[gid]
                 self._prompts.pop(gid, None)
@@ -412,9 +414,12 @@ class Engine:
             num_generated_tokens=generated,
         )
         prompt_lps = first.prompt_logprobs
-        if delta and prompt_lps is not None:  # with the group's first output only
-            prompt_lps = None if first.prompt_logprobs_reported else list(prompt_lps)
-            first.prompt_logprobs_reported = True
+        if delta and prompt_lps is not None:
+            # Once, complete: with the output that carries the first child's first token (its whole prompt has been
+            # computed and read back by then), or with its finish (an abort may come before).
+            ready = not first.prompt_logprobs_reported and (first.output_token_ids or first.is_finished)
+            prompt_lps = list(prompt_lps) if ready else None
+            first.prompt_logprobs_reported |= bool(ready)
         return RequestOutput(gid, self._prompts.get(gid), first.prompt_token_ids, comps, done, metrics, prompt_lps)
 
     # -- introspection --------------------------------------------------------------------------------------

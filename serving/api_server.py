@@ -61,7 +61,7 @@ class ServerState:
     @property
     def limits(self) -> Limits:
         e = self.engine.engine
-        return Limits(self.config.max_n, e.ecfg.max_logprobs, e.max_model_len, e.cfg.vocab_size)
+        return Limits(self.config.max_n, e.ecfg.max_logprobs, e.max_model_len, e.cfg.vocab_size, e.ecfg.max_logit_bias)
 
     @property
     def tokenizer(self):

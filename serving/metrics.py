@@ -75,8 +75,8 @@ class Metrics:
         last = self._seen.get(out.request_id)
         if out.request_id not in self._seen:
             self.prompt_tokens.inc(len(out.prompt_token_ids))
-            if out.metrics is not None and out.metrics.ttft is not None:
-                self.ttft.observe(out.metrics.ttft)
+        if last is None and new > 0 and out.metrics is not None and out.metrics.ttft is not None:
+            self.ttft.observe(out.metrics.ttft)  # with the request's first tokens
         if new > 0:
             if last is not None:
                 self.itl.observe((now - last) / new)

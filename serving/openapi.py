@@ -61,6 +61,7 @@ def _sampling(lim: Limits | None) -> dict:
         "repetition_penalty": _nullable(_num(FLOAT32_TINY, FLOAT32_MAX, description="> 0, a normal float32")),
         "logit_bias": _nullable({"type": "object", "propertyNames": {"pattern": "^[0-9]{1,9}$"},
                                  "additionalProperties": _num(-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS),
+                                 **({"maxProperties": lim.max_logit_bias} if lim else {}),
                                  "description": "token id (as a string) -> bias added to its logit"}),
         "stop": _nullable({"anyOf": [stop_str, {"type": "array", "items": stop_str, "maxItems": MAX_STOP_STRINGS}]}),
         "stop_token_ids": _nullable({"type": "array", "items": _int(0, vocab)}),

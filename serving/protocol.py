@@ -48,6 +48,7 @@ class Limits:
     max_logprobs: int
     max_model_len: int
     vocab_size: int
+    max_logit_bias: int = 300  # the engine's EngineConfig.max_logit_bias
 
 
 def sampling_params(body: dict, limits: Limits, chat: bool) -> SamplingParams:
@@ -96,7 +97,7 @@ def sampling_params(body: dict, limits: Limits, chat: bool) -> SamplingParams:
     try:
         # DELTA: each step hands the server only what is new, so a step's cost does not grow with the outputs.
         params = SamplingParams(**fields, output_kind=RequestOutputKind.DELTA)
-        params.validate_for_model(limits.vocab_size, limits.max_logprobs, 300)
+        params.validate_for_model(limits.vocab_size, limits.max_logprobs, limits.max_logit_bias)
     except (ValueError, TypeError) as e:
         msg = str(e)
         p = param_of(msg)

@@ -497,16 +497,19 @@ def test_delta_outputs_add_up_to_the_cumulative_ones(default_llm):
     from jaxinfer import RequestOutputKind
 
     eng = default_llm.engine
-    prompt = "The first five letters of the alphabet are"
+    short = "The first five letters of the alphabet are"
+    long = "Once upon a time, there was a long story that went on and on. " * 12 + short  # > 1 step's 64 tokens
+    assert len(default_llm.tokenizer.encode(long)) > 2 * 64
 
-    def run(kind, **kw):
+    def run(kind, prompt=short, **kw):
         rid = eng.add_request(prompt, SamplingParams(output_kind=kind, **kw))
         outs = []
         while eng.has_unfinished():
             outs += [o for o in eng.step() if o.request_id == rid]
         return outs
 
-    sampled = dict(temperature=0.8, seed=5, n=2, max_tokens=12, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    sampled = dict(prompt=long, temperature=0.8, seed=5, n=2, max_tokens=12, ignore_eos=True, logprobs=2,
+                   prompt_logprobs=1)
     cum = run(RequestOutputKind.CUMULATIVE, **sampled)[-1]
     greedy = dict(temperature=0, max_tokens=24, ignore_eos=True)
     text = run(RequestOutputKind.CUMULATIVE, **greedy)[-1].outputs[0].text
@@ -515,7 +518,7 @@ def test_delta_outputs_add_up_to_the_cumulative_ones(default_llm):
     assert stopped.outputs[0].finish_reason == "stop"
     for ref, kw in ((cum, sampled), (stopped, dict(stop=[stop], **greedy))):
         deltas = run(RequestOutputKind.DELTA, **kw)
-        assert deltas[-1].finished and not any(o.finished for o in deltas[:-1])
+        assert deltas[-1].finished and not any(o.finished for o in deltas[:-1]) and all(o.outputs for o in deltas)
         assert [o.prompt_logprobs is not None for o in deltas] == [ref.prompt_logprobs is not None] + [False] * (len(deltas) - 1)
         assert deltas[0].prompt_logprobs == ref.prompt_logprobs
         for c in ref.outputs:

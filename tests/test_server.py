@@ -170,6 +170,20 @@ def test_echo_with_logprobs_covers_the_prompt(client, server, tiny_chat_model):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == text
 
 
+def test_echo_logprobs_of_a_prompt_longer_than_a_step(client, server):
+    """A prompt prefilled over several steps (the server's engine takes 64 tokens a step): every prompt token
+    but the first still gets its logprob, streamed or not."""
+    prompt = "Echo me please, " * 22
+    n_prompt = len(server.engine.engine.tokenizer.encode(prompt))
+    assert 64 < n_prompt <= 128 - 8
+    kw = dict(model=MODEL, prompt=prompt, echo=True, logprobs=1, **GREEDY)
+    lp = client.completions.create(**kw).choices[0].logprobs.token_logprobs
+    assert len(lp) == n_prompt + 8 and lp[0] is None and all(isinstance(x, float) for x in lp[1:])
+    streamed = [x for c in client.completions.create(stream=True, **kw) if c.choices and c.choices[0].logprobs
+                for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp[1:], abs=1e-5)
+
+
 def test_sampling_params_reach_the_engine(client, server):
     kw = dict(model=MODEL, prompt="Seeds", max_tokens=6, temperature=1.0, top_p=0.9, seed=7,
               presence_penalty=0.5, frequency_penalty=0.5,
@@ -381,6 +395,7 @@ ERRORS = [
     (C, {"model": MODEL, "prompt": "hi", "stop": ["x"] * 17}, "stop"),
     (C, {"model": MODEL, "prompt": "hi", "stop": "x" * 300}, "stop"),
     (C, {"model": MODEL, "prompt": "hi", "logit_bias": {"99999999": 1}}, "logit_bias"),
+    (C, {"model": MODEL, "prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),  # > 300
     (C, {"model": MODEL, "prompt": "hi", "stream": "yes"}, "stream"),
     (CH, {"model": MODEL, "messages": []}, "messages"),
     (CH, {"model": MODEL, "messages": [{"content": "no role"}]}, "messages"),

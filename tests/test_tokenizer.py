@@ -419,19 +419,22 @@ def test_stop_partial_match_is_released(any_tok, seed):
 
 
 def test_stop_strings_wait_for_min_tokens(any_tok):
-    # As vLLM: before min_tokens ids a stop string is plain text; one completing at the min_tokens-th id counts.
-    text = "Stop one. Stop two. Stop three."
+    # As stop token ids (and vLLM): a stop string complete by the min_tokens-th id is plain text, one completed by a
+    # later id ends the output.
+    text = "Stop one. Stop here now."
     ids = any_tok.encode(text, add_special_tokens=False)
     first = next(n for n in range(1, len(ids) + 1) if "Stop" in any_tok.decode(ids[:n]))  # ids that complete it
 
-    def run(min_tokens):
-        detok = IncrementalDetokenizer(any_tok, prompt_ids=[], stop=["Stop"], min_tokens=min_tokens)
+    def run(min_tokens, stop=("Stop",)):
+        detok = IncrementalDetokenizer(any_tok, prompt_ids=[], stop=list(stop), min_tokens=min_tokens)
         out = "".join(detok.add([i]) for i in ids)
         return out + (detok.flush() if detok.stopped_by is None else ""), detok.stopped_by
 
-    assert run(0) == run(first) == ("", "Stop")
-    assert run(first + 1) == ("Stop one. ", "Stop")
-    assert run(len(ids) + 1) == (any_tok.decode(ids), None)
+    assert run(0) == run(first - 1) == ("", "Stop")
+    assert run(first) == ("Stop one. ", "Stop")
+    assert run(len(ids)) == (any_tok.decode(ids), None)
+    # The first "Stop" is held back (it may begin "Stop here") until past min_tokens: still plain text.
+    assert run(first, ("Stop", "Stop here")) == ("Stop one. ", "Stop")
 
 
 def test_stop_held_back_text_released_by_flush(any_tok):
