@@ -48,8 +48,9 @@ class RequestOutputKind(enum.Enum):
 
     CUMULATIVE: every step that made progress, with everything generated so far.
     DELTA: every step that made progress, with only what is new since the last output: the new token ids,
-      text and logprobs (cumulative_logprob stays the running total; prompt_logprobs come with the first
-      output only). A step's cost then does not grow with the output's length (what the server streams).
+      text and logprobs (cumulative_logprob stays the running total; prompt_logprobs come once, complete,
+      with the first output token of completion 0); a step with nothing new gives no output. A step's cost
+      then does not grow with the outputs' length (what the server streams).
     FINAL_ONLY: only the step that finishes it; what offline generation needs, and it spares the host a
       RequestOutput per running request per step (at 512 running requests, a third of the host's step time).
     """
