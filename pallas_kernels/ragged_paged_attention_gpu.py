@@ -500,9 +500,10 @@ def ragged_paged_attention_gpu(
 def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_single, interpret, block_kv,
                  num_kv_splits, num_warps, num_stages, prefetch_pages, xla_merge=False):
     """The split-KV decode kernel (+ the merge of its splits) over program rows [0, rows)."""
-    H, K, Gp = out_shape.shape[2], args[1].shape[1], flags["Gp"]
+    q, k_pages, _, _, _, cu_q_lens, num_seqs = args[:7]  # then the optional k / v scales
+    H, K, Gp = out_shape.shape[2], k_pages.shape[1], flags["Gp"]
     BQ = max(1, 16 // Gp)  # BQ * Gp >= 16 rows for the tensor-core dot; only token 0's Gp rows are live
-    bk, num_stages = _fit(block_kv, num_stages, H, itemsize, BQ * Gp * H * args[0].dtype.itemsize)
+    bk, num_stages = _fit(block_kv, num_stages, H, itemsize, BQ * Gp * H * q.dtype.itemsize)
     splits = num_kv_splits or default_num_kv_splits(B, K, max_kv, bk)
     params = _compiler_params(num_warps, num_stages)
     kernel = functools.partial(_decode_kernel, BQ=BQ, bk=bk, splits=splits, only_single=only_single,
@@ -520,7 +521,7 @@ def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_sing
     has_v_scale = flags["has_v_scale"]
     v_scales = [args[-1]] if has_v_scale else []
     if xla_merge:
-        return _merge_xla(o_part, m_part, l_part, args[6], v_scales[0] if has_v_scale else None, flags["G"], out_shape)
+        return _merge_xla(o_part, m_part, l_part, num_seqs, v_scales[0] if has_v_scale else None, flags["G"], out_shape)
     return pl.pallas_call(
         functools.partial(_combine_kernel, G=flags["G"], Gp=Gp, splits=splits, has_v_scale=has_v_scale,
                           only_single=only_single),
@@ -529,4 +530,4 @@ def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_sing
         compiler_params=_compiler_params(4, 1),
         interpret=interpret,
         name="paged_decode_combine",
-    )(o_part, m_part, l_part, args[5], args[6], *v_scales)
+    )(o_part, m_part, l_part, cu_q_lens, num_seqs, *v_scales)
