@@ -367,7 +367,7 @@ def bench_llama_cpp(args, model_path: str | None, prompts: list[list[int]], log)
               "decode_tok_s": (n - 1) / (t_end - t_first) if n > 1 else None, "e2e_s": t_end - t0}
     log(f"llama.cpp: single {single['decode_tok_s']:.1f} tok/s")
     quant = Path(model_path).stem.rsplit(".", 1)[-1]
-    del llm
+    llm = None  # frees the model before the next engine loads (generate() is not called again)
     return {"engine": "llama.cpp", "backend": f"llama-cpp-python {llama_cpp.__version__} cpu",
             "weights": f"{quant} (native)", "versions": {"llama_cpp": llama_cpp.__version__}, "threads": args.threads,
             "load_s": load_s, "single": single, "batch": None,
