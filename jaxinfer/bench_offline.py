@@ -130,7 +130,7 @@ def add_parsers(subparsers) -> None:
 
 def _add_mode(subparsers, mode: str, own_flags, **kw) -> None:
     """A mode's parser: the shared flags, plus `own_flags(workload_group)`."""
-    from jaxinfer.cli import _Formatter, _nonneg_int, _positive_int, add_engine_args, add_model_args
+    from jaxinfer.cli import _dataset, _Formatter, _nonneg_int, _positive_int, add_engine_args, add_model_args
 
     p = subparsers.add_parser(mode, formatter_class=_Formatter, **kw)
     p.description += ("\n\nPrompts are random token ids, decoding is greedy. Start-up (weight load, KV-cache\n"
@@ -140,9 +140,10 @@ def _add_mode(subparsers, mode: str, own_flags, **kw) -> None:
     add_model_args(p)
     d_in, d_out = DEFAULT_LENS[mode]
     g = p.add_argument_group("workload")
-    g.add_argument("--dataset", choices=["random", "sharegpt-like"], default="random",
+    g.add_argument("--dataset", type=_dataset, choices=["random", "sharegpt-like"], default="random",
                    help="length distribution: random = uniform around --input-len / --output-len; sharegpt-like "
-                   "= log-normal with ShareGPT's long tail, medians --input-len / --output-len (default: %(default)s)")
+                   "= log-normal with ShareGPT's long tail, medians --input-len / --output-len (`sharegpt` is "
+                   "taken for it; default: %(default)s)")
     g.add_argument("--input-len", type=_positive_int, metavar="N",
                    help=f"prompt tokens: the mean (random) or median (sharegpt-like) "
                    f"(default: {d_in}; sharegpt-like: {SHAREGPT_INPUT_MEDIAN})")

@@ -6,9 +6,10 @@ is a --request-rate (Poisson arrivals: exponential gaps, seeded; `inf` sends eve
 by --max-concurrency requests in flight when given. Lengths are drawn once, seeded, and reused at every
 level:
 
-  random    input and output lengths uniform in [L * (1 - range), L * (1 + range)]
-  sharegpt  log-normal lengths shaped like ShareGPT conversations (long-tailed prompts, shorter replies),
-            scaled so their medians are --input-len and --output-len, clipped to the context
+  random         input and output lengths uniform in [L * (1 - range), L * (1 + range)]
+  sharegpt-like  log-normal lengths shaped like ShareGPT conversations (long-tailed prompts, shorter replies),
+                 scaled so their medians are --input-len and --output-len, clipped to the context
+                 (synthetic, seeded: no dataset is read; `sharegpt` is accepted for it)
 
 Per request (client clock): TTFT = send -> first token chunk; E2E = send -> last chunk; TPOT = (E2E -
 TTFT) / (output tokens - 1); ITL = every gap between successive token chunks. Reported per level: mean,
@@ -61,14 +62,14 @@ def _goodput(s: str) -> tuple[str, float]:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from jaxinfer.cli import _Formatter, _positive_int, add_engine_args, add_model_args
+    from jaxinfer.cli import _dataset, _Formatter, _positive_int, add_engine_args, add_model_args
 
     p = subparsers.add_parser(
         "serve", formatter_class=_Formatter, help="the HTTP server under load: TTFT, TPOT, ITL, latency, goodput",
         description=__doc__.split("\n\n", 1)[1].split("\n\nThe server is")[0],
         epilog="examples:\n"
         "  jaxinfer bench serve --request-rate 1,2,4,inf --num-prompts 50 --plot latency.png\n"
-        "  jaxinfer bench serve --base-url http://127.0.0.1:8000 --max-concurrency 8 --dataset sharegpt\n"
+        "  jaxinfer bench serve --base-url http://127.0.0.1:8000 --max-concurrency 8 --dataset sharegpt-like\n"
         "  jaxinfer bench serve --goodput ttft:1000 tpot:100 --json-out serve.json",
     )
     add_model_args(p)
@@ -81,12 +82,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="requests per second, one load level each, e.g. 1,2,4,inf (default: inf)")
     g.add_argument("--max-concurrency", type=_positive_int, metavar="N",
                    help="most requests in flight at once (default: no cap)")
-    g.add_argument("--dataset", choices=["random", "sharegpt"], default="random",
-                   help="length distribution (default: %(default)s)")
+    g.add_argument("--dataset", type=_dataset, choices=["random", "sharegpt-like"], default="random",
+                   help="length distribution (default: %(default)s; `sharegpt` is taken for sharegpt-like)")
     g.add_argument("--input-len", type=_positive_int, default=128, metavar="N",
-                   help="prompt length in tokens: mean (random) or median (sharegpt) (default: %(default)s)")
+                   help="prompt length in tokens: mean (random) or median (sharegpt-like) (default: %(default)s)")
     g.add_argument("--output-len", type=_positive_int, default=128, metavar="N",
-                   help="output length in tokens: mean (random) or median (sharegpt) (default: %(default)s)")
+                   help="output length in tokens: mean (random) or median (sharegpt-like) (default: %(default)s)")
     g.add_argument("--range-ratio", type=float, default=0.0, metavar="R",
                    help="random: lengths uniform in L*(1-R)..L*(1+R) (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed for lengths, offsets and arrivals (default: 0)")

@@ -72,6 +72,11 @@ _positive_int = _int_at_least(1)
 _nonneg_int = _int_at_least(0)
 
 
+def _dataset(s: str) -> str:
+    """The bench length distributions; `sharegpt` is taken for `sharegpt-like` (both are synthetic)."""
+    return "sharegpt-like" if s == "sharegpt" else s
+
+
 def _int_list(s: str) -> tuple[int, ...]:
     try:
         vals = tuple(int(x) for x in s.replace(" ", "").split(",") if x)

@@ -753,7 +753,7 @@ def test_bench_serve_lengths_and_arrivals_are_seeded():
 
     from jaxinfer.bench_serve import arrival_gaps, draw_lengths
 
-    args = argparse.Namespace(num_prompts=400, dataset="sharegpt", input_len=64, output_len=32, range_ratio=0.0)
+    args = argparse.Namespace(num_prompts=400, dataset="sharegpt-like", input_len=64, output_len=32, range_ratio=0.0)
     a, b = (draw_lengths(args, 256, np.random.default_rng(3)) for _ in range(2))
     assert a == b and all(1 <= i and 1 <= o and i + o <= 256 for i, o in a)
     assert 48 <= np.median([i for i, _ in a]) <= 80 and 24 <= np.median([o for _, o in a]) <= 40
