@@ -142,8 +142,7 @@ def _add_mode(subparsers, mode: str, own_flags, **kw) -> None:
     g = p.add_argument_group("workload")
     g.add_argument("--dataset", type=_dataset, choices=["random", "sharegpt-like"], default="random",
                    help="length distribution: random = uniform around --input-len / --output-len; sharegpt-like "
-                   "= log-normal with ShareGPT's long tail, medians --input-len / --output-len (`sharegpt` is "
-                   "taken for it; default: %(default)s)")
+                   "= log-normal with ShareGPT's long tail, medians --input-len / --output-len (default: %(default)s)")
     g.add_argument("--input-len", type=_positive_int, metavar="N",
                    help=f"prompt tokens: the mean (random) or median (sharegpt-like) "
                    f"(default: {d_in}; sharegpt-like: {SHAREGPT_INPUT_MEDIAN})")

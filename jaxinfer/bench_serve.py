@@ -9,7 +9,7 @@ level:
   random         input and output lengths uniform in [L * (1 - range), L * (1 + range)]
   sharegpt-like  log-normal lengths shaped like ShareGPT conversations (long-tailed prompts, shorter replies),
                  scaled so their medians are --input-len and --output-len, clipped to the context
-                 (synthetic, seeded: no dataset is read; `sharegpt` is accepted for it)
+                 (synthetic, seeded: no dataset file is read)
 
 Per request (client clock): TTFT = send -> first token chunk; E2E = send -> last chunk; TPOT = (E2E -
 TTFT) / (output tokens - 1); ITL = every gap between successive token chunks. Reported per level: mean,
@@ -83,7 +83,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--max-concurrency", type=_positive_int, metavar="N",
                    help="most requests in flight at once (default: no cap)")
     g.add_argument("--dataset", type=_dataset, choices=["random", "sharegpt-like"], default="random",
-                   help="length distribution (default: %(default)s; `sharegpt` is taken for sharegpt-like)")
+                   help="length distribution (default: %(default)s)")
     g.add_argument("--input-len", type=_positive_int, default=128, metavar="N",
                    help="prompt length in tokens: mean (random) or median (sharegpt-like) (default: %(default)s)")
     g.add_argument("--output-len", type=_positive_int, default=128, metavar="N",

@@ -73,8 +73,11 @@ _nonneg_int = _int_at_least(0)
 
 
 def _dataset(s: str) -> str:
-    """The bench length distributions; `sharegpt` is taken for `sharegpt-like` (both are synthetic)."""
-    return "sharegpt-like" if s == "sharegpt" else s
+    """A bench length distribution. `sharegpt` is refused by name: vLLM's reads the ShareGPT file, ours are drawn."""
+    if s == "sharegpt":
+        raise argparse.ArgumentTypeError("no dataset file is read here; sharegpt-like draws seeded lengths shaped "
+                                         "like ShareGPT's")
+    return s
 
 
 def _int_list(s: str) -> tuple[int, ...]:

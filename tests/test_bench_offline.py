@@ -89,7 +89,7 @@ BAD = [
     (["--input-len-range", "9,9"], "argument --input-len-range: expected LO,HI"),
     (["--dataset", "sharegpt-like", "--input-len-range", "1,9"], "--input-len-range: draws uniform input lengths"),
     (["--warm-start", "--no-compilation-cache"], "--warm-start: a warm start loads programs"),
-    (["--dataset", "sharegpt"], "argument --dataset: invalid choice"),
+    (["--dataset", "sharegpt"], "argument --dataset: no dataset file is read here; sharegpt-like"),
     (["--seed", "-1"], "argument --seed: must be >= 0"),
 ]
 

@@ -784,7 +784,7 @@ def test_bench_serve_starts_its_own_server(tiny_chat_model, tmp_path, capsys):
     from jaxinfer import cli
 
     out = tmp_path / "serve.json"
-    rc = cli.main(["bench", "serve", "--model", tiny_chat_model, "--num-prompts", "3", "--dataset", "sharegpt",
+    rc = cli.main(["bench", "serve", "--model", tiny_chat_model, "--num-prompts", "3", "--dataset", "sharegpt-like",
                    "--input-len", "6", "--output-len", "4", "--max-model-len", "64", "--token-buckets", "4,16",
                    "--seq-buckets", "1,4", "--max-num-seqs", "4", "--page-size", "4", "--kv-cache-memory", "4MiB",
                    "--no-compilation-cache", "--goodput", "ttft:0.001", "--json-out", str(out), "--quiet"])
