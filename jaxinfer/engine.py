@@ -83,7 +83,8 @@ class Engine:
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else self.cfg.eos_token_ids)
 
         kv_dtype = self.dtype if ecfg.kv_cache_dtype == "auto" else np.dtype(ecfg.kv_cache_dtype)
-        self.num_pages = self._num_pages(kv_dtype, mesh)
+        page_bytes = device_page_bytes(self.cfg, ecfg.page_size, kv_dtype, mesh)  # one device's share of a page
+        self.num_pages = self._num_pages(page_bytes)
         # Compile against the cache's shapes before allocating it: XLA's autotuner (on a cold compilation cache)
         # needs device memory for its trial runs, which a cache filling the device would leave it without.
         # Then check that the largest step's temporaries fit beside the cache; if not, shrink it once and recompile.
@@ -104,15 +105,14 @@ class Engine:
             if ecfg.num_pages:
                 raise ValueError(f"num_pages: {ecfg.num_pages} pages leave the step programs {short / _GiB:.2f} GiB "
                                  "short of device memory; ask for fewer")
-            per_page = kv_device_bytes(abstract_kv) // self.num_pages
-            pages = self.num_pages - -(-short // per_page)
+            pages = self.num_pages - -(-short // page_bytes)
             print(f"note: the step programs need {short / _GiB:.2f} GiB more device memory than the KV cache leaves: "
                   f"{self.num_pages} -> {pages} pages, compiling again", file=sys.stderr, flush=True)
             self.num_pages = self._check_pages(pages, "after leaving room for the step programs; lower "
                                                "max_num_batched_tokens or max_num_seqs, or free device memory")
         self._log(
             f"KV cache: {self.num_pages} pages x {ecfg.page_size} tokens = {self.num_pages * ecfg.page_size:,} tokens, "
-            f"{self.num_pages * device_page_bytes(self.cfg, ecfg.page_size, kv_dtype, mesh) / _GiB:.2f} GiB per device "
+            f"{self.num_pages * page_bytes / _GiB:.2f} GiB per device "
             f"({np.dtype(kv_dtype).name}); "
             f"max_model_len {self.max_model_len}, weights {np.dtype(self.dtype).name} on {backend}"
         )
@@ -146,12 +146,11 @@ class Engine:
 
     # -- sizing ---------------------------------------------------------------------------------------------
 
-    def _num_pages(self, kv_dtype, mesh) -> int:
-        """Pages that fit the KV budget of one device: on a mesh each device holds only its shard of a page."""
+    def _num_pages(self, per_page: int) -> int:
+        """Pages that fit the KV budget of one device, `per_page` bytes each there (on a mesh, a page's shard)."""
         e = self.ecfg
         if e.num_pages:
             return self._check_pages(e.num_pages)
-        per_page = device_page_bytes(self.cfg, e.page_size, kv_dtype, mesh)
         if e.kv_cache_memory is not None:
             return self._check_pages(e.kv_cache_memory // per_page)
         stats = jax.local_devices()[0].memory_stats() or {}

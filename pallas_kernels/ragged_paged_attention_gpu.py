@@ -217,10 +217,11 @@ def _scales(scale_refs, kh, sm_scale, has_k_scale, has_v_scale):
 
 
 def _finish(acc, l_i, v_s):
+    """acc [..., H] / l_i [...], times the v scale (broadcasting against l_i) if any."""
     inv = jnp.where(l_i > 0, 1.0 / l_i, 0.0)  # padding rows: l = 0 -> 0
     if v_s is not None:
         inv = inv * v_s
-    return acc * inv[:, None]
+    return acc * inv[..., None]
 
 
 def _ragged_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref, *refs, BQ, G, Gp, bk,
@@ -384,10 +385,7 @@ def _merge_xla(o_part, m_part, l_part, num_seqs, v_scale, G, out_shape):
     w = jnp.exp2(m_part - jnp.where(m_max == -jnp.inf, 0.0, m_max))  # empty split: m = -inf -> 0
     l_i = jnp.sum(w * l_part, axis=2)  # [B, K, Gp]
     acc = jnp.sum(w[..., None] * o_part, axis=2)  # [B, K, Gp, H]
-    inv = jnp.where(l_i > 0, 1.0 / l_i, 0.0)
-    if v_scale is not None:
-        inv = inv * v_scale[None, :, None]
-    out = (acc * inv[..., None])[:, :, :G].reshape(B, K * G, H)
+    out = _finish(acc, l_i, None if v_scale is None else v_scale[None, :, None])[:, :, :G].reshape(B, K * G, H)
     live = (jnp.arange(B) < num_seqs[0])[:, None, None]  # rows past num_seqs hold no partials: zeros
     out = jnp.where(live, out, 0.0).astype(out_shape.dtype)
     return out[:T] if T <= B else jnp.pad(out, ((0, T - B), (0, 0), (0, 0)))

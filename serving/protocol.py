@@ -48,7 +48,7 @@ class Limits:
     max_logprobs: int
     max_model_len: int
     vocab_size: int
-    max_logit_bias: int = 300  # the engine's EngineConfig.max_logit_bias
+    max_logit_bias: int  # the engine's EngineConfig.max_logit_bias
 
 
 def sampling_params(body: dict, limits: Limits, chat: bool) -> SamplingParams:
