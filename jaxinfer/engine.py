@@ -32,7 +32,7 @@ import uuid
 import jax
 import numpy as np
 
-from jaxinfer import compile_guard
+from jaxinfer import autotune, compile_guard
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.loader import load_model, resolve_dtype
@@ -67,6 +67,9 @@ class Engine:
         self._log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ecfg.show_progress else (lambda msg: None)
         if ecfg.use_compilation_cache:
             compile_guard.enable_persistent_cache(ecfg.cache_dir())
+            seeded = autotune.seed(ecfg.cache_dir())  # shipped GEMM tilings for this GPU (autotune.py)
+            if seeded:
+                self._log(f"XLA autotune cache: {seeded} searched results for this GPU added from configs/autotune")
         backend = jax.default_backend()
         self.dtype = resolve_dtype(ecfg.dtype, backend)
         t0 = time.monotonic()
