@@ -51,8 +51,43 @@ class Limits:
     max_logit_bias: int  # the engine's EngineConfig.max_logit_bias
 
 
+# Request fields that ask for something this server does not do: refused (400) rather than ignored, which
+# would hand back unconstrained text where the client counts on a tool call or a JSON document.
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+
+
+def refuse_unsupported(body: dict, chat: bool) -> None:
+    def refuse(field: str, what: str):
+        raise bad_request(f"{field}: {what} is not supported by this server", field)
+
+    if chat:
+        if body.get("tools"):
+            refuse("tools", "tool calling")
+        if body.get("tool_choice") not in (None, "none"):
+            refuse("tool_choice", "tool calling")
+        if body.get("functions"):
+            refuse("functions", "function calling")
+        if body.get("function_call") not in (None, "none"):
+            refuse("function_call", "function calling")
+        fmt = body.get("response_format")
+        if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+            refuse("response_format", "a response format other than {\"type\": \"text\"} (JSON mode, JSON schema)")
+        if body.get("modalities") not in (None, ["text"]):
+            refuse("modalities", "output other than text")
+    else:
+        if body.get("suffix"):
+            refuse("suffix", "a suffix (insertion)")
+        best_of = body.get("best_of")
+        if best_of is not None and best_of != (body.get("n") or 1):
+            refuse("best_of", "best_of other than n (returning the best of more samples)")
+    for field in _GUIDED:
+        if body.get(field) is not None:
+            refuse(field, "guided decoding")
+
+
 def sampling_params(body: dict, limits: Limits, chat: bool) -> SamplingParams:
     """Build and validate SamplingParams from a request body (both endpoints)."""
+    refuse_unsupported(body, chat)
     n = body.get("n", 1)
     if n is None:
         n = 1

@@ -402,6 +402,18 @@ ERRORS = [
     (CH, {"model": MODEL, "messages": USER, "chat_template": "{{ 7*7 }}"}, "chat_template"),
     (CH, {"model": MODEL, "messages": USER, "max_completion_tokens": 1000}, "max_completion_tokens"),
     (CH, {"model": MODEL, "messages": USER, "logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+    # asked for, not done here: refused, never silently ignored
+    (CH, {"model": MODEL, "messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    (CH, {"model": MODEL, "messages": USER, "tool_choice": "required"}, "tool_choice"),
+    (CH, {"model": MODEL, "messages": USER, "functions": [{"name": "f"}]}, "functions"),
+    (CH, {"model": MODEL, "messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+    (CH, {"model": MODEL, "messages": USER, "response_format": {"type": "json_schema", "json_schema": {}}},
+     "response_format"),
+    (CH, {"model": MODEL, "messages": USER, "modalities": ["text", "audio"]}, "modalities"),
+    (CH, {"model": MODEL, "messages": USER, "guided_choice": ["a", "b"]}, "guided_choice"),
+    (C, {"model": MODEL, "prompt": "hi", "suffix": "end"}, "suffix"),
+    (C, {"model": MODEL, "prompt": "hi", "best_of": 3}, "best_of"),
+    (C, {"model": MODEL, "prompt": "hi", "guided_json": {"type": "object"}}, "guided_json"),
 ]
 
 
@@ -412,6 +424,17 @@ def test_bad_requests_are_400_in_openai_shape(server, path, body, param):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
     assert err["type"] == "invalid_request_error" and "Traceback" not in err["message"]
+
+
+@pytest.mark.parametrize("path,body", [
+    (CH, {"model": MODEL, "messages": USER, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+          "modalities": ["text"]}),
+    (C, {"model": MODEL, "prompt": "hi", "suffix": "", "best_of": 2, "n": 2}),
+])
+def test_unsupported_features_in_their_neutral_form_are_accepted(server, path, body):
+    r = post(server, path, dict(body, max_tokens=1))
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == body.get("n", 1)
 
 
 def test_context_error_states_the_counts(server):
