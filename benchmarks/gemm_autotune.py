@@ -58,7 +58,7 @@ def bundle(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("search", help="compile the programs of some token buckets with the exhaustive search")
+    s = sub.add_parser("search", help="compile the programs of some token buckets, XLA's autotuner on")
     s.add_argument("--model", required=True, help="a model preset or checkpoint (weights are dummy)")
     s.add_argument("--engine-config", help="engine preset whose options (dtype, page size, ...) to compile with")
     s.add_argument("--token-buckets", required=True, type=lambda v: [int(x) for x in v.split(",")])

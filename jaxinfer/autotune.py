@@ -1,8 +1,8 @@
 """XLA's autotune results, shipped for known GPUs and copied into the compilation cache at start-up.
 
 On a GPU, XLA's compiler picks a kernel (cuBLAS or a Triton tiling) for every matmul fusion, and for some
-other fusions, by compiling and timing candidates: on a fresh machine that search is most of the start-up
-(Llama-3.1-8B, the H100 preset's 14 programs on a fresh H100: 42.2 s of compilation, 24.5 s with the results at hand).
+other fusions, by compiling and timing candidates: on a fresh machine a large part of the start-up (the
+H100 preset's 14 Llama-3.1-8B programs on a fresh H100: 42.2 s of compilation, 24.5 s with the results at hand).
 jax keeps XLA's choices in a per-fusion folder of the persistent compilation cache
 (`xla_gpu_per_fusion_autotune_cache_dir`), which helps only the second start on a machine. So:
 
@@ -50,7 +50,8 @@ def bundle(cache_dir: str | os.PathLike, note: str = "") -> dict:
     """The autotune results under `cache_dir` as one JSON-able dict, tagged with this jaxlib and GPU."""
     folder = cache_folder(cache_dir)
     if folder is None or not folder.is_dir():
-        raise ValueError(f"cache_dir: no XLA autotune results under {cache_dir} (start an engine with that cache on the GPU first)")
+        raise ValueError(f"cache_dir: no XLA autotune results under {cache_dir} (start an engine with that "
+                         "cache on the GPU first)")
     results = {p.relative_to(folder).as_posix(): base64.b64encode(p.read_bytes()).decode()
                for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")}
     return {"jaxlib": _jaxlib_version(), "device_kind": jax.local_devices()[0].device_kind, "note": note,

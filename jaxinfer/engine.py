@@ -67,9 +67,14 @@ class Engine:
         self._log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ecfg.show_progress else (lambda msg: None)
         if ecfg.use_compilation_cache:
             compile_guard.enable_persistent_cache(ecfg.cache_dir())
-            seeded = autotune.seed(ecfg.cache_dir())  # shipped GEMM tilings for this GPU (autotune.py)
+            try:  # XLA's autotune results shipped for this GPU: fewer kernel searches while compiling
+                seeded = autotune.seed(ecfg.cache_dir())
+            except (OSError, ValueError) as e:  # a read-only or broken cache only costs the searches
+                seeded = 0
+                print(f"warning: XLA autotune results not added to the compilation cache: {e}", file=sys.stderr,
+                      flush=True)
             if seeded:
-                self._log(f"XLA autotune cache: {seeded} searched results for this GPU added from configs/autotune")
+                self._log(f"XLA autotune cache: {seeded} results for this GPU added from configs/autotune")
         backend = jax.default_backend()
         self.dtype = resolve_dtype(ecfg.dtype, backend)
         t0 = time.monotonic()

@@ -7,6 +7,8 @@ import json
 
 import jaxlib
 
+from conftest import TINY_ENGINE_OPTIONS
+
 from jaxinfer import autotune
 from jaxinfer.config import CONFIGS_DIR
 
@@ -70,3 +72,20 @@ def test_shipped_bundles_are_well_formed():
         for name, data in b["results"].items():
             assert not name.startswith("/") and ".." not in name.split("/"), name
             assert name.endswith(".pb") and base64.b64decode(data, validate=True), name
+
+
+
+def test_engine_starts_when_the_results_cannot_be_added(tiny_llama_dir, monkeypatch, capsys):
+    """A cache the results cannot be written to costs XLA's searches, not the start-up."""
+    from jaxinfer import compile_guard
+    from jaxinfer.engine import Engine
+
+    def fail(*a, **k):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(autotune, "seed", fail)
+    monkeypatch.setattr(compile_guard, "enable_persistent_cache", lambda d: None)  # keep this process's jax config
+    opts = dict(TINY_ENGINE_OPTIONS, token_buckets=(4,), seq_buckets=(1,), max_num_seqs=1, use_compilation_cache=True)
+    engine = Engine(str(tiny_llama_dir[0]), num_pages=40, **opts)
+    assert engine.num_pages == 40
+    assert "XLA autotune results not added to the compilation cache: read-only file system" in capsys.readouterr().err
