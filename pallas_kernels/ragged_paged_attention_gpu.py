@@ -44,8 +44,11 @@ K/V rows is one pointer tensor (`ref[page_ids[:, None], kv_head, offsets[:, None
 loads and stores are first class, and the same kernel runs on CPU under `interpret=True`, which is how it
 is tested in CI. JAX deprecates this path in favour of Mosaic GPU, but it still lowers in jax 0.10 and 0.11.
 Mosaic GPU (`plgpu.kernel`: TMA, wgmma, warp specialisation) can go further on prefill, but its paged
-gathers need hand-built TMA descriptors or per-page copies, and it has no public interpret mode, so it
-could not be tested here. jax-triton runs real Triton kernels but has no CPU path at all.
+gathers need per-page TMA copies, and its interpret mode is private and partial: in jax 0.10.2 it runs
+per-page copies into shared memory (page ids read from the page table in global memory), barriers and
+wgmma, but not a transposed shared-memory operand (`plgpu.transpose_ref`, which Q K^T needs) nor
+`pl.run_state` (jax's own `attention_mgpu` fails there), so such a kernel could not be tested in CI on CPU.
+jax-triton runs real Triton kernels but has no CPU path at all.
 
 Mixed batches (`split_decodes=True`, what the engine's mixed buckets run): the one-token sequences go to
 the decode kernel (its grid over the B rows, other rows skipped) and the ragged kernel skips them, writing
