@@ -63,11 +63,11 @@ def refuse_unsupported(body: dict, chat: bool) -> None:
     if chat:
         if body.get("tools"):
             refuse("tools", "tool calling")
-        if body.get("tool_choice") not in (None, "none"):
+        if body.get("tool_choice") not in (None, "none", "auto"):  # "auto" with no tools: nothing to call
             refuse("tool_choice", "tool calling")
         if body.get("functions"):
             refuse("functions", "function calling")
-        if body.get("function_call") not in (None, "none"):
+        if body.get("function_call") not in (None, "none", "auto"):
             refuse("function_call", "function calling")
         fmt = body.get("response_format")
         if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):

@@ -405,6 +405,8 @@ ERRORS = [
     # asked for, not done here: refused, never silently ignored
     (CH, {"model": MODEL, "messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     (CH, {"model": MODEL, "messages": USER, "tool_choice": "required"}, "tool_choice"),
+    (CH, {"model": MODEL, "messages": USER, "tool_choice": {"type": "function", "function": {"name": "f"}}},
+     "tool_choice"),
     (CH, {"model": MODEL, "messages": USER, "functions": [{"name": "f"}]}, "functions"),
     (CH, {"model": MODEL, "messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
     (CH, {"model": MODEL, "messages": USER, "response_format": {"type": "json_schema", "json_schema": {}}},
@@ -429,6 +431,7 @@ def test_bad_requests_are_400_in_openai_shape(server, path, body, param):
 @pytest.mark.parametrize("path,body", [
     (CH, {"model": MODEL, "messages": USER, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
           "modalities": ["text"]}),
+    (CH, {"model": MODEL, "messages": USER, "tool_choice": "auto", "function_call": "auto"}),
     (C, {"model": MODEL, "prompt": "hi", "suffix": "", "best_of": 2, "n": 2}),
 ])
 def test_unsupported_features_in_their_neutral_form_are_accepted(server, path, body):
