@@ -72,8 +72,11 @@ def seed(cache_dir: str | os.PathLike, bundles_dir: str | os.PathLike | None = N
         if b.get("jaxlib") != _jaxlib_version() or b.get("device_kind") not in kinds:
             continue
         for name, data in b["results"].items():
-            dest = folder / name
-            if dest.is_file() or ".." in Path(name).parts:
+            rel = Path(name)
+            if rel.is_absolute() or ".." in rel.parts:  # only ever below the folder
+                continue
+            dest = folder / rel
+            if dest.is_file():
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".seed")  # rename: readers never see half a file

@@ -58,6 +58,9 @@ def test_seed_skips_other_jaxlibs_unsafe_names_and_cpu(tmp_path):
     evil = dict(b, device_kind="GPU X", results={"../../escaped.pb": base64.b64encode(b"x").decode()})
     assert autotune.seed(tmp_path / "c2", _write_bundle(tmp_path / "evil", evil), device_kinds={"GPU X"}) == 0
     assert not (tmp_path / "escaped.pb").exists()
+    absolute = dict(evil, results={str(tmp_path / "abs.pb"): base64.b64encode(b"x").decode()})
+    assert autotune.seed(tmp_path / "c4", _write_bundle(tmp_path / "abs", absolute), device_kinds={"GPU X"}) == 0
+    assert not (tmp_path / "abs.pb").exists()
     # on this CPU backend the shipped GPU bundles are never seeded
     assert autotune.seed(tmp_path / "c3") == 0 and not (tmp_path / "c3").exists()
 
