@@ -274,7 +274,8 @@ def build_engine(args, opts: dict):
     total = time.perf_counter() - t0
     split = {
         "total_s": total, "weights_s": eng.load_seconds, "kv_cache_s": eng.kv_seconds,
-        "compile_s": eng.compile_seconds, "warm_up_s": eng.warm_up_seconds,
+        "compile_s": eng.compile_seconds, "lower_s": eng.lower_seconds,
+        "programs_loaded": eng.runner.programs_loaded, "warm_up_s": eng.warm_up_seconds,
         "other_s": total - eng.load_seconds - eng.kv_seconds - eng.compile_seconds - eng.warm_up_seconds,
         "num_buckets": len(eng.runner.compiled), "cache_files_before": before,
         "cache_files_after": cache_files(cache_dir) if cache_dir else None,
@@ -301,7 +302,8 @@ def startup_in_fresh_process(args) -> tuple[dict | None, int]:
 
 def startup_line(name: str, s: dict) -> str:
     return (f"{name}: {s['total_s']:.1f} s = weights {s['weights_s']:.1f} s + KV cache {s['kv_cache_s']:.2f} s + "
-            f"{s['num_buckets']} buckets compiled {s['compile_s']:.1f} s + warm-up {s.get('warm_up_s', 0):.2f} s + "
+            f"{s['num_buckets']} buckets compiled {s['compile_s']:.1f} s (lowering {s.get('lower_s', 0):.1f} s, "
+            f"{s.get('programs_loaded', 0)} programs loaded whole) + warm-up {s.get('warm_up_s', 0):.2f} s + "
             f"other {s['other_s']:.2f} s")
 
 

@@ -32,9 +32,10 @@ import uuid
 import jax
 import numpy as np
 
-from jaxinfer import autotune, compile_guard
+from jaxinfer import autotune, compile_guard, executables
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.detokenizer import IncrementalDetokenizer
+from jaxinfer.executables import ExecutableStore
 from jaxinfer.loader import load_model, resolve_dtype
 from jaxinfer.model import init_kv_cache
 from jaxinfer.request import CompletionOutput, Logprob, Request, RequestMetrics, RequestOutput
@@ -96,12 +97,13 @@ class Engine:
         # Compile against the cache's shapes before allocating it: XLA's autotuner (on a cold compilation cache)
         # needs device memory for its trial runs, which a cache filling the device would leave it without.
         # Then check that the largest step's temporaries fit beside the cache; if not, shrink it once and recompile.
-        self.compile_seconds = 0.0
+        self.compile_seconds = self.lower_seconds = 0.0  # lowering: tracing the programs to StableHLO, serial
         for attempt in range(2):
             abstract_kv = init_kv_cache(self.cfg, self.num_pages, ecfg.page_size, kv_dtype, mesh, abstract=True)
             self.runner = ModelRunner(self.cfg, ecfg, loaded.params, abstract_kv, self.num_pages, self.max_model_len)
-            self.runner.compile_all(ecfg.show_progress)
+            self.runner.compile_all(ecfg.show_progress, self._executable_store(loaded.params, abstract_kv, mesh))
             self.compile_seconds += self.runner.compile_seconds
+            self.lower_seconds += self.runner.lower_seconds
             short = self._memory_shortfall(abstract_kv)
             if short <= 0:
                 break
@@ -133,7 +135,10 @@ class Engine:
         if ecfg.warms_up(backend):
             self.runner.warm_up()  # first runs are slow on an accelerator: not while serving
         self.warm_up_seconds = time.monotonic() - t0
-        self._log(f"compiled {len(self.runner.compiled)} buckets in {self.compile_seconds:.1f} s: {self.runner.buckets}")
+        r = self.runner
+        how = f"loaded {r.programs_loaded} of {len(r.program_seconds)} programs saved whole, " if r.programs_loaded else ""
+        self._log(f"compiled {len(r.compiled)} buckets in {self.compile_seconds:.1f} s ({how}lowering "
+                  f"{self.lower_seconds:.1f} s): {r.buckets}")
         self.compiles_at_ready = compile_guard.count()
         self._groups: dict[str, list[Request]] = {}
         self._prompts: dict[str, str | None] = {}
@@ -153,6 +158,14 @@ class Engine:
         gc.freeze()
 
     # -- sizing ---------------------------------------------------------------------------------------------
+
+    def _executable_store(self, params, abstract_kv, mesh) -> ExecutableStore | None:
+        """Where this configuration's compiled programs are saved whole (with the compilation cache), or None."""
+        if not self.ecfg.use_compilation_cache:
+            return None
+        devices = executables.devices_of(params, mesh)
+        key = executables.fingerprint(self.cfg, self.ecfg, params, abstract_kv, self.max_model_len, devices)
+        return ExecutableStore(self.ecfg.cache_dir(), key, devices)
 
     def _num_pages(self, per_page: int) -> int:
         """Pages that fit the KV budget of one device, `per_page` bytes each there (on a mesh, a page's shard)."""

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from jaxinfer import sampler as sampling
 from jaxinfer.attention import make_attention_fn
 from jaxinfer.config import EngineConfig, ModelConfig
+from jaxinfer.executables import program_name
 from jaxinfer.model import AttentionMetadata, KVCache, Params, compute_logits, forward, pytree_dataclass
 from jaxinfer.request import Request
 from jaxinfer.scheduler import ScheduledBatch
@@ -224,7 +225,9 @@ class ModelRunner:
         self.compiled_prompt_logprobs: dict[int, Any] = {}  # T -> prompt-logprobs program
         self._compiled_set_row = None
         self._compiled_history = None
-        self.compile_seconds = 0.0
+        self.compile_seconds = self.lower_seconds = 0.0
+        self.program_seconds: dict = {}
+        self.programs_loaded = 0  # from an executables.ExecutableStore
 
     # -- ahead-of-time compilation --------------------------------------------------------------------------
 
@@ -241,50 +244,78 @@ class ModelRunner:
         logits = jax.ShapeDtypeStruct((B, self.cfg.vocab_size), jnp.float32, sharding=self._replicated)
         return fn.lower(logits, self.sstate, jax.ShapeDtypeStruct(pack(md).shape, jnp.int32))
 
-    def compile_all(self, show_progress: bool = True) -> None:
-        """Lower every program (Python, in order) and compile them in parallel (XLA releases the GIL)."""
-        t0 = time.monotonic()
-        W = self.ecfg.max_logit_bias
-        lowered = {
-            b: self._lower_forward(*b)
-            for b in tqdm(self.buckets, desc="tracing buckets", unit="bucket", disable=not show_progress, leave=False)
-        }
+    def _programs(self) -> dict:
+        """Every program of the engine: key -> a function that traces and lowers it."""
+        W, i32, P = self.ecfg.max_logit_bias, jnp.int32, functools.partial
+        progs = {b: P(self._lower_forward, *b) for b in self.buckets}
         for B in self.seq_buckets:
             for variant in sampling.VARIANTS:
-                lowered[(B, variant)] = self._lower_sampler(B, variant)
+                progs[(B, variant)] = P(self._lower_sampler, B, variant)
         plp = jax.jit(make_prompt_logprobs_fn(self.cfg, self.ecfg.max_logprobs))
         for T in sorted({b[0] for b in self.buckets}):
             h = jax.ShapeDtypeStruct((T, self.cfg.hidden_size), jnp.dtype(self.params.embed.dtype),
                                      sharding=self._replicated)
-            lowered[("prompt_logprobs", T)] = plp.lower(self.params, h, jax.ShapeDtypeStruct((T,), jnp.int32))
-        row_args = (self.sstate, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((W,), jnp.int32),
-                    jax.ShapeDtypeStruct((W,), jnp.float32), jax.ShapeDtypeStruct((W,), jnp.int32),
-                    jax.ShapeDtypeStruct((), jnp.int32))
-        lowered["set_row"] = self._set_row.lower(*row_args)
+            progs[("prompt_logprobs", T)] = P(plp.lower, self.params, h, jax.ShapeDtypeStruct((T,), i32))
+        progs["set_row"] = P(self._set_row.lower, self.sstate, jax.ShapeDtypeStruct((), i32),
+                             jax.ShapeDtypeStruct((W,), i32), jax.ShapeDtypeStruct((W,), jnp.float32),
+                             jax.ShapeDtypeStruct((W,), i32), jax.ShapeDtypeStruct((), i32))
         if self.ecfg.enable_prefix_caching:
             L = self._history_len
-            lowered["history"] = self._history.lower(
-                self.sstate, jax.ShapeDtypeStruct((L,), jnp.int32), jax.ShapeDtypeStruct((L,), jnp.int32),
-                jax.ShapeDtypeStruct((L,), jnp.bool_), jax.ShapeDtypeStruct((1,), jnp.int32))
+            progs["history"] = P(self._history.lower, self.sstate, jax.ShapeDtypeStruct((L,), i32),
+                                 jax.ShapeDtypeStruct((L,), i32), jax.ShapeDtypeStruct((L,), jnp.bool_),
+                                 jax.ShapeDtypeStruct((1,), i32))
+        return progs
+
+    def compile_all(self, show_progress: bool = True, store=None) -> None:
+        """Load what `store` (an `executables.ExecutableStore`) holds, lower the rest (Python, in order) and compile
+        them in parallel (XLA releases the GIL), saving each to the store."""
+        t0 = time.monotonic()
+        programs = self._programs()
         threads = self.ecfg.compile_threads or min(8, os.cpu_count() or 1)
-        with cf.ThreadPoolExecutor(threads) as pool, tqdm(
-            total=len(lowered), desc="compiling buckets", unit="program", disable=not show_progress
-        ) as bar:
-            futures = {pool.submit(low.compile): key for key, low in lowered.items()}
-            for fut in cf.as_completed(futures):
-                key = futures[fut]
-                if key == "set_row":
-                    self._compiled_set_row = fut.result()
-                elif key == "history":
-                    self._compiled_history = fut.result()
-                elif key[0] == "prompt_logprobs":
-                    self.compiled_prompt_logprobs[key[1]] = fut.result()
-                elif isinstance(key[1], str):
-                    self.compiled_samplers[key] = fut.result()
-                else:
-                    self.compiled[key] = fut.result()
-                bar.set_postfix_str(" ".join(map(str, key)) if isinstance(key, tuple) else key)
-                bar.update()
+        self.program_seconds = {}  # key -> seconds its load or compile (or persistent-cache load) took in the pool
+
+        def timed(key, fn, *args):
+            t = time.monotonic()
+            out = fn(*args)
+            self.program_seconds[key] = time.monotonic() - t
+            return out
+
+        def build(key, low):
+            exe = low.compile()
+            if store is not None:
+                store.save(key, exe)
+            return exe
+
+        with cf.ThreadPoolExecutor(threads) as pool:
+            loaded = {}
+            if store is not None:
+                futures = {key: pool.submit(timed, key, store.load, key) for key in programs}
+                loaded = {key: f.result() for key, f in futures.items() if f.result() is not None}
+            self.programs_loaded = len(loaded)
+            t1 = time.monotonic()
+            todo = [k for k in programs if k not in loaded]
+            lowered = {k: programs[k]() for k in tqdm(todo, desc="tracing programs", unit="program",
+                                                      disable=not show_progress or not todo, leave=False)}
+            self.compile_started = time.monotonic()
+            self.lower_seconds = self.compile_started - t1
+            with tqdm(total=len(lowered), desc="compiling programs", unit="program",
+                      disable=not show_progress or not lowered) as bar:
+                futures = {pool.submit(timed, key, build, key, low): key for key, low in lowered.items()}
+                for fut in cf.as_completed(futures):
+                    loaded[futures[fut]] = fut.result()
+                    bar.set_postfix_str(program_name(futures[fut]))
+                    bar.update()
+        for key, exe in loaded.items():
+            if key == "set_row":
+                self._compiled_set_row = exe
+            elif key == "history":
+                self._compiled_history = exe
+            elif key[0] == "prompt_logprobs":
+                self.compiled_prompt_logprobs[key[1]] = exe
+            elif isinstance(key[1], str):
+                self.compiled_samplers[key] = exe
+            else:
+                self.compiled[key] = exe
         self.compile_seconds = time.monotonic() - t0
 
     def peak_step_bytes(self) -> int:

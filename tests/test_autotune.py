@@ -78,7 +78,7 @@ def test_shipped_bundles_are_well_formed():
 
 
 
-def test_engine_starts_when_the_results_cannot_be_added(tiny_llama_dir, monkeypatch, capsys):
+def test_engine_starts_when_the_results_cannot_be_added(tiny_llama_dir, monkeypatch, capsys, tmp_path):
     """A cache the results cannot be written to costs XLA's searches, not the start-up."""
     from jaxinfer import compile_guard
     from jaxinfer.engine import Engine
@@ -88,7 +88,8 @@ def test_engine_starts_when_the_results_cannot_be_added(tiny_llama_dir, monkeypa
 
     monkeypatch.setattr(autotune, "seed", fail)
     monkeypatch.setattr(compile_guard, "enable_persistent_cache", lambda d: None)  # keep this process's jax config
-    opts = dict(TINY_ENGINE_OPTIONS, token_buckets=(4,), seq_buckets=(1,), max_num_seqs=1, use_compilation_cache=True)
+    opts = dict(TINY_ENGINE_OPTIONS, token_buckets=(4,), seq_buckets=(1,), max_num_seqs=1, use_compilation_cache=True,
+                compilation_cache_dir=str(tmp_path))
     engine = Engine(str(tiny_llama_dir[0]), num_pages=40, **opts)
     assert engine.num_pages == 40
     assert "XLA autotune results not added to the compilation cache: read-only file system" in capsys.readouterr().err

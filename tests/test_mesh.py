@@ -1,7 +1,7 @@
 """Tensor parallelism: the engine over a 2-device `jax.sharding.Mesh` (host CPU devices) gives the tokens and
 logprobs of the single-device engine: the forward, the sampler variants (greedy, seeded top-p with a logit bias,
-min_tokens, logprobs), prompt logprobs and a prefix-cache hit; and a KV budget (per device) holds twice the pages,
-each device keeping half of every page. It runs in a child process, because the number of host devices is fixed
+min_tokens, logprobs), prompt logprobs and a prefix-cache hit; a KV budget (per device) holds twice the pages,
+each device keeping half of every page; and the sharded programs, saved whole, load onto the same devices. It runs in a child process, because the number of host devices is fixed
 when jax starts."""
 
 from __future__ import annotations
@@ -46,18 +46,22 @@ def run(eng):
 one = Engine(model, **opts)
 single = run(one)
 mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
-eng = Engine(model, mesh=mesh, **opts)
+cached = dict(opts, use_compilation_cache=True, compilation_cache_dir=sys.argv[3])
+eng = Engine(model, mesh=mesh, **cached)
 sharded = run(eng)
 kv = eng.runner.kv.k[0]
+again = Engine(model, mesh=mesh, **cached)  # the sharded programs loaded whole from the store
 print(json.dumps(dict(single=single, sharded=sharded, kv_spec=str(kv.sharding.spec), pages=[one.num_pages, eng.num_pages],
-                      shard_bytes=[s.data.nbytes for s in kv.addressable_shards], whole_bytes=kv.nbytes)))
+                      shard_bytes=[s.data.nbytes for s in kv.addressable_shards], whole_bytes=kv.nbytes,
+                      loaded=[eng.runner.programs_loaded, again.runner.programs_loaded, len(again.runner.program_seconds)],
+                      again=run(again))))
 """
 
 
-def test_two_device_mesh_matches_one_device(tiny_llama_dir):
+def test_two_device_mesh_matches_one_device(tiny_llama_dir, tmp_path):
     opts = dict(TINY_ENGINE_OPTIONS, kv_cache_memory="320KiB")  # per device: 160 pages of the tiny model (f32)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_llama_dir[0]), json.dumps(opts)], env=env,
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_llama_dir[0]), json.dumps(opts), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -76,3 +80,5 @@ def test_two_device_mesh_matches_one_device(tiny_llama_dir):
                 assert [k for k, _ in x] == [k for k, _ in y]
                 assert max(abs(u - v) for (_, u), (_, v) in zip(x, y)) < 1e-4
     assert len(single["out"][0]["prompt_logprobs"]) == 8 and single["out"][0]["logprobs"]
+    n = res["loaded"][2]
+    assert res["loaded"] == [0, n, n] and res["again"] == sharded  # saved whole, loaded onto the same two devices

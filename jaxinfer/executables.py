@@ -1,0 +1,125 @@
+"""Compiled programs kept on disk whole, so that a warm start neither traces nor lowers them.
+
+jax's persistent compilation cache saves XLA's compile, but jax still traces each program to a jaxpr and lowers
+it to StableHLO to compute the cache key: for the H100 Llama-3.1-8B preset's 61 programs, 8-12 s of serial
+Python, most of a warm start. This store keys the programs of one engine instead by a fingerprint of what
+their lowering reads: jaxinfer's and pallas_kernels' source files, the Python, jax and jaxlib versions, the
+devices, XLA's flags and jax's config, the model and engine configs, and the shapes, dtypes and shardings of the
+weights and the KV cache. Each program is one file, written with `jax.experimental.serialize_executable` (the
+executable and its argument trees). Any change to those inputs gives a new fingerprint, so a stale program is
+never loaded, and jax checks each call's argument tree, shapes and dtypes against the loaded program as well.
+A file that fails to load is dropped with a warning and its program compiled again.
+
+Layout: <compilation cache dir>/executables/<fingerprint>/<program>.jxe. The files are pickles (as jax's format
+is): keep the cache directory as private as the code you run. Old fingerprints' folders can be deleted freely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pickle
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+from jax.experimental import serialize_executable
+
+FOLDER = "executables"
+SUFFIX = ".jxe"
+_FORMAT = 1  # bump when the file layout changes
+
+
+def _source_roots() -> list[Path]:
+    import pallas_kernels
+
+    return [Path(__file__).resolve().parent, Path(pallas_kernels.__file__).resolve().parent]
+
+
+def fingerprint(cfg, ecfg, params, abstract_kv, max_model_len: int, devices) -> str:
+    """Hex digest of everything the engine's programs are lowered from (see the module docstring)."""
+    import jaxlib
+
+    h = hashlib.sha256(f"jaxinfer-executables-{_FORMAT}".encode())
+    for root in _source_roots():
+        for path in sorted(root.rglob("*.py")):
+            h.update(f"{root.name}/{path.relative_to(root).as_posix()}".encode())
+            h.update(path.read_bytes())
+    dev = devices[0]
+    env = (sys.version_info[:3], jax.__version__, jaxlib.__version__, dev.client.platform,
+           dev.client.platform_version, [(d.id, d.process_index, d.device_kind) for d in devices],
+           jax.process_index(), jax.process_count(), os.environ.get("XLA_FLAGS"), os.environ.get("LIBTPU_INIT_ARGS"),
+           sorted(jax.config.values.items()))
+    # Options that do not reach a program (progress bars, thread counts, where the cache lives) stay out of the key.
+    ecfg = dataclasses.replace(ecfg, show_progress=False, compile_threads=0, compilation_cache_dir=None)
+
+    def avals(tree):
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        return str(treedef), [(x.shape, str(x.dtype), repr(getattr(x, "sharding", None))) for x in leaves]
+
+    for part in (env, repr(cfg), repr(ecfg), avals(params), avals(abstract_kv), max_model_len):
+        h.update(repr(part).encode())
+    return h.hexdigest()[:40]
+
+
+def devices_of(params, mesh) -> list:
+    """The devices an engine's programs run on, in their compiled order: the mesh's, or the weights' one device."""
+    if mesh is not None:
+        return list(mesh.devices.flat)
+    return sorted(jax.tree_util.tree_leaves(params)[0].sharding.device_set, key=lambda d: d.id)
+
+
+def program_name(key) -> str:
+    """A file name for a runner's program key: (512, 64, False) -> '512-64-False', 'set_row' -> 'set_row'."""
+    return "-".join(map(str, key)) if isinstance(key, tuple) else str(key)
+
+
+class ExecutableStore:
+    """The saved programs of one engine configuration (one fingerprint)."""
+
+    def __init__(self, cache_dir: str, fingerprint: str, devices):
+        self.path = Path(cache_dir) / FOLDER / fingerprint
+        self.devices = list(devices)  # the devices the programs run on, in their compiled order
+        self._write_failed = False
+
+    def load(self, key):
+        """The compiled program saved under `key`, or None (not saved, or unreadable: dropped with a warning)."""
+        path = self.path / (program_name(key) + SUFFIX)
+        try:
+            blob = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            warnings.warn(f"saved program {path.name} not read ({e}); compiling it", stacklevel=2)
+            return None
+        try:
+            exe, in_tree, out_tree = pickle.loads(blob)
+            return serialize_executable.deserialize_and_load(exe, in_tree, out_tree, execution_devices=self.devices)
+        except Exception as e:  # a truncated or foreign file must not stop the engine: compile instead
+            warnings.warn(f"saved program {path} could not be loaded ({type(e).__name__}: {e}); compiling it and "
+                          "replacing the file", stacklevel=2)
+            path.unlink(missing_ok=True)
+            return None
+
+    def save(self, key, compiled) -> None:
+        """Write a compiled program (atomically: a reader sees the old file, the whole new one, or none)."""
+        if self._write_failed:
+            return
+        try:
+            blob = pickle.dumps(serialize_executable.serialize(compiled), protocol=pickle.HIGHEST_PROTOCOL)
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(blob)
+                os.replace(tmp, self.path / (program_name(key) + SUFFIX))
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except (OSError, ValueError, NotImplementedError) as e:  # read-only cache, or a program jax cannot serialise
+            self._write_failed = True
+            warnings.warn(f"compiled programs not saved to {self.path} ({type(e).__name__}: {e}); the next start "
+                          "will lower them again", stacklevel=2)

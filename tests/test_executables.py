@@ -1,0 +1,118 @@
+"""Compiled programs saved whole (jaxinfer/executables.py): a second engine of the same configuration loads them
+without tracing or lowering, generates the same tokens, and anything that changes a program changes the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import warnings
+
+import pytest
+from conftest import TINY_ENGINE_OPTIONS
+
+from jaxinfer import compile_guard, executables
+from jaxinfer.sampling_params import SamplingParams
+
+OPTS = dict(TINY_ENGINE_OPTIONS, token_buckets=(4, 16), seq_buckets=(1, 4), max_num_seqs=4, num_pages=40,
+            use_compilation_cache=True)
+PROMPTS = [[1, 5, 9, 2, 7], [3, 3, 8], list(range(10, 30))]
+PARAMS = [SamplingParams(max_tokens=6, temperature=0.0), SamplingParams(max_tokens=6, temperature=0.8, seed=3),
+          SamplingParams(max_tokens=6, temperature=0.0, logprobs=2)]
+
+
+def _llm(model_dir, cache, monkeypatch):
+    import jaxinfer
+
+    # jax's own persistent cache stays off in this process (a process-wide setting); the store needs only its dir
+    monkeypatch.setattr(compile_guard, "enable_persistent_cache", lambda d: None)
+    return jaxinfer.LLM(str(model_dir), compilation_cache_dir=str(cache), **OPTS)
+
+
+def _run(llm):
+    return [(o.outputs[0].token_ids, [sorted(lp) for lp in o.outputs[0].logprobs or []])
+            for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def cold(tiny_llama_dir, tmp_path_factory):
+    """An engine built on an empty cache, its outputs, and the cache."""
+    mp = pytest.MonkeyPatch()
+    cache = tmp_path_factory.mktemp("cc")
+    llm = _llm(tiny_llama_dir[0], cache, mp)
+    yield llm, _run(llm), cache
+    mp.undo()
+
+
+def _store_files(cache):
+    return sorted((cache / executables.FOLDER).glob(f"*/*{executables.SUFFIX}"))
+
+
+def test_a_second_engine_loads_every_program_without_lowering(cold, tiny_llama_dir, monkeypatch):
+    llm, out, cache = cold
+    runner = llm.engine.runner
+    n = len(runner.program_seconds)
+    assert runner.programs_loaded == 0 and n == len(_store_files(cache)) > len(runner.compiled)
+
+    from jaxinfer.runner import ModelRunner
+
+    def no_lowering(*a, **k):
+        raise AssertionError("a saved program was traced again")
+
+    monkeypatch.setattr(ModelRunner, "_lower_forward", no_lowering)
+    monkeypatch.setattr(ModelRunner, "_lower_sampler", no_lowering)
+    warm = _llm(tiny_llama_dir[0], cache, monkeypatch)
+    assert warm.engine.runner.programs_loaded == n
+    assert _run(warm) == out
+    assert warm.engine.num_compiles_since_ready == 0
+
+
+def test_a_broken_file_is_replaced_and_the_rest_still_load(cold, tiny_llama_dir, monkeypatch):
+    llm, out, cache = cold
+    files = _store_files(cache)
+    broken = next(f for f in files if f.name.startswith("16-4-False"))
+    broken.write_bytes(b"not a program")
+    with pytest.warns(UserWarning, match="16-4-False.jxe could not be loaded"):
+        warm = _llm(tiny_llama_dir[0], cache, monkeypatch)
+    assert warm.engine.runner.programs_loaded == len(files) - 1
+    assert _run(warm) == out
+    assert broken.stat().st_size > 1000  # compiled again and saved over the broken file
+    store = executables.ExecutableStore(cache, broken.parent.name, executables.devices_of(warm.engine.runner.params, None))
+    assert store.load((16, 4, False)) is not None
+
+
+def test_an_unwritable_store_warns_once_and_the_program_still_runs(cold, tmp_path):
+    llm, _, _ = cold
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    store = executables.ExecutableStore(blocker, "x", executables.devices_of(llm.engine.runner.params, None))  # a folder under a file
+    exe = llm.engine.runner.compiled_samplers[(1, "greedy")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store.save((1, "greedy"), exe)
+        store.save((4, "greedy"), exe)
+    assert [str(w.message).startswith("compiled programs not saved") for w in caught] == [True]  # once
+    assert store.load((1, "greedy")) is None
+
+
+def test_the_fingerprint_follows_what_reaches_the_programs(cold, tmp_path, monkeypatch):
+    llm, _, _ = cold
+    eng = llm.engine
+    r = eng.runner
+    args = dict(cfg=eng.cfg, ecfg=eng.ecfg, params=r.params, abstract_kv=r.kv, max_model_len=eng.max_model_len,
+                devices=executables.devices_of(r.params, None))
+    key = executables.fingerprint(**args)
+    assert executables.fingerprint(**args) == key
+    quiet = dataclasses.replace(eng.ecfg, show_progress=True, compile_threads=3, compilation_cache_dir="/elsewhere")
+    assert executables.fingerprint(**dict(args, ecfg=quiet)) == key  # options no program reads
+    for changed in (dict(ecfg=dataclasses.replace(eng.ecfg, max_logprobs=eng.ecfg.max_logprobs + 1)),
+                    dict(cfg=dataclasses.replace(eng.cfg, rms_norm_eps=eng.cfg.rms_norm_eps * 2)),
+                    dict(max_model_len=eng.max_model_len - 4)):
+        assert executables.fingerprint(**dict(args, **changed)) != key, changed
+    src = tmp_path / "src"
+    for root in executables._source_roots():
+        shutil.copytree(root, src / root.name)
+    monkeypatch.setattr(executables, "_source_roots", lambda: [src / "jaxinfer", src / "pallas_kernels"])
+    copied = executables.fingerprint(**args)
+    with open(src / "jaxinfer" / "model.py", "a") as f:
+        f.write("\n# an edit\n")
+    assert executables.fingerprint(**args) != copied  # any source edit: programs lowered again
