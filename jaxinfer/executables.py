@@ -11,7 +11,9 @@ never loaded, and jax checks each call's argument tree, shapes and dtypes agains
 A file that fails to load is dropped with a warning and its program compiled again.
 
 Layout: <compilation cache dir>/executables/<fingerprint>/<program>.jxe. The files are pickles (as jax's format
-is): keep the cache directory as private as the code you run. Old fingerprints' folders can be deleted freely.
+is): keep the cache directory as private as the code you run. A start that saves a new configuration deletes all
+but the KEEP most recently used configurations' folders (each load marks its folder used); any folder can also
+be deleted by hand.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import hashlib
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 import warnings
@@ -30,6 +33,7 @@ from jax.experimental import serialize_executable
 
 FOLDER = "executables"
 SUFFIX = ".jxe"
+KEEP = 8  # configurations kept (an 8B model's programs: ~30 MB)
 _FORMAT = 1  # bump when the file layout changes
 
 
@@ -83,7 +87,7 @@ class ExecutableStore:
     def __init__(self, cache_dir: str, fingerprint: str, devices):
         self.path = Path(cache_dir) / FOLDER / fingerprint
         self.devices = list(devices)  # the devices the programs run on, in their compiled order
-        self._write_failed = False
+        self._write_failed = self._used = self._pruned = False
 
     def load(self, key):
         """The compiled program saved under `key`, or None (not saved, or unreadable: dropped with a warning)."""
@@ -97,12 +101,19 @@ class ExecutableStore:
             return None
         try:
             exe, in_tree, out_tree = pickle.loads(blob)
-            return serialize_executable.deserialize_and_load(exe, in_tree, out_tree, execution_devices=self.devices)
+            loaded = serialize_executable.deserialize_and_load(exe, in_tree, out_tree, execution_devices=self.devices)
         except Exception as e:  # a truncated or foreign file must not stop the engine: compile instead
             warnings.warn(f"saved program {path} could not be loaded ({type(e).__name__}: {e}); compiling it and "
                           "replacing the file", stacklevel=2)
             path.unlink(missing_ok=True)
             return None
+        if not self._used:  # most recently used first when old configurations are pruned
+            self._used = True
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+        return loaded
 
     def save(self, key, compiled) -> None:
         """Write a compiled program (atomically: a reader sees the old file, the whole new one, or none)."""
@@ -111,6 +122,9 @@ class ExecutableStore:
         try:
             blob = pickle.dumps(serialize_executable.serialize(compiled), protocol=pickle.HIGHEST_PROTOCOL)
             self.path.mkdir(parents=True, exist_ok=True)
+            if not self._pruned:
+                self._pruned = True
+                self._prune()
             fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".tmp-")
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -123,3 +137,12 @@ class ExecutableStore:
             self._write_failed = True
             warnings.warn(f"compiled programs not saved to {self.path} ({type(e).__name__}: {e}); the next start "
                           "will lower them again", stacklevel=2)
+
+    def _prune(self) -> None:
+        """Delete the folders of all but the KEEP most recently used configurations (this one counts as used)."""
+        os.utime(self.path)
+        folders = sorted((p for p in self.path.parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime,
+                         reverse=True)
+        for old in folders[KEEP:]:
+            if old != self.path:
+                shutil.rmtree(old, ignore_errors=True)

@@ -4,6 +4,7 @@ without tracing or lowering, generates the same tokens, and anything that change
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import warnings
 
@@ -116,3 +117,22 @@ def test_the_fingerprint_follows_what_reaches_the_programs(cold, tmp_path, monke
     with open(src / "jaxinfer" / "model.py", "a") as f:
         f.write("\n# an edit\n")
     assert executables.fingerprint(**args) != copied  # any source edit: programs lowered again
+
+
+def test_saving_a_new_configuration_keeps_only_the_most_recently_used(cold, tmp_path):
+    llm, _, _ = cold
+    root = tmp_path / executables.FOLDER
+    for i in range(executables.KEEP + 2):  # older configurations, the first the least recently used
+        (root / f"old{i}").mkdir(parents=True)
+        os.utime(root / f"old{i}", (1_000_000 + i, 1_000_000 + i))
+    devices = executables.devices_of(llm.engine.runner.params, None)
+    exe = llm.engine.runner.compiled_samplers[(1, "greedy")]
+    executables.ExecutableStore(tmp_path / "elsewhere", "x", devices).save((1, "greedy"), exe)
+    shutil.copy(tmp_path / "elsewhere" / executables.FOLDER / "x" / "1-greedy.jxe", root / "old0")
+    os.utime(root / "old0", (1_000_000, 1_000_000))
+    assert executables.ExecutableStore(tmp_path, "old0", devices).load((1, "greedy")) is not None  # marks old0 used
+    store = executables.ExecutableStore(tmp_path, "new", devices)
+    store.save((1, "greedy"), exe)
+    kept = sorted(p.name for p in root.iterdir())
+    assert kept == sorted(["new", "old0"] + [f"old{i}" for i in range(4, executables.KEEP + 2)])
+    assert store.load((1, "greedy")) is not None
