@@ -1,4 +1,5 @@
-"""Counting XLA compilations, so tests can prove nothing compiles after warm-up; the persistent cache.
+"""Counting XLA compilations, so tests can prove nothing compiles after warm-up; the persistent cache, and whether
+a compile came from it.
 
 jax reports each lowering of a jitted function through `jax.monitoring`; a lowering happens on every
 in-memory cache miss, whether or not the persistent cache then saves the XLA compile. The listener is
@@ -13,14 +14,36 @@ from contextlib import contextmanager
 import jax
 
 _LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+_CACHE_HIT, _CACHE_WRITE = "/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"
 _lock = threading.Lock()
-_state = {"count": 0, "registered": False}
+_state = {"count": 0, "registered": False, "cache_events": False}
+_thread = threading.local()  # jax records the persistent-cache events in the thread that compiles
 
 
 def _listener(event: str, duration: float, **kwargs) -> None:
     if event == _LOWERING_EVENT:
         with _lock:
             _state["count"] += 1
+
+
+def _cache_listener(event: str, **kwargs) -> None:
+    if event in (_CACHE_HIT, _CACHE_WRITE):
+        _thread.events = getattr(_thread, "events", ()) + (event,)
+
+
+def compile_afresh(lowered) -> tuple:
+    """(lowered.compile(), fresh): fresh is True if XLA compiled it in this call (with jax's persistent cache on,
+    only when jax reports writing it there), False if it was loaded from that cache or jax reported neither."""
+    with _lock:
+        if not _state["cache_events"]:
+            jax.monitoring.register_event_listener(_cache_listener)
+            _state["cache_events"] = True
+    _thread.events = ()
+    exe = lowered.compile()
+    if _CACHE_HIT in _thread.events:
+        return exe, False
+    cache_on = jax.config.jax_compilation_cache_dir is not None and jax.config.jax_enable_compilation_cache
+    return exe, (_CACHE_WRITE in _thread.events) or not cache_on  # with the cache on, a fresh compile is written
 
 
 def count() -> int:

@@ -8,7 +8,8 @@ devices, XLA's flags and jax's config, the model and engine configs, and the sha
 weights and the KV cache. Each program is one file, written with `jax.experimental.serialize_executable` (the
 executable and its argument trees). Any change to those inputs gives a new fingerprint, so a stale program is
 never loaded, and jax checks each call's argument tree, shapes and dtypes against the loaded program as well.
-A file that fails to load is dropped with a warning and its program compiled again.
+A file that fails to load is dropped with a warning and its program compiled again. On CPU only programs XLA
+compiled in this process are saved (XLA:CPU re-serialises one it loaded from jax's cache without its code).
 
 Layout: <compilation cache dir>/executables/<fingerprint>/<program>.jxe. The files are pickles (as jax's format
 is): keep the cache directory as private as the code you run. A start that saves a new configuration deletes all
@@ -115,9 +116,14 @@ class ExecutableStore:
                 pass
         return loaded
 
-    def save(self, key, compiled) -> None:
-        """Write a compiled program (atomically: a reader sees the old file, the whole new one, or none)."""
-        if self._write_failed:
+    def save(self, key, compiled, fresh: bool = True) -> None:
+        """Write a compiled program (atomically: a reader sees the old file, the whole new one, or none).
+
+        fresh: XLA compiled it in this process. An executable XLA:CPU loaded from jax's persistent cache serialises
+        without its machine code (it fails at its first run, "Function ... not found"), so off GPUs only fresh
+        compiles are saved; a GPU executable serialises the same either way.
+        """
+        if self._write_failed or not (fresh or self.devices[0].platform in ("gpu", "cuda", "rocm")):
             return
         try:
             blob = pickle.dumps(serialize_executable.serialize(compiled), protocol=pickle.HIGHEST_PROTOCOL)

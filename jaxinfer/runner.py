@@ -44,6 +44,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from jaxinfer import compile_guard
 from jaxinfer import sampler as sampling
 from jaxinfer.attention import make_attention_fn
 from jaxinfer.config import EngineConfig, ModelConfig
@@ -212,8 +213,10 @@ class ModelRunner:
         self.buckets = ecfg.buckets()  # (T, B, decode)
         self.seq_buckets = sorted({b[1] for b in self.buckets})
         self._attn_fn = make_attention_fn(cfg, ecfg.attention_impl, ecfg.attention_interpret)
-        self._set_row = jax.jit(sampling.set_row, donate_argnums=(0,))
-        self._history = jax.jit(sampling.update_history, donate_argnums=(0,))
+        # Functions of this runner's own: jax shares lowerings (and compiles) between jits of one function, and a
+        # program taken from another engine's compile cannot be told freshly compiled (see executables.py).
+        self._set_row = jax.jit(functools.partial(sampling.set_row), donate_argnums=(0,))
+        self._history = jax.jit(functools.partial(sampling.update_history), donate_argnums=(0,))
         self._history_len = self.max_pages_per_seq * self.page_size  # L: a cached prefix is shorter
         # Host copy of every sampler row's page table, kept in step with the requests' page lists (append-only
         # between admission and release), so a step gathers its rows at once instead of converting each list.
@@ -281,9 +284,9 @@ class ModelRunner:
             return out
 
         def build(key, low):
-            exe = low.compile()
+            exe, fresh = compile_guard.compile_afresh(low)
             if store is not None:
-                store.save(key, exe)
+                store.save(key, exe, fresh)
             return exe
 
         with cf.ThreadPoolExecutor(threads) as pool:

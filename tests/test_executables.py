@@ -21,11 +21,9 @@ PARAMS = [SamplingParams(max_tokens=6, temperature=0.0), SamplingParams(max_toke
           SamplingParams(max_tokens=6, temperature=0.0, logprobs=2)]
 
 
-def _llm(model_dir, cache, monkeypatch):
+def _llm(model_dir, cache):
     import jaxinfer
 
-    # jax's own persistent cache stays off in this process (a process-wide setting); the store needs only its dir
-    monkeypatch.setattr(compile_guard, "enable_persistent_cache", lambda d: None)
     return jaxinfer.LLM(str(model_dir), compilation_cache_dir=str(cache), **OPTS)
 
 
@@ -34,14 +32,26 @@ def _run(llm):
             for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
 
 
+_JAX_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                      "jax_persistent_cache_min_entry_size_bytes")
+
+
 @pytest.fixture(scope="module")
 def cold(tiny_llama_dir, tmp_path_factory):
-    """An engine built on an empty cache, its outputs, and the cache."""
-    mp = pytest.MonkeyPatch()
+    """An engine built on an empty cache (jax's persistent cache on in it, as in a user's process), its outputs,
+    and the cache. jax's cache settings are process-wide: restored afterwards."""
+    import jax
+    from jax._src import compilation_cache
+
+    saved = {k: getattr(jax.config, k) for k in _JAX_CACHE_OPTIONS}
+    compilation_cache.reset_cache()
     cache = tmp_path_factory.mktemp("cc")
-    llm = _llm(tiny_llama_dir[0], cache, mp)
+    llm = _llm(tiny_llama_dir[0], cache)
+    assert jax.config.jax_compilation_cache_dir == str(cache)
     yield llm, _run(llm), cache
-    mp.undo()
+    for k, v in saved.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
 
 
 def _store_files(cache):
@@ -61,24 +71,47 @@ def test_a_second_engine_loads_every_program_without_lowering(cold, tiny_llama_d
 
     monkeypatch.setattr(ModelRunner, "_lower_forward", no_lowering)
     monkeypatch.setattr(ModelRunner, "_lower_sampler", no_lowering)
-    warm = _llm(tiny_llama_dir[0], cache, monkeypatch)
+    warm = _llm(tiny_llama_dir[0], cache)
     assert warm.engine.runner.programs_loaded == n
     assert _run(warm) == out
     assert warm.engine.num_compiles_since_ready == 0
 
 
-def test_a_broken_file_is_replaced_and_the_rest_still_load(cold, tiny_llama_dir, monkeypatch):
+def _drop_jax_cache(cache):
+    for f in cache.glob("*-cache"):  # jax's own entries beside the store: the next compile is a fresh one
+        f.unlink()
+
+
+def test_a_broken_file_is_replaced_and_the_rest_still_load(cold, tiny_llama_dir):
     llm, out, cache = cold
     files = _store_files(cache)
     broken = next(f for f in files if f.name.startswith("16-4-False"))
     broken.write_bytes(b"not a program")
+    _drop_jax_cache(cache)
     with pytest.warns(UserWarning, match="16-4-False.jxe could not be loaded"):
-        warm = _llm(tiny_llama_dir[0], cache, monkeypatch)
+        warm = _llm(tiny_llama_dir[0], cache)
     assert warm.engine.runner.programs_loaded == len(files) - 1
     assert _run(warm) == out
     assert broken.stat().st_size > 1000  # compiled again and saved over the broken file
     store = executables.ExecutableStore(cache, broken.parent.name, executables.devices_of(warm.engine.runner.params, None))
     assert store.load((16, 4, False)) is not None
+
+
+def test_programs_loaded_from_jax_cache_are_not_saved_on_cpu(cold, tiny_llama_dir):
+    """XLA:CPU serialises an executable it loaded from jax's persistent cache without its machine code, which
+    then fails at its first run ("Function ... not found"): such programs must not reach the store there."""
+    llm, out, cache = cold
+    folder = _store_files(cache)[0].parent
+    shutil.rmtree(folder)
+    _drop_jax_cache(cache)
+    _llm(tiny_llama_dir[0], cache)  # compiles afresh: into jax's cache and the store
+    assert len(_store_files(cache)) == len(llm.engine.runner.program_seconds)
+    shutil.rmtree(folder)  # the store is empty; jax's cache holds every program
+    again = _llm(tiny_llama_dir[0], cache)
+    assert again.engine.runner.programs_loaded == 0 and not _store_files(cache)
+    third = _llm(tiny_llama_dir[0], cache)  # what a saved-and-broken program would have failed in
+    assert third.engine.runner.programs_loaded == 0
+    assert _run(third) == out
 
 
 def test_an_unwritable_store_warns_once_and_the_program_still_runs(cold, tmp_path):
