@@ -57,7 +57,8 @@ def fingerprint(cfg, ecfg, params, abstract_kv, max_model_len: int, devices) -> 
     env = (sys.version_info[:3], jax.__version__, jaxlib.__version__, dev.client.platform,
            dev.client.platform_version, [(d.id, d.process_index, d.device_kind) for d in devices],
            jax.process_index(), jax.process_count(), os.environ.get("XLA_FLAGS"), os.environ.get("LIBTPU_INIT_ARGS"),
-           sorted(jax.config.values.items()))
+           sorted((k, v) for k, v in jax.config.values.items()
+                  if "compilation_cache" not in k and "persistent_cache" not in k))
     # Options that do not reach a program (progress bars, thread counts, where the cache lives) stay out of the key.
     ecfg = dataclasses.replace(ecfg, show_progress=False, compile_threads=0, compilation_cache_dir=None)
 

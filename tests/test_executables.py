@@ -8,6 +8,7 @@ import os
 import shutil
 import warnings
 
+import jax
 import pytest
 from conftest import TINY_ENGINE_OPTIONS
 
@@ -138,6 +139,8 @@ def test_the_fingerprint_follows_what_reaches_the_programs(cold, tmp_path, monke
     assert executables.fingerprint(**args) == key
     quiet = dataclasses.replace(eng.ecfg, show_progress=True, compile_threads=3, compilation_cache_dir="/elsewhere")
     assert executables.fingerprint(**dict(args, ecfg=quiet)) == key  # options no program reads
+    with jax.default_matmul_precision("highest"):  # jax's config reaches the programs
+        assert executables.fingerprint(**args) != key
     for changed in (dict(ecfg=dataclasses.replace(eng.ecfg, max_logprobs=eng.ecfg.max_logprobs + 1)),
                     dict(cfg=dataclasses.replace(eng.cfg, rms_norm_eps=eng.cfg.rms_norm_eps * 2)),
                     dict(max_model_len=eng.max_model_len - 4)):
