@@ -3,9 +3,9 @@
 jax's persistent compilation cache saves XLA's compile, but jax still traces each program to a jaxpr and lowers
 it to StableHLO to compute the cache key: for the H100 Llama-3.1-8B preset's 61 programs, 8-12 s of serial
 Python, most of a warm start. This store keys the programs of one engine instead by a fingerprint of what
-their lowering reads: jaxinfer's and pallas_kernels' source files, the Python, jax and jaxlib versions, the
-devices, XLA's flags and jax's config, the model and engine configs, and the shapes, dtypes and shardings of the
-weights and the KV cache. Each program is one file, written with `jax.experimental.serialize_executable` (the
+their lowering reads: jaxinfer's and pallas_kernels' source files (and the shipped XLA autotune bundles, which
+pick their kernels), the Python, jax and jaxlib versions, the devices, XLA's flags and jax's config, the model and
+engine configs, and the shapes, dtypes and shardings of the weights and the KV cache. Each program is one file, written with `jax.experimental.serialize_executable` (the
 executable and its argument trees). Any change to those inputs gives a new fingerprint, so a stale program is
 never loaded, and jax checks each call's argument tree, shapes and dtypes against the loaded program as well.
 A file that fails to load is dropped with a warning and its program compiled again. On CPU only programs XLA
@@ -32,6 +32,8 @@ from pathlib import Path
 import jax
 from jax.experimental import serialize_executable
 
+from jaxinfer.config import CONFIGS_DIR
+
 FOLDER = "executables"
 SUFFIX = ".jxe"
 KEEP = 8  # configurations kept (an 8B model's programs: ~30 MB)
@@ -49,8 +51,8 @@ def fingerprint(cfg, ecfg, params, abstract_kv, max_model_len: int, devices) -> 
     import jaxlib
 
     h = hashlib.sha256(f"jaxinfer-executables-{_FORMAT}".encode())
-    for root in _source_roots():
-        for path in sorted(root.rglob("*.py")):
+    for root, pattern in [(r, "*.py") for r in _source_roots()] + [(CONFIGS_DIR / "autotune", "*.json")]:
+        for path in sorted(root.rglob(pattern)):  # the autotune bundles pick kernels: new ones, programs rebuilt
             h.update(f"{root.name}/{path.relative_to(root).as_posix()}".encode())
             h.update(path.read_bytes())
     dev = devices[0]
