@@ -4,11 +4,12 @@
         --compilation-cache-dir /tmp/cc_check
 
 Four starts, each in a fresh process, on one cache directory (emptied first): (A) compiles everything (jax's cache
-and the store fill); the store's folder is then deleted, so (B) takes every program from jax's persistent cache
-and saves it again (the path of an upgrade on a machine whose jax cache is warm); (C) and (D) load every program
-from the store. (On a CPU, B saves nothing, by design: XLA:CPU cannot re-serialise what it loaded from jax's
-cache; C and D then take jax's cache again.) Each start generates greedily for 24 token prompts of 50-900 tokens and prints how many programs
-it loaded and a digest of the output tokens: all four digests must agree. Exit status 1 if they do not.
+and the store fill); the store's folder is then deleted, so (B) takes every program from jax's persistent cache and
+saves it again (the path of an upgrade on a machine whose jax cache is warm); (C) and (D) load every program from
+the store. (On a CPU, B saves nothing, by design: XLA:CPU cannot re-serialise what it loaded from jax's cache; C and
+D then take jax's cache again.) Each start generates greedily for 24 token prompts of 50-900 tokens and prints how
+many programs it loaded and a digest of the output tokens: all four digests must agree. Exit status 1 if they do
+not.
 """
 
 from __future__ import annotations

@@ -1,20 +1,21 @@
 """Compiled programs kept on disk whole, so that a warm start neither traces nor lowers them.
 
-jax's persistent compilation cache saves XLA's compile, but jax still traces each program to a jaxpr and lowers
-it to StableHLO to compute the cache key: for the H100 Llama-3.1-8B preset's 61 programs, 8-12 s of serial
-Python, most of a warm start. This store keys the programs of one engine instead by a fingerprint of what
-their lowering reads: jaxinfer's and pallas_kernels' source files (and the shipped XLA autotune bundles, which
-pick their kernels), the Python, jax and jaxlib versions, the devices, XLA's flags and jax's config, the model and
-engine configs, and the shapes, dtypes and shardings of the weights and the KV cache. Each program is one file, written with `jax.experimental.serialize_executable` (the
-executable and its argument trees). Any change to those inputs gives a new fingerprint, so a stale program is
-never loaded, and jax checks each call's argument tree, shapes and dtypes against the loaded program as well.
-A file that fails to load is dropped with a warning and its program compiled again. On CPU only programs XLA
-compiled in this process are saved (XLA:CPU re-serialises one it loaded from jax's cache without its code).
+jax's persistent compilation cache saves XLA's compile, but jax still traces each program to a jaxpr and lowers it
+to StableHLO to compute the cache key: for the H100 Llama-3.1-8B preset's 61 programs, 8-12 s of serial Python, most
+of a warm start. This store keys the programs of one engine instead by a fingerprint of what their lowering reads:
+jaxinfer's and pallas_kernels' source files (and the shipped XLA autotune bundles, which pick their kernels), the
+Python, jax and jaxlib versions, the devices, XLA's flags and jax's config, the model and engine configs, and the
+shapes, dtypes and shardings of the weights and the KV cache. Each program is one file, written with
+`jax.experimental.serialize_executable` (the executable and its argument trees). Any change to those inputs gives a
+new fingerprint, so a stale program is never loaded, and jax checks each call's argument tree, shapes and dtypes
+against the loaded program as well. A file that fails to load is dropped with a warning and its program compiled
+again. On CPU only programs XLA compiled in this process are saved (XLA:CPU re-serialises one it loaded from jax's
+cache without its code).
 
-Layout: <compilation cache dir>/executables/<fingerprint>/<program>.jxe. The files are pickles (as jax's format
-is): keep the cache directory as private as the code you run. A start that saves a new configuration deletes all
-but the KEEP most recently used configurations' folders (each load marks its folder used); any folder can also
-be deleted by hand.
+Layout: <compilation cache dir>/executables/p<process index>-<fingerprint>/<program>.jxe. The files are pickles (as
+jax's format is): keep the cache directory as private as the code you run. A start that saves a new configuration
+deletes all but its process's KEEP most recently used configurations' folders (each load marks its folder used);
+any folder can also be deleted by hand.
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ class ExecutableStore:
     """The saved programs of one engine configuration (one fingerprint)."""
 
     def __init__(self, cache_dir: str, fingerprint: str, devices):
-        self.path = Path(cache_dir) / FOLDER / fingerprint
+        # One folder per process of a multi-host job (a shared cache directory): each prunes only its own.
+        self._prefix = f"p{jax.process_index()}-"
+        self.path = Path(cache_dir) / FOLDER / (self._prefix + fingerprint)
         self.devices = list(devices)  # the devices the programs run on, in their compiled order
         self._write_failed = self._used = self._pruned = False
 
@@ -148,10 +151,11 @@ class ExecutableStore:
                           "will lower them again", stacklevel=2)
 
     def _prune(self) -> None:
-        """Delete the folders of all but the KEEP most recently used configurations (this one counts as used)."""
+        """Delete this process's folders of all but the KEEP most recently used configurations (this one counts as
+        used); other processes' folders in a shared directory are theirs to prune."""
         os.utime(self.path)
-        folders = sorted((p for p in self.path.parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime,
-                         reverse=True)
+        folders = sorted((p for p in self.path.parent.iterdir() if p.is_dir() and p.name.startswith(self._prefix)),
+                         key=lambda p: p.stat().st_mtime, reverse=True)
         for old in folders[KEEP:]:
             if old != self.path:
                 shutil.rmtree(old, ignore_errors=True)

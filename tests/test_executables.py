@@ -94,7 +94,8 @@ def test_a_broken_file_is_replaced_and_the_rest_still_load(cold, tiny_llama_dir)
     assert warm.engine.runner.programs_loaded == len(files) - 1
     assert _run(warm) == out
     assert broken.stat().st_size > 1000  # compiled again and saved over the broken file
-    store = executables.ExecutableStore(cache, broken.parent.name, executables.devices_of(warm.engine.runner.params, None))
+    devices = executables.devices_of(warm.engine.runner.params, None)
+    store = executables.ExecutableStore(cache, broken.parent.name.removeprefix("p0-"), devices)
     assert store.load((16, 4, False)) is not None
 
 
@@ -119,7 +120,8 @@ def test_an_unwritable_store_warns_once_and_the_program_still_runs(cold, tmp_pat
     llm, _, _ = cold
     blocker = tmp_path / "file"
     blocker.write_text("")
-    store = executables.ExecutableStore(blocker, "x", executables.devices_of(llm.engine.runner.params, None))  # a folder under a file
+    devices = executables.devices_of(llm.engine.runner.params, None)
+    store = executables.ExecutableStore(blocker, "x", devices)  # its folder would be under a file
     exe = llm.engine.runner.compiled_samplers[(1, "greedy")]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -159,16 +161,18 @@ def test_saving_a_new_configuration_keeps_only_the_most_recently_used(cold, tmp_
     llm, _, _ = cold
     root = tmp_path / executables.FOLDER
     for i in range(executables.KEEP + 2):  # older configurations, the first the least recently used
-        (root / f"old{i}").mkdir(parents=True)
-        os.utime(root / f"old{i}", (1_000_000 + i, 1_000_000 + i))
+        (root / f"p0-old{i}").mkdir(parents=True)
+        os.utime(root / f"p0-old{i}", (1_000_000 + i, 1_000_000 + i))
+    (root / "p1-other").mkdir()  # another process's (a multi-host job sharing the directory): not ours to prune
+    os.utime(root / "p1-other", (1_000, 1_000))
     devices = executables.devices_of(llm.engine.runner.params, None)
     exe = llm.engine.runner.compiled_samplers[(1, "greedy")]
     executables.ExecutableStore(tmp_path / "elsewhere", "x", devices).save((1, "greedy"), exe)
-    shutil.copy(tmp_path / "elsewhere" / executables.FOLDER / "x" / "1-greedy.jxe", root / "old0")
-    os.utime(root / "old0", (1_000_000, 1_000_000))
+    shutil.copy(tmp_path / "elsewhere" / executables.FOLDER / "p0-x" / "1-greedy.jxe", root / "p0-old0")
+    os.utime(root / "p0-old0", (1_000_000, 1_000_000))
     assert executables.ExecutableStore(tmp_path, "old0", devices).load((1, "greedy")) is not None  # marks old0 used
     store = executables.ExecutableStore(tmp_path, "new", devices)
     store.save((1, "greedy"), exe)
     kept = sorted(p.name for p in root.iterdir())
-    assert kept == sorted(["new", "old0"] + [f"old{i}" for i in range(4, executables.KEEP + 2)])
+    assert kept == sorted(["p0-new", "p0-old0", "p1-other"] + [f"p0-old{i}" for i in range(4, executables.KEEP + 2)])
     assert store.load((1, "greedy")) is not None
