@@ -6,8 +6,9 @@ deserialise onto the device), compiling, warm-up. Each start runs in a fresh pro
 
 The first start fills the cache if it is empty (a cold start); the others load from it. --compile-threads
 gives the thread counts to try for the warm starts (one start each after --starts starts at the preset's).
-The child wraps jax's persistent-cache read (`compiler._cache_read`) to time its three
-parts; a profiling aid only, it follows jax's own code and changes nothing it returns.
+Programs saved whole (jaxinfer/executables.py) load before any lowering; the rest go through jax's persistent
+cache, whose reads the child wraps (`compiler._cache_read`) to time their three parts: a profiling aid only, it
+calls jax's own code and changes nothing it returns.
 """
 
 from __future__ import annotations
@@ -97,7 +98,6 @@ def child(args) -> None:
         opts["compile_threads"] = args.threads
     from jaxinfer.engine import Engine
 
-
     ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
     eng = Engine(args.model, **opts)
     total, ru1 = time.monotonic() - t0, resource.getrusage(resource.RUSAGE_SELF)
@@ -125,7 +125,7 @@ def child(args) -> None:
         "total_s": total, "weights_s": eng.load_seconds, "kv_cache_s": eng.kv_seconds,
         "compile_s": eng.compile_seconds, "lower_s": eng.lower_seconds, "warm_up_s": eng.warm_up_seconds,
         "cpu_user_s": ru1.ru_utime - ru0.ru_utime, "cpu_sys_s": ru1.ru_stime - ru0.ru_stime,
-        "programs": len(r.program_seconds), "cache_hits": len(hits), "cache_misses": misses,
+        "programs": len(r.program_seconds), "programs_loaded": r.programs_loaded, "cache_hits": len(hits), "cache_misses": misses,
         "cache_bytes": sum(c.get("bytes", 0) for c in hits),
         "read_s": s("read_s"), "decompress_s": s("decompress_s"), "deserialize_s": s("deserialize_s"),
         "cache_key_s": s("cache_key_s", calls), "load_window_s": round(window, 3),
@@ -139,7 +139,8 @@ def child(args) -> None:
 
 
 def line(name: str, p: dict) -> str:
-    return (f"{name:<14} {p['total_s']:6.1f} s: weights {p['weights_s']:.1f}, compile {p['compile_s']:.1f} (lower "
+    return (f"{name:<14} {p['total_s']:6.1f} s: weights {p['weights_s']:.1f}, compile {p['compile_s']:.1f} "
+            f"({p.get('programs_loaded', 0)} of {p['programs']} programs loaded whole; lower "
             f"{p['lower_s']:.1f}; cache key {p['cache_key_s']:.1f}, read {p['read_s']:.2f}, decompress "
             f"{p['decompress_s']:.2f}, deserialise {p['deserialize_s']:.1f} summed over {p['cache_hits']} hits "
             f"in a {p['load_window_s']:.1f} s window; {p['cache_misses']} misses), warm-up {p['warm_up_s']:.1f}; "
