@@ -78,7 +78,10 @@ def devices_of(params, mesh) -> list:
     """The devices an engine's programs run on, in their compiled order: the mesh's, or the weights' one device."""
     if mesh is not None:
         return list(mesh.devices.flat)
-    return sorted(jax.tree_util.tree_leaves(params)[0].sharding.device_set, key=lambda d: d.id)
+    for leaf in jax.tree_util.tree_leaves(params):
+        if isinstance(leaf, jax.Array):
+            return sorted(leaf.sharding.device_set, key=lambda d: d.id)
+    return [jax.devices()[0]]
 
 
 def program_name(key) -> str:
