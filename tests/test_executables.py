@@ -12,7 +12,7 @@ import jax
 import pytest
 from conftest import TINY_ENGINE_OPTIONS
 
-from jaxinfer import compile_guard, executables
+from jaxinfer import executables
 from jaxinfer.sampling_params import SamplingParams
 
 OPTS = dict(TINY_ENGINE_OPTIONS, token_buckets=(4, 16), seq_buckets=(1, 4), max_num_seqs=4, num_pages=40,
@@ -41,7 +41,6 @@ _JAX_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_com
 def cold(tiny_llama_dir, tmp_path_factory):
     """An engine built on an empty cache (jax's persistent cache on in it, as in a user's process), its outputs,
     and the cache. jax's cache settings are process-wide: restored afterwards."""
-    import jax
     from jax._src import compilation_cache
 
     saved = {k: getattr(jax.config, k) for k in _JAX_CACHE_OPTIONS}
