@@ -29,7 +29,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxinfer.config import ModelConfig
-from pallas_kernels.ragged_paged_attention import write_kv
 
 # Logical axis -> mesh axis. One table for the whole model (tensor parallelism over "tp").
 SHARDING_RULES: dict[str, str | None] = {
@@ -192,7 +191,7 @@ def apply_rope(x, positions, inv_freq):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-AttentionFn = Callable[..., jax.Array]  # (q, k_pages, v_pages, meta) -> [T, N, H]
+AttentionFn = Callable[..., tuple]  # (q, k, v, k_pages, v_pages, meta) -> ([T, N, H], k_pages, v_pages)
 
 
 def _attention_block(lp: LayerParams, cfg: ModelConfig, x, positions, inv_freq, k_pages, v_pages, meta, attn_fn):
@@ -207,8 +206,7 @@ def _attention_block(lp: LayerParams, cfg: ModelConfig, x, positions, inv_freq, 
     if lp.q_norm is not None:
         q, k = rms_norm(q, lp.q_norm, eps), rms_norm(k, lp.k_norm, eps)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
-    o = attn_fn(q, k_pages, v_pages, meta)  # [T, N, H]
+    o, k_pages, v_pages = attn_fn(q, k, v, k_pages, v_pages, meta)  # [T, N, H]; this step's K/V written
     return x + dot("tnh,nhd->td", o, lp.wo), k_pages, v_pages
 
 

@@ -173,7 +173,7 @@ def _attend(q, pos, blk_lo, blk_hi, min_pos, max_pos, kv_len, b, kh, tables_ref,
         else:
             s = jnp.tanh(s * (scale / soft_cap)) * (soft_cap * _LOG2E)
         if masked:
-            vis = kv[None, :] <= pos[:, None]
+            vis = (kv[None, :] <= pos[:, None]) & ok[None, :]  # ok: a decode writing its own token reads less
             if window is not None:
                 vis &= kv[None, :] > pos[:, None] - window
             s = jnp.where(vis, s, -jnp.inf)
@@ -281,10 +281,29 @@ def _ragged_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref,
         _store_rows(o_ref, jnp.zeros((BQ * Gp, H), jnp.float32), t, head, ok, H)
 
 
+def _with_new_token(q, m_i, l_i, acc, kn, vn, scale, soft_cap, own):
+    """Fold one more kv position, the step's own token (kn, vn [H], from registers), into (m, l, acc) where
+    `own` (a scalar: this program owns the sequence's last position); every row sees it (it is its position)."""
+    s = jnp.sum(q.astype(jnp.float32) * kn.astype(jnp.float32)[None, :], axis=1)  # [BM]
+    if soft_cap is None:
+        s = s * (scale * _LOG2E)
+    else:
+        s = jnp.tanh(s * (scale / soft_cap)) * (soft_cap * _LOG2E)
+    s = jnp.where(own, s, -jnp.inf)
+    m_new = jnp.maximum(m_i, s)
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m_i - m_use)
+    p = jnp.exp2(s - m_use)
+    return m_new, l_i * alpha + p, acc * alpha[:, None] + p[:, None] * vn.astype(jnp.float32)[None, :]
+
+
 def _decode_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref, *refs, BQ, G, Gp, bk,
-                   splits, sm_scale, window, soft_cap, has_k_scale, has_v_scale, only_single, prefetch_pages):
+                   splits, sm_scale, window, soft_cap, has_k_scale, has_v_scale, only_single, prefetch_pages,
+                   write_new=False):
     n_scales = int(has_k_scale) + int(has_v_scale)
     scale_refs, out_refs = refs[:n_scales], refs[n_scales:]
+    if write_new:  # the step's K/V [T, K, H] come in; the pages go out (aliased to k_ref / v_ref), one row written
+        kn_ref, vn_ref, *out_refs, k_out, v_out = out_refs
     T, _, H = q_ref.shape
     BM = BQ * Gp
     i = pl.program_id(0)  # sequence row (and, with one split, also a token row to zero)
@@ -307,13 +326,31 @@ def _decode_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref,
         max_pos = kv_len - 1
         scale, v_s = _scales(scale_refs, kh, sm_scale, has_k_scale, has_v_scale)
         blk_lo, blk_hi = _kv_range(kv_len, min_pos, max_pos, bk, window)
+        last_blk = blk_hi - 1  # holds position kv_len - 1, the query token's own
         if splits > 1:  # this split's share of the sequence's kv blocks
             per = _cdiv(blk_hi - blk_lo, splits)
             blk_lo = jnp.minimum(blk_lo + sp * per, blk_hi)
             blk_hi = jnp.minimum(blk_lo + per, blk_hi)
-        m_i, l_i, acc = _attend(q, pos, blk_lo, blk_hi, min_pos, max_pos, kv_len, i, kh, tables_ref, k_ref,
-                                v_ref, scale, S=k_ref.shape[2], bk=bk, window=window, soft_cap=soft_cap,
+        S = k_ref.shape[2]
+        # write_new: the pages do not hold position kv_len - 1 yet, so reads stop before it (the block holding it
+        # takes the masked path) and the one program owning it adds the token from registers and writes it.
+        new = int(write_new)
+        m_i, l_i, acc = _attend(q, pos, blk_lo, blk_hi, min_pos - new, max_pos, kv_len - new, i, kh, tables_ref,
+                                k_ref, v_ref, scale, S=S, bk=bk, window=window, soft_cap=soft_cap,
                                 prefetch_pages=prefetch_pages)
+        if write_new:
+            own = (blk_lo <= last_blk) & (last_blk < blk_hi)
+            kq = kn_ref[q_start, kh, h].astype(k_out.dtype)  # as stored: an 8-bit cache rounds it first
+            vq = vn_ref[q_start, kh, h].astype(v_out.dtype)
+            m_i, l_i, acc = _with_new_token(q, m_i, l_i, acc, kq.astype(q.dtype), vq.astype(q.dtype), scale,
+                                            soft_cap, own)
+
+            @pl.when(own)
+            def _write():
+                page = tables_ref[i, lax.div(kv_len - 1, S)]
+                off = lax.rem(kv_len - 1, S)
+                pltriton.store(k_out.at[page, kh, off, h], kq)
+                pltriton.store(v_out.at[page, kh, off, h], vq)
         if splits == 1:
             _store_rows(out_refs[0], _finish(acc, l_i, v_s), t, head, ok, H)
         else:
@@ -439,9 +476,13 @@ def ragged_paged_attention_gpu(
     block_m: int = 128, block_kv: int = 128, num_warps: int = 8, num_stages: int = 3,
     decode_block_kv: int = 32, num_kv_splits: int | None = None, decode_num_warps: int = 2,
     decode_num_stages: int = 3, prefetch_pages: bool = True, decode_prefetch_pages: bool = False,
-    xla_merge: bool = False,
+    xla_merge: bool = False, k_new=None, v_new=None,
 ):
     """Ragged paged attention (see the module docstring for shapes); returns [T, N, H] in q.dtype.
+
+    k_new, v_new [T, K, H] (decode_only): the step's own K/V, not yet in the pages. The decode kernel then writes
+    each into its sequence's slot kv_len - 1 (the pages are updated in place: donate them) and attends to it
+    from registers; returns (out, k_pages, v_pages), as `write_kv` followed by the op would.
 
     decode_only: every live sequence has exactly one query token -> the split-KV decode kernel.
     split_decodes: a mixed batch; its one-token sequences go to the decode kernel, the others to the ragged
@@ -474,11 +515,16 @@ def ragged_paged_attention_gpu(
 
     out = None
     split_decodes = split_decodes and not decode_only
+    if (k_new is None) != (v_new is None) or (k_new is not None and not decode_only):
+        raise ValueError("k_new, v_new: both or neither, and only with decode_only=True")
+    if k_new is not None and not k_new.shape == v_new.shape == (T, K, H):
+        raise ValueError(f"k_new {k_new.shape}, v_new {v_new.shape}: both must be [T, K, H] = {(T, K, H)}")
+    new_kv = None if k_new is None else (k_new.astype(q.dtype), v_new.astype(q.dtype))
     if decode_only or split_decodes:
         out = _decode_call(args, out_shape, flags, B, M * S, k_pages.dtype.itemsize, rows=B if split_decodes else max(B, T),
                            only_single=split_decodes, interpret=interpret, block_kv=decode_block_kv,
                            num_kv_splits=num_kv_splits, num_warps=decode_num_warps, num_stages=decode_num_stages,
-                           prefetch_pages=decode_prefetch_pages, xla_merge=xla_merge and decode_only)
+                           prefetch_pages=decode_prefetch_pages, xla_merge=xla_merge and decode_only, new_kv=new_kv)
         if decode_only:
             return out
     BQ = _next_pow2(max(1, block_m // Gp))
@@ -499,31 +545,43 @@ def ragged_paged_attention_gpu(
 
 
 def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_single, interpret, block_kv,
-                 num_kv_splits, num_warps, num_stages, prefetch_pages, xla_merge=False):
-    """The split-KV decode kernel (+ the merge of its splits) over program rows [0, rows)."""
-    q, k_pages, _, _, _, cu_q_lens, num_seqs = args[:7]  # then the optional k / v scales
+                 num_kv_splits, num_warps, num_stages, prefetch_pages, xla_merge=False, new_kv=None):
+    """The split-KV decode kernel (+ the merge of its splits) over program rows [0, rows). new_kv: (k_new, v_new)
+    [T, K, H], the step's own K/V, written into their pages by the kernel; then returns (out, k_pages, v_pages)."""
+    q, k_pages, v_pages, _, _, cu_q_lens, num_seqs = args[:7]  # then the optional k / v scales
     H, K, Gp = out_shape.shape[2], k_pages.shape[1], flags["Gp"]
     BQ = max(1, 16 // Gp)  # BQ * Gp >= 16 rows for the tensor-core dot; only token 0's Gp rows are live
     bk, num_stages = _fit(block_kv, num_stages, H, itemsize, BQ * Gp * H * q.dtype.itemsize)
     splits = num_kv_splits or default_num_kv_splits(B, K, max_kv, bk)
     params = _compiler_params(num_warps, num_stages)
     kernel = functools.partial(_decode_kernel, BQ=BQ, bk=bk, splits=splits, only_single=only_single,
-                               prefetch_pages=prefetch_pages, **flags)
+                               prefetch_pages=prefetch_pages, write_new=new_kv is not None, **flags)
+    has_v_scale = flags["has_v_scale"]
+    v_scales = [args[-1]] if has_v_scale else []
+    pages_out, aliases = (), {}
+    if new_kv is not None:  # the pages are outputs too, in place: inputs 1 and 2 alias the last two outputs
+        pages_out = (jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype), jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype))
+        args = (*args, *new_kv)
     if splits == 1:
-        return pl.pallas_call(kernel, grid=(rows, K, 1), out_shape=out_shape, compiler_params=params,
-                              interpret=interpret, name="paged_decode_attention")(*args)
-    o_part, m_part, l_part = pl.pallas_call(
+        if new_kv is not None:
+            aliases = {1: 1, 2: 2}
+        res = pl.pallas_call(kernel, grid=(rows, K, 1), out_shape=(out_shape, *pages_out), compiler_params=params,
+                             input_output_aliases=aliases, interpret=interpret, name="paged_decode_attention")(*args)
+        return tuple(res) if new_kv is not None else res[0]
+    if new_kv is not None:
+        aliases = {1: 3, 2: 4}
+    o_part, m_part, l_part, *pages = pl.pallas_call(
         kernel, grid=(B, K, splits),
         out_shape=(jax.ShapeDtypeStruct((B, K, splits, Gp, H), jnp.float32),
                    jax.ShapeDtypeStruct((B, K, splits, Gp), jnp.float32),
-                   jax.ShapeDtypeStruct((B, K, splits, Gp), jnp.float32)),
-        compiler_params=params, interpret=interpret, name="paged_decode_attention_split",
+                   jax.ShapeDtypeStruct((B, K, splits, Gp), jnp.float32), *pages_out),
+        input_output_aliases=aliases, compiler_params=params, interpret=interpret,
+        name="paged_decode_attention_split",
     )(*args)
-    has_v_scale = flags["has_v_scale"]
-    v_scales = [args[-1]] if has_v_scale else []
     if xla_merge:
-        return _merge_xla(o_part, m_part, l_part, num_seqs, v_scales[0] if has_v_scale else None, flags["G"], out_shape)
-    return pl.pallas_call(
+        out = _merge_xla(o_part, m_part, l_part, num_seqs, v_scales[0] if has_v_scale else None, flags["G"], out_shape)
+        return (out, *pages) if new_kv is not None else out
+    out = pl.pallas_call(
         functools.partial(_combine_kernel, G=flags["G"], Gp=Gp, splits=splits, has_v_scale=has_v_scale,
                           only_single=only_single),
         grid=(rows, K),
@@ -532,3 +590,4 @@ def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_sing
         interpret=interpret,
         name="paged_decode_combine",
     )(o_part, m_part, l_part, cu_q_lens, num_seqs, *v_scales)
+    return (out, *pages) if new_kv is not None else out

@@ -150,6 +150,66 @@ def test_8bit_cache_with_scales(dtype, decode_only, xla_merge):
            k_scale=ks, v_scale=vs, **SMALL, **extra)
 
 
+def _without_new_tokens(args):
+    """The decode batch as a step has it before its K/V write: each live sequence's last position taken out of the
+    pages (NaN left there; 127 in an int8 cache) into k_new / v_new [T, K, H] (in the cache's values; zero for
+    padding tokens)."""
+    q, kp, vp, tables, kv, cu, ns = args
+    S, (T, K, H) = kp.shape[2], (q.shape[0], kp.shape[1], kp.shape[3])
+    fill = 127 if kp.dtype == jnp.int8 else np.nan
+    kp, vp = np.asarray(kp, np.float32).copy(), np.asarray(vp, np.float32).copy()
+    k_new, v_new = np.zeros((T, K, H), np.float32), np.zeros((T, K, H), np.float32)
+    for b in range(int(ns)):
+        t, pos = int(cu[b]), int(kv[b]) - 1
+        page, off = int(tables[b, pos // S]), pos % S
+        k_new[t], v_new[t] = kp[page, :, off], vp[page, :, off]
+        kp[page, :, off] = vp[page, :, off] = fill
+    dt = args[1].dtype
+    return (q, jnp.asarray(kp).astype(dt), jnp.asarray(vp).astype(dt), *args[3:]), k_new, v_new
+
+
+def _check_fused_write(args, *, dtype, **kw):
+    """The decode kernel writing the step's K/V itself: its output as the reference on the written pages, and its
+    pages exactly the written ones (every other slot, NaN included, untouched)."""
+    H = args[0].shape[-1]
+    extra = {k: kw[k] for k in ("sliding_window", "soft_cap", "k_scale", "v_scale") if k in kw}
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(op_reference(*args, sm_scale=H**-0.5, **extra), np.float32)
+    before, k_new, v_new = _without_new_tokens(args)
+    assert not np.array_equal(np.asarray(before[1], np.float32), np.asarray(args[1], np.float32), equal_nan=True)
+    got, kp, vp = ragged_paged_attention_gpu(*before, sm_scale=H**-0.5, decode_only=True, interpret=INTERPRET,
+                                             k_new=jnp.asarray(k_new), v_new=jnp.asarray(v_new), **kw)
+    got = np.asarray(got, np.float32)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, atol=TOL[dtype], rtol=TOL[dtype])
+    for mine, theirs in ((kp, args[1]), (vp, args[2])):
+        np.testing.assert_array_equal(np.asarray(mine, np.float32), np.asarray(theirs, np.float32))
+
+
+@pytest.mark.parametrize("splits,xla_merge", [(1, False), (3, False), (3, True), (None, False)])
+def test_decode_writes_the_new_kv(splits, xla_merge):
+    rng = np.random.default_rng(10)
+    args = make_batch(rng, *DECODE, N=8, K=2, H=64, S=16, pad_tokens=2, pad_seqs=3, dtype=jnp.float32)
+    _check_fused_write(args, dtype=jnp.float32, num_kv_splits=splits, xla_merge=xla_merge, **SMALL)
+
+
+@pytest.mark.parametrize("kw", [{}, {"sliding_window": 40, "soft_cap": 10.0, "num_kv_splits": 2, **SMALL}])
+def test_decode_writes_the_new_kv_bf16_gqa8_page64(kw):
+    rng = np.random.default_rng(11)
+    args = make_batch(rng, [1] * 6, [1, 64, 65, 128, 200, 333], N=16, K=2, H=128, S=64, pad_tokens=0,
+                      pad_seqs=2, dtype=jnp.bfloat16)
+    _check_fused_write(args, dtype=jnp.bfloat16, **kw)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.float8_e4m3fn])
+def test_decode_writes_the_new_kv_8bit(dtype):
+    rng = np.random.default_rng(12)
+    args, (ks, vs) = _quantize(make_batch(rng, *DECODE, N=8, K=2, H=64, S=16), dtype, rng)
+    q_dtype = jnp.float32 if dtype == jnp.int8 else jnp.bfloat16
+    args = (args[0].astype(q_dtype), *args[1:])
+    _check_fused_write(args, dtype=q_dtype, k_scale=ks, v_scale=vs, num_kv_splits=2, **SMALL)
+
+
 def test_every_variant_lowers_to_triton_for_cuda():
     """Pallas -> Triton IR on CPU (no GPU needed): the kernels use only what the Triton lowering supports."""
     from jax._src.pallas.triton import pallas_call_registration  # noqa: F401  registers the lowering
@@ -168,11 +228,16 @@ def test_every_variant_lowers_to_triton_for_cuda():
         (jnp.bfloat16, {"sliding_window": 100, "soft_cap": 30.0}),
         (jnp.bfloat16, {"split_decodes": True, "prefetch_pages": True, "decode_prefetch_pages": True}),
         (jnp.int8, {"scales": True}), (jnp.float8_e4m3fn, {"scales": True, "decode_only": True}),
+        (jnp.bfloat16, {"decode_only": True, "new_kv": True}),
+        (jnp.bfloat16, {"decode_only": True, "new_kv": True, "num_kv_splits": 1}),
+        (jnp.float8_e4m3fn, {"scales": True, "decode_only": True, "new_kv": True}),
     ]
     for kv_dtype, kw in variants:
         kw = dict(kw)
         if kw.pop("scales", False):
             kw.update(k_scale=jnp.ones(K), v_scale=jnp.ones(K))
+        if kw.pop("new_kv", False):
+            kw.update(k_new=jnp.zeros((T, K, H), jnp.bfloat16), v_new=jnp.zeros((T, K, H), jnp.bfloat16))
         fn = jax.jit(lambda *a, kw=kw: ragged_paged_attention_gpu(*a, sm_scale=0.1, **kw))
         text = fn.trace(*shapes(jnp.bfloat16, kv_dtype)).lower(lowering_platforms=("cuda",)).as_text()
         assert "triton" in text, kw
