@@ -32,7 +32,10 @@ XLA:GPU, a sync per step):
     M >= 16, so small G is padded: the kernel is bound by K/V bytes, not by those wasted rows). When
     B * K programs cannot fill the 132 SMs several times over, the context is split flash-decoding style:
     each split writes (acc, m, l) and a second small kernel merges them and scatters the rows. With one
-    split the first kernel writes the final rows itself (one launch).
+    split the first kernel writes the final rows itself (one launch). Given the step's own K/V (k_new /
+    v_new, what the engine's decode buckets pass), it also writes them: the program owning a sequence's last
+    position adds that token from registers and stores it into its page slot (the pages aliased in place),
+    so the step needs no scatter before it (batch 1 on an H100: 174.1 -> 175.1 tok/s).
 Both: online softmax in f32 in the exp2 domain (log2 e folded into the scale); masked logits are -inf and
 a row that has seen nothing keeps m = -inf but exponentiates against 0, so it yields 0, never NaN; K/V
 loads past kv_len are masked to 0, so NaN in unused page slots never reaches a dot (0 * NaN = NaN).
