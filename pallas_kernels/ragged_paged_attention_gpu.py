@@ -132,6 +132,23 @@ def _store_rows(o_ref, val, t, head, ok, H):
                    mask=ok[:, None])
 
 
+def _logits(s, scale, soft_cap):
+    """Dot products q . k -> logits in the exp2 domain: the scale (log2 e folded in), and the soft cap if any."""
+    if soft_cap is None:
+        return s * (scale * _LOG2E)
+    return jnp.tanh(s * (scale / soft_cap)) * (soft_cap * _LOG2E)
+
+
+def _online_softmax(m_i, l_i, s, masked):
+    """One online-softmax step over logits s [BM, n]: (m, l, p [BM, n], alpha [BM]); the caller's accumulator
+    becomes acc * alpha + p @ v. masked: a row may have seen nothing yet (m = -inf) and exponentiates against 0."""
+    m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+    alpha = jnp.exp2(m_i - m_use)
+    p = jnp.exp2(s - m_use[:, None])
+    return m_new, l_i * alpha + jnp.sum(p, axis=1), p, alpha
+
+
 def _attend(q, pos, blk_lo, blk_hi, min_pos, max_pos, kv_len, b, kh, tables_ref, k_ref, v_ref, scale, *,
             S, bk, window, soft_cap, prefetch_pages=False):
     """Online softmax of q [BM, H] over kv blocks [blk_lo, blk_hi) of sequence b, kv head kh.
@@ -169,22 +186,14 @@ def _attend(q, pos, blk_lo, blk_hi, min_pos, max_pos, kv_len, b, kh, tables_ref,
             idx = (pg[:, None], kh, off[:, None], h[None, :])
             k = k_ref[idx].astype(cdt)  # [bk, H]; 8-bit caches dequantise here, the scale is in `scale`
             v = v_ref[idx].astype(cdt)
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
-                            preferred_element_type=jnp.float32)  # [BM, bk]
-        if soft_cap is None:
-            s = s * (scale * _LOG2E)
-        else:
-            s = jnp.tanh(s * (scale / soft_cap)) * (soft_cap * _LOG2E)
+        s = _logits(lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
+                                    preferred_element_type=jnp.float32), scale, soft_cap)  # [BM, bk]
         if masked:
             vis = (kv[None, :] <= pos[:, None]) & ok[None, :]  # ok: a decode writing its own token reads less
             if window is not None:
                 vis &= kv[None, :] > pos[:, None] - window
             s = jnp.where(vis, s, -jnp.inf)
-        m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new  # rows that saw nothing
-        alpha = jnp.exp2(m_i - m_use)
-        p = jnp.exp2(s - m_use[:, None])
-        l_new = l_i * alpha + jnp.sum(p, axis=1)
+        m_new, l_new, p, alpha = _online_softmax(m_i, l_i, s, masked)
         pv = lax.dot_general(p.astype(cdt), v, (((1,), (0,)), ((), ())), precision=prec,
                              preferred_element_type=jnp.float32)
         return (m_new, l_new, acc * alpha[:, None] + pv, *([pg_next] if prefetch_pages else []))
@@ -287,17 +296,10 @@ def _ragged_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref,
 def _with_new_token(q, m_i, l_i, acc, kn, vn, scale, soft_cap, own):
     """Fold one more kv position, the step's own token (kn, vn [H], from registers), into (m, l, acc) where
     `own` (a scalar: this program owns the sequence's last position); every row sees it (it is its position)."""
-    s = jnp.sum(q.astype(jnp.float32) * kn.astype(jnp.float32)[None, :], axis=1)  # [BM]
-    if soft_cap is None:
-        s = s * (scale * _LOG2E)
-    else:
-        s = jnp.tanh(s * (scale / soft_cap)) * (soft_cap * _LOG2E)
-    s = jnp.where(own, s, -jnp.inf)
-    m_new = jnp.maximum(m_i, s)
-    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp2(m_i - m_use)
-    p = jnp.exp2(s - m_use)
-    return m_new, l_i * alpha + p, acc * alpha[:, None] + p[:, None] * vn.astype(jnp.float32)[None, :]
+    s = jnp.sum(q.astype(jnp.float32) * kn.astype(jnp.float32)[None, :], axis=1)[:, None]  # [BM, 1]
+    s = jnp.where(own, _logits(s, scale, soft_cap), -jnp.inf)
+    m_new, l_new, p, alpha = _online_softmax(m_i, l_i, s, masked=True)
+    return m_new, l_new, acc * alpha[:, None] + p * vn.astype(jnp.float32)[None, :]
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref, *refs, BQ, G, Gp, bk,
@@ -561,36 +563,35 @@ def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_sing
                                prefetch_pages=prefetch_pages, write_new=new_kv is not None, **flags)
     has_v_scale = flags["has_v_scale"]
     v_scales = [args[-1]] if has_v_scale else []
-    pages_out, aliases = (), {}
+    pages_out = ()
     if new_kv is not None:  # the pages are outputs too, in place: inputs 1 and 2 alias the last two outputs
         pages_out = (jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype), jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype))
         args = (*args, *new_kv)
+
+    def call(grid, main_out, name):
+        n = len(main_out)
+        return pl.pallas_call(kernel, grid=grid, out_shape=(*main_out, *pages_out), compiler_params=params,
+                              input_output_aliases={1: n, 2: n + 1} if pages_out else {}, interpret=interpret,
+                              name=name)(*args)
+
     if splits == 1:
-        if new_kv is not None:
-            aliases = {1: 1, 2: 2}
-        res = pl.pallas_call(kernel, grid=(rows, K, 1), out_shape=(out_shape, *pages_out), compiler_params=params,
-                             input_output_aliases=aliases, interpret=interpret, name="paged_decode_attention")(*args)
-        return tuple(res) if new_kv is not None else res[0]
-    if new_kv is not None:
-        aliases = {1: 3, 2: 4}
-    o_part, m_part, l_part, *pages = pl.pallas_call(
-        kernel, grid=(B, K, splits),
-        out_shape=(jax.ShapeDtypeStruct((B, K, splits, Gp, H), jnp.float32),
-                   jax.ShapeDtypeStruct((B, K, splits, Gp), jnp.float32),
-                   jax.ShapeDtypeStruct((B, K, splits, Gp), jnp.float32), *pages_out),
-        input_output_aliases=aliases, compiler_params=params, interpret=interpret,
-        name="paged_decode_attention_split",
-    )(*args)
-    if xla_merge:
-        out = _merge_xla(o_part, m_part, l_part, num_seqs, v_scales[0] if has_v_scale else None, flags["G"], out_shape)
-        return (out, *pages) if new_kv is not None else out
-    out = pl.pallas_call(
-        functools.partial(_combine_kernel, G=flags["G"], Gp=Gp, splits=splits, has_v_scale=has_v_scale,
-                          only_single=only_single),
-        grid=(rows, K),
-        out_shape=out_shape,
-        compiler_params=_compiler_params(4, 1),
-        interpret=interpret,
-        name="paged_decode_combine",
-    )(o_part, m_part, l_part, cu_q_lens, num_seqs, *v_scales)
+        out, *pages = call((rows, K, 1), (out_shape,), "paged_decode_attention")
+    else:
+        o_part, m_part, l_part, *pages = call(
+            (B, K, splits), (jax.ShapeDtypeStruct((B, K, splits, Gp, H), jnp.float32),
+                             jax.ShapeDtypeStruct((B, K, splits, Gp), jnp.float32),
+                             jax.ShapeDtypeStruct((B, K, splits, Gp), jnp.float32)), "paged_decode_attention_split")
+        if xla_merge:
+            out = _merge_xla(o_part, m_part, l_part, num_seqs, v_scales[0] if has_v_scale else None, flags["G"],
+                             out_shape)
+        else:
+            out = pl.pallas_call(
+                functools.partial(_combine_kernel, G=flags["G"], Gp=Gp, splits=splits, has_v_scale=has_v_scale,
+                                  only_single=only_single),
+                grid=(rows, K),
+                out_shape=out_shape,
+                compiler_params=_compiler_params(4, 1),
+                interpret=interpret,
+                name="paged_decode_combine",
+            )(o_part, m_part, l_part, cu_q_lens, num_seqs, *v_scales)
     return (out, *pages) if new_kv is not None else out

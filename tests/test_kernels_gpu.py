@@ -22,12 +22,17 @@ TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 SMALL = dict(block_m=16, block_kv=16, decode_block_kv=16)
 
 
+def _reference(args, sm_scale, kw):
+    """The oracle's output for args, with the options in kw it shares with the kernel (the rest are knobs)."""
+    extra = {k: kw[k] for k in ("sliding_window", "soft_cap", "k_scale", "v_scale") if k in kw}
+    with jax.default_matmul_precision("highest"):  # on a GPU, XLA's default f32 dot is tf32
+        return np.asarray(op_reference(*args, sm_scale=sm_scale, **extra), np.float32)
+
+
 def _check(args, *, dtype, decode_only=False, sm_scale=None, **kw):
     H = args[0].shape[-1]
     sm_scale = sm_scale or H**-0.5
-    extra = {k: kw[k] for k in ("sliding_window", "soft_cap", "k_scale", "v_scale") if k in kw}
-    with jax.default_matmul_precision("highest"):  # on a GPU, XLA's default f32 dot is tf32
-        want = np.asarray(op_reference(*args, sm_scale=sm_scale, **extra), np.float32)
+    want = _reference(args, sm_scale, kw)
     got = np.asarray(ragged_paged_attention_gpu(*args, sm_scale=sm_scale, decode_only=decode_only,
                                                 interpret=INTERPRET, **kw), np.float32)
     assert np.all(np.isfinite(got))
@@ -172,9 +177,7 @@ def _check_fused_write(args, *, dtype, **kw):
     """The decode kernel writing the step's K/V itself: its output as the reference on the written pages, and its
     pages exactly the written ones (every other slot, NaN included, untouched)."""
     H = args[0].shape[-1]
-    extra = {k: kw[k] for k in ("sliding_window", "soft_cap", "k_scale", "v_scale") if k in kw}
-    with jax.default_matmul_precision("highest"):
-        want = np.asarray(op_reference(*args, sm_scale=H**-0.5, **extra), np.float32)
+    want = _reference(args, H**-0.5, kw)
     before, k_new, v_new = _without_new_tokens(args)
     assert not np.array_equal(np.asarray(before[1], np.float32), np.asarray(args[1], np.float32), equal_nan=True)
     got, kp, vp = ragged_paged_attention_gpu(*before, sm_scale=H**-0.5, decode_only=True, interpret=INTERPRET,
