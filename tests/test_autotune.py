@@ -77,7 +77,6 @@ def test_shipped_bundles_are_well_formed():
             assert name.endswith(".pb") and base64.b64decode(data, validate=True), name
 
 
-
 def test_engine_starts_when_the_results_cannot_be_added(tiny_llama_dir, monkeypatch, capsys, tmp_path):
     """A cache the results cannot be written to costs XLA's searches, not the start-up."""
     from jaxinfer import compile_guard
