@@ -45,23 +45,27 @@ def get_op(impl: str):
 
 
 def make_attention_fn(cfg: ModelConfig, impl: str, interpret: bool = False):
-    """(q [T, N, H], k, v [T, K, H] (the step's new keys and values), k_pages, v_pages, meta: AttentionMetadata,
-    decode=False) -> (out [T, N, H], k_pages, v_pages): the new K/V written into their slots, then attention."""
+    """(qkv [T, K, G + 2, H], k_pages, v_pages, meta: AttentionMetadata, decode=False) -> (out [T, N, H], k_pages,
+    v_pages): qkv holds per kv head its G query heads, then the step's new key and value (the model's fused
+    projection, rope applied); the new K/V are written into their slots, then attention runs."""
     chosen = select_impl(impl, jax.default_backend())
     kwargs = dict(sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window)
     if chosen in _KERNELS:
         kwargs["interpret"] = interpret
     op = functools.partial(get_op(chosen), **kwargs)
 
-    def attention(q, k, v, k_pages, v_pages, meta, decode: bool = False):
+    def attention(qkv, k_pages, v_pages, meta, decode: bool = False):
         # decode: every live sequence has one query token (a decode bucket); only the GPU kernel uses it: its
-        # decode kernel writes the new K/V itself (one launch fewer per layer than a scatter before it), and in
-        # a mixed step it takes the one-token sequences.
+        # decode kernel writes the new K/V itself (no scatter before it), and in a mixed step it takes the
+        # one-token sequences. The GPU kernels read the queries out of qkv in place (no copy of them per layer).
         args = (meta.page_tables, meta.kv_lens, meta.cu_q_lens, meta.num_seqs)
         if chosen == "gpu" and decode:
-            return op(q, k_pages, v_pages, *args, decode_only=True, k_new=k, v_new=v)
-        k_pages, v_pages = rpa.write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
-        extra = {"split_decodes": True} if chosen == "gpu" else {}
-        return op(q, k_pages, v_pages, *args, **extra), k_pages, v_pages
+            return op(qkv, k_pages, v_pages, *args, decode_only=True, fused_qkv=True)
+        T, K, G2, H = qkv.shape
+        k_pages, v_pages = rpa.write_kv(k_pages, v_pages, qkv[:, :, G2 - 2], qkv[:, :, G2 - 1], meta.slot_mapping)
+        if chosen == "gpu":
+            return op(qkv, k_pages, v_pages, *args, split_decodes=True, fused_qkv=True), k_pages, v_pages
+        q = qkv[:, :, : G2 - 2].reshape(T, K * (G2 - 2), H)
+        return op(q, k_pages, v_pages, *args), k_pages, v_pages
 
     return attention

@@ -184,29 +184,31 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
 
 
 def apply_rope(x, positions, inv_freq):
-    """Rotary embedding, rotate-half (HF) convention. x [T, n, H], positions [T]."""
+    """Rotary embedding, rotate-half (HF) convention. x [T, ..., H], positions [T]."""
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
-    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + angles.shape[1:]
+    cos, sin = jnp.cos(angles).reshape(shape), jnp.sin(angles).reshape(shape)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-AttentionFn = Callable[..., tuple]  # (q, k, v, k_pages, v_pages, meta) -> ([T, N, H], k_pages, v_pages)
+AttentionFn = Callable[..., tuple]  # (qkv [T, K, G + 2, H], k_pages, v_pages, meta) -> ([T, N, H], k_pages, v_pages)
 
 
 def _attention_block(lp: LayerParams, cfg: ModelConfig, x, positions, inv_freq, k_pages, v_pages, meta, attn_fn):
     eps = cfg.rms_norm_eps
     h = rms_norm(x, lp.attn_norm, eps)
-    T, (K, G2, H) = x.shape[0], lp.wqkv.shape[1:]
-    qkv = dot("td,dkgh->tkgh", h, lp.wqkv)  # [T, K, G + 2, H]
+    G = lp.wqkv.shape[2] - 2
+    # [T, K, G + 2, H]: per kv head k its G query heads (query head n = k * G + g, HF's order), its key, its value.
+    qkv = dot("td,dkgh->tkgh", h, lp.wqkv)
     if lp.bqkv is not None:
         qkv = qkv + lp.bqkv.astype(qkv.dtype)
-    # Query head n = k * G + g belongs to kv head k (GQA), so [K, G] flattens to HF's head order.
-    q, k, v = qkv[:, :, : G2 - 2].reshape(T, K * (G2 - 2), H), qkv[:, :, G2 - 2], qkv[:, :, G2 - 1]
     if lp.q_norm is not None:
-        q, k = rms_norm(q, lp.q_norm, eps), rms_norm(k, lp.k_norm, eps)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    o, k_pages, v_pages = attn_fn(q, k, v, k_pages, v_pages, meta)  # [T, N, H]; this step's K/V written
+        qkv = jnp.concatenate([rms_norm(qkv[:, :, :G], lp.q_norm, eps), rms_norm(qkv[:, :, G:G + 1], lp.k_norm, eps),
+                               qkv[:, :, G + 1:]], axis=2)
+    # Rope on the query and key heads in one pass over the projection (one fusion); the value passes through.
+    qkv = jnp.where((jnp.arange(G + 2) <= G)[:, None], apply_rope(qkv, positions, inv_freq), qkv)
+    o, k_pages, v_pages = attn_fn(qkv, k_pages, v_pages, meta)  # [T, N, H]; this step's K/V written
     return x + dot("tnh,nhd->td", o, lp.wo), k_pages, v_pages
 
 

@@ -32,10 +32,12 @@ XLA:GPU, a sync per step):
     M >= 16, so small G is padded: the kernel is bound by K/V bytes, not by those wasted rows). When
     B * K programs cannot fill the 132 SMs several times over, the context is split flash-decoding style:
     each split writes (acc, m, l) and a second small kernel merges them and scatters the rows. With one
-    split the first kernel writes the final rows itself (one launch). Given the step's own K/V (k_new /
-    v_new, what the engine's decode buckets pass), it also writes them: the program owning a sequence's last
-    position adds that token from registers and stores it into its page slot (the pages aliased in place),
-    so the step needs no scatter before it (batch 1 on an H100: 174.1 -> 175.1 tok/s).
+    split the first kernel writes the final rows itself (one launch). Given the model's fused projection
+    (`fused_qkv`: the queries with the step's own keys and values, what the engine's decode buckets pass), it
+    also writes the new K/V: the program owning a sequence's last position adds that token from registers and
+    stores it into its page slot (the pages aliased in place), so the step needs no scatter before it and no
+    copy of q, k or v out of the projection (an 8B Llama at batch 1 on an H100: 174.1 -> 175.1 tok/s for the
+    write, then 173.3-175.0 -> 176.6-176.7 for reading the projection in place, three per-layer copies fewer).
 Both: online softmax in f32 in the exp2 domain (log2 e folded into the scale); masked logits are -inf and
 a row that has seen nothing keeps m = -inf but exponentiates against 0, so it yields 0, never NaN; K/V
 loads past kv_len are masked to 0, so NaN in unused page slots never reaches a dot (0 * NaN = NaN).
@@ -130,6 +132,14 @@ def _store_rows(o_ref, val, t, head, ok, H):
     t = jnp.where(ok, t, o_ref.shape[0])
     pltriton.store(o_ref.at[t[:, None], head[:, None], h[None, :]], val.astype(o_ref.dtype),
                    mask=ok[:, None])
+
+
+def _load_q(q_ref, t, head, kh, ok, G, Gs, H):
+    """q [BM, H] of rows (t, head); q_ref has Gs heads per kv head: G ([T, N, H] queries) or G + 2 (the fused
+    projection [T, K * (G + 2), H], whose kv head kh's queries start at row kh * (G + 2))."""
+    q_head = head + kh * (Gs - G)
+    return pltriton.load(q_ref.at[jnp.minimum(t, q_ref.shape[0] - 1)[:, None], q_head[:, None], _iota(H)[None, :]],
+                         mask=ok[:, None], other=0)
 
 
 def _logits(s, scale, soft_cap):
@@ -239,7 +249,7 @@ def _finish(acc, l_i, v_s):
     return acc * inv[..., None]
 
 
-def _ragged_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref, *refs, BQ, G, Gp, bk,
+def _ragged_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref, *refs, BQ, G, Gs, Gp, bk,
                    sm_scale, window, soft_cap, has_k_scale, has_v_scale, skip_single, prefetch_pages):
     *scale_refs, o_ref = refs
     if skip_single:  # the last input is the decode kernel's output, aliased to o_ref: its rows stay
@@ -273,9 +283,7 @@ def _ragged_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref,
             kv_len = kv_lens_ref[b]
             t, head, head_ok = _rows(BQ, Gp, G, kh, q0)
             ok = head_ok & (t < q_end)
-            h = _iota(H)
-            q = pltriton.load(q_ref.at[jnp.minimum(t, T - 1)[:, None], head[:, None], h[None, :]],
-                              mask=ok[:, None], other=0)
+            q = _load_q(q_ref, t, head, kh, ok, G, Gs, H)
             pos = kv_len - (q_end - t)  # [BM]
             min_pos = kv_len - (q_end - q0)
             max_pos = kv_len - (q_end - jnp.minimum(q0 + BQ, q_end)) - 1
@@ -302,13 +310,15 @@ def _with_new_token(q, m_i, l_i, acc, kn, vn, scale, soft_cap, own):
     return m_new, l_new, acc * alpha[:, None] + p * vn.astype(jnp.float32)[None, :]
 
 
-def _decode_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref, *refs, BQ, G, Gp, bk,
+def _decode_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref, *refs, BQ, G, Gs, Gp, bk,
                    splits, sm_scale, window, soft_cap, has_k_scale, has_v_scale, only_single, prefetch_pages,
                    write_new=False):
     n_scales = int(has_k_scale) + int(has_v_scale)
     scale_refs, out_refs = refs[:n_scales], refs[n_scales:]
-    if write_new:  # the step's K/V [T, K, H] come in; the pages go out (aliased to k_ref / v_ref), one row written
-        kn_ref, vn_ref, *out_refs, k_out, v_out = out_refs
+    # write_new: q_ref is the fused projection (Gs = G + 2: kv head kh's G query heads, then its new key and value);
+    # the pages go out too (aliased to k_ref / v_ref), one slot per sequence written.
+    if write_new:
+        *out_refs, k_out, v_out = out_refs
     T, _, H = q_ref.shape
     BM = BQ * Gp
     i = pl.program_id(0)  # sequence row (and, with one split, also a token row to zero)
@@ -324,8 +334,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref,
         t, head, head_ok = _rows(BQ, Gp, G, kh, q_start)
         ok = head_ok & (t < q_end)
         h = _iota(H)
-        q = pltriton.load(q_ref.at[jnp.minimum(t, T - 1)[:, None], head[:, None], h[None, :]],
-                          mask=ok[:, None], other=0)
+        q = _load_q(q_ref, t, head, kh, ok, G, Gs, H)
         pos = kv_len - (q_end - t)
         min_pos = kv_len - (q_end - q_start)
         max_pos = kv_len - 1
@@ -345,8 +354,8 @@ def _decode_kernel(q_ref, k_ref, v_ref, tables_ref, kv_lens_ref, cu_ref, ns_ref,
                                 prefetch_pages=prefetch_pages)
         if write_new:
             own = (blk_lo <= last_blk) & (last_blk < blk_hi)
-            kq = kn_ref[q_start, kh, h].astype(k_out.dtype)  # as stored: an 8-bit cache rounds it first
-            vq = vn_ref[q_start, kh, h].astype(v_out.dtype)
+            kq = q_ref[q_start, kh * Gs + G, h].astype(k_out.dtype)  # as stored: an 8-bit cache rounds it first
+            vq = q_ref[q_start, kh * Gs + G + 1, h].astype(v_out.dtype)
             m_i, l_i, acc = _with_new_token(q, m_i, l_i, acc, kq.astype(q.dtype), vq.astype(q.dtype), scale,
                                             soft_cap, own)
 
@@ -473,7 +482,7 @@ def default_num_kv_splits(B, K, max_kv_len, bk):
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "sliding_window", "soft_cap", "decode_only", "split_decodes", "interpret", "block_m", "block_kv",
     "num_warps", "num_stages", "decode_block_kv", "num_kv_splits", "decode_num_warps", "decode_num_stages",
-    "prefetch_pages", "decode_prefetch_pages", "xla_merge"))
+    "prefetch_pages", "decode_prefetch_pages", "xla_merge", "fused_qkv"))
 def ragged_paged_attention_gpu(
     q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens, num_seqs,
     *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
@@ -481,13 +490,16 @@ def ragged_paged_attention_gpu(
     block_m: int = 128, block_kv: int = 128, num_warps: int = 8, num_stages: int = 3,
     decode_block_kv: int = 32, num_kv_splits: int | None = None, decode_num_warps: int = 2,
     decode_num_stages: int = 3, prefetch_pages: bool = True, decode_prefetch_pages: bool = False,
-    xla_merge: bool = False, k_new=None, v_new=None,
+    xla_merge: bool = False, fused_qkv: bool = False,
 ):
     """Ragged paged attention (see the module docstring for shapes); returns [T, N, H] in q.dtype.
 
-    k_new, v_new [T, K, H] (decode_only): the step's own K/V, not yet in the pages. The decode kernel then writes
-    each into its sequence's slot kv_len - 1 (the pages are updated in place: donate them) and attends to it
-    from registers; returns (out, k_pages, v_pages), as `write_kv` followed by the op would.
+    fused_qkv: q is the model's fused projection [T, K, G + 2, H], each kv head's G query heads followed by the
+    step's own key and value (rope applied as to the queries); the kernels read the queries out of it in place.
+    With decode_only the decode kernel also writes each new K/V into its sequence's slot kv_len - 1 (the pages are
+    updated in place: donate them) and attends to it from registers, so the pages need not hold it yet; it then
+    returns (out, k_pages, v_pages), as `write_kv` followed by the op would. Otherwise (mixed batches) the pages
+    must already hold the step's K/V, as without it. Either way no copy of q, k or v out of the projection.
 
     decode_only: every live sequence has exactly one query token -> the split-KV decode kernel.
     split_decodes: a mixed batch; its one-token sequences go to the decode kernel, the others to the ragged
@@ -499,8 +511,14 @@ def ragged_paged_attention_gpu(
     Where the pipelined K/V tiles and the query tile would not fit in shared memory (f32 caches, head dim 256,
     smaller GPUs), kv blocks shrink and stages drop until they do (`_fit`).
     """
-    T, N, H = q.shape
     P, K, S, H_k = k_pages.shape
+    if fused_qkv:
+        if q.ndim != 4 or q.shape[1] != K or q.shape[2] < 3:
+            raise ValueError(f"fused_qkv: q must be [T, K, G + 2, H] with K = {K}, got {q.shape}")
+        T, _, G2, H = q.shape
+        N, q = K * (G2 - 2), q.reshape(T, K * G2, H)  # a view: the kernels index kv head kh's rows themselves
+    else:
+        T, N, H = q.shape
     B, M = page_tables.shape
     if N % K or H_k != H or v_pages.shape != k_pages.shape:
         raise ValueError(f"bad shapes: q {q.shape}, k_pages {k_pages.shape}, v_pages {v_pages.shape}")
@@ -513,23 +531,19 @@ def ragged_paged_attention_gpu(
     kv_lens = kv_lens.astype(jnp.int32)
     cu_q_lens = cu_q_lens.astype(jnp.int32)
     scales = [s.astype(jnp.float32).reshape(K) for s in (k_scale, v_scale) if s is not None]
-    flags = dict(G=G, Gp=Gp, sm_scale=float(sm_scale), window=sliding_window, soft_cap=soft_cap,
+    flags = dict(G=G, Gs=G + 2 if fused_qkv else G, Gp=Gp, sm_scale=float(sm_scale), window=sliding_window, soft_cap=soft_cap,
                  has_k_scale=k_scale is not None, has_v_scale=v_scale is not None)
     args = (q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens, num_seqs, *scales)
     out_shape = jax.ShapeDtypeStruct((T, N, H), q.dtype)
 
     out = None
     split_decodes = split_decodes and not decode_only
-    if (k_new is None) != (v_new is None) or (k_new is not None and not decode_only):
-        raise ValueError("k_new, v_new: both or neither, and only with decode_only=True")
-    if k_new is not None and not k_new.shape == v_new.shape == (T, K, H):
-        raise ValueError(f"k_new {k_new.shape}, v_new {v_new.shape}: both must be [T, K, H] = {(T, K, H)}")
-    new_kv = None if k_new is None else (k_new.astype(q.dtype), v_new.astype(q.dtype))
     if decode_only or split_decodes:
         out = _decode_call(args, out_shape, flags, B, M * S, k_pages.dtype.itemsize, rows=B if split_decodes else max(B, T),
                            only_single=split_decodes, interpret=interpret, block_kv=decode_block_kv,
                            num_kv_splits=num_kv_splits, num_warps=decode_num_warps, num_stages=decode_num_stages,
-                           prefetch_pages=decode_prefetch_pages, xla_merge=xla_merge and decode_only, new_kv=new_kv)
+                           prefetch_pages=decode_prefetch_pages, xla_merge=xla_merge and decode_only,
+                           write_new=fused_qkv and decode_only)
         if decode_only:
             return out
     BQ = _next_pow2(max(1, block_m // Gp))
@@ -550,9 +564,9 @@ def ragged_paged_attention_gpu(
 
 
 def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_single, interpret, block_kv,
-                 num_kv_splits, num_warps, num_stages, prefetch_pages, xla_merge=False, new_kv=None):
-    """The split-KV decode kernel (+ the merge of its splits) over program rows [0, rows). new_kv: (k_new, v_new)
-    [T, K, H], the step's own K/V, written into their pages by the kernel; then returns (out, k_pages, v_pages)."""
+                 num_kv_splits, num_warps, num_stages, prefetch_pages, xla_merge=False, write_new=False):
+    """The split-KV decode kernel (+ the merge of its splits) over program rows [0, rows). write_new: q is the fused
+    projection [T, K * (G + 2), H], whose new K/V the kernel writes into their pages; returns (out, k_pages, v_pages)."""
     q, k_pages, v_pages, _, _, cu_q_lens, num_seqs = args[:7]  # then the optional k / v scales
     H, K, Gp = out_shape.shape[2], k_pages.shape[1], flags["Gp"]
     BQ = max(1, 16 // Gp)  # BQ * Gp >= 16 rows for the tensor-core dot; only token 0's Gp rows are live
@@ -560,13 +574,12 @@ def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_sing
     splits = num_kv_splits or default_num_kv_splits(B, K, max_kv, bk)
     params = _compiler_params(num_warps, num_stages)
     kernel = functools.partial(_decode_kernel, BQ=BQ, bk=bk, splits=splits, only_single=only_single,
-                               prefetch_pages=prefetch_pages, write_new=new_kv is not None, **flags)
+                               prefetch_pages=prefetch_pages, write_new=write_new, **flags)
     has_v_scale = flags["has_v_scale"]
     v_scales = [args[-1]] if has_v_scale else []
     pages_out = ()
-    if new_kv is not None:  # the pages are outputs too, in place: inputs 1 and 2 alias the last two outputs
+    if write_new:  # the pages are outputs too, in place: inputs 1 and 2 alias the last two outputs
         pages_out = (jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype), jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype))
-        args = (*args, *new_kv)
 
     def call(grid, main_out, name):
         n = len(main_out)
@@ -594,4 +607,4 @@ def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_sing
                 interpret=interpret,
                 name="paged_decode_combine",
             )(o_part, m_part, l_part, cu_q_lens, num_seqs, *v_scales)
-    return (out, *pages) if new_kv is not None else out
+    return (out, *pages) if write_new else out

@@ -8,6 +8,8 @@ catches lowering errors that interpret mode cannot see, still without a GPU.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,8 +182,13 @@ def _check_fused_write(args, *, dtype, **kw):
     want = _reference(args, H**-0.5, kw)
     before, k_new, v_new = _without_new_tokens(args)
     assert not np.array_equal(np.asarray(before[1], np.float32), np.asarray(args[1], np.float32), equal_nan=True)
-    got, kp, vp = ragged_paged_attention_gpu(*before, sm_scale=H**-0.5, decode_only=True, interpret=INTERPRET,
-                                             k_new=jnp.asarray(k_new), v_new=jnp.asarray(v_new), **kw)
+    q = before[0]
+    T, N, K = q.shape[0], q.shape[1], k_new.shape[1]
+    # the model's fused projection: per kv head its G query heads, then the new key and value
+    qkv = jnp.concatenate([q.reshape(T, K, N // K, H), jnp.asarray(k_new, q.dtype)[:, :, None],
+                           jnp.asarray(v_new, q.dtype)[:, :, None]], axis=2)
+    got, kp, vp = ragged_paged_attention_gpu(qkv, *before[1:], sm_scale=H**-0.5, decode_only=True,
+                                             interpret=INTERPRET, fused_qkv=True, **kw)
     got = np.asarray(got, np.float32)
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, atol=TOL[dtype], rtol=TOL[dtype])
@@ -213,6 +220,36 @@ def test_decode_writes_the_new_kv_8bit(dtype):
     _check_fused_write(args, dtype=q_dtype, k_scale=ks, v_scale=vs, num_kv_splits=2, **SMALL)
 
 
+def _fused(q, K, rng):
+    """q [T, N, H] as the model's fused projection [T, K, G + 2, H], with a random key and value per kv head."""
+    T, N, H = q.shape
+    kv = jnp.asarray(rng.normal(size=(T, K, 2, H)), q.dtype)
+    return jnp.concatenate([q.reshape(T, K, N // K, H), kv], axis=2)
+
+
+@pytest.mark.parametrize("case,kw", [(MIXED, {"split_decodes": True, "num_kv_splits": 2}), (PREFILL, {}),
+                                     (MIXED, {"sliding_window": 24, "soft_cap": 20.0})])
+def test_fused_qkv_reads_the_queries_in_place(case, kw):
+    """The ragged kernel (and a mixed step's decode part) on the fused projection: the same output as on q."""
+    rng = np.random.default_rng(14)
+    q, *rest = make_batch(rng, *case, N=8, K=2, H=64, S=16, pad_tokens=3, pad_seqs=2, dtype=jnp.float32)
+    run = functools.partial(ragged_paged_attention_gpu, sm_scale=0.125, interpret=INTERPRET, **SMALL, **kw)
+    want = np.asarray(run(q, *rest))
+    np.testing.assert_array_equal(np.asarray(run(_fused(q, 2, rng), *rest, fused_qkv=True)), want)
+
+
+def test_fused_qkv_is_checked():
+    rng = np.random.default_rng(13)
+    q, kp, vp, *rest = make_batch(rng, *DECODE, N=8, K=2, H=64, S=16)
+    T = q.shape[0]
+    with pytest.raises(ValueError, match="fused_qkv"):  # K = 4 kv heads in q, 2 in the pages
+        ragged_paged_attention_gpu(q.reshape(T, 4, 2, 64), kp, vp, *rest, sm_scale=0.1, fused_qkv=True,
+                                   decode_only=True, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="fused_qkv"):  # [T, N, H] is not the fused projection
+        ragged_paged_attention_gpu(q, kp, vp, *rest, sm_scale=0.1, fused_qkv=True, decode_only=True,
+                                   interpret=INTERPRET)
+
+
 def test_every_variant_lowers_to_triton_for_cuda():
     """Pallas -> Triton IR on CPU (no GPU needed): the kernels use only what the Triton lowering supports."""
     from jax._src.pallas.triton import pallas_call_registration  # noqa: F401  registers the lowering
@@ -231,18 +268,21 @@ def test_every_variant_lowers_to_triton_for_cuda():
         (jnp.bfloat16, {"sliding_window": 100, "soft_cap": 30.0}),
         (jnp.bfloat16, {"split_decodes": True, "prefetch_pages": True, "decode_prefetch_pages": True}),
         (jnp.int8, {"scales": True}), (jnp.float8_e4m3fn, {"scales": True, "decode_only": True}),
-        (jnp.bfloat16, {"decode_only": True, "new_kv": True}),
-        (jnp.bfloat16, {"decode_only": True, "new_kv": True, "num_kv_splits": 1}),
-        (jnp.float8_e4m3fn, {"scales": True, "decode_only": True, "new_kv": True}),
+        (jnp.bfloat16, {"decode_only": True, "fused": True}),
+        (jnp.bfloat16, {"decode_only": True, "fused": True, "num_kv_splits": 1}),
+        (jnp.float8_e4m3fn, {"scales": True, "decode_only": True, "fused": True}),
+        (jnp.bfloat16, {"split_decodes": True, "fused": True}),
     ]
     for kv_dtype, kw in variants:
         kw = dict(kw)
         if kw.pop("scales", False):
             kw.update(k_scale=jnp.ones(K), v_scale=jnp.ones(K))
-        if kw.pop("new_kv", False):
-            kw.update(k_new=jnp.zeros((T, K, H), jnp.bfloat16), v_new=jnp.zeros((T, K, H), jnp.bfloat16))
+        args = shapes(jnp.bfloat16, kv_dtype)
+        if kw.pop("fused", False):
+            kw.update(fused_qkv=True)
+            args = (sd((T, K, N // K + 2, H), jnp.bfloat16), *args[1:])
         fn = jax.jit(lambda *a, kw=kw: ragged_paged_attention_gpu(*a, sm_scale=0.1, **kw))
-        text = fn.trace(*shapes(jnp.bfloat16, kv_dtype)).lower(lowering_platforms=("cuda",)).as_text()
+        text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert "triton" in text, kw
 
 
