@@ -17,7 +17,10 @@ of back-to-back Python calls, for comparison. Inputs rotate over several page-ta
 cache larger than the 50 MB L2, so small cases do not time the cache. GB/s counts the K/V bytes the op must
 read (each live token once) plus q and out; TFLOP/s counts 4 * H * N * (visible kv per query token), with
 causal visibility. Ratios are to 2.94 TB/s (measured copy bandwidth) and 787 TFLOP/s (bf16 matmul).
-Each variant's max |error| against the XLA form is reported; a failing variant prints its error and the
+`--kernel-time` adds each variant's device time per call of its own kernels, summed from a profiler trace of
+back-to-back calls (copies between host and device left out): what the op costs inside a larger program, without
+the loop's own per-iteration work (its input-set slicing and loop control, ~10 us per call on an H100, which
+dominates the smallest cases). Each variant's max |error| against the XLA form is reported; a failing variant prints its error and the
 rest go on. JSON goes to $OUT/attention_gpu.json if OUT is set, else ./attention_gpu.json.
 """
 
@@ -34,6 +37,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # trace_summary, beside this script
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -116,8 +120,23 @@ def jax_paged_fn(case, sm_scale, interpret, **kw):
     return fn, own
 
 
-def time_fn(fn, case, reps, loop, own=None):
-    """(device-loop seconds per call, host seconds per call, first output)."""
+def kernel_seconds(one, args, calls):
+    """Device seconds per call of the kernels `one` launches, from a profiler trace of `calls` back-to-back calls."""
+    import tempfile
+
+    from trace_summary import kernel_us
+
+    jax.block_until_ready(one(*args(0)))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for i in range(calls):
+                o = one(*args(i))
+            jax.block_until_ready(o)
+        return kernel_us(d) / calls / 1e6
+
+
+def time_fn(fn, case, reps, loop, own=None, kernel_time=False):
+    """(device-loop seconds per call, host seconds per call, first output, kernel seconds per call or None)."""
     n = case["n_sets"]
     qs, k, v = own or (case["q"], case["k"], case["v"])
     sets = [(qs[i], k, v, case["tables"][i]) for i in range(n)]  # sliced once, outside the timing
@@ -145,7 +164,8 @@ def time_fn(fn, case, reps, loop, own=None):
             o = one(*args(r * loop + i))
         jax.block_until_ready(o)
         host.append((time.perf_counter() - t0) / loop)
-    return statistics.median(dev), statistics.median(host), out
+    kernel = kernel_seconds(one, args, loop) if kernel_time else None
+    return statistics.median(dev), statistics.median(host), out, kernel
 
 
 def run_case(kind, name, case, variants, args, results):
@@ -155,7 +175,7 @@ def run_case(kind, name, case, variants, args, results):
         rec = dict(kind=kind, case=name, impl=impl, knobs=knobs, B=case["B"], T=case["T"],
                    max_kv=max(case["kv_lens_list"]), bytes=nbytes, flops=flops)
         try:
-            t_dev, t_host, out = time_fn(fn, case, args.reps, args.loop, *own)
+            t_dev, t_host, out, t_kernel = time_fn(fn, case, args.reps, args.loop, *own, kernel_time=args.kernel_time)
             out = np.asarray(out, np.float32)
             if impl == "xla":
                 base = out
@@ -163,9 +183,15 @@ def run_case(kind, name, case, variants, args, results):
             rec.update(time_us=t_dev * 1e6, host_us=t_host * 1e6, gbps=nbytes / t_dev / 1e9,
                        tflops=flops / t_dev / 1e12, bw_frac=nbytes / t_dev / PEAK_BW,
                        flop_frac=flops / t_dev / PEAK_FLOPS, max_err_vs_xla=err)
+            kernel = ""
+            if t_kernel:
+                rec.update(kernel_us=t_kernel * 1e6, kernel_bw_frac=nbytes / t_kernel / PEAK_BW,
+                           kernel_flop_frac=flops / t_kernel / PEAK_FLOPS)
+                kernel = (f"  kernels {t_kernel * 1e6:8.1f} us {rec['kernel_bw_frac']:5.0%} of bw "
+                          f"{rec['kernel_flop_frac']:5.0%} of flops")
             print(f"{kind:7s} {name:24s} {impl:14s} {t_dev * 1e6:10.1f} us  (host {t_host * 1e6:8.1f})  "
                   f"{rec['gbps']:7.0f} GB/s {rec['bw_frac']:5.0%}  {rec['tflops']:6.1f} TF/s "
-                  f"{rec['flop_frac']:5.0%}  err {err}", flush=True)
+                  f"{rec['flop_frac']:5.0%}  err {err}{kernel}", flush=True)
         except Exception as e:  # one failing variant must not stop the rest
             rec["error"] = f"{type(e).__name__}: {e}"[:2000]
             print(f"{kind:7s} {name:24s} {impl:14s} FAILED: {rec['error'][:400]}", flush=True)
@@ -309,6 +335,8 @@ def main():
                     '\'[{"num_stages": 3}]\'')
     ap.add_argument("--decode-cases", default=None, metavar="BxCTX,...",
                     help="decode cases instead of the grid, e.g. 256x400,16x2048")
+    ap.add_argument("--kernel-time", action="store_true",
+                    help="also sum each variant's kernel time per call from a profiler trace (see above)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--loop", type=int, default=None)
     args = ap.parse_args()

@@ -25,6 +25,30 @@ def load(path: str) -> dict:
         return json.load(f)
 
 
+def device_lanes(events):
+    """(device process names by pid, thread names by (pid, tid), device time by lane, the lanes whose events are
+    kernels: the stream lanes; the "XLA Ops" / "XLA Modules" / "Steps" lanes repeat them per op / program)."""
+    pnames = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    dev = {pid for pid, n in pnames.items() if re.search(r"/device:(GPU|TPU)", n)}
+    tnames = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+              if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    lanes = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in dev:
+            lanes[(e["pid"], e["tid"])] += e.get("dur", 0)
+    keep = {lane for lane in lanes if not re.search(r"XLA (Ops|Modules)|Steps", str(tnames.get(lane, "")))}
+    return {p: pnames[p] for p in dev}, tnames, lanes, keep
+
+
+def kernel_us(path: str) -> float:
+    """Device time of a trace's kernels, copies between host and device left out (microseconds)."""
+    tr = load(path)
+    events = tr["traceEvents"] if isinstance(tr, dict) else tr
+    keep = device_lanes(events)[3]
+    return sum(e.get("dur", 0) for e in events if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in keep
+               and not re.match(r"(?i)memcpy", e.get("name", "")))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("path")
@@ -40,19 +64,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     tr = load(args.path)
     events = tr["traceEvents"] if isinstance(tr, dict) else tr
-    # Device lanes: processes whose name mentions the GPU / TPU.
-    pnames = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    dev = {pid for pid, n in pnames.items() if re.search(r"/device:(GPU|TPU)", n)}
-    tnames = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
-              if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    lanes = collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in dev:
-            lanes[(e["pid"], e["tid"])] += e.get("dur", 0)
+    pnames, tnames, lanes, keep = device_lanes(events)  # device lanes: processes whose name mentions the GPU / TPU
     for lane, us in lanes.most_common():
         print(f"lane {tnames.get(lane, lane)}: {us / 1e3 / args.steps:.3f} ms per step")
-    # Kernels live on the stream lanes; the "XLA Ops" / "XLA Modules" lanes repeat them per op / per program.
-    keep = {lane for lane in lanes if not re.search(r"XLA (Ops|Modules)|Steps", str(tnames.get(lane, "")))}
     tot, cnt = collections.Counter(), collections.Counter()
     spans = []
     for e in events:
@@ -62,7 +76,7 @@ def main(argv=None) -> int:
             cnt[name] += 1
             spans.append((float(e["ts"]), float(e["ts"]) + e.get("dur", 0), name))
     total = sum(tot.values())
-    print(f"device lanes: {[pnames[p] for p in sorted(dev)]}")
+    print(f"device lanes: {[pnames[p] for p in sorted(pnames)]}")
     print(f"total kernel time {total / 1e3 / args.steps:.3f} ms per step over {sum(cnt.values())} events")
     if spans:  # how much of the traced window the device was busy (kernels on any kept lane)
         spans.sort()
