@@ -19,8 +19,8 @@ read (each live token once) plus q and out; TFLOP/s counts 4 * H * N * (visible 
 causal visibility. Ratios are to 2.94 TB/s (measured copy bandwidth) and 787 TFLOP/s (bf16 matmul).
 `--kernel-time` adds each variant's device time per call of its own kernels, summed from a profiler trace of
 back-to-back calls (copies between host and device left out): what the op costs inside a larger program, without
-the loop's own per-iteration work (its input-set slicing and loop control, ~10 us per call on an H100, which
-dominates the smallest cases). Each variant's max |error| against the XLA form is reported; a failing variant prints its error and the
+the loop's own per-iteration work (its input-set slicing and loop control, 10-25 us per call on the H100s measured,
+which dominates the smallest cases). Each variant's max |error| against the XLA form is reported; a failing variant prints its error and the
 rest go on. JSON goes to $OUT/attention_gpu.json if OUT is set, else ./attention_gpu.json.
 """
 
