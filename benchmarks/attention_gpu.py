@@ -20,8 +20,8 @@ causal visibility. Ratios are to 2.94 TB/s (measured copy bandwidth) and 787 TFL
 `--kernel-time` adds each variant's device time per call of its own kernels, summed from a profiler trace of
 back-to-back calls (copies between host and device left out): what the op costs inside a larger program, without
 the loop's own per-iteration work (its input-set slicing and loop control, 10-25 us per call on the H100s measured,
-which dominates the smallest cases). Each variant's max |error| against the XLA form is reported; a failing variant prints its error and the
-rest go on. JSON goes to $OUT/attention_gpu.json if OUT is set, else ./attention_gpu.json.
+which dominates the smallest cases). Each variant's max |error| against the XLA form is reported; a failing
+variant prints its error and the rest go on. JSON goes to $OUT/attention_gpu.json if OUT is set, else ./attention_gpu.json.
 """
 
 from __future__ import annotations

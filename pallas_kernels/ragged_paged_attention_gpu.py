@@ -531,8 +531,8 @@ def ragged_paged_attention_gpu(
     kv_lens = kv_lens.astype(jnp.int32)
     cu_q_lens = cu_q_lens.astype(jnp.int32)
     scales = [s.astype(jnp.float32).reshape(K) for s in (k_scale, v_scale) if s is not None]
-    flags = dict(G=G, Gs=G + 2 if fused_qkv else G, Gp=Gp, sm_scale=float(sm_scale), window=sliding_window, soft_cap=soft_cap,
-                 has_k_scale=k_scale is not None, has_v_scale=v_scale is not None)
+    flags = dict(G=G, Gs=G + 2 if fused_qkv else G, Gp=Gp, sm_scale=float(sm_scale), window=sliding_window,
+                 soft_cap=soft_cap, has_k_scale=k_scale is not None, has_v_scale=v_scale is not None)
     args = (q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens, num_seqs, *scales)
     out_shape = jax.ShapeDtypeStruct((T, N, H), q.dtype)
 
@@ -566,7 +566,8 @@ def ragged_paged_attention_gpu(
 def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_single, interpret, block_kv,
                  num_kv_splits, num_warps, num_stages, prefetch_pages, xla_merge=False, write_new=False):
     """The split-KV decode kernel (+ the merge of its splits) over program rows [0, rows). write_new: q is the fused
-    projection [T, K * (G + 2), H], whose new K/V the kernel writes into their pages; returns (out, k_pages, v_pages)."""
+    projection [T, K * (G + 2), H], whose new K/V the kernel writes into their pages; returns (out, k_pages,
+    v_pages)."""
     q, k_pages, v_pages, _, _, cu_q_lens, num_seqs = args[:7]  # then the optional k / v scales
     H, K, Gp = out_shape.shape[2], k_pages.shape[1], flags["Gp"]
     BQ = max(1, 16 // Gp)  # BQ * Gp >= 16 rows for the tensor-core dot; only token 0's Gp rows are live
