@@ -580,7 +580,7 @@ def _decode_call(args, out_shape, flags, B, max_kv, itemsize, *, rows, only_sing
     v_scales = [args[-1]] if has_v_scale else []
     pages_out = ()
     if write_new:  # the pages are outputs too, in place: inputs 1 and 2 alias the last two outputs
-        pages_out = (jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype), jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype))
+        pages_out = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k_pages, v_pages))
 
     def call(grid, main_out, name):
         n = len(main_out)

@@ -175,6 +175,15 @@ def _without_new_tokens(args):
     return (q, jnp.asarray(kp).astype(dt), jnp.asarray(vp).astype(dt), *args[3:]), k_new, v_new
 
 
+def _fused(q, k, v):
+    """The model's fused projection [T, K, G + 2, H] of q [T, N, H] and k, v [T, K, H]: per kv head its G query
+    heads, then its key and value."""
+    T, N, H = q.shape
+    K = k.shape[1]
+    return jnp.concatenate([q.reshape(T, K, N // K, H), jnp.asarray(k, q.dtype)[:, :, None],
+                            jnp.asarray(v, q.dtype)[:, :, None]], axis=2)
+
+
 def _check_fused_write(args, *, dtype, **kw):
     """The decode kernel writing the step's K/V itself: its output as the reference on the written pages, and its
     pages exactly the written ones (every other slot, NaN included, untouched)."""
@@ -182,12 +191,7 @@ def _check_fused_write(args, *, dtype, **kw):
     want = _reference(args, H**-0.5, kw)
     before, k_new, v_new = _without_new_tokens(args)
     assert not np.array_equal(np.asarray(before[1], np.float32), np.asarray(args[1], np.float32), equal_nan=True)
-    q = before[0]
-    T, N, K = q.shape[0], q.shape[1], k_new.shape[1]
-    # the model's fused projection: per kv head its G query heads, then the new key and value
-    qkv = jnp.concatenate([q.reshape(T, K, N // K, H), jnp.asarray(k_new, q.dtype)[:, :, None],
-                           jnp.asarray(v_new, q.dtype)[:, :, None]], axis=2)
-    got, kp, vp = ragged_paged_attention_gpu(qkv, *before[1:], sm_scale=H**-0.5, decode_only=True,
+    got, kp, vp = ragged_paged_attention_gpu(_fused(before[0], k_new, v_new), *before[1:], sm_scale=H**-0.5, decode_only=True,
                                              interpret=INTERPRET, fused_qkv=True, **kw)
     got = np.asarray(got, np.float32)
     assert np.all(np.isfinite(got))
@@ -220,13 +224,6 @@ def test_decode_writes_the_new_kv_8bit(dtype):
     _check_fused_write(args, dtype=q_dtype, k_scale=ks, v_scale=vs, num_kv_splits=2, **SMALL)
 
 
-def _fused(q, K, rng):
-    """q [T, N, H] as the model's fused projection [T, K, G + 2, H], with a random key and value per kv head."""
-    T, N, H = q.shape
-    kv = jnp.asarray(rng.normal(size=(T, K, 2, H)), q.dtype)
-    return jnp.concatenate([q.reshape(T, K, N // K, H), kv], axis=2)
-
-
 @pytest.mark.parametrize("case,kw", [(MIXED, {"split_decodes": True, "num_kv_splits": 2}), (PREFILL, {}),
                                      (MIXED, {"sliding_window": 24, "soft_cap": 20.0})])
 def test_fused_qkv_reads_the_queries_in_place(case, kw):
@@ -235,7 +232,8 @@ def test_fused_qkv_reads_the_queries_in_place(case, kw):
     q, *rest = make_batch(rng, *case, N=8, K=2, H=64, S=16, pad_tokens=3, pad_seqs=2, dtype=jnp.float32)
     run = functools.partial(ragged_paged_attention_gpu, sm_scale=0.125, interpret=INTERPRET, **SMALL, **kw)
     want = np.asarray(run(q, *rest))
-    np.testing.assert_array_equal(np.asarray(run(_fused(q, 2, rng), *rest, fused_qkv=True)), want)
+    k, v = rng.normal(size=(2, q.shape[0], 2, 64))
+    np.testing.assert_array_equal(np.asarray(run(_fused(q, k, v), *rest, fused_qkv=True)), want)
 
 
 def test_fused_qkv_is_checked():

@@ -1,8 +1,8 @@
 """Tensor parallelism: the engine over a 2-device `jax.sharding.Mesh` (host CPU devices) gives the tokens and
 logprobs of the single-device engine: the forward, the sampler variants (greedy, seeded top-p with a logit bias,
 min_tokens, logprobs), prompt logprobs and a prefix-cache hit; a KV budget (per device) holds twice the pages,
-each device keeping half of every page; and the sharded programs, saved whole, load onto the same devices. It runs in a child process, because the number of host devices is fixed
-when jax starts."""
+each device keeping half of every page; and the sharded programs, saved whole, load onto the same devices. It runs
+in a child process, because the number of host devices is fixed when jax starts."""
 
 from __future__ import annotations
 
@@ -61,8 +61,8 @@ print(json.dumps(dict(single=single, sharded=sharded, kv_spec=str(kv.sharding.sp
 def test_two_device_mesh_matches_one_device(tiny_llama_dir, tmp_path):
     opts = dict(TINY_ENGINE_OPTIONS, kv_cache_memory="320KiB")  # per device: 160 pages of the tiny model (f32)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_llama_dir[0]), json.dumps(opts), str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_llama_dir[0]), json.dumps(opts), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     single, sharded = res["single"], res["sharded"]
