@@ -54,8 +54,9 @@ PEAK_FLOPS = 787e12
 L2_BYTES = 50e6
 
 
-def make_case(key, q_lens, kv_lens, *, N, K, H, S, dtype, min_bytes):
-    """A ragged batch plus `n_sets` page tables / queries over one cache, so rotating sets leaves L2."""
+def make_case(key, q_lens, kv_lens, *, N, K, H, S, dtype, min_bytes, pad_to=None):
+    """A ragged batch plus `n_sets` page tables / queries over one cache, so rotating sets leaves L2. pad_to: the
+    per-sequence arrays padded to that many rows past num_seqs, as the engine's sequence buckets pad them."""
     B = len(q_lens)
     pages_per_seq = [-(-k // S) for k in kv_lens]
     M = max(pages_per_seq)
@@ -76,9 +77,27 @@ def make_case(key, q_lens, kv_lens, *, N, K, H, S, dtype, min_bytes):
             at += n
     qs = jax.random.normal(kq, (n_sets, T, N, H), jnp.float32).astype(dtype)
     cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    return dict(q=qs, k=k_pages, v=v_pages, tables=jnp.asarray(tables), kv_lens=jnp.asarray(kv_lens, jnp.int32),
+    kv_arr = np.asarray(kv_lens, np.int32)
+    if pad_to and pad_to > B:
+        tables = np.pad(tables, ((0, 0), (0, pad_to - B), (0, 0)))
+        kv_arr = np.pad(kv_arr, (0, pad_to - B))
+        cu = np.pad(cu, (0, pad_to - B), constant_values=T)
+    return dict(q=qs, k=k_pages, v=v_pages, tables=jnp.asarray(tables), kv_lens=jnp.asarray(kv_arr),
                 cu=jnp.asarray(cu), num_seqs=jnp.asarray(B, jnp.int32), n_sets=n_sets, T=T, B=B, M=M,
                 q_lens=list(q_lens), kv_lens_list=list(kv_lens), N=N, K=K, H=H, S=S, dtype=dtype)
+
+
+def mixed_workload_step(tokens, decodes, context=0):
+    """(q_lens, kv_lens) of one step of the H100 mixed workload: whole prompts of `default_rng(1234).integers(128,
+    1025)` tokens in order (the last one cut to fit) filling `tokens` with `decodes` one-token rows of `context`."""
+    lens = np.random.default_rng(1234).integers(128, 1025, 256)
+    q, left = [], tokens - decodes
+    for n in lens:
+        if left <= 0:
+            break
+        q.append(int(min(n, left)))
+        left -= q[-1]
+    return q + [1] * decodes, q + [context] * decodes
 
 
 def cost(case):
@@ -348,7 +367,8 @@ def main():
     if args.smoke:
         N, K, H, S, dtype = 8, 2, 64, 16, jnp.float32
         decode_grid = [(2, 64), (3, 200)]
-        prefill_cases = {"prefill_48": ([48], [48]), "mixed_32+3dec": ([32, 1, 1, 1], [40, 64, 100, 17])}
+        prefill_cases = {"prefill_48": ([48], [48]), "mixed_32+3dec": ([32, 1, 1, 1], [40, 64, 100, 17]),
+                         "mixed_32+3dec_B8": ([32, 1, 1, 1], [40, 64, 100, 17], 8)}
         min_bytes = 0
     else:
         N, K, H, S, dtype = 32, 8, 128, 16, jnp.bfloat16
@@ -362,6 +382,11 @@ def main():
             "mixed_2048+64dec@2048": ([2048] + [1] * 64, [2048] * 65),
             # what a 2048-token step of 256 x 256-token prompts looks like in the engine: 8 chunks + 248 decodes
             "mixed_8x225+248dec@400": ([225] * 8 + [1] * 248, [225] * 8 + [400] * 248),
+            # an 8192-token step of the H100 mixed workload (prompts of default_rng(1234).integers(128, 1025))
+            "mixed256_prompts_8k": mixed_workload_step(8192, 0),
+            "mixed256_step_8k+128dec@640": mixed_workload_step(8192, 128, 640),
+            # the same in the engine's (8192, 512) bucket: the per-sequence arrays padded to 512 rows
+            "mixed256_step_8k+128dec@640_B512": (*mixed_workload_step(8192, 128, 640), 512),
         }
         min_bytes = 4 * L2_BYTES
     sm_scale = H**-0.5
@@ -385,11 +410,12 @@ def main():
             finally:
                 case = None
     if args.only in (None, "prefill"):
-        for name, (q_lens, kv_lens) in prefill_cases.items():
+        for name, (q_lens, kv_lens, *pad) in prefill_cases.items():
             if args.filter and not re.search(args.filter, name):
                 continue
             try:
-                case = make_case(key, q_lens, kv_lens, N=N, K=K, H=H, S=S, dtype=dtype, min_bytes=min_bytes)
+                case = make_case(key, q_lens, kv_lens, N=N, K=K, H=H, S=S, dtype=dtype, min_bytes=min_bytes,
+                                 pad_to=pad[0] if pad else None)
                 run_case("prefill", name, case, prefill_variants(case, sm_scale, args), args, results)
             except Exception as e:
                 print(f"prefill {name}: FAILED to build: {e}")
