@@ -5,8 +5,9 @@
     python benchmarks/attention_gpu.py --smoke    # CPU, tiny shapes, interpret mode: checks the script
 
 Decode: 1 query token per sequence, GQA 32 q / 8 kv heads, head dim 128, bf16, page 16, batch x context in
-{1, 16, 64, 256} x {512, 2048, 8192}. Prefill / mixed: chunks of 512 - 4096 tokens, and an 8192-token step of the
-H100 mixed workload (its prompts of 128 - 1024 tokens; with decode rows; padded to the engine's bucket). Implementations:
+{1, 16, 64, 256} x {512, 2048, 8192}. Prefill / mixed: chunks of 512 - 4096 tokens, and an 8192-token step of
+the H100 mixed workload (its prompts of 128 - 1024 tokens; with decode rows; padded to the engine's bucket).
+Implementations:
 ours (decode_only kernel for decode, ragged kernel for everything), `ragged_paged_attention_xla` (the jnp
 online-softmax form under XLA), the dense `ragged_paged_attention_reference` where its O(T * L) gather fits,
 and for decode `jax.experimental.pallas.ops.gpu.paged_attention` (its own [K, P, S, H] cache layout, built
