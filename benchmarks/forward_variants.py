@@ -19,6 +19,7 @@ The bytes of weights read per step over the measured time give the achieved band
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -74,14 +75,17 @@ def main(argv=None) -> int:
     batch = eng.scheduler.schedule()
     step_inp, _, bucket, _ = run.prepare(batch)
     print(f"measured step: {len(batch)} rows, {batch.num_tokens} tokens, bucket {bucket}", flush=True)
-    dev = jax.device_put(step_inp)
     from jaxinfer.runner import pack
 
     packed = jax.device_put(pack(step_inp))
+    # the variants below take the step's page tables whole, as the engine's program gathers them on the device
+    dev = jax.device_put(dataclasses.replace(step_inp, attn=dataclasses.replace(
+        step_inp.attn, page_tables=run.host_page_tables(step_inp))))
 
     def engine_step():
         """The engine's own compiled forward program for this bucket, on the real step input."""
-        logits, _, run.kv, run.sstate = run.compiled[bucket](run.params, run.kv, run.sstate, packed)
+        logits, _, run.kv, run.sstate, run.page_table = run.compiled[bucket](run.params, run.kv, run.sstate,
+                                                                             run.page_table, packed)
         return logits
     attn_fn = make_attention_fn(cfg, eng.ecfg.attention_impl, eng.ecfg.attention_interpret)
     params = run.params

@@ -119,7 +119,8 @@ def main(argv=None) -> int:
                 flat_in, flat_md = jax.device_put(pack(inp)), jax.device_put(pack(md))
 
                 def device_step():
-                    logits, _, run.kv, run.sstate = fwd(run.params, run.kv, run.sstate, flat_in)
+                    logits, _, run.kv, run.sstate, run.page_table = fwd(run.params, run.kv, run.sstate,
+                                                                        run.page_table, flat_in)
                     out, run.sstate = smp(logits, run.sstate, flat_md)
                     return out
 

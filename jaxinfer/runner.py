@@ -6,13 +6,19 @@ A batch exists in three forms, with fixed names:
      T token rows (all sequences' new tokens concatenated, then padding), B sequence rows (then padding).
   3. The same two on device, each packed into ONE int32 buffer (one host-to-device copy each; `pack` /
      `unpack`), passed to the two precompiled programs of a step:
-        forward[(T, B)]        (params, kv, sampler state, input)    -> logits [B, V], kv, sampler state
+        forward[(T, B)]        (params, kv, sampler state, page table, input) -> logits [B, V], kv, state, table
         sampler[(B, variant)]  (logits, sampler state, metadata)     -> sampled ids (+ logprobs), state
-     The cache and the sampler state are donated and come back updated. `variant` (sampler.variant_for) is
+     The cache, the sampler state and the page table are donated and come back updated. `variant` (sampler.variant_for) is
      chosen on the host per step: greedy / random / full, so a plain greedy step pays for an argmax only.
 Buckets with T == B are decode buckets: one token per sequence, so the attention op runs its decode
 kernel; every other step goes to a bucket with T > B. Padding tokens write to an out-of-bounds cache slot
 (dropped) and padding rows have kv_len 0; nothing they compute is read.
+
+The page table lives on the device, one row of max_model_len / page_size page ids per sampler slot: a step
+carries only the page ids appended since the last step (at most T / page_size + B of them; more, after a long
+prefix-cache hit or a re-admission, go in before the step through a small program) and each row's slot, and
+its program gathers the rows it needs. So a step's host work and transfer do not grow with max_model_len
+(a [B, max_model_len / page_size] table per step: 17 MB at 512 rows and a 131,072-token context).
 
 `launch` returns at once (the device runs behind the host) and starts copying the sampled ids back; the
 result is read later with `LaunchedStep.result()`. A decode whose input token was sampled by a step still
@@ -31,6 +37,7 @@ so nothing compiles while serving.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import functools
 import math
 import os
@@ -62,7 +69,11 @@ class StepInput:
     is_prompt: Any  # [T] bool   token belongs to the prompt (else: an earlier output re-entering)
     reset_slot: Any  # [B] int32 rows to clear before this step (first chunk, no prefix-cache hit); else S
     logits_indices: Any  # [B] int32 token row whose hidden state is sampled for each sequence
-    attn: AttentionMetadata
+    row_slot: Any  # [B] int32 page-table row (sampler slot) of each sequence; padding rows: 0
+    new_slot: Any  # [U] int32 page-table entries to set before the step: row, padding S (dropped) ...
+    new_col: Any  # [U] int32 ... column (page index in the sequence) ...
+    new_page: Any  # [U] int32 ... and page id
+    attn: AttentionMetadata  # page_tables None here: the program gathers them from the device table
 
 
 def pack(tree) -> np.ndarray:
@@ -94,29 +105,37 @@ def _abstract(tree):
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), tree)
 
 
+def set_pages(table, slots, cols, pages):
+    """The device page table [S, M] with pages set at (slots, cols); entries with slot S are padding (dropped)."""
+    return table.at[slots, cols].set(pages, mode="drop")
+
+
 def make_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput, replicated=None):
     """The model part of one step, as one pure function over a packed input. replicated: on a mesh, the sharding
     its logits and hidden states leave with (whole on every device, as the sampler programs take them)."""
 
-    def forward_step(params: Params, kv: KVCache, sstate, flat):
+    def forward_step(params: Params, kv: KVCache, sstate, table, flat):
         inp = unpack(flat, template)
+        table = set_pages(table, inp.new_slot, inp.new_col, inp.new_page)
+        attn = dataclasses.replace(inp.attn, page_tables=jnp.take(table, inp.row_slot, axis=0))
         S = sstate.last_token.shape[0]
         # A decode input sampled by the step before (not yet seen by the host) comes from the device.
         last = jnp.take(sstate.last_token, jnp.minimum(inp.token_slot, S - 1))
         token_ids = jnp.where(inp.token_ids < 0, last, inp.token_ids)
         with jax.named_scope("history"):
             sstate = sampling.update_history(sstate, inp.token_slot, token_ids, inp.is_prompt, inp.reset_slot)
-        h, kv = forward(params, cfg, token_ids, inp.positions, kv, inp.attn, attn_fn)  # [T, D]
+        h, kv = forward(params, cfg, token_ids, inp.positions, kv, attn, attn_fn)  # [T, D]
         with jax.named_scope("logits"):
             logits = compute_logits(params, cfg, h[inp.logits_indices])  # [B, V]
         if replicated is not None:
             logits, h = jax.lax.with_sharding_constraint((logits, h), replicated)
-        return logits, h, kv, sstate
+        return logits, h, kv, sstate, table
 
     return forward_step
 
 
 PROMPT_LOGPROBS_ROWS = 256  # token rows per block of the prompt-logprobs program: bounds its [rows, V] float32 temporaries
+SET_PAGES_ROWS = 1024  # page-table entries per call of the program that takes what a step's input has no room for
 
 
 def make_prompt_logprobs_fn(cfg: ModelConfig, max_logprobs: int, block: int = PROMPT_LOGPROBS_ROWS):
@@ -223,6 +242,12 @@ class ModelRunner:
         self._page_table = np.zeros((self.num_slots, self.max_pages_per_seq), np.int32)
         self._page_table_src: list[list | None] = [None] * self.num_slots  # the page list each row was copied from
         self._page_table_len = [0] * self.num_slots
+        # The device's copy, which the forward programs read and update (module docstring).
+        self.page_table = jnp.zeros((self.num_slots, self.max_pages_per_seq), jnp.int32)
+        if self._replicated is not None:
+            self.page_table = jax.device_put(self.page_table, self._replicated)
+        self._set_pages = jax.jit(functools.partial(set_pages), donate_argnums=(0,))
+        self._compiled_set_pages = None
         self.compiled: dict[tuple[int, int, bool], Any] = {}  # (T, B, decode) -> forward program
         self.compiled_samplers: dict[tuple[int, str], Any] = {}  # (B, variant) -> sampler program
         self.compiled_prompt_logprobs: dict[int, Any] = {}  # T -> prompt-logprobs program
@@ -237,9 +262,9 @@ class ModelRunner:
     def _lower_forward(self, T: int, B: int, decode: bool):
         inp = self._empty_input(T, B)[0]
         attn_fn = functools.partial(self._attn_fn, decode=decode)
-        fn = jax.jit(make_forward_fn(self.cfg, attn_fn, _abstract(inp), self._replicated), donate_argnums=(1, 2))
+        fn = jax.jit(make_forward_fn(self.cfg, attn_fn, _abstract(inp), self._replicated), donate_argnums=(1, 2, 3))
         flat = jax.ShapeDtypeStruct(pack(inp).shape, jnp.int32)
-        return fn.lower(self.params, self.kv, self.sstate, flat)
+        return fn.lower(self.params, self.kv, self.sstate, self.page_table, flat)
 
     def _lower_sampler(self, B: int, variant: str):
         md = self._empty_input(B, B)[1]
@@ -262,6 +287,8 @@ class ModelRunner:
         progs["set_row"] = P(self._set_row.lower, self.sstate, jax.ShapeDtypeStruct((), i32),
                              jax.ShapeDtypeStruct((W,), i32), jax.ShapeDtypeStruct((W,), jnp.float32),
                              jax.ShapeDtypeStruct((W,), i32), jax.ShapeDtypeStruct((), i32))
+        n = SET_PAGES_ROWS
+        progs["set_pages"] = P(self._set_pages.lower, self.page_table, *[jax.ShapeDtypeStruct((n,), i32)] * 3)
         if self.ecfg.enable_prefix_caching:
             L = self._history_len
             progs["history"] = P(self._history.lower, self.sstate, jax.ShapeDtypeStruct((L,), i32),
@@ -311,6 +338,8 @@ class ModelRunner:
         for key, exe in loaded.items():
             if key == "set_row":
                 self._compiled_set_row = exe
+            elif key == "set_pages":
+                self._compiled_set_pages = exe
             elif key == "history":
                 self._compiled_history = exe
             elif key[0] == "prompt_logprobs":
@@ -349,7 +378,8 @@ class ModelRunner:
         S, done_b, done_t = self.num_slots, set(), set()
         for T, B, decode in self.buckets:
             inp, md = self._empty_input(T, B)
-            logits, h, self.kv, self.sstate = self.compiled[(T, B, decode)](self.params, self.kv, self.sstate, pack(inp))
+            logits, h, self.kv, self.sstate, self.page_table = self.compiled[(T, B, decode)](
+                self.params, self.kv, self.sstate, self.page_table, pack(inp))
             if B not in done_b:
                 done_b.add(B)
                 for variant in sampling.VARIANTS:
@@ -359,11 +389,13 @@ class ModelRunner:
                 jax.block_until_ready(self.compiled_prompt_logprobs[T](self.params, h, np.full(T, -1, np.int32)))
             jax.block_until_ready(self.sstate)
         self.set_row(S, None, [])  # row S: out of range, dropped
+        pad = np.full(SET_PAGES_ROWS, S, np.int32)
+        self.page_table = self._compiled_set_pages(self.page_table, pad, pad, pad)
         if self._compiled_history is not None:
             L = self._history_len
             self.sstate = self._compiled_history(self.sstate, np.full(L, S, np.int32), np.zeros(L, np.int32),
                                                  np.zeros(L, np.bool_), np.array([S], np.int32))
-        jax.block_until_ready((self.kv, self.sstate))
+        jax.block_until_ready((self.kv, self.sstate, self.page_table))
 
     # -- packing a batch into a bucket ----------------------------------------------------------------------
 
@@ -384,9 +416,13 @@ class ModelRunner:
             is_prompt=np.zeros(T, np.bool_),
             reset_slot=np.full(B, S, np.int32),
             logits_indices=np.zeros(B, np.int32),
+            row_slot=np.zeros(B, np.int32),
+            new_slot=np.full(self.new_pages_capacity(T, B), S, np.int32),
+            new_col=np.zeros(self.new_pages_capacity(T, B), np.int32),
+            new_page=np.zeros(self.new_pages_capacity(T, B), np.int32),
             attn=AttentionMetadata(
                 slot_mapping=np.full(T, P * self.page_size, np.int32),
-                page_tables=np.zeros((B, self.max_pages_per_seq), np.int32),
+                page_tables=None,
                 kv_lens=np.zeros(B, np.int32),
                 cu_q_lens=np.zeros(B + 1, np.int32),
                 num_seqs=np.zeros((), np.int32),
@@ -409,29 +445,54 @@ class ModelRunner:
         )
         return inp, md
 
-    def _sync_page_table(self, req: Request) -> None:
-        """Bring req's row of the host page table up to date with req.pages."""
+    def new_pages_capacity(self, T: int, B: int) -> int:
+        """Page-table entries a (T, B) step's input carries: a step appends at most T / page_size + B pages
+        (each sequence's new tokens may start a page part-way)."""
+        return T // self.page_size + B
+
+    def _sync_page_table(self, req: Request) -> int:
+        """Bring req's row of the host page table up to date with req.pages; returns the first column written
+        (the device's row needs columns [that, len(req.pages)) too)."""
         pages, slot = req.pages, req.slot
         done = self._page_table_len[slot]
         if self._page_table_src[slot] is not pages or len(pages) < done:  # a new list: (re)admitted, or another request
-            self._page_table[slot] = 0
+            self._page_table[slot] = 0  # columns past its pages are never read; cleared for the host's own reads
             self._page_table_src[slot], done = pages, 0
         self._page_table[slot, done : len(pages)] = pages[done:]  # the pages appended since the last sync
         self._page_table_len[slot] = len(pages)
+        return done
+
+    def host_page_tables(self, inp: StepInput) -> np.ndarray:
+        """The [B, M] page tables of a prepared step, from the host's copy (what its program gathers on the device)."""
+        return self._page_table[inp.row_slot]
+
+    def _write_pages(self, slots: np.ndarray, cols: np.ndarray, pages: np.ndarray) -> None:
+        """Set device page-table entries now (queued before the next step), SET_PAGES_ROWS per call."""
+        n, S = SET_PAGES_ROWS, self.num_slots
+        for i in range(0, len(slots), n):
+            k = len(slots[i : i + n])
+            pad = lambda x, fill: np.concatenate([x[i : i + n], np.full(n - k, fill, np.int32)])  # noqa: E731
+            self.page_table = self._compiled_set_pages(self.page_table, pad(slots, S), pad(cols, 0), pad(pages, 0))
 
     def prepare(self, batch: ScheduledBatch) -> tuple[StepInput, sampling.SamplingMetadata, tuple, np.ndarray | None]:
         """The step's input and sampling metadata padded to its bucket, the bucket, and the prompt-logprob
         targets: for each token row, the prompt token after it when its request asked for prompt logprobs
-        (else -1), or None when no row needs them."""
+        (else -1), or None when no row needs them. The page ids the device's table lacks go in the input, or,
+        beyond its room, to the device at once (`_write_pages`): a prepared step must then be launched."""
         bucket = T, B, _ = self.bucket_for(batch.num_tokens, len(batch))
         inp, s = self._empty_input(T, B)
         a = inp.attn
         targets = None
         t = 0
         S = self.page_size
+        new_slot, new_col, new_page = [], [], []  # page-table entries the device has not seen
         for b, (req, n, start) in enumerate(zip(batch.requests, batch.num_new_tokens, batch.start)):
             known = req.num_tokens
-            self._sync_page_table(req)
+            done = self._sync_page_table(req)
+            if done < len(req.pages):
+                new_slot += [req.slot] * (len(req.pages) - done)
+                new_col += range(done, len(req.pages))
+                new_page += req.pages[done:]
             if n == 1:  # decode: plain ints, no small numpy arrays (the host's per-row cost at 512 rows)
                 inp.token_ids[t] = req.token_at(start) if start < known else -1  # -1: still on the device
                 inp.positions[t] = start
@@ -480,7 +541,12 @@ class ModelRunner:
             s.num_logprobs[b] = -1 if p.logprobs is None else p.logprobs
         a.cu_q_lens[len(batch) + 1 :] = t
         a.num_seqs[...] = len(batch)
-        a.page_tables[: len(batch)] = self._page_table[[req.slot for req in batch.requests]]
+        inp.row_slot[: len(batch)] = [req.slot for req in batch.requests]
+        if len(new_slot) <= len(inp.new_slot):
+            k = len(new_slot)
+            inp.new_slot[:k], inp.new_col[:k], inp.new_page[:k] = new_slot, new_col, new_page
+        else:  # a long prefix-cache hit or a re-admission: ahead of the step, by the page-table program
+            self._write_pages(*(np.asarray(x, np.int32) for x in (new_slot, new_col, new_page)))
         return inp, s, bucket, targets
 
     # -- running ----------------------------------------------------------------------------------------
@@ -489,7 +555,8 @@ class ModelRunner:
                prompt_targets: np.ndarray | None = None) -> LaunchedStep:
         """Enqueue the step on the device and return at once."""
         B, variant = bucket[1], sampling.variant_for(md)
-        logits, h, self.kv, self.sstate = self.compiled[bucket](self.params, self.kv, self.sstate, pack(inp))
+        logits, h, self.kv, self.sstate, self.page_table = self.compiled[bucket](
+            self.params, self.kv, self.sstate, self.page_table, pack(inp))
         out, self.sstate = self.compiled_samplers[(B, variant)](logits, self.sstate, pack(md))
         want_logprobs = bool((md.num_logprobs >= 0).any())
         prompt = None

@@ -173,3 +173,23 @@ def test_n_children_compute_their_prompt_once(tiny_llm, budget):
     assert after["prefix_cache_queries"] - before["prefix_cache_queries"] == 4 * 30
     assert after["prefix_cache_hits"] - before["prefix_cache_hits"] == 3 * 28  # 7 pages each for children 1-3
     assert_all_pages_free(tiny_llm.engine)
+
+
+def test_long_hits_reach_the_device_page_table_ahead_of_the_step(tiny_llm):
+    """A cache hit of more pages than a step's input has room for (T / page_size + B entries) goes to the device's
+    page table through the runner's own program before the step: same tokens as without the cache."""
+    run = tiny_llm.engine.runner
+    prompts = shared_prefix_prompts(seed=21)
+    calls = []
+    write = run._write_pages
+    run._write_pages = lambda *a: (calls.append(len(a[0])), write(*a))
+    try:
+        with compile_guard.forbid_compiles(), token_budget(tiny_llm, 1):
+            cached = generate_after_warmup(tiny_llm, prompts, GREEDY, one_by_one=True)
+            with caching_off(tiny_llm):
+                uncached = generate_after_warmup(tiny_llm, prompts, GREEDY, one_by_one=True)
+    finally:
+        run._write_pages = write
+    assert calls  # only when a step's input had no room for them
+    assert tokens(cached) == tokens(uncached)
+    assert_all_pages_free(tiny_llm.engine)
