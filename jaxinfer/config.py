@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,6 +232,11 @@ def parse_bytes(s: str | int | float | None) -> int | None:
     return int(float(t))
 
 
+def _is_int(v) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 # A mixed (T, B) bucket is compiled only for B >= T / this (see EngineConfig.buckets).
 MIXED_TOKENS_PER_ROW = 16
 
@@ -270,8 +276,23 @@ class EngineConfig:
     show_progress: bool = True
 
     def __post_init__(self):
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        for name, lo, optional in (("max_model_len", 1, True), ("max_num_seqs", 1, False),
+                                   ("max_num_batched_tokens", 1, True), ("page_size", 1, False),
+                                   ("num_pages", 1, True), ("max_logprobs", 0, False), ("max_logit_bias", 0, False),
+                                   ("compile_threads", 0, False), ("seed", -(2**63), False)):
+            v = getattr(self, name)
+            if not (v is None and optional) and (not _is_int(v) or v < lo):
+                raise ValueError(f"{name} must be an integer >= {lo}{' (or None)' if optional else ''}, got {v!r}")
+        for name in ("token_buckets", "seq_buckets"):
+            v = getattr(self, name)
+            if not isinstance(v, (tuple, list)) or not all(_is_int(x) and x >= 1 for x in v):
+                raise ValueError(f"{name} must be a list of integers >= 1, got {v!r}")
+        if self.kv_cache_memory is not None and (not _is_int(self.kv_cache_memory) or self.kv_cache_memory < 1):
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes (or None), got {self.kv_cache_memory!r}")
+        for name in ("attention_interpret", "enable_prefix_caching", "async_scheduling", "use_compilation_cache",
+                     "show_progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
         if not self.token_buckets or sorted(set(self.token_buckets)) != list(self.token_buckets):
@@ -336,10 +357,14 @@ class EngineConfig:
         if unknown:
             raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(names)}")
         if "kv_cache_memory" in options:
-            options["kv_cache_memory"] = parse_bytes(options["kv_cache_memory"])
+            try:
+                options["kv_cache_memory"] = parse_bytes(options["kv_cache_memory"])
+            except ValueError:
+                raise ValueError(f"kv_cache_memory: expected bytes such as 4GiB or 512MB, got "
+                                 f"{options['kv_cache_memory']!r}") from None
         for k in ("token_buckets", "seq_buckets"):
-            if k in options and options[k] is not None:
-                options[k] = tuple(int(x) for x in options[k])
+            if k in options and isinstance(options[k], (list, tuple)):
+                options[k] = tuple(options[k])
         return EngineConfig(**options)
 
     def cache_dir(self) -> str:

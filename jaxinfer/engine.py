@@ -22,6 +22,7 @@ once (GPU / TPU) -> `gc.freeze()`.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import math
@@ -211,7 +212,15 @@ class Engine:
         priority: int = 0,
     ) -> str:
         """Queue a prompt (text, or token ids); returns the request id. Raises ValueError on bad input."""
-        params = params or SamplingParams()
+        if params is None:
+            params = SamplingParams()
+        elif not isinstance(params, SamplingParams):
+            raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
+        else:
+            params = dataclasses.replace(params)  # a copy, checked again: fields may have changed since construction
+        if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)):
+            raise ValueError(f"priority: expected an integer, got {priority!r}")
+        priority = int(priority)
         params.validate_for_model(self.cfg.vocab_size, self.ecfg.max_logprobs, self.ecfg.max_logit_bias)
         text, ids = self._prompt_ids(prompt)
         if len(ids) >= self.max_model_len:
@@ -331,13 +340,17 @@ class Engine:
                 detok.add([tok])
             if detok.stopped_by is not None and not req.is_finished:
                 self.scheduler.finish(req, "stop", detok.stopped_by)
+            elif detok.stopped_by is not None and req.finish_reason == "length":
+                # the token that reached max_tokens (or the context) also completed a stop string: a stop, as vLLM
+                req.finish_reason, req.stop_reason = "stop", detok.stopped_by
             elif req.is_finished and detok.stopped_by is None:
                 detok.flush()
 
     def _logprobs(self, result: StepResult, i: int, tok: int, k: int) -> dict[int, Logprob]:
         """The sampled token's logprob, then the top-k alternatives (rank 1 = most likely)."""
         top = list(zip(result.top_ids[i][:k].tolist(), result.top_logprobs[i][:k].tolist()))
-        rank = next((j + 1 for j, (t, _) in enumerate(top) if t == tok), None)
+        rank = int(result.ranks[i]) if result.ranks is not None else next(
+            (j + 1 for j, (t, _) in enumerate(top) if t == tok), None)
         return self._logprob_entry(tok, float(result.logprobs[i]), rank, top)
 
     def _logprob_entry(self, tok: int, logprob: float, rank: int | None, top: list[tuple[int, float]]) -> dict[int, Logprob]:

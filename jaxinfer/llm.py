@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from jaxinfer.engine import Engine
@@ -31,8 +32,12 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Prompts as text, or token ids (one list of ints, or a list of them). Outputs come back in input order."""
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
+        if isinstance(prompts, (bytes, dict)) or not hasattr(prompts, "__iter__"):
+            raise ValueError(f"prompts: expected a string, a list of token ids or a list of prompts, got "
+                             f"{type(prompts).__name__}")
         prompts = list(prompts)
         if not prompts:
             raise ValueError("prompts: must not be empty")

@@ -181,6 +181,7 @@ class StepResult:
     top_ids: np.ndarray | None  # [B, K]
     top_logprobs: np.ndarray | None  # [B, K]
     prompt: "PromptLogprobs | None" = None  # by token row, for requests that asked for prompt logprobs
+    ranks: np.ndarray | None = None  # [B] rank of each sampled token (1 = most likely)
 
 
 @dataclass
@@ -205,8 +206,8 @@ class LaunchedStep:
     def result(self) -> StepResult:
         o = self.out
         if self.want_logprobs:
-            ids, lp, tid, tlp = jax.device_get((o.token_ids, o.logprobs, o.top_ids, o.top_logprobs))
-            res = StepResult(ids, lp, tid, tlp)
+            ids, lp, tid, tlp, rk = jax.device_get((o.token_ids, o.logprobs, o.top_ids, o.top_logprobs, o.ranks))
+            res = StepResult(ids, lp, tid, tlp, ranks=rk)
         else:
             res = StepResult(np.asarray(o.token_ids), None, None, None)
         if self.prompt is not None:
@@ -562,7 +563,7 @@ class ModelRunner:
         prompt = None
         if prompt_targets is not None:
             prompt = self.compiled_prompt_logprobs[bucket[0]](self.params, h, prompt_targets)
-        copies = [out.token_ids] + ([out.logprobs, out.top_ids, out.top_logprobs] if want_logprobs else [])
+        copies = [out.token_ids] + ([out.logprobs, out.top_ids, out.top_logprobs, out.ranks] if want_logprobs else [])
         for x in copies + list(prompt or ()):
             x.copy_to_host_async()
         return LaunchedStep(out, want_logprobs, prompt, bucket)

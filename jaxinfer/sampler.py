@@ -88,6 +88,7 @@ class SampleOutput:
     logprobs: jax.Array  # [B] f32, raw logprob of the sampled token
     top_ids: jax.Array  # [B, K] i32
     top_logprobs: jax.Array  # [B, K] f32
+    ranks: jax.Array  # [B] i32, rank of the sampled token in the raw distribution (1 = most likely); 0 if not asked
 
 
 def update_history(
@@ -308,6 +309,7 @@ def sample(
     k = max_logprobs
     if full:
         token_logprobs = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]  # [B]
+        ranks = 1 + jnp.sum(raw_logprobs > token_logprobs[:, None], axis=-1, dtype=jnp.int32)
         with jax.named_scope("top_logprobs"):
             if k:
                 top_logprobs, top_ids = lax.top_k(raw_logprobs, k)
@@ -316,7 +318,8 @@ def sample(
                 top_logprobs, top_ids = jnp.zeros((batch, 0), jnp.float32), jnp.zeros((batch, 0), jnp.int32)
     else:  # nobody asked: the host does not read them
         token_logprobs = jnp.zeros((batch,), jnp.float32)
+        ranks = jnp.zeros((batch,), jnp.int32)
         top_logprobs, top_ids = jnp.zeros((batch, k), jnp.float32), jnp.zeros((batch, k), jnp.int32)
 
     state = dataclasses.replace(state, last_token=state.last_token.at[md.slot].set(token_ids, mode="drop"))
-    return SampleOutput(token_ids, token_logprobs, top_ids, top_logprobs), state
+    return SampleOutput(token_ids, token_logprobs, top_ids, top_logprobs, ranks), state

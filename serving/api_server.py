@@ -160,6 +160,8 @@ def require_ready(state: ServerState) -> None:
 def check_model(state: ServerState, body: dict) -> str:
     model = body.get("model")
     name = state.config.model_name
+    if model is not None and not isinstance(model, str):
+        raise bad_request(f"model must be a string, got {type(model).__name__}", "model")
     if model is not None and model != name:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {name!r}",
                        "not_found_error", "model", "model_not_found")
@@ -168,6 +170,9 @@ def check_model(state: ServerState, body: dict) -> str:
 
 def admit(state: ServerState, count: int) -> None:
     cap = state.config.max_queued_requests
+    if count > cap:  # could never be admitted: a client error, not a busy server
+        raise bad_request(f"prompt: a batch of {count} prompts is more than this server queues at once ({cap}; "
+                          f"its --max-queued-requests)", "prompt")
     if state.engine.num_queued + count > cap:
         raise APIError(503, f"too many queued requests (limit {cap}); retry later", "service_unavailable",
                        headers={"Retry-After": "1"})
@@ -241,11 +246,11 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
         prompts_ids, prompt_texts = [ids], [None]
         k = params.logprobs
         protocol.check_context(len(ids), params, limits,
-                               "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens")
+                               "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens")
     else:
         prompts = protocol.completion_prompts(body, limits.vocab_size)
         params = protocol.sampling_params(body, limits, chat=False)
-        echo = bool(body.get("echo"))
+        echo = protocol.flag(body, "echo")
         if echo and params.logprobs is not None:  # the prompt's tokens get logprobs too (first one: null)
             params = dataclasses.replace(params, prompt_logprobs=params.logprobs)
         prompts_ids, prompt_texts = [], []
@@ -264,8 +269,12 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise bad_request("stream must be a boolean", "stream")
-    opts = body.get("stream_options") or {}
-    include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise bad_request("stream_options must be an object", "stream_options")
+    if opts is not None and not stream:  # as vLLM
+        raise bad_request("stream_options can only be given when stream is true", "stream_options")
+    include_usage = protocol.flag(opts or {}, "include_usage")
     priority = body.get("priority")  # vLLM's extension: lower runs first
     priority = 0 if priority is None else priority
     if not isinstance(priority, int) or isinstance(priority, bool):
@@ -281,7 +290,7 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
     index_of = {rid: i for i, (rid, _, _) in enumerate(reqs)}
     obj = "chat.completion" if chat else "text_completion"
     num_prompt = sum(len(ids) for ids in prompts_ids)
-    echo = (not chat) and bool(body.get("echo"))
+    echo = (not chat) and protocol.flag(body, "echo")
     gen = state.engine.generate(reqs, priority)
 
     prompt_lps: dict[str, list] = {}  # request id -> its prompt logprobs (DELTA: in its first output only)
@@ -396,13 +405,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 # -- the other routes ---------------------------------------------------------------------------------------------
 
 
-async def models(request: web.Request) -> web.Response:
-    state = _state(request)
-    e = state.engine.engine
+def _model_card(state: ServerState) -> dict:
     card = {"id": state.config.model_name, "object": "model", "created": protocol.now(), "owned_by": "jaxinfer"}
-    if e is not None:
-        card["max_model_len"] = e.max_model_len
-    return json_response({"object": "list", "data": [card]})
+    if state.engine.engine is not None:
+        card["max_model_len"] = state.engine.engine.max_model_len
+    return card
+
+
+async def models(request: web.Request) -> web.Response:
+    return json_response({"object": "list", "data": [_model_card(_state(request))]})
+
+
+async def model(request: web.Request) -> web.Response:
+    state = _state(request)
+    check_model(state, {"model": request.match_info["model"]})
+    return json_response(_model_card(state))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -472,6 +489,7 @@ ROUTES = [
     ("POST", "/v1/completions", completions, "Text completion (OpenAI legacy completions API)", True),
     ("POST", "/v1/chat/completions", chat_completions, "Chat completion through the model's chat template", True),
     ("GET", "/v1/models", models, "The model this server serves", False),
+    ("GET", "/v1/models/{model}", model, "The model card, if this server serves that model", False),
     ("POST", "/tokenize", tokenize, "Text or chat messages -> token ids", True),
     ("POST", "/detokenize", detokenize, "Token ids -> text", True),
     ("GET", "/health", health, "Liveness: 200 unless the engine has failed", False),

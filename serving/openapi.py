@@ -8,6 +8,8 @@ before the engine is ready those bounds are simply left out.
 
 from __future__ import annotations
 
+import re
+
 from jaxinfer.sampling_params import FLOAT32_MAX, FLOAT32_TINY
 from serving.protocol import MAX_STOP_LENGTH, MAX_STOP_STRINGS, Limits
 
@@ -93,7 +95,7 @@ def completion_request(lim: Limits | None) -> dict:
 _MESSAGE = {
     "type": "object", "required": ["role"],
     "properties": {
-        "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool", "function"]},
         "content": _nullable({"anyOf": [
             {"type": "string"},
             {"type": "array", "items": {"type": "object", "required": ["type", "text"], "properties": {
@@ -147,15 +149,17 @@ def _completion_like(obj: str, choice: dict) -> dict:
         "usage": _USAGE}}
 
 
+_MODEL_CARD = {"type": "object", "required": ["id", "object"], "properties": {
+    "id": _STR, "object": {"const": "model"}, "created": _int(0), "owned_by": _STR, "max_model_len": _int(1)}}
+
 RESPONSES = {
     "/v1/completions": _completion_like("text_completion", {"text": _STR, "logprobs": {"type": ["object", "null"]}}),
     "/v1/chat/completions": _completion_like("chat.completion", {
         "message": {"type": "object", "properties": {"role": {"const": "assistant"}, "content": _STR}},
         "logprobs": {"type": ["object", "null"]}}),
     "/v1/models": {"type": "object", "required": ["object", "data"], "properties": {
-        "object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object", "properties": {
-            "id": _STR, "object": {"const": "model"}, "created": _int(0), "owned_by": _STR,
-            "max_model_len": _int(1)}}}}},
+        "object": {"const": "list"}, "data": {"type": "array", "items": _MODEL_CARD}}},
+    "/v1/models/{model}": _MODEL_CARD,
     "/tokenize": {"type": "object", "required": ["tokens", "count", "max_model_len"], "properties": {
         "tokens": {"type": "array", "items": _int(0)}, "count": _int(0), "max_model_len": _int(1)}},
     "/detokenize": {"type": "object", "required": ["prompt"], "properties": {"prompt": _STR}},
@@ -180,7 +184,7 @@ def openapi_spec(routes, lim: Limits | None) -> dict:
     err = {"content": {"application/json": {"schema": ERROR}}}
     paths: dict = {}
     for method, path, _, summary, has_body in routes:
-        op_id = path.strip("/").replace("/", "_").replace(".", "_")
+        op_id = re.sub(r"[^A-Za-z0-9_]", "", path.strip("/").replace("/", "_").replace(".", "_"))
         ok: dict = {"description": "OK"}
         if path in RESPONSES:
             ok["content"] = {"application/json": {"schema": RESPONSES[path]}}
@@ -192,11 +196,16 @@ def openapi_spec(routes, lim: Limits | None) -> dict:
         codes = _ERRORS_GENERATE if path.startswith("/v1/") and has_body else _ERRORS_BODY if has_body else {}
         if path in ("/health", "/ready"):
             codes = {"503": "not ready (loading, draining or failed), with the status"}
+        if "{model}" in path:
+            codes = {"404": "unknown model"}
         for code, why in codes.items():
             responses[code] = {"description": why, **(ok if path in ("/health", "/ready") else err)}
         if path.startswith("/v1"):
             responses["401"] = {"description": "missing or wrong API key (when the server has one)", **err}
         op = {"summary": summary, "operationId": op_id, "responses": responses}
+        names = re.findall(r"{(\w+)}", path)
+        if names:
+            op["parameters"] = [{"name": n, "in": "path", "required": True, "schema": _STR} for n in names]
         if has_body:
             op["requestBody"] = {"required": True,
                                  "content": {"application/json": {"schema": REQUESTS[path](lim)}}}

@@ -56,6 +56,14 @@ class Limits:
 _GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 
 
+def flag(body: dict, field: str) -> bool:
+    """An optional boolean field (null: false)."""
+    v = body.get(field)
+    if v is not None and not isinstance(v, bool):
+        raise bad_request(f"{field} must be a boolean", field)
+    return bool(v)
+
+
 def refuse_unsupported(body: dict, chat: bool) -> None:
     def refuse(field: str, what: str):
         raise bad_request(f"{field}: {what} is not supported by this server", field)
@@ -78,6 +86,8 @@ def refuse_unsupported(body: dict, chat: bool) -> None:
         if body.get("suffix"):
             refuse("suffix", "a suffix (insertion)")
         best_of = body.get("best_of")
+        if best_of is not None and (not isinstance(best_of, int) or isinstance(best_of, bool)):
+            raise bad_request("best_of must be an integer", "best_of")
         if best_of is not None and best_of != (body.get("n") or 1):
             refuse("best_of", "best_of other than n (returning the best of more samples)")
     for field in _GUIDED:
@@ -94,7 +104,9 @@ def sampling_params(body: dict, limits: Limits, chat: bool) -> SamplingParams:
     if isinstance(n, int) and not isinstance(n, bool) and n > limits.max_n:
         raise bad_request(f"n must be <= {limits.max_n} on this server, got {n}", "n")
     if chat:
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        max_tokens = body.get("max_completion_tokens")  # null counts as absent, as in vLLM
+        if max_tokens is None:
+            max_tokens = body.get("max_tokens")
         if body.get("logprobs"):
             logprobs = body.get("top_logprobs") or 0
         else:
@@ -136,7 +148,7 @@ def sampling_params(body: dict, limits: Limits, chat: bool) -> SamplingParams:
     except (ValueError, TypeError) as e:
         msg = str(e)
         p = param_of(msg)
-        if chat and p == "max_tokens" and "max_completion_tokens" in body:
+        if chat and p == "max_tokens" and body.get("max_completion_tokens") is not None:
             p = "max_completion_tokens"
         if chat and p == "logprobs":
             p = "top_logprobs"
@@ -191,6 +203,9 @@ def _is_tok(t) -> bool:
     return isinstance(t, int) and not isinstance(t, bool)
 
 
+CHAT_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+
+
 def chat_messages(body: dict) -> list[dict]:
     if body.get("chat_template") is not None:
         raise bad_request("request-supplied chat templates are not supported", "chat_template")
@@ -201,6 +216,10 @@ def chat_messages(body: dict) -> list[dict]:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad_request(f"messages[{i}] must be an object with a string 'role'", "messages")
+        if m["role"] not in CHAT_ROLES:
+            raise bad_request(f"messages[{i}].role: {m['role']!r} is not one of {sorted(CHAT_ROLES)}", "messages")
+        if m.get("content") is None and m["role"] != "assistant":  # an assistant turn may carry only tool calls
+            raise bad_request(f"messages[{i}].content is required for role {m['role']!r}", "messages")
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text is supported
             texts = []
@@ -213,7 +232,8 @@ def chat_messages(body: dict) -> list[dict]:
             content = ""
         if not isinstance(content, str):
             raise bad_request(f"messages[{i}].content must be a string or a list of text parts", "messages")
-        out.append({"role": m["role"], "content": content})
+        # OpenAI's "developer" is the system turn of newer models; chat templates know "system"
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
     return out
 
 

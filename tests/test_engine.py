@@ -126,6 +126,13 @@ def test_stop_strings_do_not_leak(default_llm):
                                 SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, stop=[stop],
                                                min_tokens=32), use_tqdm=False)[0].outputs[0]
     assert late.text == text and late.finish_reason == "length"
+    # The stop string completed by the last token max_tokens allows: a stop, as vLLM reports it.
+    ids = base.outputs[0].token_ids
+    n = next(i for i in range(1, len(ids) + 1) if stop in default_llm.tokenizer.decode(ids[:i]))
+    last = default_llm.generate(["The first five letters of the alphabet are"],
+                                SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, stop=[stop]),
+                                use_tqdm=False)[0].outputs[0]
+    assert (last.finish_reason, last.stop_reason, last.text) == ("stop", stop, c.text)
 
 
 def test_stop_token_ids_max_tokens_min_tokens(default_llm):
@@ -191,6 +198,12 @@ def test_logprobs_match_hf(default_llm, default_hf_model):
     for t, lp in first.items():
         assert abs(lp.logprob - ref[t]) < 1e-3
     assert first[c.token_ids[0]].rank == 1 and first[top5[1]].rank == 2
+    # a sampled token outside the top k still gets its rank in the model's distribution (as vLLM)
+    banned = {t: -100.0 for t in top5}  # logit bias steers the draw; ranks are of the raw distribution
+    b = default_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, logprobs=2, logit_bias=banned),
+                             use_tqdm=False)[0].outputs[0]
+    tok = b.token_ids[0]
+    assert b.logprobs[0][tok].rank == 1 + int(np.sum(ref > ref[tok])) > 5
     assert c.cumulative_logprob == pytest.approx(sum(d[t].logprob for d, t in zip(c.logprobs, c.token_ids)))
 
 
@@ -293,11 +306,41 @@ def test_bad_input_raises_value_error_naming_parameter(tiny_llm, prompt, params,
     assert not eng.has_unfinished()
 
 
+def test_bad_priority_params_and_prompts_are_refused_and_the_engine_goes_on(tiny_llm):
+    eng = tiny_llm.engine
+    for priority in ("high", None, 1.5, True):
+        with pytest.raises(ValueError, match="priority"):
+            eng.add_request([1, 2], GREEDY, priority=priority)
+    with pytest.raises(ValueError, match="params"):
+        eng.add_request([1, 2], {"max_tokens": 3})
+    changed = SamplingParams(max_tokens=5)
+    changed.max_tokens = 0  # after construction: checked again when queued
+    with pytest.raises(ValueError, match="max_tokens"):
+        eng.add_request([1, 2], changed)
+    for prompts in (5, None, b"hi"):
+        with pytest.raises(ValueError, match="prompts"):
+            tiny_llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert not eng.has_unfinished()
+    out = tiny_llm.generate([np.int64(1), np.int64(2)], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert len(out) == 1 and len(out[0].outputs[0].token_ids) == 2
+    assert_all_pages_free(eng)
+
+
 def test_bad_request_in_a_batch_runs_nothing(tiny_llm):
     with pytest.raises(ValueError, match="prompt"):
         tiny_llm.generate([[1, 2, 3], [4, 5, 999]], GREEDY, use_tqdm=False)
     assert_all_pages_free(tiny_llm.engine)
     assert not tiny_llm.engine.has_unfinished()
+
+
+@pytest.mark.parametrize("option,value", [
+    ("max_num_seqs", 0), ("max_num_seqs", "4"), ("max_num_batched_tokens", -5), ("max_model_len", 0),
+    ("num_pages", 0), ("max_logprobs", -1), ("max_logit_bias", -1), ("kv_cache_memory", "abc"), ("seed", "x"),
+    ("async_scheduling", "no"), ("seq_buckets", (0, 4)), ("token_buckets", ("a",)), ("compile_threads", -1),
+])
+def test_bad_engine_option_values_name_the_option(option, value):
+    with pytest.raises(ValueError, match=option):
+        jaxinfer.LLM(None, **{option: value})
 
 
 def test_bad_engine_options():

@@ -416,6 +416,13 @@ ERRORS = [
     (C, {"model": MODEL, "prompt": "hi", "suffix": "end"}, "suffix"),
     (C, {"model": MODEL, "prompt": "hi", "best_of": 3}, "best_of"),
     (C, {"model": MODEL, "prompt": "hi", "guided_json": {"type": "object"}}, "guided_json"),
+    (C, {"model": MODEL, "prompt": "hi", "best_of": "2", "n": 2}, "best_of"),
+    (C, {"model": MODEL, "prompt": "hi", "echo": "yes"}, "echo"),
+    (C, {"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),  # no stream
+    (C, {"model": MODEL, "prompt": "hi", "stream": True, "stream_options": "x"}, "stream_options"),
+    (C, {"model": 5, "prompt": "hi"}, "model"),
+    (CH, {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+    (CH, {"model": MODEL, "messages": [{"role": "user"}]}, "messages"),
 ]
 
 
@@ -480,10 +487,39 @@ def test_unknown_route_is_404_json(server):
 
 
 def test_queue_full_is_503_with_retry_after(server, monkeypatch):
-    monkeypatch.setattr(server.config, "max_queued_requests", 0)
+    monkeypatch.setattr(server.config, "max_queued_requests", 2)
+    monkeypatch.setattr(type(server.engine), "num_queued", property(lambda self: 2))
     r = post(server, C, {"model": MODEL, "prompt": "hi"})
     assert r.status_code == 503 and r.headers["Retry-After"] == "1"
     assert r.json()["error"]["type"] == "service_unavailable"
+
+
+def test_a_batch_larger_than_the_queue_is_400_not_503(server, monkeypatch):
+    """More prompts in one request than the server ever queues could never be admitted: a retry cannot help."""
+    monkeypatch.setattr(server.config, "max_queued_requests", 2)
+    r = post(server, C, {"model": MODEL, "prompt": [[1, 2]] * 3, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert post(server, C, {"model": MODEL, "prompt": [[1, 2]] * 2, "max_tokens": 1}).status_code == 200
+
+
+def test_null_max_completion_tokens_leaves_max_tokens(server):
+    r = post(server, CH, {"model": MODEL, "messages": USER, "max_tokens": 3, "max_completion_tokens": None,
+                          "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_developer_messages_are_the_system_turn(server):
+    def prompt_tokens(role):
+        body = {"model": MODEL, "messages": [{"role": role, "content": "Be brief."}, *USER], "max_tokens": 1}
+        return post(server, CH, body).json()["usage"]["prompt_tokens"]
+    assert prompt_tokens("developer") == prompt_tokens("system")
+
+
+def test_model_card_route(client):
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-nope")
+    assert e.value.body["code"] == "model_not_found"
 
 
 # -- disconnects ------------------------------------------------------------------------------------------------
