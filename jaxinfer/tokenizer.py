@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -174,6 +175,21 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return list(self.hf.convert_ids_to_tokens(list(ids)))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, also when it holds part of a UTF-8 character (what OpenAI's logprob
+        `bytes` report): byte-level BPE pieces map back through GPT-2's byte alphabet, SentencePiece byte
+        tokens (<0xAB>) are that byte, other pieces are their text with the word marker as a space."""
+        piece = self.hf.convert_ids_to_tokens([int(token_id)])[0]
+        if piece is None:
+            return b""
+        decoder = getattr(getattr(self.hf, "backend_tokenizer", None), "decoder", None)
+        if type(decoder).__name__ == "ByteLevel" and all(c in _BYTE_OF_CHAR for c in piece):
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
     # ------------------------------------------------------------------ chat
 
     def render_chat(
@@ -209,6 +225,23 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, inverted: the printable character that stands for each byte -> the byte."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_alphabet()
 
 
 def _check_messages(messages) -> None:

@@ -283,6 +283,7 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
 
     decode = state.engine.engine.tokenizer.decode if state.engine.engine.tokenizer else str
     tok_decode = lambda t: decode([t], skip_special_tokens=False)  # noqa: E731
+    tok_bytes = state.engine.engine.tokenizer.token_bytes if state.engine.engine.tokenizer else None
     rid_base = protocol.new_id("chatcmpl" if chat else "cmpl")
     created = protocol.now()
     n = params.n
@@ -312,7 +313,8 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
             completion_tokens += len(cur.token_ids)
             idx = pi * n + ci
             if chat:
-                lp = protocol.chat_logprobs(cur.logprobs, cur.token_ids, k, tok_decode) if k is not None else None
+                lp = (protocol.chat_logprobs(cur.logprobs, cur.token_ids, k, tok_decode, tok_bytes)
+                      if k is not None else None)
                 choices.append({"index": idx, "message": {"role": "assistant", "content": text},
                                 "logprobs": lp, "finish_reason": cur.finish})
             else:
@@ -355,7 +357,7 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
                     if chat:
                         delta = {"role": "assistant", "content": text} if cur.first else {"content": text}
                         choice["delta"] = delta
-                        choice["logprobs"] = (protocol.chat_logprobs(lps, new_toks, k, tok_decode)
+                        choice["logprobs"] = (protocol.chat_logprobs(lps, new_toks, k, tok_decode, tok_bytes)
                                               if lps is not None else None)
                     else:
                         prefix = prompt_texts[pi] if (echo and cur.first) else ""

@@ -301,15 +301,15 @@ def join_logprobs(first: dict, second: dict) -> dict:
     return {key: first[key] + second[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
 
 
-def chat_logprobs(c_logprobs: list[dict[int, Logprob]], token_ids: list[int], k: int, decode) -> dict:
-    content = []
-    for tok, pos in zip(token_ids, c_logprobs):
-        lp = pos[tok]
-        s = lp.decoded_token if lp.decoded_token is not None else decode(tok)
-        content.append({
-            "token": s, "logprob": lp.logprob, "bytes": list(s.encode("utf-8")),
-            "top_logprobs": [{"token": (l.decoded_token or decode(t)), "logprob": l.logprob,
-                              "bytes": list((l.decoded_token or decode(t)).encode("utf-8"))} for t, l in _top(pos, k)],
-        })
-    return {"content": content}
+def chat_logprobs(c_logprobs: list[dict[int, Logprob]], token_ids: list[int], k: int, decode,
+                  token_bytes=None) -> dict:
+    """The chat logprobs object; `bytes` are each token's own bytes (token_bytes), which for a token holding part
+    of a UTF-8 character differ from its decoded text (a replacement character)."""
+    def entry(t: int, lp: Logprob) -> dict:
+        s = lp.decoded_token if lp.decoded_token is not None else decode(t)
+        return {"token": s, "logprob": lp.logprob,
+                "bytes": list(token_bytes(t) if token_bytes is not None else s.encode("utf-8"))}
+
+    return {"content": [{**entry(tok, pos[tok]), "top_logprobs": [entry(t, lp) for t, lp in _top(pos, k)]}
+                        for tok, pos in zip(token_ids, c_logprobs)]}
 

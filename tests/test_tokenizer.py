@@ -459,3 +459,12 @@ def test_bad_stop_strings(smol):
         IncrementalDetokenizer(smol, [], stop=[""])
     detok = IncrementalDetokenizer(smol, [], stop="END")  # a bare string is one stop string
     assert detok.stop == ("END",)
+
+
+@pytest.mark.parametrize("text", ["hello world", " Paris.\n", "🎉 日本語 ñ 🎉", "a\tb  c"])
+def test_token_bytes_join_to_the_text(any_tok, text):
+    """Each token's own bytes (OpenAI's logprob `bytes`), also for tokens holding part of a UTF-8 character."""
+    ids = any_tok.encode(text, add_special_tokens=False)
+    joined = b"".join(any_tok.token_bytes(i) for i in ids).decode("utf-8")
+    # SentencePiece decoders drop the word marker's space before the first word; the token itself holds it
+    assert joined in (any_tok.decode(ids), " " + any_tok.decode(ids))
