@@ -445,6 +445,7 @@ class Engine:
             finished_time=max(finished) if done else None,
             num_prompt_tokens=first.num_prompt_tokens,
             num_generated_tokens=generated,
+            longest_output=max(len(r.output_token_ids) for r in children),
         )
         prompt_lps = first.prompt_logprobs
         if delta and prompt_lps is not None:

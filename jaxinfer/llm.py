@@ -72,8 +72,13 @@ class LLM:
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         if not convs:
             raise ValueError("messages: must not be empty")
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in convs]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        texts = [self.tokenizer.render_chat(c, add_generation_prompt=add_generation_prompt) for c in convs]
+        # the rendered text, encoded as apply_chat_template does (the template writes its special tokens)
+        prompts = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        outs = self.generate(prompts, sampling_params, use_tqdm)
+        for out, text in zip(outs, texts):
+            out.prompt = text  # as vLLM: the prompt the model saw, as text
+        return outs
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         final: dict[str, RequestOutput] = {}

@@ -92,7 +92,8 @@ class RequestMetrics:
     first_token_time: float | None
     finished_time: float | None
     num_prompt_tokens: int
-    num_generated_tokens: int
+    num_generated_tokens: int  # all n outputs together
+    longest_output: int = 0  # tokens of the longest of them (they decode side by side); 0: unknown
 
     @property
     def ttft(self) -> float | None:
@@ -105,10 +106,11 @@ class RequestMetrics:
 
     @property
     def tpot(self) -> float | None:
-        """Mean seconds per output token after the first."""
-        if self.finished_time is None or self.first_token_time is None or self.num_generated_tokens < 2:
+        """Mean seconds per output token after the first (of one output: n > 1 outputs decode side by side)."""
+        n = self.longest_output or self.num_generated_tokens
+        if self.finished_time is None or self.first_token_time is None or n < 2:
             return None
-        return (self.finished_time - self.first_token_time) / (self.num_generated_tokens - 1)
+        return (self.finished_time - self.first_token_time) / (n - 1)
 
 
 @dataclass

@@ -76,6 +76,17 @@ def test_default_model_answers_chat(default_llm):
     assert comp.finish_reason == "stop" and comp.token_ids[-1] == 2  # <|im_end|>
     assert "<|im_end|>" not in comp.text
     assert out.metrics.ttft is not None and out.metrics.ttft > 0
+    # the prompt as the model saw it (the rendered template), as vLLM reports it
+    assert out.prompt.endswith("<|im_start|>assistant\n") and "What is the capital of France?" in out.prompt
+    assert default_llm.tokenizer.encode(out.prompt, add_special_tokens=False) == out.prompt_token_ids
+
+
+def test_tpot_is_per_output_when_n_outputs_decode_together():
+    from jaxinfer.request import RequestMetrics
+
+    m = RequestMetrics(arrival_time=0.0, first_scheduled_time=0.0, first_token_time=1.0, finished_time=3.0,
+                       num_prompt_tokens=4, num_generated_tokens=20, longest_output=5)
+    assert m.tpot == pytest.approx(2.0 / 4)  # 4 steps after the first token, not 19
 
 
 def test_generate_api_default_model(default_llm):
