@@ -209,11 +209,14 @@ class _Choice:
     """One choice's state across the engine's DELTA outputs: how much text / how many tokens came so far (and,
     without streaming, the pieces themselves)."""
 
-    __slots__ = ("text", "tokens", "finish", "first", "shift", "pieces", "token_ids", "logprobs")
+    __slots__ = ("text", "tokens", "finish", "first", "shift", "token_text", "pieces", "token_ids", "logprobs")
 
     def __init__(self):
         self.text, self.tokens, self.finish, self.first = 0, 0, None, True
         self.shift = 0  # echo + logprobs: the completion's text offsets start after the prompt's tokens
+        # ... and run over the tokens' own text, as without streaming (not over the text sent so far, which
+        # lags while a possible stop string is held back)
+        self.token_text = 0
         self.pieces: list[str] = []
         self.token_ids: list[int] = []
         self.logprobs: list | None = None
@@ -367,8 +370,10 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
                             head = protocol.prompt_logprobs(prompt_lps.get(out.request_id), out.prompt_token_ids, k,
                                                             tok_decode)
                             cur.shift = protocol.text_end(head)
-                        choice["logprobs"] = (protocol.completion_logprobs(lps, new_toks, k, cur.shift + cur.text,
+                        choice["logprobs"] = (protocol.completion_logprobs(lps, new_toks, k, cur.shift + cur.token_text,
                                                                            tok_decode) if lps is not None else None)
+                        if choice["logprobs"] and choice["logprobs"]["tokens"]:
+                            cur.token_text = protocol.text_end(choice["logprobs"]) - cur.shift
                         if head is not None:
                             choice["logprobs"] = protocol.join_logprobs(
                                 head, choice["logprobs"] or protocol.completion_logprobs([], [], k, 0, tok_decode))

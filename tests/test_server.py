@@ -856,3 +856,19 @@ def test_bench_serve_starts_its_own_server(tiny_chat_model, tmp_path, capsys):
     assert r["request_rate"] == "inf" and r["completed"] == 3 and r["exact_output_lengths"]
     assert r["good_requests"] == 0 and r["goodput"] == 0.0  # nothing answers within 1 microsecond
     assert report["server_startup_s"] > 0 and "3/3" in capsys.readouterr().out
+
+
+def test_streamed_text_offsets_match_the_response_while_text_is_held_back(client):
+    """A possible stop string holds text back from the stream; the logprobs' text offsets still run over the
+    tokens' own text, as in the non-streamed response."""
+    kw = dict(model=MODEL, prompt="The capital of France is", max_tokens=12, temperature=0, logprobs=0,
+              extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kw).choices[0]
+    text = plain.text
+    k = next(i for i, t in enumerate(plain.logprobs.tokens) if i >= 3 and t.strip() and "\ufffd" not in t)
+    stop = [plain.logprobs.tokens[k] + "\x00"]  # never matched whole; once token k is out, its text waits
+    full = client.completions.create(**kw, stop=stop).choices[0]
+    chunks = [ch.choices[0] for ch in client.completions.create(**kw, stop=stop, stream=True) if ch.choices]
+    offsets = [o for ch in chunks if ch.logprobs for o in ch.logprobs.text_offset]
+    assert "".join(ch.text for ch in chunks) == full.text == text
+    assert offsets == full.logprobs.text_offset
