@@ -258,6 +258,14 @@ def _top(pos: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
                   key=lambda x: x[1].rank)[:k]
 
 
+def _top_and_chosen(pos: dict[int, Logprob], tok: int, k: int, decode) -> dict[str, float]:
+    """The legacy completions `top_logprobs` entry: the k most likely tokens and always the chosen one (so up to
+    k + 1 of them, as the OpenAI completions API documents and vLLM returns)."""
+    out = {(lp.decoded_token or decode(t)): lp.logprob for t, lp in _top(pos, k)}
+    out.setdefault(pos[tok].decoded_token or decode(tok), pos[tok].logprob)
+    return out
+
+
 def completion_logprobs(c_logprobs: list[dict[int, Logprob]], token_ids: list[int], k: int,
                         offset: int, decode) -> dict:
     """The legacy completions logprobs object for tokens [start:] of one choice."""
@@ -268,7 +276,7 @@ def completion_logprobs(c_logprobs: list[dict[int, Logprob]], token_ids: list[in
         s = lp.decoded_token if lp.decoded_token is not None else decode(tok)
         tokens.append(s)
         token_lps.append(lp.logprob)
-        tops.append({(l.decoded_token or decode(t)): l.logprob for t, l in _top(pos, k)} if k else None)
+        tops.append(_top_and_chosen(pos, tok, k, decode) if k else None)
         offsets.append(pos_text)
         pos_text += len(s)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
@@ -284,7 +292,7 @@ def prompt_logprobs(p_logprobs: list[dict[int, Logprob] | None] | None, prompt_i
         s = decode(tok)
         tokens.append(s)
         token_lps.append(None if pos is None else pos[tok].logprob)
-        tops.append(None if pos is None or not k else {(l.decoded_token or decode(t)): l.logprob for t, l in _top(pos, k)})
+        tops.append(None if pos is None or not k else _top_and_chosen(pos, tok, k, decode))
         offsets.append(pos_text)
         pos_text += len(s)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
