@@ -18,7 +18,7 @@ class Status(enum.Enum):
 @dataclass
 class Logprob:
     logprob: float
-    rank: int | None = None  # 1 = most likely; None when unknown
+    rank: int | None = None  # 1 = most likely, in the model's own distribution; None when unknown
     decoded_token: str | None = None
 
 
