@@ -8,8 +8,9 @@ A batch exists in three forms, with fixed names:
      `unpack`), passed to the two precompiled programs of a step:
         forward[(T, B)]        (params, kv, sampler state, page table, input) -> logits [B, V], kv, state, table
         sampler[(B, variant)]  (logits, sampler state, metadata)     -> sampled ids (+ logprobs), state
-     The cache, the sampler state and the page table are donated and come back updated. `variant` (sampler.variant_for) is
-     chosen on the host per step: greedy / random / full, so a plain greedy step pays for an argmax only.
+     The cache, the sampler state and the page table are donated and come back updated. `variant`
+     (sampler.variant_for) is chosen on the host per step: greedy / random / full, so a plain greedy step pays
+     for an argmax only.
 Buckets with T == B are decode buckets: one token per sequence, so the attention op runs its decode
 kernel; every other step goes to a bucket with T > B. Padding tokens write to an out-of-bounds cache slot
 (dropped) and padding rows have kv_len 0; nothing they compute is read.
