@@ -288,7 +288,8 @@ class EngineConfig:
             if not isinstance(v, (tuple, list)) or not all(_is_int(x) and x >= 1 for x in v):
                 raise ValueError(f"{name} must be a list of integers >= 1, got {v!r}")
         if self.kv_cache_memory is not None and (not _is_int(self.kv_cache_memory) or self.kv_cache_memory < 1):
-            raise ValueError(f"kv_cache_memory must be a positive number of bytes (or None), got {self.kv_cache_memory!r}")
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes (or None), "
+                             f"got {self.kv_cache_memory!r}")
         for name in ("attention_interpret", "enable_prefix_caching", "async_scheduling", "use_compilation_cache",
                      "show_progress"):
             if not isinstance(getattr(self, name), bool):
