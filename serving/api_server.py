@@ -209,10 +209,12 @@ class _Choice:
     """One choice's state across the engine's DELTA outputs: how much text / how many tokens came so far (and,
     without streaming, the pieces themselves)."""
 
-    __slots__ = ("text", "tokens", "finish", "first", "shift", "token_text", "pieces", "token_ids", "logprobs")
+    __slots__ = ("text", "tokens", "finish", "stop_reason", "first", "shift", "token_text", "pieces", "token_ids",
+                 "logprobs")
 
     def __init__(self):
         self.text, self.tokens, self.finish, self.first = 0, 0, None, True
+        self.stop_reason = None  # vLLM's field: the stop string or stop token id that ended the choice
         self.shift = 0  # echo + logprobs: the completion's text offsets start after the prompt's tokens
         # ... and run over the tokens' own text, as without streaming (not over the text sent so far, which
         # lags while a possible stop string is held back)
@@ -230,7 +232,7 @@ class _Choice:
                 self.logprobs = []
             self.logprobs += c.logprobs
         if c.finish_reason:
-            self.finish = c.finish_reason
+            self.finish, self.stop_reason = c.finish_reason, c.stop_reason
 
 
 async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
@@ -319,7 +321,7 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
                 lp = (protocol.chat_logprobs(cur.logprobs, cur.token_ids, k, tok_decode, tok_bytes)
                       if k is not None else None)
                 choices.append({"index": idx, "message": {"role": "assistant", "content": text},
-                                "logprobs": lp, "finish_reason": cur.finish})
+                                "logprobs": lp, "finish_reason": cur.finish, "stop_reason": cur.stop_reason})
             else:
                 prefix = prompt_texts[pi] if echo else ""
                 head = (protocol.prompt_logprobs(prompt_lps.get(rid), prompts_ids[pi], k, tok_decode)
@@ -328,7 +330,8 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
                       if k is not None else None)
                 if head is not None:
                     lp = protocol.join_logprobs(head, lp)
-                choices.append({"index": idx, "text": prefix + text, "logprobs": lp, "finish_reason": cur.finish})
+                choices.append({"index": idx, "text": prefix + text, "logprobs": lp, "finish_reason": cur.finish,
+                                "stop_reason": cur.stop_reason})
         return json_response({"id": rid_base, "object": obj, "created": created, "model": model,
                               "choices": choices, "usage": protocol.usage(num_prompt, completion_tokens)})
 
@@ -378,6 +381,7 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
                             choice["logprobs"] = protocol.join_logprobs(
                                 head, choice["logprobs"] or protocol.completion_logprobs([], [], k, 0, tok_decode))
                     choice["finish_reason"] = c.finish_reason
+                    choice["stop_reason"] = c.stop_reason if c.finish_reason else None
                     cur.first = False
                     cur.text += len(text)
                     cur.tokens += len(new_toks)

@@ -145,6 +145,7 @@ def _completion_like(obj: str, choice: dict) -> dict:
         "id": _STR, "object": {"const": obj}, "created": _int(0), "model": _STR,
         "choices": {"type": "array", "items": {"type": "object", "required": ["index", "finish_reason"],
                                               "properties": {"index": _int(0), "finish_reason": _FINISH,
+                                                             "stop_reason": {"type": ["string", "integer", "null"]},
                                                              **choice}}},
         "usage": _USAGE}}
 

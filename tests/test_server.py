@@ -133,6 +133,13 @@ def test_stop_string_and_stop_token_finish_with_stop(client):
     forced = client.completions.create(model=MODEL, prompt="Stop here", temperature=0, max_tokens=5,
                                        logit_bias={"42": 100}, extra_body={"stop_token_ids": [42]})
     assert forced.choices[0].finish_reason == "stop" and forced.usage.completion_tokens == 1
+    # vLLM's stop_reason: the stop string or token id that ended the choice; null for length
+    assert r.choices[0].model_extra["stop_reason"] == s and forced.choices[0].model_extra["stop_reason"] == 42
+    assert full.choices[0].model_extra["stop_reason"] is None
+    chunks = [ch.choices[0] for ch in client.completions.create(model=MODEL, prompt="Stop here", temperature=0,
+                                                                max_tokens=12, stop=[s], stream=True,
+                                                                extra_body={"ignore_eos": True}) if ch.choices]
+    assert chunks[-1].model_extra["stop_reason"] == s
 
 
 def test_echo_and_logprobs(client):
