@@ -92,7 +92,9 @@ def make_case(key, q_lens, kv_lens, *, N, K, H, S, dtype, min_bytes, pad_to=None
 def mixed_workload_step(tokens, decodes, context=0):
     """(q_lens, kv_lens) of one step of the H100 mixed workload: whole prompts of `default_rng(1234).integers(128,
     1025)` tokens in order (the last one cut to fit) filling `tokens` with `decodes` one-token rows of `context`."""
-    lens = np.random.default_rng(1234).integers(128, 1025, 256)
+    from jaxinfer.bench_offline import draw_lengths  # the workload's own prompt lengths
+
+    lens = draw_lengths(256, input_len=128, output_len=128, input_len_range=(128, 1025), seed=1234)[0]
     q, left = [], tokens - decodes
     for n in lens:
         if left <= 0:

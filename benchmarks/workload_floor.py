@@ -4,8 +4,8 @@ it must do and two measured ceilings, and what a throughput target asks of it.
     python benchmarks/workload_floor.py --model llama-3.1-8b --num-prompts 256 --input-len-range 128,1025 \
         --seed 1234 --output-len 128 [--target 7000] [--measured 5782]
 
-Prompt lengths are drawn as `jaxinfer bench throughput` draws them (`default_rng(seed).integers(lo, hi)`); every
-request decodes `--output-len` tokens (EOS ignored). Work counted (bf16 weights and KV cache):
+Prompt lengths are drawn by `jaxinfer bench throughput`'s own `draw_lengths` (`default_rng(seed).integers(lo,
+hi)`); every request decodes `--output-len` tokens (EOS ignored). Work counted (bf16 weights and KV cache):
   gemm         2 x (linear parameters) flops per token through the model, plus the lm_head for each sampled
                token, at the matmul ceiling; and, after the last prompt token has gone through (the last
                request's prefill), at least output_len - 1 steps in which no prompt token is left, each reading
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -88,7 +89,12 @@ def main(argv=None) -> int:
     with open(os.path.join(root, "configs", "models", f"{args.model}.json")) as f:
         cfg = json.load(f)
     lo, hi = (int(x) for x in args.input_len_range.split(","))
-    lens = np.random.default_rng(args.seed).integers(lo, hi, size=args.num_prompts)
+    sys.path.insert(0, root)
+    from jaxinfer.bench_offline import draw_lengths
+
+    lens = draw_lengths(args.num_prompts, input_len=lo, output_len=args.output_len, input_len_range=(lo, hi),
+                        seed=args.seed)[0]
+    lens = np.asarray(lens)
     r = floor(cfg, lens, args.output_len, args.matmul_flops, args.copy_bw)
     print(f"{r['requests']} requests, {r['prompt_tokens']} prompt tokens, {r['output_tokens']} output tokens; "
           f"ceilings {args.matmul_flops / 1e12:.0f} TFLOP/s, {args.copy_bw / 1e12:.2f} TB/s")

@@ -349,9 +349,7 @@ class Engine:
     def _logprobs(self, result: StepResult, i: int, tok: int, k: int) -> dict[int, Logprob]:
         """The sampled token's logprob, then the top-k alternatives (rank 1 = most likely)."""
         top = list(zip(result.top_ids[i][:k].tolist(), result.top_logprobs[i][:k].tolist()))
-        rank = int(result.ranks[i]) if result.ranks is not None else next(
-            (j + 1 for j, (t, _) in enumerate(top) if t == tok), None)
-        return self._logprob_entry(tok, float(result.logprobs[i]), rank, top)
+        return self._logprob_entry(tok, float(result.logprobs[i]), int(result.ranks[i]), top)
 
     def _logprob_entry(self, tok: int, logprob: float, rank: int | None, top: list[tuple[int, float]]) -> dict[int, Logprob]:
         """{token: its Logprob} followed by the top alternatives [(id, logprob)], most likely first."""

@@ -391,8 +391,7 @@ class ModelRunner:
                 jax.block_until_ready(self.compiled_prompt_logprobs[T](self.params, h, np.full(T, -1, np.int32)))
             jax.block_until_ready(self.sstate)
         self.set_row(S, None, [])  # row S: out of range, dropped
-        pad = np.full(SET_PAGES_ROWS, S, np.int32)
-        self.page_table = self._compiled_set_pages(self.page_table, pad, pad, pad)
+        self._write_pages(*np.array([[S], [0], [0]], np.int32))  # row S: dropped
         if self._compiled_history is not None:
             L = self._history_len
             self.sstate = self._compiled_history(self.sstate, np.full(L, S, np.int32), np.zeros(L, np.int32),
@@ -410,7 +409,7 @@ class ModelRunner:
         raise ValueError(f"no bucket holds {num_tokens} tokens and {num_seqs} sequences (buckets: {self.buckets})")
 
     def _empty_input(self, T: int, B: int) -> tuple[StepInput, sampling.SamplingMetadata]:
-        S, P = self.num_slots, self.num_pages
+        S, P, U = self.num_slots, self.num_pages, self.new_pages_capacity(T, B)
         inp = StepInput(
             token_ids=np.zeros(T, np.int32),
             positions=np.zeros(T, np.int32),
@@ -419,9 +418,9 @@ class ModelRunner:
             reset_slot=np.full(B, S, np.int32),
             logits_indices=np.zeros(B, np.int32),
             row_slot=np.zeros(B, np.int32),
-            new_slot=np.full(self.new_pages_capacity(T, B), S, np.int32),
-            new_col=np.zeros(self.new_pages_capacity(T, B), np.int32),
-            new_page=np.zeros(self.new_pages_capacity(T, B), np.int32),
+            new_slot=np.full(U, S, np.int32),
+            new_col=np.zeros(U, np.int32),
+            new_page=np.zeros(U, np.int32),
             attn=AttentionMetadata(
                 slot_mapping=np.full(T, P * self.page_size, np.int32),
                 page_tables=None,
@@ -470,11 +469,12 @@ class ModelRunner:
 
     def _write_pages(self, slots: np.ndarray, cols: np.ndarray, pages: np.ndarray) -> None:
         """Set device page-table entries now (queued before the next step), SET_PAGES_ROWS per call."""
-        n, S = SET_PAGES_ROWS, self.num_slots
-        for i in range(0, len(slots), n):
-            k = len(slots[i : i + n])
-            pad = lambda x, fill: np.concatenate([x[i : i + n], np.full(n - k, fill, np.int32)])  # noqa: E731
-            self.page_table = self._compiled_set_pages(self.page_table, pad(slots, S), pad(cols, 0), pad(pages, 0))
+        n = SET_PAGES_ROWS
+        m = -(-len(slots) // n) * n  # whole calls; the padding entries' row S is dropped
+        blocks = [np.concatenate([x, np.full(m - len(x), fill, np.int32)]).reshape(-1, n)
+                  for x, fill in ((slots, self.num_slots), (cols, 0), (pages, 0))]
+        for s, c, p in zip(*blocks):
+            self.page_table = self._compiled_set_pages(self.page_table, s, c, p)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[StepInput, sampling.SamplingMetadata, tuple, np.ndarray | None]:
         """The step's input and sampling metadata padded to its bucket, the bucket, and the prompt-logprob

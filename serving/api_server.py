@@ -251,7 +251,7 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
         prompts_ids, prompt_texts = [ids], [None]
         k = params.logprobs
         protocol.check_context(len(ids), params, limits,
-                               "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens")
+                               protocol.max_tokens_field(body, chat=True))
     else:
         prompts = protocol.completion_prompts(body, limits.vocab_size)
         params = protocol.sampling_params(body, limits, chat=False)

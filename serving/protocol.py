@@ -95,6 +95,11 @@ def refuse_unsupported(body: dict, chat: bool) -> None:
             refuse(field, "guided decoding")
 
 
+def max_tokens_field(body: dict, chat: bool) -> str:
+    """The field that bounds the output: chat's max_completion_tokens unless absent or null (vLLM), else max_tokens."""
+    return "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+
+
 def sampling_params(body: dict, limits: Limits, chat: bool) -> SamplingParams:
     """Build and validate SamplingParams from a request body (both endpoints)."""
     refuse_unsupported(body, chat)
@@ -104,9 +109,7 @@ def sampling_params(body: dict, limits: Limits, chat: bool) -> SamplingParams:
     if isinstance(n, int) and not isinstance(n, bool) and n > limits.max_n:
         raise bad_request(f"n must be <= {limits.max_n} on this server, got {n}", "n")
     if chat:
-        max_tokens = body.get("max_completion_tokens")  # null counts as absent, as in vLLM
-        if max_tokens is None:
-            max_tokens = body.get("max_tokens")
+        max_tokens = body.get(max_tokens_field(body, chat))
         if body.get("logprobs"):
             logprobs = body.get("top_logprobs") or 0
         else:
@@ -148,8 +151,8 @@ def sampling_params(body: dict, limits: Limits, chat: bool) -> SamplingParams:
     except (ValueError, TypeError) as e:
         msg = str(e)
         p = param_of(msg)
-        if chat and p == "max_tokens" and body.get("max_completion_tokens") is not None:
-            p = "max_completion_tokens"
+        if p == "max_tokens":
+            p = max_tokens_field(body, chat)
         if chat and p == "logprobs":
             p = "top_logprobs"
         raise bad_request(msg, p) from None
