@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from jaxinfer.engine import Engine
-    from jaxinfer.model import _mlp_block, apply_rope, compute_logits, dot, forward, rms_norm
+    from jaxinfer.model import _mlp_block, apply_rope, compute_logits, dot, embed_tokens, forward, rms_norm
     from jaxinfer.attention import make_attention_fn
     from jaxinfer.sampling_params import SamplingParams
 
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
 
     def chain(params, inp):
         eps, inv = cfg.rms_norm_eps, jnp.asarray(np.ones(cfg.head_dim // 2, np.float32))
-        x = params.embed[inp.token_ids]
+        x = embed_tokens(params, inp.token_ids)
         for lp in params.layers:
             h = rms_norm(x, lp.attn_norm, eps)
             qkv = dot("td,dkgh->tkgh", h, lp.wqkv)
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     if want("no_attention"):
         record("no_attention", timeit(jax.jit(chain), params, dev))
     if want("lm_head"):
-        record("lm_head", timeit(jax.jit(lambda p, i: jnp.argmax(compute_logits(p, cfg, p.embed[i.token_ids][i.logits_indices]), -1)), params, dev))
+        record("lm_head", timeit(jax.jit(lambda p, i: jnp.argmax(compute_logits(p, cfg, embed_tokens(p, i.token_ids)[i.logits_indices]), -1)), params, dev))
     if args.trace:
         jax.block_until_ready(engine_step())
         with jax.profiler.trace(args.trace, create_perfetto_trace=True):

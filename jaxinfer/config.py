@@ -22,6 +22,12 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 
+# What `quantization=` accepts: on-the-fly schemes (vLLM's names), "none" (every checkpoint weight dequantized
+# to the model dtype at load), and the checkpoint formats, which are detected anyway (naming one checks it).
+ON_THE_FLY_QUANTIZATION = ("int8", "int4", "fp8")
+CHECKPOINT_QUANTIZATION = ("gguf", "gptq", "awq", "auto-round", "compressed-tensors", "fp8-block")
+QUANTIZATION_CHOICES = ("none", *ON_THE_FLY_QUANTIZATION, *CHECKPOINT_QUANTIZATION)
+
 # Presets: configs/ of a source checkout, or the copy a wheel installs as the package jaxinfer.configs.
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 if not (CONFIGS_DIR / "models").is_dir():
@@ -273,6 +279,9 @@ class EngineConfig:
     warm_up: bool | None = None  # run every program once at start-up (runner.warm_up); None: on GPU / TPU, not on CPU
     seed: int = 0
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    # None: as the checkpoint is (quantized checkpoints detected and kept quantized); "none": dequantize every
+    # weight to dtype at load; "int8" / "int4" / "fp8": quantize a float checkpoint at load (jaxinfer/quant.py)
+    quantization: str | None = None
     show_progress: bool = True
 
     def __post_init__(self):
@@ -318,6 +327,9 @@ class EngineConfig:
             raise ValueError(f"attention_impl must be auto, reference, xla, tpu or gpu, got {self.attention_impl!r}")
         if self.warm_up not in (None, True, False):
             raise ValueError(f"warm_up must be true, false or null (auto), got {self.warm_up!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"quantization must be one of {list(QUANTIZATION_CHOICES)} (or None: as the checkpoint "
+                             f"is), got {self.quantization!r}")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jaxinfer.config import CONFIGS_DIR, EngineConfig, ModelConfig
+from jaxinfer import quant
+
+from jaxinfer.config import CHECKPOINT_QUANTIZATION, CONFIGS_DIR, ON_THE_FLY_QUANTIZATION, EngineConfig, ModelConfig
 from jaxinfer.model import Params
 from jaxinfer.tokenizer import Tokenizer, default_model_path
 from jaxinfer.weights import GGUFSource, SafetensorsSource, dummy_params, load_params
@@ -22,6 +26,22 @@ class LoadedModel:
     params: Params
     tokenizer: Tokenizer | None
     source: str
+
+    @property
+    def quantization(self) -> str:
+        return describe_quantization(self.params)
+
+
+def describe_quantization(params: Params) -> str:
+    """The schemes of the quantized weights, most used first: "gguf:Q4_1 x210, gguf:Q8_0 x1"; "none" if dense."""
+    counts = Counter(w.scheme for w in jax.tree_util.tree_leaves(params, is_leaf=quant.is_quantized)
+                     if quant.is_quantized(w))
+    return ", ".join(f"{k} x{n}" for k, n in counts.most_common()) or "none"
+
+
+def weight_bytes(params: Params) -> int:
+    """Bytes of all weights (every device's share together)."""
+    return sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
 
 
 def resolve_dtype(name: str, backend: str):
@@ -35,13 +55,16 @@ def load_model(model: str | None, ecfg: EngineConfig, dtype, mesh: Mesh | None =
     path = Path(model) if model else Path(default_model_path())
     fmt = ecfg.load_format
     show = ecfg.show_progress
+    qz = ecfg.quantization
     if path.suffix == ".gguf" or (path.is_file() and fmt == "gguf"):
         if fmt not in ("auto", "gguf", "dummy"):
             raise ValueError(f"load_format {fmt!r} does not apply to GGUF file {path}")
+        _check_quantization(qz, "gguf", path)
         src = GGUFSource(path)
         cfg = ModelConfig.from_gguf(src.metadata(), name=path.stem)
         cfg = dataclasses.replace(cfg, tie_word_embeddings="output.weight" not in src.keys())
-        params = dummy_params(cfg, dtype, ecfg.seed, mesh, show) if fmt == "dummy" else load_params(cfg, src, "gguf", dtype, mesh, show)
+        params = (dummy_params(cfg, dtype, ecfg.seed, mesh, show, qz) if fmt == "dummy"
+                  else load_params(cfg, src, "gguf", dtype, mesh, show, qz))
         return LoadedModel(cfg, params, Tokenizer.from_pretrained(str(path)), str(path))
     if path.is_dir():
         cfg_file = path / "config.json"
@@ -52,21 +75,31 @@ def load_model(model: str | None, ecfg: EngineConfig, dtype, mesh: Mesh | None =
         except ValueError as e:
             raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
         cfg = ModelConfig.from_hf(hf_cfg, name=path.name)
+        _check_quantization(qz, None, path)
         if fmt == "dummy":
-            params = dummy_params(cfg, dtype, ecfg.seed, mesh, show)
+            params = dummy_params(cfg, dtype, ecfg.seed, mesh, show, qz)
         else:
             if fmt not in ("auto", "safetensors"):
                 raise ValueError(f"load_format {fmt!r} does not apply to checkpoint directory {path}")
-            params = load_params(cfg, SafetensorsSource(path), "hf", dtype, mesh, show)
+            params = load_params(cfg, SafetensorsSource(path), "hf", dtype, mesh, show, qz)
         tok = Tokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
         return LoadedModel(cfg, params, tok, str(path))
     if model and (CONFIGS_DIR / "models" / f"{model}.json").is_file():
         if fmt != "dummy":
             raise ValueError(f"preset {model!r} has no weights; use load_format='dummy' (random weights of its shape)")
         cfg = ModelConfig.from_preset(model)
-        return LoadedModel(cfg, dummy_params(cfg, dtype, ecfg.seed, mesh, show), None, f"preset:{model}")
+        _check_quantization(qz, None, model)
+        return LoadedModel(cfg, dummy_params(cfg, dtype, ecfg.seed, mesh, show, qz), None, f"preset:{model}")
     known = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.json"))
     raise FileNotFoundError(f"model {model!r} is not a checkpoint directory, a .gguf file, or a preset ({known})")
+
+
+def _check_quantization(requested: str | None, detected: str | None, where) -> None:
+    """A checkpoint format named in `quantization` must be the checkpoint's own (as vLLM checks)."""
+    if requested in CHECKPOINT_QUANTIZATION and requested != detected:
+        raise ValueError(f"quantization {requested!r} does not match {where}: it is "
+                         f"{'a ' + detected + ' checkpoint' if detected else 'not a quantized checkpoint'}; use None to "
+                         f"take the checkpoint as it is, or one of {list(ON_THE_FLY_QUANTIZATION)} to quantize at load")
 
 
 def _has_tokenizer(path: Path) -> bool:

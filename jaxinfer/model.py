@@ -6,7 +6,8 @@ Glossary:
 
 Every weight leaf is declared once in `param_specs` with its shape and logical axis names; `SHARDING_RULES`
 maps logical axes to mesh axes, so the same model runs on one device or a `jax.sharding.Mesh`.
-Every matmul goes through `dot`, the one place where a quantized weight leaf will plug in. The Q, K and V
+Every matmul goes through `dot`, the one place that takes a quantized weight leaf (`quant.QuantizedWeight`,
+declared by the `contract` axes of its spec). The Q, K and V
 projections are one weight [D, K, G + 2, H] (each kv head with its query heads), so they are one GEMM: as
 three, XLA:GPU turned the small K / V products at one token into multiply + reduce at a third of the
 bandwidth, and tensor parallelism still shards whole kv-head groups. Gate and up are one [D, 2, F] weight
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxinfer import quant
 from jaxinfer.config import ModelConfig
 
 # Logical axis -> mesh axis. One table for the whole model (tensor parallelism over "tp").
@@ -58,6 +60,20 @@ class ParamSpec:
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
     init: str = "normal"  # normal | ones | zeros (dummy weights)
+    contract: tuple[int, ...] = ()  # a matmul weight's input dims (the rest are its outputs); () for other leaves
+
+    @property
+    def out_axes(self) -> tuple[int, ...]:
+        return tuple(i for i in range(len(self.shape)) if i not in self.contract)
+
+    @property
+    def quantized_shape(self) -> tuple[int, ...]:
+        """The [*out, I] matrix a `QuantizedWeight` of this leaf stores (unpacked)."""
+        return (*(self.shape[i] for i in self.out_axes), math.prod(self.shape[i] for i in self.contract))
+
+    def quantized_axes(self) -> tuple[str | None, ...]:
+        """Logical axes of the [*out, I] (and [*out, groups]) arrays: the outputs', then the first input dim's."""
+        return (*(self.axes[i] for i in self.out_axes), self.axes[self.contract[0]])
 
 
 @pytree_dataclass
@@ -106,21 +122,21 @@ def param_specs(cfg: ModelConfig) -> Params:
     def layer():
         return LayerParams(
             attn_norm=ParamSpec((D,), ("embed",), "ones"),
-            wqkv=ParamSpec((D, K, G + 2, H), ("embed", "kv_heads", "qkv", "head_dim")),
-            wo=ParamSpec((N, H, D), ("q_heads", "head_dim", "embed")),
+            wqkv=ParamSpec((D, K, G + 2, H), ("embed", "kv_heads", "qkv", "head_dim"), contract=(0,)),
+            wo=ParamSpec((N, H, D), ("q_heads", "head_dim", "embed"), contract=(0, 1)),
             bqkv=ParamSpec((K, G + 2, H), ("kv_heads", "qkv", "head_dim"), "zeros") if bias else None,
             q_norm=ParamSpec((H,), ("head_dim",), "ones") if cfg.qk_norm else None,
             k_norm=ParamSpec((H,), ("head_dim",), "ones") if cfg.qk_norm else None,
             mlp_norm=ParamSpec((D,), ("embed",), "ones"),
-            w_gate_up=ParamSpec((D, 2, F), ("embed", None, "mlp")),
-            w_down=ParamSpec((F, D), ("mlp", "embed")),
+            w_gate_up=ParamSpec((D, 2, F), ("embed", None, "mlp"), contract=(0,)),
+            w_down=ParamSpec((F, D), ("mlp", "embed"), contract=(0,)),
         )
 
     return Params(
-        embed=ParamSpec((V, D), ("vocab", "embed")),
+        embed=ParamSpec((V, D), ("vocab", "embed"), contract=(1,)),  # contracted over D as a tied lm_head
         layers=[layer() for _ in range(cfg.num_layers)],
         final_norm=ParamSpec((D,), ("embed",), "ones"),
-        lm_head=None if cfg.tie_word_embeddings else ParamSpec((D, V), ("embed", "vocab")),
+        lm_head=None if cfg.tie_word_embeddings else ParamSpec((D, V), ("embed", "vocab"), contract=(0,)),
     )
 
 
@@ -155,8 +171,18 @@ def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, mesh:
 
 
 def dot(eq: str, x, w):
-    """The one matmul of the model. Quantized weight leaves plug in here."""
+    """The one matmul of the model: `eq` contracts x's trailing dims with w's input dims. A quantized weight
+    goes to `quant.qmatmul` (x [T, *in] -> [T, *out])."""
+    if quant.is_quantized(w):
+        return quant.qmatmul(x, w)
     return jnp.einsum(eq, x, w.astype(x.dtype) if w.dtype != x.dtype else w)
+
+
+def embed_tokens(params: Params, tokens):
+    """tokens [T] -> [T, D] in the model dtype (the final norm's)."""
+    if quant.is_quantized(params.embed):
+        return quant.embedding_rows(params.embed, tokens, params.final_norm.dtype)
+    return params.embed[tokens].astype(params.final_norm.dtype)
 
 
 def rms_norm(x, w, eps: float):
@@ -198,7 +224,7 @@ AttentionFn = Callable[..., tuple]  # (qkv [T, K, G + 2, H], k_pages, v_pages, m
 def _attention_block(lp: LayerParams, cfg: ModelConfig, x, positions, inv_freq, k_pages, v_pages, meta, attn_fn):
     eps = cfg.rms_norm_eps
     h = rms_norm(x, lp.attn_norm, eps)
-    G = lp.wqkv.shape[2] - 2
+    G = cfg.q_per_kv
     # [T, K, G + 2, H]: per kv head k its G query heads (query head n = k * G + g, HF's order), its key, its value.
     qkv = dot("td,dkgh->tkgh", h, lp.wqkv)
     if lp.bqkv is not None:
@@ -221,7 +247,7 @@ def _mlp_block(lp: LayerParams, cfg: ModelConfig, x):
 def forward(params: Params, cfg: ModelConfig, tokens, positions, kv: KVCache, meta: AttentionMetadata, attn_fn: AttentionFn):
     """tokens, positions [T] -> hidden states [T, D] (before the final norm), updated cache."""
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    x = params.embed[tokens]  # [T, D]
+    x = embed_tokens(params, tokens)  # [T, D]
     ks, vs = list(kv.k), list(kv.v)
     for i, lp in enumerate(params.layers):
         with jax.named_scope(f"layer{i}"):

@@ -226,7 +226,7 @@ class ModelRunner:
         self.num_slots = ecfg.max_num_seqs  # S
         # On a mesh (the weights carry NamedShardings), the sampler state and what the sampler programs take are
         # replicated: each device samples the same ids from the same logits.
-        mesh = getattr(getattr(params.embed, "sharding", None), "mesh", None)
+        mesh = getattr(getattr(params.final_norm, "sharding", None), "mesh", None)
         self._replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
         self.sstate = sampling.init_sampler_state(self.num_slots, cfg.vocab_size)
         if self._replicated is not None:
@@ -283,7 +283,7 @@ class ModelRunner:
                 progs[(B, variant)] = P(self._lower_sampler, B, variant)
         plp = jax.jit(make_prompt_logprobs_fn(self.cfg, self.ecfg.max_logprobs))
         for T in sorted({b[0] for b in self.buckets}):
-            h = jax.ShapeDtypeStruct((T, self.cfg.hidden_size), jnp.dtype(self.params.embed.dtype),
+            h = jax.ShapeDtypeStruct((T, self.cfg.hidden_size), jnp.dtype(self.params.final_norm.dtype),
                                      sharding=self._replicated)
             progs[("prompt_logprobs", T)] = P(plp.lower, self.params, h, jax.ShapeDtypeStruct((T,), i32))
         progs["set_row"] = P(self._set_row.lower, self.sstate, jax.ShapeDtypeStruct((), i32),

@@ -7,7 +7,9 @@ shape-checked against `model.param_specs` and placed straight into its (logical-
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -22,30 +24,18 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from jaxinfer import quant
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import ParamSpec, Params, is_spec, logical_sharding, param_specs
+from jaxinfer.quant import HostQuant, QuantizedWeight
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Transforms from checkpoint layout to ours
-
-
-def _proj_in(n: int, h: int):
-    """HF [n*H, D] (out, in) -> ours [D, n, H]."""
-    return lambda w: w.T.reshape(w.shape[1], n, h)
-
-
-def _proj_out(n: int, h: int):
-    """HF o_proj [D, N*H] -> ours [N, H, D]."""
-    return lambda w: w.T.reshape(n, h, w.shape[0])
-
-
-def _heads(n: int, h: int):
-    return lambda b: b.reshape(n, h)
-
-
-def _t(w):
-    return w.T
+# From checkpoint layout to ours. Every tensor is read in the checkpoint's own orientation, output rows first
+# ([out, in] weights, [out] biases). Each table entry's `rows` transform fuses and reorders those output rows
+# into the leaf's output dims ([*out, in]); `to_dense` then moves the input dims to where the dense leaf has
+# them. A quantized tensor takes the same `rows` transform on each of its per-row parts (values, scales, zeros),
+# so one table serves dense and quantized checkpoints alike.
 
 
 def _same(w):
@@ -62,40 +52,45 @@ def _unpermute_gguf(n: int):
     return f
 
 
-def _then(f, g):
-    return lambda w: g(f(w))
-
-
 @dataclass(frozen=True)
 class WeightEntry:
     keys: tuple[str, ...]  # checkpoint tensor name(s)
     path: str  # pytree path, e.g. "layers.3.wqkv"
-    transform: Callable[..., np.ndarray]  # one array per key -> the leaf
+    rows: Callable[..., np.ndarray]  # one [out, ...] array per key -> [*out dims, ...]
 
 
-def _fuse_qkv(K: int):
-    """q [D, N, H] (or [N, H]), k and v [D, K, H] -> [D, K, G + 2, H]: per kv head, its G query heads, k, v."""
-
-    def f(q, k, v):
-        q = q.reshape(*q.shape[:-2], K, q.shape[-2] // K, q.shape[-1])
-        return np.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
-
-    return f
+def to_dense(arr: np.ndarray, spec: ParamSpec) -> np.ndarray:
+    """[*out, I] (rows transformed) -> the dense leaf's layout: its input dims put back where the spec has them."""
+    if not spec.contract:
+        return arr
+    out = [spec.shape[i] for i in spec.out_axes]
+    arr = arr.reshape(*out, *(spec.shape[i] for i in spec.contract))
+    where = {a: k for k, a in enumerate(spec.out_axes)} | {a: len(out) + k for k, a in enumerate(spec.contract)}
+    return arr.transpose([where[a] for a in range(len(spec.shape))])
 
 
 def weight_table(cfg: ModelConfig, fmt: str) -> list[WeightEntry]:
     """The declarative table for `fmt` in {"hf", "gguf"}."""
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    G = N // K
     gguf = fmt == "gguf"
     # llama.cpp permutes Q/K only for the archs it runs with interleaved rope.
     permuted = gguf and cfg.arch in ("llama", "mistral")
-    q_in, k_in = _proj_in(N, H), _proj_in(K, H)
-    if permuted:
-        q_in, k_in = _then(_unpermute_gguf(N), q_in), _then(_unpermute_gguf(K), k_in)
+
+    def heads(n: int, unpermute: bool):  # [n * H, ...] -> [n, H, ...]
+        return lambda w: (_unpermute_gguf(n)(w) if unpermute else w).reshape(n, H, *w.shape[1:])
+
+    q_rows, k_rows, v_rows = heads(N, permuted), heads(K, permuted), heads(K, False)
+
+    def qkv(q, k, v):
+        """q [N*H, ...], k and v [K*H, ...] -> [K, G + 2, H, ...]: per kv head, its G query heads, k, v."""
+        q = q_rows(q).reshape(K, G, H, *q.shape[1:])
+        return np.concatenate([q, k_rows(k)[:, None], v_rows(v)[:, None]], axis=1)
+
     if gguf:
-        top = [("token_embd.weight", "embed", _same), ("output_norm.weight", "final_norm", _same)]
+        top = [("token_embd.weight", "embed"), ("output_norm.weight", "final_norm")]
         if not cfg.tie_word_embeddings:
-            top.append(("output.weight", "lm_head", _t))
+            top.append(("output.weight", "lm_head"))
         names = {
             "attn_norm": "attn_norm.weight", "wqkv": ("attn_q.weight", "attn_k.weight", "attn_v.weight"),
             "wo": "attn_output.weight", "bqkv": ("attn_q.bias", "attn_k.bias", "attn_v.bias"),
@@ -104,9 +99,9 @@ def weight_table(cfg: ModelConfig, fmt: str) -> list[WeightEntry]:
         }
         prefix = "blk.{i}."
     else:
-        top = [("model.embed_tokens.weight", "embed", _same), ("model.norm.weight", "final_norm", _same)]
+        top = [("model.embed_tokens.weight", "embed"), ("model.norm.weight", "final_norm")]
         if not cfg.tie_word_embeddings:
-            top.append(("lm_head.weight", "lm_head", _t))
+            top.append(("lm_head.weight", "lm_head"))
         names = {
             "attn_norm": "input_layernorm.weight",
             "wqkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
@@ -117,16 +112,8 @@ def weight_table(cfg: ModelConfig, fmt: str) -> list[WeightEntry]:
             "w_gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "w_down": "mlp.down_proj.weight",
         }
         prefix = "model.layers.{i}."
-    bq_in, bk_in = _heads(N, H), _heads(K, H)
-    if permuted:  # biases of permuted projections (none in llama, kept for completeness)
-        bq_in, bk_in = _then(_unpermute_gguf(N), bq_in), _then(_unpermute_gguf(K), bk_in)
-    fuse, v_in, bv_in = _fuse_qkv(K), _proj_in(K, H), _heads(K, H)
-    transforms = {
-        "attn_norm": _same, "wqkv": lambda q, k, v: fuse(q_in(q), k_in(k), v_in(v)), "wo": _proj_out(N, H),
-        "bqkv": lambda q, k, v: fuse(bq_in(q), bk_in(k), bv_in(v)), "q_norm": _same, "k_norm": _same,
-        "mlp_norm": _same, "w_gate_up": lambda g, u: np.stack([g.T, u.T], axis=1), "w_down": _t,
-    }
-    table = [WeightEntry((k,), p, f) for k, p, f in top]
+    rows = {"wqkv": qkv, "bqkv": qkv, "w_gate_up": lambda g, u: np.stack([g, u])}
+    table = [WeightEntry((k,), p, _same) for k, p in top]
     for i in range(cfg.num_layers):
         for leaf, name in names.items():
             if leaf == "bqkv" and not cfg.attention_bias:
@@ -134,7 +121,7 @@ def weight_table(cfg: ModelConfig, fmt: str) -> list[WeightEntry]:
             if leaf in ("q_norm", "k_norm") and not cfg.qk_norm:
                 continue
             keys = tuple(prefix.format(i=i) + n for n in (name if isinstance(name, tuple) else (name,)))
-            table.append(WeightEntry(keys, f"layers.{i}.{leaf}", transforms[leaf]))
+            table.append(WeightEntry(keys, f"layers.{i}.{leaf}", rows.get(leaf, _same)))
     return table
 
 
@@ -211,7 +198,8 @@ class SafetensorsSource:
 
 
 class GGUFSource:
-    """Tensors of a GGUF file, dequantized to float32 by the `gguf` package."""
+    """Tensors of a GGUF file: float tensors as float32, quantized ones (the types in `GGUF_KEPT`) as `HostQuant`
+    in their own numbers, any other type dequantized to float32 by the `gguf` package."""
 
     def __init__(self, path: str | os.PathLike):
         import gguf
@@ -229,8 +217,10 @@ class GGUFSource:
     def keys(self):
         return self.tensors.keys()
 
-    def get(self, key: str) -> np.ndarray:
+    def get(self, key: str) -> np.ndarray | HostQuant:
         t = self.tensors[key]
+        if t.tensor_type.name in GGUF_KEPT:
+            return gguf_host_quant(np.asarray(t.data), t.tensor_type)
         return np.asarray(self._dequantize(t.data, t.tensor_type), dtype=np.float32)
 
     def metadata(self) -> dict:
@@ -245,6 +235,60 @@ class GGUFSource:
             except Exception:  # older gguf versions: leave undecodable fields out
                 continue
         return out
+
+
+# GGUF's quantized blocks kept in their numbers. The `gguf` package dequantizes blocks but does not hand out their
+# integer values, so they are read through it all the same: the same blocks with every scale set to 1 and every
+# minimum to 0 dequantize to the values themselves (minus the type's fixed offset). The scales come from the block
+# bytes (float16 d, dmin) and `Q4_K.get_scale_min` (the K-quants' 6-bit sub-block scales). Each type's own formula
+# then holds bit for bit (tests/test_quant.py compares with `gguf.quants.dequantize`):
+#   Q4_0  d * (q - 8)          -> values q - 8 are not nibbles: kept as q with mins -8d (d*q - 8d is exact in float32)
+#   Q4_1  d * q + m            Q5_0  d * (q - 16) (signed values)   Q5_1  d * q + m   Q8_0  d * q (signed)
+#   Q4_K, Q5_K  (d*sc) * q - dmin*m   (mins = -(dmin*m))           Q6_K  (d*sc) * (q - 32) (signed values)
+GGUF_KEPT = {  # type -> (bits, group, signed values)
+    "Q4_0": (4, 32, False), "Q4_1": (4, 32, False), "Q5_0": (5, 32, True), "Q5_1": (5, 32, False),
+    "Q8_0": (8, 32, True), "Q4_K": (4, 32, False), "Q5_K": (5, 32, False), "Q6_K": (6, 16, True),
+}
+_F16_ONE = np.array([1.0], np.float16).view(np.uint8)  # the two bytes of float16 1.0
+
+
+def gguf_host_quant(data: np.ndarray, qtype) -> HostQuant:
+    """data [rows, row bytes] of one quantized GGUF tensor -> HostQuant q [rows, I], scales (and mins) [rows, I/g]."""
+    import gguf
+
+    name = qtype.name
+    bits, group, signed = GGUF_KEPT[name]
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rows = data.shape[0]
+    blocks = data.reshape(-1, type_size)
+    unit = blocks.copy()  # the same blocks with unit scales and no minimums
+    f16 = lambda b, at: b[:, at:at + 2].copy().view(np.float16).astype(np.float32)  # noqa: E731
+    mins = None
+    if name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+        scales = f16(blocks, 0)[:, :, None]  # [n, 1, 1]: one group per block
+        unit[:, 0:2] = _F16_ONE
+        if name.endswith("_1"):
+            mins = f16(blocks, 2)[:, :, None]
+            unit[:, 2:4] = 0
+    elif name in ("Q4_K", "Q5_K"):
+        d, dmin = f16(blocks, 0), f16(blocks, 2)
+        sc, m = gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16])
+        scales = (d * sc.astype(np.float32))[:, :, None]  # [n, 8, 1]
+        mins = -(dmin * m.astype(np.float32))[:, :, None]
+        unit[:, 0:2], unit[:, 2:4] = _F16_ONE, 0
+        unit[:, 4:8], unit[:, 8:12], unit[:, 12:16] = 1, 0, 1  # every 6-bit sub-block scale 1, every minimum 0
+    else:  # Q6_K: ql, qh, 16 int8 sub-block scales, then d
+        at = block // 2 + block // 4
+        d = f16(blocks, type_size - 2)
+        scales = (d * blocks[:, at:at + 16].view(np.int8).astype(np.float32))[:, :, None]  # [n, 16, 1]
+        unit[:, at:at + 16] = 1
+        unit[:, type_size - 2:] = _F16_ONE
+    values = gguf.quants.dequantize(unit, qtype).reshape(rows, -1)  # exact small integers, as float32
+    if name == "Q4_0":
+        values, mins = values + 8, -8 * scales
+    q = values.astype(np.int8 if signed else np.uint8)
+    per_row = lambda a: None if a is None else a.reshape(rows, -1)  # noqa: E731
+    return HostQuant(q, per_row(scales), mins=per_row(mins), bits=bits, group_size=group, scheme=f"gguf:{name}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,12 +312,27 @@ def _place(specs: Params, leaf_fn, mesh: Mesh | None, desc: str, show_progress: 
     leaves = []
     for path, spec in tqdm(flat, desc=desc, unit="tensor", disable=not show_progress, leave=False):
         arr = leaf_fn(_path_str(path), spec)
-        leaves.append(jax.device_put(arr, logical_sharding(spec.axes, mesh)) if isinstance(arr, np.ndarray) else arr)
+        if isinstance(arr, QuantizedWeight):  # each part in the sharding of its rows (g_idx: whole everywhere)
+            rows = logical_sharding(spec.quantized_axes(), mesh)
+            arr = jax.tree_util.tree_map(lambda a: jax.device_put(a, rows if a.ndim > 1 else None), arr)
+        elif isinstance(arr, np.ndarray):
+            arr = jax.device_put(arr, logical_sharding(spec.axes, mesh))
+        leaves.append(arr)
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def load_params(cfg: ModelConfig, source, fmt: str, dtype, mesh: Mesh | None = None, show_progress: bool = True) -> Params:
-    """Read every tensor named by `weight_table` from `source`, check its shape, cast, place."""
+def quantizes(path: str, spec: ParamSpec) -> bool:
+    """Whether on-the-fly quantization takes this leaf: the layers' matmul weights (as vLLM, not the embedding
+    or the lm_head)."""
+    return path.startswith("layers.") and bool(spec.contract)
+
+
+def load_params(cfg: ModelConfig, source, fmt: str, dtype, mesh: Mesh | None = None, show_progress: bool = True,
+                quantization: str | None = None) -> Params:
+    """Read every tensor named by `weight_table` from `source`, check its shape, cast, place.
+
+    Quantized tensors of the source (`HostQuant`) stay quantized in matmul leaves; `quantization` "none"
+    dequantizes them to `dtype`, and "int8" / "int4" / "fp8" quantize the layers' dense matmul weights."""
     specs = param_specs(cfg)
     by_path = {e.path: e for e in weight_table(cfg, fmt)}
     where = getattr(source, "path", None) or getattr(source, "dir", "")
@@ -281,12 +340,24 @@ def load_params(cfg: ModelConfig, source, fmt: str, dtype, mesh: Mesh | None = N
     missing = [k for e in by_path.values() for k in e.keys if k not in source.keys()]
     if missing:
         raise ValueError(f"{where}: checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    quantizer = quant.QUANTIZERS.get(quantization)
 
     def leaf(path: str, spec: ParamSpec):
         entry = by_path[path]
-        arr = entry.transform(*(source.get(k) for k in entry.keys))
+        parts = [source.get(k) for k in entry.keys]
+        if quantizer and quantizes(path, spec):
+            parts = [quantizer(p) if isinstance(p, np.ndarray) else p for p in parts]
+        if quantization == "none" or not spec.contract or not all(isinstance(p, HostQuant) for p in parts):
+            parts = [p.dequantize() if isinstance(p, HostQuant) else p for p in parts]
+        name = entry.keys[0] if len(entry.keys) == 1 else entry.keys
+        if isinstance(parts[0], HostQuant):
+            h = quant.apply_rows(entry.rows, quant.unify(parts))
+            if tuple(h.q.shape) != spec.quantized_shape:
+                raise ValueError(f"{where}: quantized tensor {name!r} has shape {tuple(h.q.shape)} after layout "
+                                 f"change, expected {spec.quantized_shape}")
+            return quant.to_device_form(h, tuple(spec.shape[i] for i in spec.contract))
+        arr = to_dense(entry.rows(*parts), spec)
         if tuple(arr.shape) != spec.shape:
-            name = entry.keys[0] if len(entry.keys) == 1 else entry.keys
             raise ValueError(f"{where}: tensor {name!r} has shape {tuple(arr.shape)} after layout change, expected {spec.shape}")
         return np.ascontiguousarray(arr.astype(np_dtype))
 
@@ -302,13 +373,30 @@ def _random_leaf(key, shape, dtype, init):
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def dummy_params(cfg: ModelConfig, dtype, seed: int = 0, mesh: Mesh | None = None, show_progress: bool = True) -> Params:
-    """Random weights of the config's shape, made on device (benchmarks: no checkpoint has to travel)."""
+@partial(jax.jit, static_argnames=("shape", "in_shape", "scheme"))
+def _random_quantized(key, shape, in_shape, scheme):
+    """A random [*out, I] weight quantized on the device with an on-the-fly scheme."""
+    w = 0.02 * jax.random.normal(key, (math.prod(shape[:-1]), shape[-1]), jnp.float32)
+    h = quant.QUANTIZERS[scheme](w, xp=jnp)
+    h = dataclasses.replace(h, **{k: getattr(h, k).reshape(*shape[:-1], -1) for k in ("q", "scales", "zeros", "mins")
+                                  if getattr(h, k) is not None})
+    return quant.to_device_form(h, in_shape)
+
+
+def dummy_params(cfg: ModelConfig, dtype, seed: int = 0, mesh: Mesh | None = None, show_progress: bool = True,
+                 quantization: str | None = None) -> Params:
+    """Random weights of the config's shape, made on device (benchmarks: no checkpoint has to travel); with an
+    on-the-fly `quantization`, the layers' matmul weights are quantized there too."""
     key = jax.random.key(seed)
     counter = iter(range(1 << 30))
 
     def leaf(path, spec: ParamSpec):
-        arr = _random_leaf(jax.random.fold_in(key, next(counter)), spec.shape, jnp.dtype(dtype), spec.init)
+        k = jax.random.fold_in(key, next(counter))
+        if quantization in quant.QUANTIZERS and quantizes(path, spec):
+            w = _random_quantized(k, spec.quantized_shape, tuple(spec.shape[i] for i in spec.contract), quantization)
+            rows = logical_sharding(spec.quantized_axes(), mesh)
+            return jax.tree_util.tree_map(lambda a: jax.device_put(a, rows), w) if rows is not None else w
+        arr = _random_leaf(k, spec.shape, jnp.dtype(dtype), spec.init)
         sharding = logical_sharding(spec.axes, mesh)
         return jax.device_put(arr, sharding) if sharding is not None else arr
 

@@ -1,0 +1,300 @@
+"""Quantized weights: one pytree type for every scheme, its plain-jnp dequantization (the reference), the matmul
+that takes it, and the quantizers that make one from a dense weight at load time.
+
+A `QuantizedWeight` stands in for one matmul leaf of `model.param_specs`. It stores that matrix output-major,
+as checkpoints do: `[*out, I]`, where `out` are the dense leaf's output dims and I the product of its input
+(contracted) dims, so groups of `group_size` consecutive input elements share a scale:
+
+    w[..., i] = scales[..., g(i)] * (q[..., i] - zeros[..., g(i)]) + mins[..., g(i)]     (float32)
+
+with g(i) = i // group_size, or `g_idx[i]` for act-order GPTQ. zeros and mins are optional; one scheme uses
+zeros (GPTQ / AWQ / compressed-tensors zero points, GGUF's fixed offsets), the other mins (GGUF's Q4_1 / Q5_1
+/ K-quant minimums), so that each format's own dequantization formula is reproduced bit for bit.
+
+Storage of q: bits <= 4 packs two values per uint8 along I (low nibble = even i); 5-8 bit integers take a byte
+each (int8 when signed, uint8 when not); fp8 is float8_e4m3fn. scales / zeros / mins are [*out, I / group_size]
+in the checkpoint's own dtype (float16 GGUF and GPTQ scales stay float16: exact, and half the bytes).
+Block-wise fp8 scales (128 x 128) are stored per output row ([*out, I / 128]).
+
+`act` names the activation scheme of W8A8: None (weight-only: activations stay in the model dtype), "int8" or
+"fp8" (each token's activations quantized dynamically with one scale per token, as vLLM's dynamic W8A8 does).
+
+Shapes: T tokens, I input elements, O = prod(out); Q = I / group_size groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+FP8 = ml_dtypes.float8_e4m3fn
+FP8_MAX = float(ml_dtypes.finfo(FP8).max)  # 448
+
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """One quantized matmul weight (see the module docstring). A pytree: the arrays are its leaves."""
+
+    q: Any  # [*out, I] values; bits <= 4: uint8 [*out, I / 2]
+    scales: Any  # [*out, Q]
+    zeros: Any = None  # [*out, Q] or None
+    mins: Any = None  # [*out, Q] or None
+    g_idx: Any = None  # [I] int32 group of each input element (act-order), or None
+    bits: int = 8
+    group_size: int = 0  # 0: per channel (one group spans I)
+    in_shape: tuple[int, ...] = ()  # the dense leaf's input dims (their product is I)
+    act: str | None = None  # None | "int8" | "fp8": dynamic per-token activation quantization
+    scheme: str = ""  # a name for logs and /v1/models, e.g. "gguf:Q4_1", "gptq:4bit-g128", "fp8"
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.q.shape[:-1])
+
+    @property
+    def group(self) -> int:
+        return self.group_size or self.in_features
+
+    @property
+    def packed(self) -> bool:
+        return self.bits <= 4
+
+    @property
+    def dtype(self):  # what a dense leaf would report: activations meet the weight in the model dtype
+        return jnp.dtype(self.scales.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in self.arrays())
+
+    def arrays(self):
+        return [a for a in (self.q, self.scales, self.zeros, self.mins, self.g_idx) if a is not None]
+
+
+jax.tree_util.register_dataclass(
+    QuantizedWeight, data_fields=["q", "scales", "zeros", "mins", "g_idx"],
+    meta_fields=["bits", "group_size", "in_shape", "act", "scheme"])
+
+
+def is_quantized(x) -> bool:
+    return isinstance(x, QuantizedWeight)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The reference: dequantize, then a plain matmul
+
+
+def unpack_values(w: QuantizedWeight):
+    """q as float32 values [*out, I] (nibbles unpacked)."""
+    q = w.q
+    if w.packed:
+        q = jnp.stack([q & 0xF, q >> 4], axis=-1).reshape(*q.shape[:-1], q.shape[-1] * 2)
+    return q.astype(jnp.float32)
+
+
+def dequantize(w: QuantizedWeight, dtype=jnp.float32):
+    """[*out, I] dense weight, computed in float32 exactly as the checkpoint format defines it."""
+    q = unpack_values(w)
+    I, g = w.in_features, w.group
+
+    def per_element(a):  # [*out, Q] -> [*out, I] (broadcast over each group)
+        a = a.astype(jnp.float32)
+        if w.g_idx is not None:
+            return jnp.take(a, w.g_idx, axis=-1)
+        return jnp.repeat(a, g, axis=-1) if a.shape[-1] * g == I else jnp.broadcast_to(a, q.shape)
+
+    out = q if w.zeros is None else q - per_element(w.zeros)
+    out = per_element(w.scales) * out
+    if w.mins is not None:
+        out = out + per_element(w.mins)
+    return out.astype(dtype)
+
+
+def quantize_activations(x, act: str):
+    """Dynamic per-token activation quantization (W8A8): x [T, I] -> the values the quantized GEMM sees."""
+    xf = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
+    if act == "int8":
+        s = jnp.where(amax > 0, amax / 127.0, 1.0)
+        return jnp.clip(jnp.round(xf / s), -127, 127) * s
+    s = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+    return (xf / s).astype(FP8).astype(jnp.float32) * s
+
+
+def qmatmul(x, w: QuantizedWeight):
+    """x [T, *in_shape] -> [T, *out]: x times the dequantized weight, accumulated in float32, cast to x.dtype."""
+    T = x.shape[0]
+    xf = x.reshape(T, w.in_features)
+    if w.act is not None:
+        xf = quantize_activations(xf, w.act)
+    wd = dequantize(w, jnp.float32 if w.act is not None else x.dtype)
+    wd = wd.reshape(-1, w.in_features)  # [O, I]
+    y = jnp.einsum("ti,oi->to", xf.astype(wd.dtype), wd, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype).reshape(T, *w.out_shape)
+
+
+def embedding_rows(w: QuantizedWeight, ids, dtype):
+    """Rows `ids` [T] of a quantized embedding [V, D] (out = V, in = D), dequantized: [T, D]."""
+    rows = QuantizedWeight(*(None if a is None else (a if a is w.g_idx else jnp.take(a, ids, axis=0))
+                             for a in (w.q, w.scales, w.zeros, w.mins, w.g_idx)),
+                           **_meta(w))
+    return dequantize(rows, dtype)
+
+
+def _meta(w: QuantizedWeight) -> dict:
+    return dict(bits=w.bits, group_size=w.group_size, in_shape=w.in_shape, act=w.act, scheme=w.scheme)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host-side form while loading: numpy components in the checkpoint's orientation [out, I], before the weight
+# table's output transforms (qkv fusion, gate/up stacking, llama.cpp's row permutation) apply to each of them.
+
+
+@dataclass
+class HostQuant:
+    """A quantized tensor on the host, unpacked: q [rows, I] integer values (or fp8), scales / zeros / mins
+    [rows, Q], g_idx [I]."""
+
+    q: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray | None = None
+    mins: np.ndarray | None = None
+    g_idx: np.ndarray | None = None
+    bits: int = 8
+    group_size: int = 0
+    act: str | None = None
+    scheme: str = ""
+
+    def same_kind(self, other: "HostQuant") -> bool:
+        return ((self.bits, self.group_size, self.act, self.q.dtype, self.scales.dtype, self.zeros is None,
+                 self.mins is None) == (other.bits, other.group_size, other.act, other.q.dtype,
+                                        other.scales.dtype, other.zeros is None, other.mins is None)
+                and (self.g_idx is None) == (other.g_idx is None)
+                and (self.g_idx is None or np.array_equal(self.g_idx, other.g_idx)))
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [rows, I], the same formula as `dequantize` (numpy: for the "none" path and tests)."""
+        g = self.group_size or self.q.shape[-1]
+        idx = self.g_idx if self.g_idx is not None else np.arange(self.q.shape[-1]) // g
+
+        def el(a):
+            return a.astype(np.float32)[..., idx]
+
+        out = self.q.astype(np.float32)
+        if self.zeros is not None:
+            out = out - el(self.zeros)
+        out = el(self.scales) * out
+        if self.mins is not None:
+            out = out + el(self.mins)
+        return out
+
+
+def apply_rows(rows, parts: list[HostQuant]) -> HostQuant:
+    """The weight table's row transform (q/k/v fusion, gate/up stacking, llama.cpp's permutation), applied to each
+    per-row part of tensors quantized alike (`unify` first)."""
+    first = parts[0]
+    return dataclasses.replace(first, **{k: None if getattr(first, k) is None else rows(*(getattr(p, k) for p in parts))
+                                         for k in ("q", "scales", "zeros", "mins")})
+
+
+def unify(parts: list[HostQuant]) -> list[HostQuant]:
+    """Tensors fused into one weight (q/k/v, gate/up), brought to one form without changing a value: GGUF's mixed
+    files (Q4_K_M: attn_v in Q6_K beside Q4_K) meet at the smallest group and float32 scales,
+    zero zeros / mins where a part has none (s * (q - 0) + 0 is s * q exactly)."""
+    first = parts[0]
+    if all(first.same_kind(p) for p in parts[1:]):
+        return parts
+    if any(p.act or p.g_idx is not None or p.q.dtype == FP8 for p in parts):
+        raise ValueError("tensors fused into one weight (q/k/v or gate/up) are quantized differently "
+                         f"({', '.join(p.scheme for p in parts)}); not supported for fp8, W8A8 or act-order")
+    if any(p.q.dtype == np.uint8 and p.bits > 7 for p in parts) and any(p.q.dtype == np.int8 for p in parts):
+        raise ValueError(f"fused tensors mix signed and unsigned 8-bit values ({', '.join(p.scheme for p in parts)})")
+    I = first.q.shape[-1]
+    g = math.gcd(*(p.group_size or I for p in parts))
+    signed = any(p.q.dtype == np.int8 for p in parts)
+    with_zeros, with_mins = any(p.zeros is not None for p in parts), any(p.mins is not None for p in parts)
+
+    def regroup(p: HostQuant, a):
+        return None if a is None else np.repeat(a.astype(np.float32), (p.group_size or I) // g, axis=-1)
+
+    out = []
+    for p in parts:
+        scales = regroup(p, p.scales)
+        zeros = regroup(p, p.zeros) if p.zeros is not None else (np.zeros_like(scales) if with_zeros else None)
+        mins = regroup(p, p.mins) if p.mins is not None else (np.zeros_like(scales) if with_mins else None)
+        out.append(dataclasses.replace(p, q=p.q.astype(np.int8 if signed else np.uint8), scales=scales, zeros=zeros,
+                                       mins=mins, bits=max(x.bits for x in parts), group_size=0 if g == I else g,
+                                       scheme="+".join(dict.fromkeys(x.scheme for x in parts))))
+    return out
+
+
+def to_device_form(h: HostQuant, in_shape: tuple[int, ...]) -> QuantizedWeight:
+    """Pack (bits <= 4) and wrap as numpy leaves of a QuantizedWeight (placed on devices by the loader)."""
+    q = h.q
+    if h.bits <= 4:
+        if q.shape[-1] % 2:
+            raise ValueError(f"a {h.bits}-bit weight needs an even number of input elements, got {q.shape[-1]}")
+        q = q.astype(np.uint8)
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    return QuantizedWeight(q, h.scales, h.zeros, h.mins, None if h.g_idx is None else h.g_idx.astype(np.int32),
+                           bits=h.bits, group_size=h.group_size, in_shape=tuple(in_shape), act=h.act, scheme=h.scheme)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On-the-fly quantizers (vLLM's names), from a dense float weight [rows, I]; `xp` is numpy (loading a checkpoint)
+# or jax.numpy (random weights made on the device)
+
+
+def _group_for(I: int, want: int) -> int:
+    """`want` if it divides I, else the largest power of two >= 32 below it that does, else per channel (0)."""
+    g = want
+    while g >= 32:
+        if I % g == 0:
+            return g
+        g //= 2
+    return 0
+
+
+def quantize_int8(w, xp=np) -> HostQuant:
+    """W8A16: symmetric int8, one float32 scale per output row (round to nearest)."""
+    w = w.astype(xp.float32)
+    amax = xp.max(xp.abs(w), axis=-1, keepdims=True)
+    s = xp.where(amax > 0, amax / 127.0, 1.0).astype(xp.float32)
+    q = xp.clip(xp.rint(w / s), -127, 127).astype(xp.int8)
+    return HostQuant(q, s, bits=8, group_size=0, scheme="int8")
+
+
+def quantize_int4(w, xp=np, group_size: int = 128) -> HostQuant:
+    """W4A16: asymmetric 4-bit with zero points, groups of 128 input elements (or the largest power of two that
+    divides I), round to nearest, as GPTQ's and AWQ's asymmetric layouts hold it."""
+    w = w.astype(xp.float32)
+    rows, I = w.shape
+    g = _group_for(I, group_size) or I
+    wg = w.reshape(rows, I // g, g)
+    lo, hi = xp.minimum(xp.min(wg, axis=-1), 0), xp.maximum(xp.max(wg, axis=-1), 0)
+    s = xp.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(xp.float32)
+    z = xp.clip(xp.rint(-lo / s), 0, 15).astype(xp.float32)
+    q = xp.clip(xp.rint(wg / s[..., None]) + z[..., None], 0, 15).astype(xp.uint8).reshape(rows, I)
+    return HostQuant(q, s, zeros=z, bits=4, group_size=0 if g == I else g, scheme=f"int4-g{g}")
+
+
+def quantize_fp8(w, xp=np) -> HostQuant:
+    """W8A8 fp8 (e4m3): one float32 scale per output row; activations get a dynamic scale per token."""
+    w = w.astype(xp.float32)
+    amax = xp.max(xp.abs(w), axis=-1, keepdims=True)
+    s = xp.where(amax > 0, amax / FP8_MAX, 1.0).astype(xp.float32)
+    return HostQuant((w / s).astype(FP8), s, bits=8, group_size=0, act="fp8", scheme="fp8")
+
+
+QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "fp8": quantize_fp8}

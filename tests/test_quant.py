@@ -1,0 +1,158 @@
+"""Quantized weights: GGUF blocks kept in their numbers (bit for bit against the `gguf` package's own
+dequantization), the on-the-fly quantizers' error bounds, the jnp reference matmul, and whole models run quantized
+against HF transformers."""
+
+from __future__ import annotations
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hf_models import sequence_logits
+from jaxinfer import quant
+from jaxinfer.config import EngineConfig
+from jaxinfer.loader import describe_quantization, load_model
+from jaxinfer.weights import GGUF_KEPT, gguf_host_quant
+
+ROWS, COLS = 6, 512  # two K-quant super-blocks per row
+
+
+def _gguf_blocks(name: str, rng) -> np.ndarray:
+    """[ROWS, row bytes] of one GGUF type: the package's own quantizer where it has one, else random blocks with
+    sane float16 scales (every bit pattern of the values and 6-bit sub-scales is then exercised)."""
+    qtype = gguf.GGMLQuantizationType[name]
+    w = rng.standard_normal((ROWS, COLS)).astype(np.float32) * 0.05
+    try:
+        return gguf.quants.quantize(w, qtype)
+    except NotImplementedError:
+        pass
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (ROWS * COLS // block, size), dtype=np.uint8)
+    f16 = lambda n: (rng.standard_normal(n) * 0.01).astype(np.float16).view(np.uint8).reshape(n, 2)  # noqa: E731
+    if name == "Q6_K":
+        raw[:, -2:] = f16(len(raw))
+    else:  # Q4_K, Q5_K: d, dmin first
+        raw[:, 0:2], raw[:, 2:4] = f16(len(raw)), f16(len(raw))
+    return raw.reshape(ROWS, -1)
+
+
+@pytest.mark.parametrize("name", sorted(GGUF_KEPT))
+def test_gguf_blocks_dequantize_bit_for_bit(name):
+    rng = np.random.default_rng(list(GGUF_KEPT).index(name))
+    data = _gguf_blocks(name, rng)
+    qtype = gguf.GGMLQuantizationType[name]
+    want = gguf.quants.dequantize(data, qtype).reshape(ROWS, COLS)
+    h = gguf_host_quant(data, qtype)
+    bits, group, _ = GGUF_KEPT[name]
+    assert (h.bits, h.group_size, h.q.shape) == (bits, group, (ROWS, COLS))
+    assert h.q.min() >= (-(1 << (bits - 1)) if h.q.dtype == np.int8 else 0)
+    assert h.q.max() < (1 << (bits - 1) if h.q.dtype == np.int8 else 1 << bits)
+    np.testing.assert_array_equal(h.dequantize(), want)
+    w = quant.to_device_form(h, (COLS,))  # packed for the device when <= 4 bits
+    assert w.q.shape == ((ROWS, COLS // 2) if bits <= 4 else (ROWS, COLS))
+    np.testing.assert_array_equal(np.asarray(jax.jit(quant.dequantize)(w)), want)
+
+
+def test_mixed_gguf_types_fuse_without_changing_a_value():
+    rng = np.random.default_rng(7)
+    parts = [gguf_host_quant(_gguf_blocks(n, rng), gguf.GGMLQuantizationType[n]) for n in ("Q4_K", "Q6_K", "Q8_0")]
+    fused = quant.apply_rows(lambda *a: np.concatenate(a), quant.unify(parts))
+    assert fused.group_size == 16 and fused.q.dtype == np.int8
+    np.testing.assert_array_equal(fused.dequantize(), np.concatenate([p.dequantize() for p in parts]))
+    with pytest.raises(ValueError, match="quantized differently"):
+        quant.unify([parts[0], quant.quantize_fp8(rng.standard_normal((ROWS, COLS)))])
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
+def test_on_the_fly_quantizers_error_bounds(scheme):
+    """Round to nearest: every weight within half a step of its value (int), fp8 within half an e4m3 ulp."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 384)).astype(np.float32) * 0.05
+    w[3] = 0.0  # an all-zero row must not divide by zero
+    h = quant.QUANTIZERS[scheme](w)
+    err = np.abs(h.dequantize() - w)
+    if scheme == "fp8":
+        assert h.q.dtype == quant.FP8 and h.act == "fp8"
+        assert (err <= np.abs(w) * 2.0**-4 + 2.0**-9 * h.scales).all()
+    else:
+        g = h.group_size or w.shape[1]
+        step = np.repeat(h.scales, w.shape[1] // h.scales.shape[1], axis=1)
+        assert (err <= 0.5 * step * (1 + 1e-6)).all()
+        assert g == (128 if scheme == "int4" else 384)
+    assert (h.dequantize()[3] == 0).all()
+    # the same quantizer on the device (random dummy weights) gives the same numbers
+    hd = quant.QUANTIZERS[scheme](jnp.asarray(w), xp=jnp)
+    np.testing.assert_array_equal(np.asarray(hd.q).view(np.uint8), np.asarray(h.q).view(np.uint8))
+
+
+def test_qmatmul_is_the_dense_matmul_of_the_dequantized_weight():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((2, 3, 64, 96)).astype(np.float32)  # out dims (2, 3, 64), I = 96 as in_shape (4, 24)
+    h = quant.quantize_int4(w.reshape(-1, 96))
+    h = quant.apply_rows(lambda a: a.reshape(2, 3, 64, -1), [h])
+    qw = quant.to_device_form(h, (4, 24))
+    x = rng.standard_normal((5, 4, 24)).astype(np.float32)
+    y = np.asarray(jax.jit(quant.qmatmul)(jnp.asarray(x), qw))
+    dense = h.dequantize().reshape(2, 3, 64, 96)
+    want = np.einsum("ti,abci->tabc", x.reshape(5, 96).astype(np.float64), dense)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    # W8A8: the activations are quantized per token before the same matmul
+    qf = quant.to_device_form(quant.quantize_fp8(w.reshape(-1, 96)), (96,))
+    yq = np.asarray(quant.qmatmul(jnp.asarray(x.reshape(5, 96)), qf)).reshape(5, -1)
+    xs = np.asarray(quant.quantize_activations(jnp.asarray(x.reshape(5, 96)), "fp8"))
+    np.testing.assert_allclose(yq, xs @ np.asarray(quant.dequantize(qf)).T, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_quantization_option_names_the_parameter(tiny_llama_dir):
+    with pytest.raises(ValueError, match="quantization"):
+        EngineConfig(quantization="int3")
+    with pytest.raises(ValueError, match="quantization 'gguf' does not match"):
+        load_model(str(tiny_llama_dir[0]), EngineConfig(quantization="gguf", show_progress=False), jnp.float32)
+
+
+# Logit tolerances of on-the-fly schemes against HF fp32 on the unquantized weights, relative to the logits' max
+# magnitude. Round to nearest leaves each weight an error uniform in half a step, std = step / sqrt(12), and each
+# matmul's output moves by about that over the weights' std: int8 per row, step = 2 max / 254 ~ 8 std / 254
+# -> ~1%; int4 with the tiny model's 64-wide groups, step = range / 15 ~ 5 std / 15 -> ~10%; fp8 e4m3, 2^-4
+# relative per weight and per activation -> ~3.6% each. Bounds at about 1.5x those (two layers add up).
+ON_THE_FLY_TOL = {"int8": 0.02, "int4": 0.15, "fp8": 0.08}
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
+def test_on_the_fly_model_logits_against_hf(tiny_llama_dir, scheme):
+    """Against HF on the original weights (the tolerances above), and for weight-only schemes against HF on the
+    same quantizer's dequantized weights: equal to float32 rounding."""
+    import copy
+
+    import torch
+
+    d, model = tiny_llama_dir
+    m = load_model(str(d), EngineConfig(quantization=scheme, show_progress=False), jnp.float32)
+    assert describe_quantization(m.params).startswith(scheme)
+    assert quant.is_quantized(m.params.layers[0].wqkv) and not quant.is_quantized(m.params.embed)
+    ids = list(range(3, 40))
+    ours = sequence_logits(m.params, m.cfg, ids)
+    hf_q = copy.deepcopy(model)
+    with torch.no_grad():
+        ref = model(torch.tensor(ids)[None]).logits[0].numpy()
+        for name, p in hf_q.named_parameters():
+            if name.split(".")[-2] in LINEARS:
+                p.copy_(torch.from_numpy(quant.QUANTIZERS[scheme](p.numpy()).dequantize()))
+        ref_q = hf_q(torch.tensor(ids)[None]).logits[0].numpy()
+    scale = np.abs(ref).max()
+    err = np.abs(ours - ref).max() / scale
+    assert 1e-6 < err < ON_THE_FLY_TOL[scheme], err  # close, and really quantized
+    if scheme != "fp8":  # fp8 also quantizes the activations, which HF on the weights alone does not
+        assert np.abs(ours - ref_q).max() / scale < 1e-5
+
+
+def test_dummy_weights_quantized_on_the_device(tiny_llama_dir):
+    for scheme in ("int4", "fp8"):
+        m = load_model(str(tiny_llama_dir[0]), EngineConfig(load_format="dummy", quantization=scheme,
+                                                            show_progress=False), jnp.float32)
+        w = m.params.layers[1].w_gate_up
+        assert quant.is_quantized(w) and w.scheme.startswith(scheme)
+        assert np.isfinite(sequence_logits(m.params, m.cfg, [1, 2, 3])).all()
