@@ -25,7 +25,7 @@ SUPPORTED_ARCHITECTURES = {
 # What `quantization=` accepts: on-the-fly schemes (vLLM's names), "none" (every checkpoint weight dequantized
 # to the model dtype at load), and the checkpoint formats, which are detected anyway (naming one checks it).
 ON_THE_FLY_QUANTIZATION = ("int8", "int4", "fp8")
-CHECKPOINT_QUANTIZATION = ("gguf", "gptq", "awq", "auto-round", "compressed-tensors", "fp8-block")
+CHECKPOINT_QUANTIZATION = ("gguf", "gptq", "awq", "auto-round", "compressed-tensors")  # and "fp8" checkpoints
 QUANTIZATION_CHOICES = ("none", *ON_THE_FLY_QUANTIZATION, *CHECKPOINT_QUANTIZATION)
 
 # Presets: configs/ of a source checkout, or the copy a wheel installs as the package jaxinfer.configs.

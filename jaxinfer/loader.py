@@ -14,8 +14,9 @@ from jax.sharding import Mesh
 
 from jaxinfer import quant
 
-from jaxinfer.config import CHECKPOINT_QUANTIZATION, CONFIGS_DIR, ON_THE_FLY_QUANTIZATION, EngineConfig, ModelConfig
+from jaxinfer.config import CONFIGS_DIR, ON_THE_FLY_QUANTIZATION, EngineConfig, ModelConfig
 from jaxinfer.model import Params
+from jaxinfer.quant_formats import QuantFormat, QuantizedSafetensorsSource
 from jaxinfer.tokenizer import Tokenizer, default_model_path
 from jaxinfer.weights import GGUFSource, SafetensorsSource, dummy_params, load_params
 
@@ -75,13 +76,18 @@ def load_model(model: str | None, ecfg: EngineConfig, dtype, mesh: Mesh | None =
         except ValueError as e:
             raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
         cfg = ModelConfig.from_hf(hf_cfg, name=path.name)
-        _check_quantization(qz, None, path)
+        qc = hf_cfg.get("quantization_config")
+        qfmt = QuantFormat(qc) if qc is not None else None
+        _check_quantization(qz, qfmt.method if qfmt else None, path)
         if fmt == "dummy":
             params = dummy_params(cfg, dtype, ecfg.seed, mesh, show, qz)
         else:
             if fmt not in ("auto", "safetensors"):
                 raise ValueError(f"load_format {fmt!r} does not apply to checkpoint directory {path}")
-            params = load_params(cfg, SafetensorsSource(path), "hf", dtype, mesh, show, qz)
+            src = SafetensorsSource(path)
+            if qfmt is not None:
+                src = QuantizedSafetensorsSource(src, qfmt)
+            params = load_params(cfg, src, "hf", dtype, mesh, show, qz if qz == "none" or not qfmt else None)
         tok = Tokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
         return LoadedModel(cfg, params, tok, str(path))
     if model and (CONFIGS_DIR / "models" / f"{model}.json").is_file():
@@ -95,11 +101,14 @@ def load_model(model: str | None, ecfg: EngineConfig, dtype, mesh: Mesh | None =
 
 
 def _check_quantization(requested: str | None, detected: str | None, where) -> None:
-    """A checkpoint format named in `quantization` must be the checkpoint's own (as vLLM checks)."""
-    if requested in CHECKPOINT_QUANTIZATION and requested != detected:
-        raise ValueError(f"quantization {requested!r} does not match {where}: it is "
-                         f"{'a ' + detected + ' checkpoint' if detected else 'not a quantized checkpoint'}; use None to "
-                         f"take the checkpoint as it is, or one of {list(ON_THE_FLY_QUANTIZATION)} to quantize at load")
+    """A checkpoint format named in `quantization` must be the checkpoint's own, and a quantized checkpoint is not
+    quantized again (as vLLM checks). "none" dequantizes any checkpoint; "fp8" names FP8 checkpoints too."""
+    if requested in (None, "none", detected) or (requested in ON_THE_FLY_QUANTIZATION and detected in (None, "gguf")):
+        return
+    what = f"a {detected} checkpoint" if detected else "not a quantized checkpoint"
+    raise ValueError(f"quantization {requested!r} does not match {where}: it is {what}; use None to take the "
+                     f"checkpoint as it is" + ("" if detected else f", or one of {list(ON_THE_FLY_QUANTIZATION)} to "
+                                              "quantize at load"))
 
 
 def _has_tokenizer(path: Path) -> bool:

@@ -48,10 +48,12 @@ class QuantizedWeight:
     zeros: Any = None  # [*out, Q] or None
     mins: Any = None  # [*out, Q] or None
     g_idx: Any = None  # [I] int32 group of each input element (act-order), or None
+    act_scale: Any = None  # [] float32 static activation scale (W8A8 static), or None: dynamic
     bits: int = 8
     group_size: int = 0  # 0: per channel (one group spans I)
     in_shape: tuple[int, ...] = ()  # the dense leaf's input dims (their product is I)
     act: str | None = None  # None | "int8" | "fp8": dynamic per-token activation quantization
+    act_group: int = 0  # activation scale per token and group of this many inputs (0: per token)
     scheme: str = ""  # a name for logs and /v1/models, e.g. "gguf:Q4_1", "gptq:4bit-g128", "fp8"
 
     @property
@@ -79,12 +81,12 @@ class QuantizedWeight:
         return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in self.arrays())
 
     def arrays(self):
-        return [a for a in (self.q, self.scales, self.zeros, self.mins, self.g_idx) if a is not None]
+        return [a for a in (self.q, self.scales, self.zeros, self.mins, self.g_idx, self.act_scale) if a is not None]
 
 
 jax.tree_util.register_dataclass(
-    QuantizedWeight, data_fields=["q", "scales", "zeros", "mins", "g_idx"],
-    meta_fields=["bits", "group_size", "in_shape", "act", "scheme"])
+    QuantizedWeight, data_fields=["q", "scales", "zeros", "mins", "g_idx", "act_scale"],
+    meta_fields=["bits", "group_size", "in_shape", "act", "act_group", "scheme"])
 
 
 def is_quantized(x) -> bool:
@@ -121,15 +123,18 @@ def dequantize(w: QuantizedWeight, dtype=jnp.float32):
     return out.astype(dtype)
 
 
-def quantize_activations(x, act: str):
-    """Dynamic per-token activation quantization (W8A8): x [T, I] -> the values the quantized GEMM sees."""
-    xf = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
-    if act == "int8":
-        s = jnp.where(amax > 0, amax / 127.0, 1.0)
-        return jnp.clip(jnp.round(xf / s), -127, 127) * s
-    s = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
-    return (xf / s).astype(FP8).astype(jnp.float32) * s
+def quantize_activations(x, act: str, group: int = 0, scale=None):
+    """Activation quantization (W8A8), x [T, I] -> the values the quantized GEMM sees: with a static `scale`,
+    or dynamic with one scale per token (or per token and group of `group` inputs)."""
+    T, I = x.shape
+    xf = x.astype(jnp.float32).reshape(T, I // group if group else 1, group or I)
+    top = 127.0 if act == "int8" else FP8_MAX
+    if scale is None:
+        amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
+        scale = jnp.where(amax > 0, amax / top, 1.0)
+    xs = jnp.clip(xf / scale, -top, top)
+    out = (jnp.round(xs) if act == "int8" else xs.astype(FP8).astype(jnp.float32)) * scale
+    return out.reshape(T, I)
 
 
 def qmatmul(x, w: QuantizedWeight):
@@ -137,7 +142,7 @@ def qmatmul(x, w: QuantizedWeight):
     T = x.shape[0]
     xf = x.reshape(T, w.in_features)
     if w.act is not None:
-        xf = quantize_activations(xf, w.act)
+        xf = quantize_activations(xf, w.act, w.act_group, w.act_scale)
     wd = dequantize(w, jnp.float32 if w.act is not None else x.dtype)
     wd = wd.reshape(-1, w.in_features)  # [O, I]
     y = jnp.einsum("ti,oi->to", xf.astype(wd.dtype), wd, preferred_element_type=jnp.float32)
@@ -146,14 +151,14 @@ def qmatmul(x, w: QuantizedWeight):
 
 def embedding_rows(w: QuantizedWeight, ids, dtype):
     """Rows `ids` [T] of a quantized embedding [V, D] (out = V, in = D), dequantized: [T, D]."""
-    rows = QuantizedWeight(*(None if a is None else (a if a is w.g_idx else jnp.take(a, ids, axis=0))
-                             for a in (w.q, w.scales, w.zeros, w.mins, w.g_idx)),
-                           **_meta(w))
+    rows = QuantizedWeight(*(None if a is None else jnp.take(a, ids, axis=0) for a in (w.q, w.scales, w.zeros, w.mins)),
+                           g_idx=w.g_idx, **_meta(w))
     return dequantize(rows, dtype)
 
 
 def _meta(w: QuantizedWeight) -> dict:
-    return dict(bits=w.bits, group_size=w.group_size, in_shape=w.in_shape, act=w.act, scheme=w.scheme)
+    return dict(bits=w.bits, group_size=w.group_size, in_shape=w.in_shape, act=w.act, act_group=w.act_group,
+                scheme=w.scheme)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,17 +176,20 @@ class HostQuant:
     zeros: np.ndarray | None = None
     mins: np.ndarray | None = None
     g_idx: np.ndarray | None = None
+    act_scale: np.ndarray | None = None
     bits: int = 8
     group_size: int = 0
     act: str | None = None
+    act_group: int = 0
     scheme: str = ""
 
     def same_kind(self, other: "HostQuant") -> bool:
-        return ((self.bits, self.group_size, self.act, self.q.dtype, self.scales.dtype, self.zeros is None,
-                 self.mins is None) == (other.bits, other.group_size, other.act, other.q.dtype,
+        return ((self.bits, self.group_size, self.act, self.act_group, self.q.dtype, self.scales.dtype, self.zeros is None,
+                 self.mins is None) == (other.bits, other.group_size, other.act, other.act_group, other.q.dtype,
                                         other.scales.dtype, other.zeros is None, other.mins is None)
                 and (self.g_idx is None) == (other.g_idx is None)
-                and (self.g_idx is None or np.array_equal(self.g_idx, other.g_idx)))
+                and (self.g_idx is None or np.array_equal(self.g_idx, other.g_idx))
+                and (self.act_scale is None) == (other.act_scale is None))
 
     def dequantize(self) -> np.ndarray:
         """float32 [rows, I], the same formula as `dequantize` (numpy: for the "none" path and tests)."""
@@ -204,8 +212,11 @@ def apply_rows(rows, parts: list[HostQuant]) -> HostQuant:
     """The weight table's row transform (q/k/v fusion, gate/up stacking, llama.cpp's permutation), applied to each
     per-row part of tensors quantized alike (`unify` first)."""
     first = parts[0]
-    return dataclasses.replace(first, **{k: None if getattr(first, k) is None else rows(*(getattr(p, k) for p in parts))
-                                         for k in ("q", "scales", "zeros", "mins")})
+    # static activation scales of layers fused on one input: the largest (as vLLM), so none of them clips
+    act_scale = None if first.act_scale is None else max(np.float32(np.max(p.act_scale)) for p in parts)
+    return dataclasses.replace(first, act_scale=act_scale, **{
+        k: None if getattr(first, k) is None else rows(*(getattr(p, k) for p in parts))
+        for k in ("q", "scales", "zeros", "mins")})
 
 
 def unify(parts: list[HostQuant]) -> list[HostQuant]:
@@ -248,7 +259,9 @@ def to_device_form(h: HostQuant, in_shape: tuple[int, ...]) -> QuantizedWeight:
         q = q.astype(np.uint8)
         q = q[..., 0::2] | (q[..., 1::2] << 4)
     return QuantizedWeight(q, h.scales, h.zeros, h.mins, None if h.g_idx is None else h.g_idx.astype(np.int32),
-                           bits=h.bits, group_size=h.group_size, in_shape=tuple(in_shape), act=h.act, scheme=h.scheme)
+                           None if h.act_scale is None else np.float32(np.asarray(h.act_scale).reshape(())),
+                           bits=h.bits, group_size=h.group_size, in_shape=tuple(in_shape), act=h.act,
+                           act_group=h.act_group, scheme=h.scheme)
 
 
 # ---------------------------------------------------------------------------------------------------------
