@@ -58,6 +58,8 @@ def make_attention_fn(cfg: ModelConfig, impl: str, interpret: bool = False):
         # decode: every live sequence has one query token (a decode bucket); only the GPU kernel uses it: its
         # decode kernel writes the new K/V itself (no scatter before it), and in a mixed step it takes the
         # one-token sequences. The GPU kernels read the queries out of qkv in place (no copy of them per layer).
+        # An 8-bit cache: qkv's key and value are already in the cache's units, and its scales are applied around
+        # the op (model._attention_block), so the op reads the stored numbers as they are.
         args = (meta.page_tables, meta.kv_lens, meta.cu_q_lens, meta.num_seqs)
         if chosen == "gpu" and decode:
             return op(qkv, k_pages, v_pages, *args, decode_only=True, fused_qkv=True)

@@ -192,7 +192,8 @@ def bench_jaxinfer(args, opts: dict, log) -> dict:
     result = {
         "engine": "jaxinfer",
         "backend": jax.default_backend(),
-        "weights": dtype + (" (dequantized)" if str(eng.model_name).endswith(".gguf") else ""),
+        "weights": dtype if eng.quantization == "none" else f"{eng.quantization} ({dtype} activations)",
+        "quantization": eng.quantization, "weight_bytes": eng.weight_bytes,
         "model": eng.model_name,
         "startup": {
             "total_s": startup, "weights_s": eng.load_seconds, "kv_cache_s": eng.kv_seconds,

@@ -510,7 +510,8 @@ def engine_summary(eng) -> dict:
     return {
         "token_buckets": list(c.token_buckets), "seq_buckets": list(c.seq_buckets), "max_num_seqs": c.max_num_seqs,
         "max_num_batched_tokens": c.token_budget, "max_model_len": eng.max_model_len, "page_size": c.page_size,
-        "num_pages": eng.num_pages, "dtype": np.dtype(eng.dtype).name, "attention_impl": c.attention_impl,
+        "num_pages": eng.num_pages, "dtype": np.dtype(eng.dtype).name, "quantization": eng.quantization,
+        "weight_bytes": eng.weight_bytes, "attention_impl": c.attention_impl,
         "prefix_caching": c.enable_prefix_caching, "vocab_size": eng.cfg.vocab_size,
     }
 

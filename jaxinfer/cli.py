@@ -14,7 +14,7 @@ import os
 import re
 import sys
 
-from jaxinfer.config import EngineConfig, parse_bytes
+from jaxinfer.config import KV_CACHE_DTYPES, QUANTIZATION_CHOICES, EngineConfig, parse_bytes
 from jaxinfer.sampling_params import SamplingParams
 
 EXIT_USAGE = 2
@@ -34,6 +34,7 @@ FIELD_FLAGS = {
     "max_num_batched_tokens": "--max-num-batched-tokens", "token_buckets": "--token-buckets",
     "seq_buckets": "--seq-buckets", "page_size": "--page-size", "kv_cache_memory": "--kv-cache-memory",
     "dtype": "--dtype", "load_format": "--load-format", "attention_impl": "--attention-impl",
+    "quantization": "--quantization", "kv_cache_dtype": "--kv-cache-dtype",
     "enable_prefix_caching": "--no-prefix-caching", "async_scheduling": "--no-async-scheduling",
 }
 
@@ -134,6 +135,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="weight and activation type (default: auto = float32 on CPU, bfloat16 on GPU/TPU)")
     g.add_argument("--load-format", choices=["auto", "safetensors", "gguf", "dummy"],
                    help="how to read weights; dummy = random weights of the model's shape (default: auto)")
+    g.add_argument("--quantization", choices=list(QUANTIZATION_CHOICES), metavar="SCHEME",
+                   help="weights: int8 / int4 / fp8 quantize a float checkpoint at load (int8: W8A16 per channel, "
+                   "int4: W4A16 groups of 128, fp8: W8A8 with per-token activation scales); none dequantizes a "
+                   "quantized checkpoint; gguf / gptq / awq / auto-round / compressed-tensors name the checkpoint's "
+                   "own format (checked). Default: as the checkpoint is (quantized checkpoints stay quantized)")
+    g.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), metavar="DTYPE",
+                   help="KV cache type: auto (the model's), or fp8 / int8: 8-bit, twice the tokens in the same "
+                   "memory, with per-layer per-head scales calibrated at start-up (default: auto)")
     g.add_argument("--attention-impl", choices=["auto", "reference", "xla", "tpu", "gpu"],
                    help="ragged paged-attention implementation: auto = the backend's Pallas kernel where it "
                    "has one, else the jnp form (xla) (default: auto)")
@@ -163,7 +172,8 @@ def engine_options_from_args(args: argparse.Namespace) -> dict:
         except ValueError as e:
             raise UsageError(f"--engine-config: {e}") from None
     names = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "token_buckets", "seq_buckets",
-             "page_size", "kv_cache_memory", "dtype", "load_format", "attention_impl", "compilation_cache_dir"]
+             "page_size", "kv_cache_memory", "dtype", "load_format", "quantization", "kv_cache_dtype", "attention_impl",
+             "compilation_cache_dir"]
     opts.update({k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
     if getattr(args, "engine_seed", None) is not None:
         opts["seed"] = args.engine_seed

@@ -28,6 +28,9 @@ ON_THE_FLY_QUANTIZATION = ("int8", "int4", "fp8")
 CHECKPOINT_QUANTIZATION = ("gguf", "gptq", "awq", "auto-round", "compressed-tensors")  # and "fp8" checkpoints
 QUANTIZATION_CHOICES = ("none", *ON_THE_FLY_QUANTIZATION, *CHECKPOINT_QUANTIZATION)
 
+# auto: the model dtype; fp8 (float8_e4m3fn) and int8: 8-bit caches holding twice the tokens, with scales
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "float8_e4m3fn", "int8")
+
 # Presets: configs/ of a source checkout, or the copy a wheel installs as the package jaxinfer.configs.
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 if not (CONFIGS_DIR / "models").is_dir():
@@ -266,7 +269,7 @@ class EngineConfig:
     memory_fraction: float = 0.9
     num_pages: int | None = None  # overrides the memory budget (tests)
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU/TPU
-    kv_cache_dtype: str = "auto"  # auto: same as dtype
+    kv_cache_dtype: str = "auto"  # auto: same as dtype; fp8 (e4m3) / int8: an 8-bit cache with calibrated scales
     attention_impl: str = "auto"  # auto | reference | xla | tpu | gpu (see jaxinfer/attention.py)
     attention_interpret: bool = False  # run a Pallas attention kernel in interpret mode (CPU tests)
     enable_prefix_caching: bool = True  # reuse the KV pages of a cached prompt prefix (page_allocator.py)
@@ -323,6 +326,8 @@ class EngineConfig:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.attention_impl not in ("auto", "reference", "xla", "tpu", "gpu"):
             raise ValueError(f"attention_impl must be auto, reference, xla, tpu or gpu, got {self.attention_impl!r}")
         if self.warm_up not in (None, True, False):

@@ -37,8 +37,8 @@ from jaxinfer import autotune, compile_guard, executables
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.executables import ExecutableStore
-from jaxinfer.loader import load_model, resolve_dtype
-from jaxinfer.model import init_kv_cache
+from jaxinfer.loader import load_model, resolve_dtype, weight_bytes
+from jaxinfer.model import KV_CACHE_8BIT, KV_CALIBRATION_TEXT, init_kv_cache, is_8bit, kv_cache_scales
 from jaxinfer.request import CompletionOutput, Logprob, Request, RequestMetrics, RequestOutput
 from jaxinfer.runner import LaunchedStep, ModelRunner, StepResult
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
@@ -84,6 +84,8 @@ class Engine:
         self.cfg: ModelConfig = loaded.cfg
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.source
+        self.quantization = loaded.quantization  # the weights' schemes, e.g. "gguf:Q4_1 x120, gguf:Q8_0 x1"
+        self.weight_bytes = weight_bytes(loaded.params)
         self.load_seconds = time.monotonic() - t0
         self.max_model_len = min(ecfg.max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
         if ecfg.max_model_len and ecfg.max_model_len > self.cfg.max_position_embeddings:
@@ -92,7 +94,9 @@ class Engine:
             )
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else self.cfg.eos_token_ids)
 
-        kv_dtype = self.dtype if ecfg.kv_cache_dtype == "auto" else np.dtype(ecfg.kv_cache_dtype)
+        kv_dtype = self.dtype if ecfg.kv_cache_dtype == "auto" else (
+            KV_CACHE_8BIT.get(ecfg.kv_cache_dtype) or np.dtype(ecfg.kv_cache_dtype))
+        self.kv_scales = self._kv_scales(loaded.params, kv_dtype) if is_8bit(kv_dtype) else None
         page_bytes = device_page_bytes(self.cfg, ecfg.page_size, kv_dtype, mesh)  # one device's share of a page
         self.num_pages = self._num_pages(page_bytes)
         # Compile against the cache's shapes before allocating it: XLA's autotuner (on a cold compilation cache)
@@ -100,7 +104,8 @@ class Engine:
         # Then check that the largest step's temporaries fit beside the cache; if not, shrink it once and recompile.
         self.compile_seconds = self.lower_seconds = 0.0  # lowering: tracing the programs to StableHLO, serial
         for attempt in range(2):
-            abstract_kv = init_kv_cache(self.cfg, self.num_pages, ecfg.page_size, kv_dtype, mesh, abstract=True)
+            abstract_kv = init_kv_cache(self.cfg, self.num_pages, ecfg.page_size, kv_dtype, mesh, abstract=True,
+                                        scales=self.kv_scales)
             self.runner = ModelRunner(self.cfg, ecfg, loaded.params, abstract_kv, self.num_pages, self.max_model_len)
             self.runner.compile_all(ecfg.show_progress, self._executable_store(loaded.params, abstract_kv, mesh))
             self.compile_seconds += self.runner.compile_seconds
@@ -124,13 +129,15 @@ class Engine:
         self._log(
             f"KV cache: {self.num_pages} pages x {ecfg.page_size} tokens = {self.num_pages * ecfg.page_size:,} tokens, "
             f"{self.num_pages * page_bytes / _GiB:.2f} GiB per device "
-            f"({np.dtype(kv_dtype).name}); "
-            f"max_model_len {self.max_model_len}, weights {np.dtype(self.dtype).name} on {backend}"
+            f"({np.dtype(kv_dtype).name}{', scaled per layer and channel' if self.kv_scales else ''}); "
+            f"max_model_len {self.max_model_len}, weights {np.dtype(self.dtype).name} on {backend}, "
+            f"{self.weight_bytes / _GiB:.2f} GiB ({'quantized: ' + self.quantization if self.quantization != 'none' else 'not quantized'})"
         )
         self.scheduler = Scheduler(self.num_pages, ecfg.page_size, ecfg.max_num_seqs, ecfg.token_budget, self.max_model_len,
                                    ecfg.enable_prefix_caching)
         t0 = time.monotonic()
-        self.runner.kv = jax.block_until_ready(init_kv_cache(self.cfg, self.num_pages, ecfg.page_size, kv_dtype, mesh))
+        self.runner.kv = jax.block_until_ready(init_kv_cache(self.cfg, self.num_pages, ecfg.page_size, kv_dtype, mesh,
+                                                             scales=self.kv_scales))
         self.kv_seconds = time.monotonic() - t0
         t0 = time.monotonic()
         if ecfg.warms_up(backend):
@@ -159,6 +166,13 @@ class Engine:
         gc.freeze()
 
     # -- sizing ---------------------------------------------------------------------------------------------
+
+    def _kv_scales(self, params, kv_dtype) -> tuple[np.ndarray, np.ndarray]:
+        """An 8-bit cache's scales (model.kv_cache_scales): int8 calibrates on a text through the model (random ids
+        without a tokenizer)."""
+        ids = self.tokenizer.encode(KV_CALIBRATION_TEXT) if self.tokenizer else list(
+            np.random.default_rng(0).integers(0, self.cfg.vocab_size, 96))
+        return kv_cache_scales(params, self.cfg, kv_dtype, ids[: self.max_model_len])
 
     def _executable_store(self, params, abstract_kv, mesh) -> ExecutableStore | None:
         """Where this configuration's compiled programs are saved whole (with the compilation cache), or None."""

@@ -52,7 +52,8 @@ def fingerprint(cfg, ecfg, params, abstract_kv, max_model_len: int, devices) -> 
     import jaxlib
 
     h = hashlib.sha256(f"jaxinfer-executables-{_FORMAT}".encode())
-    for root, pattern in [(r, "*.py") for r in _source_roots()] + [(CONFIGS_DIR / "autotune", "*.json")]:
+    for root, pattern in ([(r, p) for r in _source_roots() for p in ("*.py", "*.cc")]
+                          + [(CONFIGS_DIR / "autotune", "*.json")]):
         for path in sorted(root.rglob(pattern)):  # the autotune bundles pick kernels: new ones, programs rebuilt
             h.update(f"{root.name}/{path.relative_to(root).as_posix()}".encode())
             h.update(path.read_bytes())

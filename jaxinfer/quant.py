@@ -137,10 +137,35 @@ def quantize_activations(x, act: str, group: int = 0, scale=None):
     return out.reshape(T, I)
 
 
+# Steps of at most this many tokens take the native CPU kernel (pallas_kernels/cpu_qmatmul); larger ones
+# dequantize and take XLA's dot, whose blocked f32 GEMM wins once each weight is used for many rows.
+CPU_KERNEL_MAX_TOKENS = 16
+
+
+def _cpu_kernel(w: QuantizedWeight, T: int) -> bool:
+    """Whether this matmul runs the native CPU kernel: on a CPU backend, weight-only, in its form (4-bit packed
+    or one int8 per value, scale * q + min: `cpu_kernel_form`), and for a decode-sized step."""
+    if jax.default_backend() != "cpu" or T > CPU_KERNEL_MAX_TOKENS or w.act or w.g_idx is not None:
+        return False
+    if w.zeros is not None or w.q.dtype != (np.uint8 if w.packed else np.int8):
+        return False
+    from pallas_kernels import cpu_qmatmul
+
+    return cpu_qmatmul.available()
+
+
 def qmatmul(x, w: QuantizedWeight):
     """x [T, *in_shape] -> [T, *out]: x times the dequantized weight, accumulated in float32, cast to x.dtype."""
     T = x.shape[0]
     xf = x.reshape(T, w.in_features)
+    if _cpu_kernel(w, T):
+        from pallas_kernels import cpu_qmatmul
+
+        O = math.prod(w.out_shape)
+        y = cpu_qmatmul.qmatmul(xf, w.q.reshape(O, -1), w.scales.reshape(O, -1).astype(jnp.float32),
+                                None if w.mins is None else w.mins.reshape(O, -1).astype(jnp.float32),
+                                bits=4 if w.packed else 8, group_size=w.group)
+        return y.astype(x.dtype).reshape(T, *w.out_shape)
     if w.act is not None:
         xf = quantize_activations(xf, w.act, w.act_group, w.act_scale)
     wd = dequantize(w, jnp.float32 if w.act is not None else x.dtype)
@@ -262,6 +287,22 @@ def to_device_form(h: HostQuant, in_shape: tuple[int, ...]) -> QuantizedWeight:
                            None if h.act_scale is None else np.float32(np.asarray(h.act_scale).reshape(())),
                            bits=h.bits, group_size=h.group_size, in_shape=tuple(in_shape), act=h.act,
                            act_group=h.act_group, scheme=h.scheme)
+
+
+def cpu_kernel_form(h: HostQuant) -> HostQuant:
+    """The same weight as `scale * q + min` with float32 scales and signed bytes above 4 bits, the form the CPU
+    kernel reads (zero points folded into the minimums: equal up to float32 rounding, not bit for bit)."""
+    if h.act or h.g_idx is not None or h.q.dtype == FP8:
+        return h
+    scales = h.scales.astype(np.float32)
+    mins = None if h.mins is None else h.mins.astype(np.float32)
+    q = h.q
+    if h.bits > 4 and q.dtype == np.uint8:  # unsigned bytes -> signed: s * q + m = s * (q - 128) + (m + 128 s)
+        q = (q.astype(np.int16) - 128).astype(np.int8)
+        mins = (0 if mins is None else mins) + 128 * scales
+    if h.zeros is not None:
+        mins = (0 if mins is None else mins) - scales * h.zeros.astype(np.float32)
+    return dataclasses.replace(h, q=q, scales=scales, zeros=None, mins=mins)
 
 
 # ---------------------------------------------------------------------------------------------------------

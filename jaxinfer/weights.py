@@ -28,6 +28,7 @@ from jaxinfer import quant
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import ParamSpec, Params, is_spec, logical_sharding, param_specs
 from jaxinfer.quant import HostQuant, QuantizedWeight
+from pallas_kernels import cpu_qmatmul
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -341,6 +342,7 @@ def load_params(cfg: ModelConfig, source, fmt: str, dtype, mesh: Mesh | None = N
     if missing:
         raise ValueError(f"{where}: checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     quantizer = quant.QUANTIZERS.get(quantization)
+    cpu_kernel = jax.default_backend() == "cpu" and mesh is None and cpu_qmatmul.available()
 
     def leaf(path: str, spec: ParamSpec):
         entry = by_path[path]
@@ -352,6 +354,8 @@ def load_params(cfg: ModelConfig, source, fmt: str, dtype, mesh: Mesh | None = N
         name = entry.keys[0] if len(entry.keys) == 1 else entry.keys
         if isinstance(parts[0], HostQuant):
             h = quant.apply_rows(entry.rows, quant.unify(parts))
+            if cpu_kernel:
+                h = quant.cpu_kernel_form(h)
             if tuple(h.q.shape) != spec.quantized_shape:
                 raise ValueError(f"{where}: quantized tensor {name!r} has shape {tuple(h.q.shape)} after layout "
                                  f"change, expected {spec.quantized_shape}")

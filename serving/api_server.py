@@ -420,6 +420,7 @@ def _model_card(state: ServerState) -> dict:
     card = {"id": state.config.model_name, "object": "model", "created": protocol.now(), "owned_by": "jaxinfer"}
     if state.engine.engine is not None:
         card["max_model_len"] = state.engine.engine.max_model_len
+        card["quantization"] = state.engine.engine.quantization
     return card
 
 

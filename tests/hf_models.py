@@ -47,13 +47,15 @@ def make_hf_model(family: str, path, seed: int = 0):
     return model
 
 
-def sequence_logits(params, cfg, token_ids, page_size: int = 4, impl: str = "xla") -> np.ndarray:
-    """Logits [T, V] of one sequence run through the paged model in one step (pages shuffled on purpose)."""
+def sequence_logits(params, cfg, token_ids, page_size: int = 4, impl: str = "xla", kv_dtype=jnp.float32,
+                    kv_scales=None) -> np.ndarray:
+    """Logits [T, V] of one sequence run through the paged model in one step (pages shuffled on purpose); an
+    8-bit `kv_dtype` with its (k, v) [L, K] scales reads the step's keys and values back from that cache."""
     T = len(token_ids)
     n_pages = -(-T // page_size)
     P = n_pages + 3
     perm = np.random.default_rng(0).permutation(P)[:n_pages].astype(np.int32)
-    kv = init_kv_cache(cfg, P, page_size, jnp.float32)
+    kv = init_kv_cache(cfg, P, page_size, kv_dtype, scales=kv_scales)
     pos = np.arange(T, dtype=np.int32)
     meta = AttentionMetadata(
         slot_mapping=perm[pos // page_size] * page_size + pos % page_size,

@@ -14,6 +14,7 @@ from hf_models import sequence_logits
 from jaxinfer import quant
 from jaxinfer.config import EngineConfig
 from jaxinfer.loader import describe_quantization, load_model
+from jaxinfer.model import KV_CALIBRATION_TEXT, kv_cache_scales
 from jaxinfer.weights import GGUF_KEPT, gguf_host_quant
 
 ROWS, COLS = 6, 512  # two K-quant super-blocks per row
@@ -156,3 +157,40 @@ def test_dummy_weights_quantized_on_the_device(tiny_llama_dir):
         w = m.params.layers[1].w_gate_up
         assert quant.is_quantized(w) and w.scheme.startswith(scheme)
         assert np.isfinite(sequence_logits(m.params, m.cfg, [1, 2, 3])).all()
+
+
+# The Gettysburg Address (1863) and the opening of the Declaration of Independence (1776): public domain.
+TEXT = (__import__("pathlib").Path(__file__).parent / "fixtures" / "text" / "public_domain.txt").read_text()
+
+
+def _perplexity(logits, ids) -> float:
+    lp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
+    return float(np.exp(-np.mean(lp[np.arange(len(ids) - 1), ids[1:]])))
+
+
+def test_default_model_perplexity_native_q4_1_against_float32(default_llm):
+    """The default model runs its native Q4_1 (and Q8_0 embedding) weights; its perplexity on a fixed text equals
+    the float32-dequantized model's within 0.5% (exact dequantization: only the matmuls' rounding differs), and
+    with an fp8 KV cache (scaled as the engine does) within 1% of the float cache's."""
+    import jaxinfer
+
+    eng = default_llm.engine
+    assert eng.quantization.startswith("gguf:Q4_1") and "gguf:Q8_0" in eng.quantization
+    assert eng.weight_bytes < 0.25 * 538_060_032  # vs the float32 weights
+    ids = eng.tokenizer.encode(TEXT)
+    assert 500 < len(ids) < 1000
+    out = default_llm.generate([ids], jaxinfer.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0),
+                               use_tqdm=False)
+    nll_q = -np.mean([out[0].prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i > 0])
+    f32 = load_model(None, EngineConfig(quantization="none", show_progress=False), jnp.float32)
+    assert describe_quantization(f32.params) == "none"
+    ppl_f = _perplexity(sequence_logits(f32.params, f32.cfg, ids, page_size=16), ids)
+    ppl_q = float(np.exp(nll_q))
+    scales = kv_cache_scales(eng.runner.params, eng.cfg, jnp.float8_e4m3fn, eng.tokenizer.encode(KV_CALIBRATION_TEXT))
+    ppl_fp8 = _perplexity(sequence_logits(eng.runner.params, eng.cfg, ids, page_size=16, kv_dtype=jnp.float8_e4m3fn,
+                                          kv_scales=scales), ids)
+    print(f"perplexity: native Q4_1 {ppl_q:.4f}, float32 {ppl_f:.4f} (ratio {ppl_q / ppl_f:.6f}); "
+          f"fp8 KV cache {ppl_fp8:.4f} (ratio {ppl_fp8 / ppl_q:.6f})")
+    assert 1 < ppl_f < 100  # a real language model on English text
+    assert abs(ppl_q / ppl_f - 1) < 0.005
+    assert abs(ppl_fp8 / ppl_q - 1) < 0.01
