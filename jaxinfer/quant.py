@@ -154,10 +154,33 @@ def _cpu_kernel(w: QuantizedWeight, T: int) -> bool:
     return cpu_qmatmul.available()
 
 
+def scaled_after_dot(xf, w: QuantizedWeight):
+    """Weight-only integer weights without act-order, as accelerators take them: the integer values (exact in
+    bf16) meet x in one dot per group, and the scales (and zero points, minimums) apply to its [T, Q, O] partial
+    sums, so no dequantized copy of the weight is written. Per channel (Q = 1) that is a plain dot with the
+    convert of the values in its operand, which XLA:GPU fuses into its GEMM. xf [T, I] -> [T, O] float32."""
+    T, I = xf.shape
+    O, Q = math.prod(w.out_shape), w.scales.shape[-1]
+    q = unpack_values(w).reshape(O, Q, I // Q).astype(xf.dtype)
+    xg = xf.reshape(T, Q, I // Q)
+    part = jnp.einsum("tqi,oqi->tqo", xg, q, preferred_element_type=jnp.float32)  # [T, Q, O]
+    s = w.scales.reshape(O, Q).astype(jnp.float32)
+    y = jnp.einsum("tqo,oq->to", part, s)
+    offset = None if w.mins is None else w.mins.reshape(O, Q).astype(jnp.float32)
+    if w.zeros is not None:  # s * (q - z) = s * q - s * z: the zero points' share is s * z times the group's sum of x
+        sz = s * w.zeros.reshape(O, Q).astype(jnp.float32)
+        offset = -sz if offset is None else offset - sz
+    if offset is not None:
+        y = y + jnp.einsum("tq,oq->to", xg.astype(jnp.float32).sum(-1), offset)
+    return y
+
+
 def qmatmul(x, w: QuantizedWeight):
     """x [T, *in_shape] -> [T, *out]: x times the dequantized weight, accumulated in float32, cast to x.dtype."""
     T = x.shape[0]
     xf = x.reshape(T, w.in_features)
+    if jax.default_backend() != "cpu" and w.act is None and w.g_idx is None and w.q.dtype != FP8:
+        return scaled_after_dot(xf, w).astype(x.dtype).reshape(T, *w.out_shape)
     if _cpu_kernel(w, T):
         from pallas_kernels import cpu_qmatmul
 

@@ -360,10 +360,11 @@ def load_params(cfg: ModelConfig, source, fmt: str, dtype, mesh: Mesh | None = N
                 raise ValueError(f"{where}: quantized tensor {name!r} has shape {tuple(h.q.shape)} after layout "
                                  f"change, expected {spec.quantized_shape}")
             return quant.to_device_form(h, tuple(spec.shape[i] for i in spec.contract))
-        arr = to_dense(entry.rows(*parts), spec)
-        if tuple(arr.shape) != spec.shape:
-            raise ValueError(f"{where}: tensor {name!r} has shape {tuple(arr.shape)} after layout change, expected {spec.shape}")
-        return np.ascontiguousarray(arr.astype(np_dtype))
+        arr = entry.rows(*parts)
+        want = spec.quantized_shape if spec.contract else spec.shape  # [*out, I] before the dense layout
+        if tuple(arr.shape) != want:
+            raise ValueError(f"{where}: tensor {name!r} has shape {tuple(arr.shape)} after layout change, expected {want}")
+        return np.ascontiguousarray(to_dense(arr, spec).astype(np_dtype))
 
     return _place(specs, leaf, mesh, f"loading weights ({Path(str(where)).name})", show_progress)
 

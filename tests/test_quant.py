@@ -106,6 +106,22 @@ def test_qmatmul_is_the_dense_matmul_of_the_dequantized_weight():
     np.testing.assert_allclose(yq, xs @ np.asarray(quant.dequantize(qf)).T, rtol=1e-5, atol=1e-5)
 
 
+def test_scaled_after_dot_equals_the_reference():
+    """The accelerators' weight-only form (scales after the per-group dot) against dequantize-then-matmul, for
+    minimums (Q4_1), zero points (int4), per-channel int8 and signed sub-block values (Q6_K)."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((40, COLS)).astype(np.float32) * 0.05
+    x = jnp.asarray(rng.standard_normal((3, COLS)).astype(np.float32))
+    forms = [quant.quantize_int4(w), quant.quantize_int8(w),
+             gguf_host_quant(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1), gguf.GGMLQuantizationType.Q4_1),
+             gguf_host_quant(_gguf_blocks("Q6_K", rng), gguf.GGMLQuantizationType.Q6_K)]
+    for h in forms:
+        qw = quant.to_device_form(h, (COLS,))
+        want = np.asarray(x, np.float64) @ h.dequantize().astype(np.float64).T
+        got = np.asarray(jax.jit(quant.scaled_after_dot)(x, qw))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=h.scheme)
+
+
 def test_bad_quantization_option_names_the_parameter(tiny_llama_dir):
     with pytest.raises(ValueError, match="quantization"):
         EngineConfig(quantization="int3")

@@ -61,7 +61,7 @@ def _hf_model(name):
     cfg = transformers.AutoConfig.from_pretrained(FIXTURES / "base")
     model = transformers.LlamaForCausalLM(cfg).eval()
     src = SafetensorsSource(d)
-    state = {k: torch.from_numpy(np.asarray(src.get(k), np.float32)) for k in model.state_dict() if k in src.keys()}
+    state = {k: torch.from_numpy(np.array(src.get(k), np.float32)) for k in model.state_dict() if k in src.keys()}
     state.update({k: torch.from_numpy(v) for k, v in np.load(d / "reference.npz").items()})
     model.load_state_dict(state, strict=True)
     fmt = QuantFormat(json.loads((d / "config.json").read_text())["quantization_config"])
