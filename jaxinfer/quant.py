@@ -73,10 +73,6 @@ class QuantizedWeight:
         return self.bits <= 4
 
     @property
-    def dtype(self):  # what a dense leaf would report: activations meet the weight in the model dtype
-        return jnp.dtype(self.scales.dtype)
-
-    @property
     def nbytes(self) -> int:
         return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in self.arrays())
 
@@ -105,22 +101,25 @@ def unpack_values(w: QuantizedWeight):
     return q.astype(jnp.float32)
 
 
+def affine(q, scales, zeros, mins, g_idx, xp=jnp):
+    """The one dequantization formula, scales * (q - zeros) + mins in float32, each group's parameters [.., Q]
+    spread over its inputs [.., I] (or picked by g_idx): numpy (loading, tests) or jax.numpy (the device)."""
+    I, Q = q.shape[-1], scales.shape[-1]
+
+    def per_element(a):
+        a = a.astype(xp.float32)
+        return xp.take(a, g_idx, axis=-1) if g_idx is not None else xp.repeat(a, I // Q, axis=-1)
+
+    out = q.astype(xp.float32)
+    if zeros is not None:
+        out = out - per_element(zeros)
+    out = per_element(scales) * out
+    return out if mins is None else out + per_element(mins)
+
+
 def dequantize(w: QuantizedWeight, dtype=jnp.float32):
     """[*out, I] dense weight, computed in float32 exactly as the checkpoint format defines it."""
-    q = unpack_values(w)
-    I, g = w.in_features, w.group
-
-    def per_element(a):  # [*out, Q] -> [*out, I] (broadcast over each group)
-        a = a.astype(jnp.float32)
-        if w.g_idx is not None:
-            return jnp.take(a, w.g_idx, axis=-1)
-        return jnp.repeat(a, g, axis=-1) if a.shape[-1] * g == I else jnp.broadcast_to(a, q.shape)
-
-    out = q if w.zeros is None else q - per_element(w.zeros)
-    out = per_element(w.scales) * out
-    if w.mins is not None:
-        out = out + per_element(w.mins)
-    return out.astype(dtype)
+    return affine(unpack_values(w), w.scales, w.zeros, w.mins, w.g_idx).astype(dtype)
 
 
 def quantize_activations(x, act: str, group: int = 0, scale=None):
@@ -241,19 +240,7 @@ class HostQuant:
 
     def dequantize(self) -> np.ndarray:
         """float32 [rows, I], the same formula as `dequantize` (numpy: for the "none" path and tests)."""
-        g = self.group_size or self.q.shape[-1]
-        idx = self.g_idx if self.g_idx is not None else np.arange(self.q.shape[-1]) // g
-
-        def el(a):
-            return a.astype(np.float32)[..., idx]
-
-        out = self.q.astype(np.float32)
-        if self.zeros is not None:
-            out = out - el(self.zeros)
-        out = el(self.scales) * out
-        if self.mins is not None:
-            out = out + el(self.mins)
-        return out
+        return affine(self.q, self.scales, self.zeros, self.mins, self.g_idx, xp=np)
 
 
 def apply_rows(rows, parts: list[HostQuant]) -> HostQuant:

@@ -284,7 +284,7 @@ def gguf_host_quant(data: np.ndarray, qtype) -> HostQuant:
         scales = (d * blocks[:, at:at + 16].view(np.int8).astype(np.float32))[:, :, None]  # [n, 16, 1]
         unit[:, at:at + 16] = 1
         unit[:, type_size - 2:] = _F16_ONE
-    values = gguf.quants.dequantize(unit, qtype).reshape(rows, -1)  # exact small integers, as float32
+    values = gguf.quants.dequantize(unit.reshape(data.shape), qtype).reshape(rows, -1)  # small integers, as float32
     if name == "Q4_0":
         values, mins = values + 8, -8 * scales
     q = values.astype(np.int8 if signed else np.uint8)
