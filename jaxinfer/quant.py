@@ -175,7 +175,11 @@ def scaled_after_dot(xf, w: QuantizedWeight):
 
 
 def qmatmul(x, w: QuantizedWeight):
-    """x [T, *in_shape] -> [T, *out]: x times the dequantized weight, accumulated in float32, cast to x.dtype."""
+    """x [T, *in_shape] -> [T, *out]: x times the dequantized weight, accumulated in float32, cast to x.dtype.
+
+    The one place that decides how: weight-only integers on an accelerator -> `scaled_after_dot`; on a CPU, steps
+    of at most CPU_KERNEL_MAX_TOKENS tokens -> the native kernel (pallas_kernels/cpu_qmatmul); everything else
+    (W8A8 and fp8, act-order, larger CPU steps) -> the reference: dequantize, then one matmul."""
     T = x.shape[0]
     xf = x.reshape(T, w.in_features)
     if jax.default_backend() != "cpu" and w.act is None and w.g_idx is None and w.q.dtype != FP8:
