@@ -129,7 +129,7 @@ class Engine:
         self._log(
             f"KV cache: {self.num_pages} pages x {ecfg.page_size} tokens = {self.num_pages * ecfg.page_size:,} tokens, "
             f"{self.num_pages * page_bytes / _GiB:.2f} GiB per device "
-            f"({np.dtype(kv_dtype).name}{', scaled per layer and channel' if self.kv_scales else ''}); "
+            f"({np.dtype(kv_dtype).name}{self._kv_note(kv_dtype)}); "
             f"max_model_len {self.max_model_len}, weights {np.dtype(self.dtype).name} on {backend}, "
             f"{self.weight_bytes / _GiB:.2f} GiB ({'quantized: ' + self.quantization if self.quantization != 'none' else 'not quantized'})"
         )
@@ -166,6 +166,12 @@ class Engine:
         gc.freeze()
 
     # -- sizing ---------------------------------------------------------------------------------------------
+
+    def _kv_note(self, kv_dtype) -> str:
+        if not self.kv_scales:
+            return ""
+        x = np.dtype(self.dtype).itemsize // np.dtype(kv_dtype).itemsize
+        return f", scaled per layer and channel: {x}x the tokens of a {np.dtype(self.dtype).name} cache"
 
     def _kv_scales(self, params, kv_dtype) -> tuple[np.ndarray, np.ndarray]:
         """An 8-bit cache's scales (model.kv_cache_scales): int8 calibrates on a text through the model (random ids

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -343,6 +344,14 @@ def load_params(cfg: ModelConfig, source, fmt: str, dtype, mesh: Mesh | None = N
         raise ValueError(f"{where}: checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     quantizer = quant.QUANTIZERS.get(quantization)
     cpu_kernel = jax.default_backend() == "cpu" and mesh is None and cpu_qmatmul.available()
+    warned = []
+
+    def slow_cpu(h: HostQuant) -> None:
+        if jax.default_backend() == "cpu" and not cpu_kernel and not warned:
+            warned.append(True)
+            print(f"warning: quantized weights ({h.scheme}) run through the jnp reference on this CPU, several times "
+                  f"slower than float32: {cpu_qmatmul.build_error or 'the native kernel does not run on a mesh'}",
+                  file=sys.stderr, flush=True)
 
     def leaf(path: str, spec: ParamSpec):
         entry = by_path[path]
@@ -356,6 +365,8 @@ def load_params(cfg: ModelConfig, source, fmt: str, dtype, mesh: Mesh | None = N
             h = quant.apply_rows(entry.rows, quant.unify(parts))
             if cpu_kernel:
                 h = quant.cpu_kernel_form(h)
+            else:
+                slow_cpu(h)
             if tuple(h.q.shape) != spec.quantized_shape:
                 raise ValueError(f"{where}: quantized tensor {name!r} has shape {tuple(h.q.shape)} after layout "
                                  f"change, expected {spec.quantized_shape}")

@@ -210,3 +210,20 @@ def test_default_model_perplexity_native_q4_1_against_float32(default_llm):
     assert 1 < ppl_f < 100  # a real language model on English text
     assert abs(ppl_q / ppl_f - 1) < 0.005
     assert abs(ppl_fp8 / ppl_q - 1) < 0.01
+
+
+def test_without_a_compiler_quantized_weights_still_run_and_say_so(tiny_llama_dir, tmp_path):
+    """No C++ compiler: the CPU kernel is not built, the jnp reference runs the same model, and the load warns."""
+    import subprocess
+    import sys
+
+    code = ("import jax.numpy as jnp; from jaxinfer.loader import load_model; from jaxinfer.config import EngineConfig; "
+            "from pallas_kernels import cpu_qmatmul; "
+            f"m = load_model({str(tiny_llama_dir[0])!r}, EngineConfig(quantization='int4', show_progress=False), "
+            "jnp.float32); print('kernel', cpu_qmatmul.available(), m.quantization)")
+    env = {**__import__("os").environ, "CXX": "/nonexistent/c++", "JAXINFER_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "kernel False int4-g64 x6, int4-g128 x2" in proc.stdout  # w_down (F = 128) takes groups of 128
+    assert "warning: quantized weights (int4-g64) run through the jnp reference" in proc.stderr
+    assert "no C++ compiler" in proc.stderr

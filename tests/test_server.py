@@ -268,6 +268,8 @@ def test_chat_n_choices(client):
 
 def test_models_health_ready(client, server):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    card = client.models.list().data[0].model_dump()
+    assert card["quantization"] == "none"  # a float checkpoint; a quantized one names its schemes (test_quant.py)
     assert httpx.get(server.url + "/health").status_code == 200  # open without a key
     assert httpx.get(server.url + "/ready").json() == {"status": "ready"}
 
