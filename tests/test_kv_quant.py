@@ -67,3 +67,21 @@ def test_engine_with_an_8bit_cache(tiny_llama_dir, kv):
 def test_bad_kv_cache_dtype_names_the_parameter():
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EngineConfig(kv_cache_dtype="int4")
+
+
+def test_preemption_with_an_8bit_cache_loses_nothing(tiny_llama_dir):
+    """A pool far too small for the load, int8 cache: requests are preempted, their 8-bit pages recomputed, and the
+    tokens are those of a pool that never preempts."""
+    from conftest import TINY_ENGINE_OPTIONS
+    from test_engine import assert_all_pages_free
+
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(0, 256, int(n)).tolist() for n in rng.integers(5, 40, 8)]
+    params = jaxinfer.SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    small = jaxinfer.LLM(str(tiny_llama_dir[0]), num_pages=34, kv_cache_dtype="int8", **TINY_ENGINE_OPTIONS)
+    outs = small.generate(prompts, params, use_tqdm=False)
+    assert small.engine.scheduler.num_preemptions > 0
+    assert_all_pages_free(small.engine)
+    roomy = jaxinfer.LLM(str(tiny_llama_dir[0]), num_pages=400, kv_cache_dtype="int8", **TINY_ENGINE_OPTIONS)
+    ref = roomy.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
