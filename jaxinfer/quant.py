@@ -174,16 +174,41 @@ def scaled_after_dot(xf, w: QuantizedWeight):
     return y
 
 
+def fp8_dot(xf, w: QuantizedWeight):
+    """W8A8 fp8 as accelerators take it: the activations quantized to e4m3 (a scale per token, or per token and
+    group), one fp8 x fp8 dot per weight group accumulated in float32 (per channel: one dot, which XLA:GPU gives
+    to cuBLASLt's fp8 GEMM, the weight stored [O, I] as it wants), then both scales. xf [T, I] -> [T, O] float32."""
+    T, I = xf.shape
+    O, Q = math.prod(w.out_shape), w.scales.shape[-1]
+    A = I // w.act_group if w.act_group else 1  # activation groups
+    G = max(Q, A)  # the finer of the two groupings (both divide I)
+    xg = xf.astype(jnp.float32).reshape(T, A, I // A)
+    if w.act_scale is None:
+        amax = jnp.max(jnp.abs(xg), axis=-1, keepdims=True)
+        xs = jnp.where(amax > 0, amax / FP8_MAX, 1.0)  # [T, A, 1]
+    else:
+        xs = jnp.broadcast_to(w.act_scale.astype(jnp.float32), (T, A, 1))
+    xq = jnp.clip(xg / xs, -FP8_MAX, FP8_MAX).astype(FP8).reshape(T, G, I // G)
+    part = jnp.einsum("tgi,ogi->tgo", xq, w.q.reshape(O, G, I // G), preferred_element_type=jnp.float32)
+    x_scale = jnp.repeat(xs[..., 0], G // A, axis=-1)  # [T, G]
+    w_scale = jnp.repeat(w.scales.reshape(O, Q).astype(jnp.float32), G // Q, axis=-1)  # [O, G]
+    return jnp.einsum("tgo,tg,og->to", part, x_scale, w_scale)
+
+
 def qmatmul(x, w: QuantizedWeight):
     """x [T, *in_shape] -> [T, *out]: x times the dequantized weight, accumulated in float32, cast to x.dtype.
 
-    The one place that decides how: weight-only integers on an accelerator -> `scaled_after_dot`; on a CPU, steps
-    of at most CPU_KERNEL_MAX_TOKENS tokens -> the native kernel (pallas_kernels/cpu_qmatmul); everything else
-    (W8A8 and fp8, act-order, larger CPU steps) -> the reference: dequantize, then one matmul."""
+    The one place that decides how: on an accelerator, weight-only integers -> `scaled_after_dot`, W8A8 fp8 ->
+    `fp8_dot`; on a CPU, steps of at most CPU_KERNEL_MAX_TOKENS tokens -> the native kernel
+    (pallas_kernels/cpu_qmatmul); everything else (W8A8 int8, act-order, larger CPU steps) -> the reference:
+    dequantize, then one matmul."""
     T = x.shape[0]
     xf = x.reshape(T, w.in_features)
-    if jax.default_backend() != "cpu" and w.act is None and w.g_idx is None and w.q.dtype != FP8:
-        return scaled_after_dot(xf, w).astype(x.dtype).reshape(T, *w.out_shape)
+    if jax.default_backend() != "cpu" and w.g_idx is None:
+        if w.act is None and w.q.dtype != FP8:
+            return scaled_after_dot(xf, w).astype(x.dtype).reshape(T, *w.out_shape)
+        if w.act == "fp8":
+            return fp8_dot(xf, w).astype(x.dtype).reshape(T, *w.out_shape)
     if _cpu_kernel(w, T):
         from pallas_kernels import cpu_qmatmul
 

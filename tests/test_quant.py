@@ -122,6 +122,26 @@ def test_scaled_after_dot_equals_the_reference():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=h.scheme)
 
 
+@pytest.mark.parametrize("group", [0, 128])
+def test_fp8_dot_equals_the_reference(group):
+    """The accelerators' W8A8 fp8 form (fp8 x fp8 dots per group, then both scales) against the reference
+    (activations quantized alike, dequantized weight, one f32 matmul): per channel and 128 x 128 blocks."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((256, COLS)).astype(np.float32) * 0.05
+    x = jnp.asarray(rng.standard_normal((3, COLS)).astype(np.float32))
+    h = quant.quantize_fp8(w)
+    if group:  # block scales: one per 128 rows and 128 inputs, as HF's FP8 checkpoints store them
+        s = np.abs(w).reshape(2, 128, 4, 128).max(axis=(1, 3)) / quant.FP8_MAX
+        per_row = np.repeat(s, 128, axis=0)  # [256, 4]
+        h = quant.HostQuant((w / np.repeat(per_row, 128, axis=1)).astype(quant.FP8), per_row.astype(np.float32),
+                            bits=8, group_size=128, act="fp8", act_group=128, scheme="fp8-block")
+    qw = quant.to_device_form(h, (COLS,))
+    xs = np.asarray(quant.quantize_activations(x, "fp8", qw.act_group), np.float64)
+    want = xs @ h.dequantize().astype(np.float64).T
+    got = np.asarray(jax.jit(quant.fp8_dot)(x, qw))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_bad_quantization_option_names_the_parameter(tiny_llama_dir):
     with pytest.raises(ValueError, match="quantization"):
         EngineConfig(quantization="int3")
