@@ -60,7 +60,8 @@ def device_page_bytes(cfg: ModelConfig, page_size: int, kv_dtype, mesh=None) -> 
     """Bytes of one KV page (all layers, K and V) on one device: the whole page, or on a mesh its shard (the kv
     heads are split over "tp"), so a budget of one device's memory holds tp times the pages."""
     n = 1 if mesh is None else mesh.size  # a page count any sharding of the pages axis divides
-    return kv_device_bytes(init_kv_cache(cfg, n, page_size, kv_dtype, mesh, abstract=True)) // n
+    kv = init_kv_cache(cfg, n, page_size, kv_dtype, mesh, abstract=True)
+    return kv_device_bytes((kv.k, kv.v)) // n  # an 8-bit cache's scales are not per page
 
 
 class Engine:
