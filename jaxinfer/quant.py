@@ -136,15 +136,12 @@ def quantize_activations(x, act: str, group: int = 0, scale=None):
     return out.reshape(T, I)
 
 
-# Steps of at most this many tokens take the native CPU kernel (pallas_kernels/cpu_qmatmul); larger ones
-# dequantize and take XLA's dot, whose blocked f32 GEMM wins once each weight is used for many rows.
-CPU_KERNEL_MAX_TOKENS = 16
-
-
-def _cpu_kernel(w: QuantizedWeight, T: int) -> bool:
-    """Whether this matmul runs the native CPU kernel: on a CPU backend, weight-only, in its form (4-bit packed
-    or one int8 per value, scale * q + min: `cpu_kernel_form`), and for a decode-sized step."""
-    if jax.default_backend() != "cpu" or T > CPU_KERNEL_MAX_TOKENS or w.act or w.g_idx is not None:
+def _cpu_kernel(w: QuantizedWeight) -> bool:
+    """Whether this matmul runs the native CPU kernel (pallas_kernels/cpu_qmatmul): on a CPU backend, weight-only,
+    in its form (4-bit packed or one int8 per value, scale * q + min: `cpu_kernel_form`). At every step size: for
+    many tokens it dequantizes each weight tile once into a cache-resident buffer and runs an FMA micro-kernel,
+    about the f32 dot's speed, where XLA's dequantize-then-dot costs several times that."""
+    if jax.default_backend() != "cpu" or w.act or w.g_idx is not None:
         return False
     if w.zeros is not None or w.q.dtype != (np.uint8 if w.packed else np.int8):
         return False
@@ -199,9 +196,8 @@ def qmatmul(x, w: QuantizedWeight):
     """x [T, *in_shape] -> [T, *out]: x times the dequantized weight, accumulated in float32, cast to x.dtype.
 
     The one place that decides how: on an accelerator, weight-only integers -> `scaled_after_dot`, W8A8 fp8 ->
-    `fp8_dot`; on a CPU, steps of at most CPU_KERNEL_MAX_TOKENS tokens -> the native kernel
-    (pallas_kernels/cpu_qmatmul); everything else (W8A8 int8, act-order, larger CPU steps) -> the reference:
-    dequantize, then one matmul."""
+    `fp8_dot`; on a CPU, weight-only -> the native kernel (pallas_kernels/cpu_qmatmul); everything else (W8A8,
+    act-order, no kernel) -> the reference: dequantize, then one matmul."""
     T = x.shape[0]
     xf = x.reshape(T, w.in_features)
     if jax.default_backend() != "cpu" and w.g_idx is None:
@@ -209,7 +205,7 @@ def qmatmul(x, w: QuantizedWeight):
             return scaled_after_dot(xf, w).astype(x.dtype).reshape(T, *w.out_shape)
         if w.act == "fp8":
             return fp8_dot(xf, w).astype(x.dtype).reshape(T, *w.out_shape)
-    if _cpu_kernel(w, T):
+    if _cpu_kernel(w):
         from pallas_kernels import cpu_qmatmul
 
         O = math.prod(w.out_shape)

@@ -76,6 +76,19 @@ def test_paths(kernel, bits, pool, portable):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("T", [2, 4, 16, 64, 256])
+@pytest.mark.parametrize("O, I, g", [(77, 576, 32), (50, 4160, 64), (30, 2080, 2080)])
+def test_token_blocks(kernel, bits, T, O, I, g):
+    """T > 4 runs dequantized tiles (24 rows x up to 2048 inputs) through a 4-token x 3-row micro-kernel
+    (T <= 4 dequantizes in registers): row and token remainders, inputs cut into several chunks
+    (I = 4160), one group spanning chunks (g = I = 2080 > 2048)."""
+    rng = np.random.default_rng([bits, T, O, I, g])
+    x, q, scales, mins = make_inputs(rng, T, O, I, bits, g, bits == 4)
+    y = kernel.qmatmul(x, q, scales, mins, bits=bits, group_size=g)
+    check_close(y, x, q, scales, mins, bits, g)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
 def test_group_not_multiple_of_16(kernel, bits):
     """Per-channel scales on a width that is not a multiple of 16 take the portable loops."""
     rng = np.random.default_rng(bits)
