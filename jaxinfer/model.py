@@ -113,7 +113,7 @@ KV_CACHE_8BIT = {"int8": np.dtype(np.int8), "fp8": np.dtype(jnp.float8_e4m3fn),
 
 
 def is_8bit(dtype) -> bool:
-    return np.dtype(dtype) in (np.dtype(np.int8), np.dtype(jnp.float8_e4m3fn))
+    return np.dtype(dtype) in KV_CACHE_8BIT.values()
 
 
 def to_cache_units(x, scale, dtype):

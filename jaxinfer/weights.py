@@ -409,9 +409,8 @@ def dummy_params(cfg: ModelConfig, dtype, seed: int = 0, mesh: Mesh | None = Non
     def leaf(path, spec: ParamSpec):
         k = jax.random.fold_in(key, next(counter))
         if quantization in quant.QUANTIZERS and quantizes(path, spec):
-            w = _random_quantized(k, spec.quantized_shape, tuple(spec.shape[i] for i in spec.contract), quantization)
-            rows = logical_sharding(spec.quantized_axes(), mesh)
-            return jax.tree_util.tree_map(lambda a: jax.device_put(a, rows), w) if rows is not None else w
+            # placed in its sharding by _place, as a loaded quantized leaf is
+            return _random_quantized(k, spec.quantized_shape, tuple(spec.shape[i] for i in spec.contract), quantization)
         arr = _random_leaf(k, spec.shape, jnp.dtype(dtype), spec.init)
         sharding = logical_sharding(spec.axes, mesh)
         return jax.device_put(arr, sharding) if sharding is not None else arr
