@@ -136,6 +136,20 @@ def quantize_activations(x, act: str, group: int = 0, scale=None):
     return out.reshape(T, I)
 
 
+def quantize_activations_rows(x, act: str, scale=None):
+    """W8A8 with one scale per token (dynamic) or a static `scale`: x [T, I] -> (the quantized values in x.dtype,
+    which holds int8 and e4m3 values exactly, and the scale per token [T] float32); x ~ values * scale."""
+    xf = x.astype(jnp.float32)
+    top = 127.0 if act == "int8" else FP8_MAX
+    if scale is None:
+        amax = jnp.max(jnp.abs(xf), axis=-1)
+        scale = jnp.where(amax > 0, amax / top, 1.0)
+    else:
+        scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), x.shape[:1])
+    xs = jnp.clip(xf / scale[:, None], -top, top)
+    return (jnp.round(xs) if act == "int8" else xs.astype(FP8)).astype(x.dtype), scale
+
+
 def _cpu_kernel(w: QuantizedWeight) -> bool:
     """Whether this matmul runs the native CPU kernel (pallas_kernels/cpu_qmatmul): on a CPU backend, weight-only,
     in its form (4-bit packed or one int8 per value, scale * q + min: `cpu_kernel_form`). At every step size: for
@@ -192,23 +206,57 @@ def fp8_dot(xf, w: QuantizedWeight):
     return jnp.einsum("tgo,tg,og->to", part, x_scale, w_scale)
 
 
-def qmatmul(x, w: QuantizedWeight):
+# Steps of up to this many tokens take the GPU kernel (pallas_kernels/quant_matmul_gpu); larger ones XLA's forms.
+# Measured per GEMM shape of an 8B Llama on an H100 (benchmarks/quant_gemm_gpu.py, benchmarks/RESULTS.md): the
+# kernel reads each weight byte once; XLA's integer forms write a dequantized copy, and cuBLASLt's fp8 GEMM leads
+# from a few dozen tokens up.
+GPU_KERNEL_MAX_TOKENS = {"int": 64, "fp8": 16}
+
+
+def _gpu_kernel(w: QuantizedWeight, T: int, backend: str) -> bool:
+    """Whether this matmul runs the Pallas GPU kernel: a GPU, a T-token step within GPU_KERNEL_MAX_TOKENS, and a
+    form it takes (4-bit packed or one byte per value, groups a power of two >= 32 or per channel, activations
+    weight-only or quantized per token)."""
+    if backend != "gpu" or w.g_idx is not None or w.act_group or w.act not in (None, "int8", "fp8"):
+        return False
+    if w.q.dtype not in ((np.uint8,) if w.packed else (np.int8, np.uint8, FP8)):
+        return False
+    g = w.group
+    if g != w.in_features and (g < 32 or g & (g - 1)):
+        return False
+    return T <= GPU_KERNEL_MAX_TOKENS["fp8" if w.q.dtype == FP8 else "int"]
+
+
+def qmatmul(x, w: QuantizedWeight, *, backend: str | None = None, interpret: bool = False):
     """x [T, *in_shape] -> [T, *out]: x times the dequantized weight, accumulated in float32, cast to x.dtype.
 
-    The one place that decides how: on an accelerator, weight-only integers -> `scaled_after_dot`, W8A8 fp8 ->
-    `fp8_dot`; on a CPU, weight-only -> the native kernel (pallas_kernels/cpu_qmatmul); everything else (W8A8,
-    act-order, no kernel) -> the reference: dequantize, then one matmul."""
+    The one place that decides how. On a GPU, steps of a few tokens -> the Pallas kernel that reads each packed byte
+    once (`_gpu_kernel`); on an accelerator otherwise, weight-only integers -> `scaled_after_dot`, W8A8 fp8 ->
+    `fp8_dot`; on a CPU, weight-only -> the native kernel (pallas_kernels/cpu_qmatmul); everything else (W8A8 int8
+    on large steps, act-order, no kernel) -> the reference: dequantize, then one matmul. `backend` (default: jax's)
+    and `interpret` let tests run the GPU kernel's path through the Pallas interpreter."""
     T = x.shape[0]
     xf = x.reshape(T, w.in_features)
-    if jax.default_backend() != "cpu" and w.g_idx is None:
+    backend = backend or jax.default_backend()
+    O = math.prod(w.out_shape)
+    if _gpu_kernel(w, T, backend):
+        from pallas_kernels.quant_matmul_gpu import quant_matmul
+
+        xs = None
+        if w.act is not None:
+            xf, xs = quantize_activations_rows(xf, w.act, w.act_scale)
+        y = quant_matmul(xf, w.q.reshape(O, -1), w.scales.reshape(O, -1),
+                         *(None if a is None else a.reshape(O, -1) for a in (w.zeros, w.mins)), xs, bits=w.bits,
+                         group=w.group, interpret=interpret, out_dtype=x.dtype)
+        return y.reshape(T, *w.out_shape)
+    if backend != "cpu" and w.g_idx is None:
         if w.act is None and w.q.dtype != FP8:
             return scaled_after_dot(xf, w).astype(x.dtype).reshape(T, *w.out_shape)
         if w.act == "fp8":
             return fp8_dot(xf, w).astype(x.dtype).reshape(T, *w.out_shape)
-    if _cpu_kernel(w):
+    if backend == "cpu" and _cpu_kernel(w):
         from pallas_kernels import cpu_qmatmul
 
-        O = math.prod(w.out_shape)
         y = cpu_qmatmul.qmatmul(xf, w.q.reshape(O, -1), w.scales.reshape(O, -1).astype(jnp.float32),
                                 None if w.mins is None else w.mins.reshape(O, -1).astype(jnp.float32),
                                 bits=4 if w.packed else 8, group_size=w.group)
