@@ -76,22 +76,11 @@ def xla_fn(x, w):
 
 
 def deq_fn(x, w):
-    """Dequantize to x.dtype in XLA (the 4-bit values through XLA's uint4 type), then one dot: XLA may fuse the
-    dequantization into its GEMM's operand."""
     import jax.numpy as jnp
-    from jax import lax
 
-    N, K, Q = w.q.shape[0], w.in_features, w.scales.shape[-1]
-    if w.packed:
-        v = lax.bitcast_convert_type(w.q, jnp.uint4).reshape(N, K).astype(x.dtype)
-    else:
-        v = w.q.astype(x.dtype)
-    v = v.reshape(N, Q, K // Q)
-    if w.zeros is not None:
-        v = v - w.zeros.astype(x.dtype)[..., None]
-    v = (v * w.scales.astype(x.dtype)[..., None]).reshape(N, K)
-    y = jnp.einsum("ti,oi->to", x, v, preferred_element_type=jnp.float32)
-    return y.astype(jnp.bfloat16)
+    from jaxinfer import quant
+
+    return quant.dequantized_dot(x, w).astype(jnp.bfloat16)
 
 
 def time_chain(fn, x, ws, reps):

@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import ml_dtypes
 import numpy as np
 
@@ -183,6 +184,22 @@ def scaled_after_dot(xf, w: QuantizedWeight):
     if offset is not None:
         y = y + jnp.einsum("tq,oq->to", xg.astype(jnp.float32).sum(-1), offset)
     return y
+
+
+def dequantized_dot(xf, w: QuantizedWeight):
+    """Weight-only integers on many-token steps: the weight dequantized in x's dtype by XLA (4-bit values through its
+    uint4 type, whose elements are the low nibble first, as ours), then one dot, into whose operand XLA:GPU may fuse
+    the dequantization. xf [T, I] -> [T, O] float32."""
+    O, I, Q = math.prod(w.out_shape), w.in_features, w.scales.shape[-1]
+    dt = xf.dtype
+    v = lax.bitcast_convert_type(w.q, jnp.uint4) if w.packed else w.q
+    v = v.reshape(O, Q, I // Q).astype(dt)
+    if w.zeros is not None:
+        v = v - w.zeros.reshape(O, Q, 1).astype(dt)
+    v = v * w.scales.reshape(O, Q, 1).astype(dt)
+    if w.mins is not None:
+        v = v + w.mins.reshape(O, Q, 1).astype(dt)
+    return jnp.einsum("ti,oi->to", xf, v.reshape(O, I), preferred_element_type=jnp.float32)
 
 
 def fp8_dot(xf, w: QuantizedWeight):
@@ -414,15 +431,20 @@ def quantize_int8(w, xp=np) -> HostQuant:
 
 def quantize_int4(w, xp=np, group_size: int = 128) -> HostQuant:
     """W4A16: asymmetric 4-bit with zero points, groups of 128 input elements (or the largest power of two that
-    divides I), round to nearest, as GPTQ's and AWQ's asymmetric layouts hold it."""
+    divides I), round to nearest, as GPTQ's and AWQ's asymmetric layouts hold it. Scales are stored in bfloat16 and
+    zero points in bytes (3 bytes per group instead of 8: 4.7% of the values' bytes, not 12.5%); the values are
+    rounded against the stored scale."""
     w = w.astype(xp.float32)
     rows, I = w.shape
     g = _group_for(I, group_size) or I
     wg = w.reshape(rows, I // g, g)
     lo, hi = xp.minimum(xp.min(wg, axis=-1), 0), xp.maximum(xp.max(wg, axis=-1), 0)
-    s = xp.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(xp.float32)
-    z = xp.clip(xp.rint(-lo / s), 0, 15).astype(xp.float32)
-    q = xp.clip(xp.rint(wg / s[..., None]) + z[..., None], 0, 15).astype(xp.uint8).reshape(rows, I)
+    # a bfloat16 scale rounds by up to 2^-8 of itself: 2^-7 more keeps [lo, hi] within 15 steps
+    s = xp.where(hi > lo, (hi - lo) / 15.0 * (1 + 2.0**-7), 1.0).astype(ml_dtypes.bfloat16)
+    sf = s.astype(xp.float32)
+    z = xp.clip(xp.rint(-lo / sf), 0, 15)
+    q = xp.clip(xp.rint(wg / sf[..., None]) + z[..., None], 0, 15).astype(xp.uint8).reshape(rows, I)
+    z = z.astype(xp.uint8)
     return HostQuant(q, s, zeros=z, bits=4, group_size=0 if g == I else g, scheme=f"int4-g{g}")
 
 

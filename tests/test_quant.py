@@ -118,8 +118,10 @@ def test_scaled_after_dot_equals_the_reference():
     for h in forms:
         qw = quant.to_device_form(h, (COLS,))
         want = np.asarray(x, np.float64) @ h.dequantize().astype(np.float64).T
-        got = np.asarray(jax.jit(quant.scaled_after_dot)(x, qw))
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=h.scheme)
+        for form in (quant.scaled_after_dot, quant.dequantized_dot):
+            got = np.asarray(jax.jit(form)(x, qw))
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(),
+                                       err_msg=f"{form.__name__} {h.scheme}")
 
 
 @pytest.mark.parametrize("group", [0, 128])
