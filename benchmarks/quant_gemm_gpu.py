@@ -45,7 +45,7 @@ def make_weight(key, scheme, N, K):
     if scheme == "int8":
         q = jax.random.randint(k1, (N, K), -127, 128, jnp.int32).astype(jnp.int8)
         return quant.QuantizedWeight(q, s, bits=8, in_shape=(K,), scheme="int8")
-    q = (jax.random.normal(k1, (N, K), jnp.float32) * 100).astype(quant.FP8)
+    q = jnp.clip(jax.random.normal(k1, (N, K), jnp.float32) * 100, -quant.FP8_MAX, quant.FP8_MAX).astype(quant.FP8)
     return quant.QuantizedWeight(q, s, bits=8, in_shape=(K,), act="fp8", scheme="fp8")
 
 
