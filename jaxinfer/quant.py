@@ -248,9 +248,10 @@ def qmatmul(x, w: QuantizedWeight, *, backend: str | None = None, interpret: boo
     """x [T, *in_shape] -> [T, *out]: x times the dequantized weight, accumulated in float32, cast to x.dtype.
 
     The one place that decides how. On a GPU, steps of a few tokens -> the Pallas kernel that reads each packed byte
-    once (`_gpu_kernel`); on an accelerator otherwise, weight-only integers -> `scaled_after_dot`, W8A8 fp8 ->
-    `fp8_dot`; on a CPU, weight-only -> the native kernel (pallas_kernels/cpu_qmatmul); everything else (W8A8 int8
-    on large steps, act-order, no kernel) -> the reference: dequantize, then one matmul. `backend` (default: jax's)
+    once (`_gpu_kernel`); on an accelerator otherwise, weight-only integers -> `scaled_after_dot` (per channel) or
+    `dequantized_dot` (groups), W8A8 fp8 -> `fp8_dot`; on a CPU, weight-only -> the native kernel
+    (pallas_kernels/cpu_qmatmul); everything else (W8A8 int8 on large steps, act-order, no kernel) -> the
+    reference: dequantize, then one matmul. `backend` (default: jax's)
     and `interpret` let tests run the GPU kernel's path through the Pallas interpreter."""
     T = x.shape[0]
     xf = x.reshape(T, w.in_features)
@@ -268,7 +269,10 @@ def qmatmul(x, w: QuantizedWeight, *, backend: str | None = None, interpret: boo
         return y.reshape(T, *w.out_shape)
     if backend != "cpu" and w.g_idx is None:
         if w.act is None and w.q.dtype != FP8:
-            return scaled_after_dot(xf, w).astype(x.dtype).reshape(T, *w.out_shape)
+            # per channel: one dot with the values' convert in its operand; grouped: XLA's group dots cost 5-10x
+            # the bf16 GEMM from 16 tokens up, a dequantized copy about one more pass over the weight's bytes
+            form = scaled_after_dot if w.scales.shape[-1] == 1 else dequantized_dot
+            return form(xf, w).astype(x.dtype).reshape(T, *w.out_shape)
         if w.act == "fp8":
             return fp8_dot(xf, w).astype(x.dtype).reshape(T, *w.out_shape)
     if backend == "cpu" and _cpu_kernel(w):

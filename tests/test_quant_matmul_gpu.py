@@ -92,14 +92,16 @@ def _weight(scheme, rng, out=(3, 32), I=256):
     return quant.to_device_form(h, (I,)), w
 
 
-@pytest.mark.parametrize("scheme,T", [("int4", 1), ("int4", 16), ("int8", 1), ("int8", 64), ("fp8", 1), ("fp8", 16)])
+@pytest.mark.parametrize("scheme,T", [("int4", 1), ("int4", 16), ("int8", 1), ("int8", 64), ("fp8", 1), ("fp8", 16),
+                                      ("int4", 80), ("int8", 80), ("fp8", 32)])
 def test_qmatmul_gpu_dispatch_matches_reference(scheme, T):
-    """quant.qmatmul on the GPU path (the kernel, interpreted) gives the reference's product, for the engine's
-    on-the-fly schemes; T within GPU_KERNEL_MAX_TOKENS takes the kernel."""
+    """quant.qmatmul on the GPU path gives the reference's product, for the engine's on-the-fly schemes: T within
+    GPU_KERNEL_MAX_TOKENS takes the kernel (interpreted), larger steps XLA's forms (dequantized_dot for int4's
+    groups, scaled_after_dot per channel, fp8_dot)."""
     rng = np.random.default_rng(T)
     qw, _ = _weight(scheme, rng)
     qw = jax.tree.map(jnp.asarray, qw)
-    assert quant._gpu_kernel(qw, T, "gpu")
+    assert quant._gpu_kernel(qw, T, "gpu") == (T <= quant.GPU_KERNEL_MAX_TOKENS["fp8" if scheme == "fp8" else "int"])
     x = jnp.asarray(rng.standard_normal((T, 256)), jnp.bfloat16)
     got = np.asarray(quant.qmatmul(x, qw, backend="gpu", interpret=True), np.float32)
     xr = x if qw.act is None else quant.quantize_activations(x, qw.act)
