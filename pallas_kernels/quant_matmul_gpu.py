@@ -6,11 +6,12 @@ The op (`quant_matmul`, reference `op_reference`): y = (x * x_scale) @ W^T in fl
 is stored as the values q with per-group parameters, the form of `jaxinfer.quant.QuantizedWeight`:
     W[n, k] = scales[n, g] * (q[n, k] - zeros[n, g]) + mins[n, g]          g = k // group
 Shapes:
-  x        [M, K]      bf16 / f16 / f32 (the dtype the dots run in; the values of q are exact in it)
+  x        [M, K]      bf16 / f16 / f32 (the dtype the dots run in; the values of q are exact in it), or int8 /
+                       float8_e4m3fn: quantized activations (W8A8), whose dots run in bf16
   q        [N, K / 2]  uint8, bits = 4: two values per byte, the low nibble the even k
            [N, K]      int8 / uint8 / float8_e4m3fn, bits = 8
   scales   [N, Q]      any float dtype, Q = K / group; zeros, mins: [N, Q] or None
-  x_scale  [M] f32 or None: a per-row scale of x (W8A8: x holds the quantized activations, exact in bf16)
+  x_scale  [M] f32 or None: a per-row scale of x (W8A8: x holds the quantized activations)
   out      [M, N]      float32
 Inside the kernel: a program owns a tile of bm rows of x and bn output channels, over one of `splits` equal
 stretches of K (split-K: few-token steps have too few (bm, bn) tiles to fill the 132 SMs; the partial sums
@@ -73,6 +74,13 @@ def _dot_t(a, b):
 _NIBBLE_FLOAT = {jnp.dtype(jnp.bfloat16): (jnp.uint16, 0x4300, 128.0), jnp.dtype(jnp.float16): (jnp.uint16, 0x6400, 1024.0)}
 
 
+def _compute_dtype(x_dtype):
+    """The dots' dtype: x's, or bfloat16 for quantized activations (int8 / e4m3 values, exact in it). Quantized
+    activations arrive in their own 8-bit type, not as bf16 values: XLA may fold a round trip f32 -> e4m3 -> bf16
+    into one convert and drop the rounding (seen on an H100)."""
+    return jnp.dtype(jnp.bfloat16) if jnp.dtype(x_dtype).itemsize == 1 else jnp.dtype(x_dtype)
+
+
 def _nibble_bias(cdt) -> float:
     return _NIBBLE_FLOAT[jnp.dtype(cdt)][2] if jnp.dtype(cdt) in _NIBBLE_FLOAT else 0.0
 
@@ -97,7 +105,7 @@ def _kernel(x_ref, q_ref, s_ref, *refs, bits, group, bm, bn, bk, kb, k_iters, M,
     rm = mi * bm + _iota(bm)
     rn = ni * bn + _iota(bn)
     rm_c, rn_c = jnp.minimum(rm, M - 1), jnp.minimum(rn, N - 1)
-    cdt = x_ref.dtype
+    cdt = _compute_dtype(x_ref.dtype)
     packed = bits == 4
     bias = _nibble_bias(cdt) if packed else 0.0  # the dots see bias + q
     Q = s_ref.shape[1]
@@ -115,13 +123,13 @@ def _kernel(x_ref, q_ref, s_ref, *refs, bits, group, bm, bn, bk, kb, k_iters, M,
         if packed:
             kk = k0 // 2 + _iota(kb // 2)
             w = pltriton.load(q_ref.at[rn_c[:, None], kk[None, :]])  # [bn, kb / 2] uint8
-            xe = pltriton.load(x_ref.at[0, rm_c[:, None], kk[None, :]])  # [bm, kb / 2]
-            xo = pltriton.load(x_ref.at[1, rm_c[:, None], kk[None, :]])
+            xe = pltriton.load(x_ref.at[0, rm_c[:, None], kk[None, :]]).astype(cdt)  # [bm, kb / 2]
+            xo = pltriton.load(x_ref.at[1, rm_c[:, None], kk[None, :]]).astype(cdt)
             part = _dot_t(xe, _nibbles(w & 0xF, cdt)) + _dot_t(xo, _nibbles(w >> 4, cdt))
         else:
             kk = k0 + _iota(kb)
             w = pltriton.load(q_ref.at[rn_c[:, None], kk[None, :]])  # [bn, kb]
-            xb = pltriton.load(x_ref.at[rm_c[:, None], kk[None, :]])  # [bm, kb]
+            xb = pltriton.load(x_ref.at[rm_c[:, None], kk[None, :]]).astype(cdt)  # [bm, kb]
             part = _dot_t(xb, w.astype(cdt))
         xsum = pltriton.load(xsum_ref.at[rm_c, k0 // kb]) if has_xsum else None
         return part, xsum
@@ -210,7 +218,7 @@ def quant_matmul(x, q, scales, zeros=None, mins=None, x_scale=None, *, bits: int
     kb = min(bk, group)
     if bk % kb or K % (S * bk) or kb & (kb - 1) or kb < (32 if bits == 4 else 16):
         raise ValueError(f"block_k {bk} / splits {S} do not fit K {K} in groups of {group}")
-    has_xsum = zeros is not None or mins is not None or (bits == 4 and _nibble_bias(x.dtype) != 0)
+    has_xsum = zeros is not None or mins is not None or (bits == 4 and _nibble_bias(_compute_dtype(x.dtype)) != 0)
     args = [a for a in (zeros, mins) if a is not None]
     if has_xsum:  # the zero points' (and minimums') share needs x's sum over each sub-block
         args.append(x.astype(jnp.float32).reshape(M, K // kb, kb).sum(-1))

@@ -92,7 +92,7 @@ def _weight(scheme, rng, out=(3, 32), I=256):
     return quant.to_device_form(h, (I,)), w
 
 
-@pytest.mark.parametrize("scheme,T", [("int4", 1), ("int4", 16), ("int8", 1), ("int8", 64), ("fp8", 1), ("fp8", 16),
+@pytest.mark.parametrize("scheme,T", [("int4", 1), ("int4", 2), ("int4", 16), ("int8", 1), ("int8", 64), ("fp8", 1),
                                       ("int4", 80), ("int8", 80), ("fp8", 32)])
 def test_qmatmul_gpu_dispatch_matches_reference(scheme, T):
     """quant.qmatmul on the GPU path gives the reference's product, for the engine's on-the-fly schemes: T within
@@ -101,7 +101,8 @@ def test_qmatmul_gpu_dispatch_matches_reference(scheme, T):
     rng = np.random.default_rng(T)
     qw, _ = _weight(scheme, rng)
     qw = jax.tree.map(jnp.asarray, qw)
-    assert quant._gpu_kernel(qw, T, "gpu") == (T <= quant.GPU_KERNEL_MAX_TOKENS["fp8" if scheme == "fp8" else "int"])
+    lo = quant.GPU_KERNEL_MIN_TOKENS_4BIT if scheme == "int4" else 1
+    assert quant._gpu_kernel(qw, T, "gpu") == (lo <= T <= quant.GPU_KERNEL_MAX_TOKENS["fp8" if scheme == "fp8" else "int"])
     x = jnp.asarray(rng.standard_normal((T, 256)), jnp.bfloat16)
     got = np.asarray(quant.qmatmul(x, qw, backend="gpu", interpret=True), np.float32)
     xr = x if qw.act is None else quant.quantize_activations(x, qw.act)
@@ -129,13 +130,40 @@ def test_qmatmul_gpu_dispatch_gguf_mins_and_out_shape():
 
 def test_gpu_kernel_dispatch_rules():
     rng = np.random.default_rng(6)
-    qw, _ = _weight("int4", rng)
-    assert quant._gpu_kernel(qw, 1, "gpu") and not quant._gpu_kernel(qw, 1, "cpu")
-    assert not quant._gpu_kernel(qw, quant.GPU_KERNEL_MAX_TOKENS["int"] + 1, "gpu")
     import dataclasses
 
-    assert not quant._gpu_kernel(dataclasses.replace(qw, g_idx=np.zeros(256, np.int32)), 1, "gpu")  # act-order
+    qw, _ = _weight("int4", rng)
+    assert quant._gpu_kernel(qw, 2, "gpu") and not quant._gpu_kernel(qw, 2, "cpu")
+    assert not quant._gpu_kernel(qw, 1, "gpu")  # 1-token steps on 4-bit groups: XLA's reduction
+    assert not quant._gpu_kernel(qw, quant.GPU_KERNEL_MAX_TOKENS["int"] + 1, "gpu")
+    assert not quant._gpu_kernel(dataclasses.replace(qw, g_idx=np.zeros(256, np.int32)), 2, "gpu")  # act-order
+    i8, _ = _weight("int8", rng)
+    assert quant._gpu_kernel(i8, 1, "gpu")
+    w8a8 = dataclasses.replace(i8, act="int8")
+    assert quant._gpu_kernel(w8a8, 1, "gpu") and not quant._gpu_kernel(dataclasses.replace(w8a8, act_group=128), 1, "gpu")
     fp8, _ = _weight("fp8", rng)
-    assert quant._gpu_kernel(fp8, quant.GPU_KERNEL_MAX_TOKENS["fp8"], "gpu")
-    assert not quant._gpu_kernel(fp8, quant.GPU_KERNEL_MAX_TOKENS["fp8"] + 1, "gpu")  # cuBLASLt's fp8 GEMM
-    assert not quant._gpu_kernel(dataclasses.replace(fp8, act_group=128), 1, "gpu")
+    assert quant._gpu_kernel(fp8, 1, "gpu") == (quant.GPU_KERNEL_MAX_TOKENS["fp8"] >= 1)  # cuBLASLt's fp8 GEMM
+    assert not quant._gpu_kernel(fp8, quant.GPU_KERNEL_MAX_TOKENS["fp8"] + 1, "gpu")
+
+
+@pytest.mark.parametrize("act", ["int8", "fp8"])
+def test_w8a8_activations_enter_in_their_8bit_type(act):
+    """W8A8 through the kernel: the quantized activations arrive as int8 / e4m3 (not as bf16 values, whose round
+    trip XLA may fold away) with their per-token scales, and give the reference's product."""
+    import dataclasses
+
+    rng = np.random.default_rng(8)
+    scheme = "int8" if act == "int8" else "fp8"
+    qw, _ = _weight(scheme, rng)
+    qw = jax.tree.map(jnp.asarray, dataclasses.replace(qw, act=act))
+    x = jnp.asarray(rng.standard_normal((3, 256)), jnp.bfloat16)
+    v, s = quant.quantize_activations_rows(x, act)
+    assert v.dtype == (jnp.int8 if act == "int8" else quant.FP8)
+    got = np.asarray(quant_matmul(v, qw.q.reshape(96, 256), qw.scales.reshape(96, -1), x_scale=s, bits=8, group=256,
+                                  interpret=True))
+    xr = quant.quantize_activations(x, act)
+    want = np.asarray(jnp.einsum("ti,oi->to", xr, quant.dequantize(qw).reshape(96, 256), precision="highest"))
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    if act == "int8":  # and through qmatmul's GPU dispatch
+        y = np.asarray(quant.qmatmul(x, qw, backend="gpu", interpret=True), np.float32).reshape(3, 96)
+        np.testing.assert_allclose(y, want, atol=8e-3 * np.abs(want).max(), rtol=0)
