@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-sweep", action="store_true", help="skip the tile sweep at M = 1")
     p.add_argument("--sweep-shapes", default="o,gate_up,down")
     p.add_argument("--sweep-ms", default="1")
-    p.add_argument("--sweep-schemes", default="int4,fp8")
+    p.add_argument("--sweep-schemes", default="int4,int8")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
@@ -143,7 +143,8 @@ def main(argv=None) -> int:
 
     # 2. tiles at M = 1 (the batch-1 decode GEMV)
     if not args.no_sweep:
-        grid = dict(block_n=[32, 64, 128], block_k=[128, 256, 512], num_stages=[3, 5], num_warps=[4])
+        grid = dict(block_n=[32, 64, 128], block_k=[128, 256, 512], num_stages=[4], num_warps=[4],
+                    weights_first=[False, True])
         for scheme, (name, K, N), M in itertools.product(
                 args.sweep_schemes.split(","), [s for s in shapes if s[0] in args.sweep_shapes.split(",")],
                 [int(m) for m in args.sweep_ms.split(",")]):

@@ -94,7 +94,7 @@ def _nibbles(n, cdt):
 
 
 def _kernel(x_ref, q_ref, s_ref, *refs, bits, group, bm, bn, bk, kb, k_iters, M, N, has_zeros, has_mins,
-            has_xsum, has_x_scale):
+            has_xsum, has_x_scale, weights_first):
     it = iter(refs)
     z_ref = next(it) if has_zeros else None
     m_ref = next(it) if has_mins else None
@@ -109,6 +109,10 @@ def _kernel(x_ref, q_ref, s_ref, *refs, bits, group, bm, bn, bk, kb, k_iters, M,
     packed = bits == 4
     bias = _nibble_bias(cdt) if packed else 0.0  # the dots see bias + q
     Q = s_ref.shape[1]
+    # the accumulator is [bm, bn], or [bn, bm] with the weights as the dots' left operand (weights_first)
+    chan = (lambda v: v[:, None]) if weights_first else (lambda v: v[None, :])  # per output channel [bn]
+    tok = (lambda v: v[None, :]) if weights_first else (lambda v: v[:, None])  # per row of x [bm]
+    dot = (lambda xv, wv: _dot_t(wv, xv)) if weights_first else _dot_t
 
     def group_params(g):
         s = pltriton.load(s_ref.at[rn_c, g]).astype(jnp.float32)
@@ -119,31 +123,31 @@ def _kernel(x_ref, q_ref, s_ref, *refs, bits, group, bm, bn, bk, kb, k_iters, M,
         return s, z, mn
 
     def sub_block(k0):
-        """The dot of the inputs [k0, k0 + kb) of the tile, and x's sum over them: [bm, bn], [bm] (f32)."""
+        """The dot of the inputs [k0, k0 + kb) of the tile, and x's sum over them: [bm, bn] (or [bn, bm]), [bm]."""
         if packed:
             kk = k0 // 2 + _iota(kb // 2)
             w = pltriton.load(q_ref.at[rn_c[:, None], kk[None, :]])  # [bn, kb / 2] uint8
             xe = pltriton.load(x_ref.at[0, rm_c[:, None], kk[None, :]]).astype(cdt)  # [bm, kb / 2]
             xo = pltriton.load(x_ref.at[1, rm_c[:, None], kk[None, :]]).astype(cdt)
-            part = _dot_t(xe, _nibbles(w & 0xF, cdt)) + _dot_t(xo, _nibbles(w >> 4, cdt))
+            part = dot(xe, _nibbles(w & 0xF, cdt)) + dot(xo, _nibbles(w >> 4, cdt))
         else:
             kk = k0 + _iota(kb)
             w = pltriton.load(q_ref.at[rn_c[:, None], kk[None, :]])  # [bn, kb]
             xb = pltriton.load(x_ref.at[rm_c[:, None], kk[None, :]]).astype(cdt)  # [bm, kb]
-            part = _dot_t(xb, w.astype(cdt))
+            part = dot(xb, w.astype(cdt))
         xsum = pltriton.load(xsum_ref.at[rm_c, k0 // kb]) if has_xsum else None
         return part, xsum
 
     def apply(acc, part, xsum, params):
         s, z, mn = params
-        acc = acc + part * s[None, :]
+        acc = acc + part * chan(s)
         if z is not None:
-            acc = acc - xsum[:, None] * (s * z)[None, :]
+            acc = acc - tok(xsum) * chan(s * z)
         if mn is not None:
-            acc = acc + xsum[:, None] * mn[None, :]
+            acc = acc + tok(xsum) * chan(mn)
         return acc
 
-    acc0 = jnp.zeros((bm, bn), jnp.float32)
+    acc0 = jnp.zeros((bn, bm) if weights_first else (bm, bn), jnp.float32)
     if Q == 1:  # per channel: accumulate the dots (and x's sum), apply the scale once
         def body(i, carry):
             acc, xs_acc = carry
@@ -167,9 +171,9 @@ def _kernel(x_ref, q_ref, s_ref, *refs, bits, group, bm, bn, bk, kb, k_iters, M,
 
         acc = lax.fori_loop(0, k_iters, body, acc0)
     if has_x_scale:
-        acc = acc * pltriton.load(xs_ref.at[rm_c]).astype(jnp.float32)[:, None]
-    ok = (rm < M)[:, None] & (rn < N)[None, :]
-    pltriton.store(o_ref.at[sp, jnp.where(rm < M, rm, M)[:, None], rn[None, :]], acc.astype(o_ref.dtype), mask=ok)
+        acc = acc * tok(pltriton.load(xs_ref.at[rm_c]).astype(jnp.float32))
+    ok = tok(rm < M) & chan(rn < N)
+    pltriton.store(o_ref.at[sp, tok(jnp.where(rm < M, rm, M)), chan(rn)], acc.astype(o_ref.dtype), mask=ok)
 
 
 
@@ -193,13 +197,16 @@ def default_config(M: int, N: int, K: int, bits: int, group: int) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "interpret", "block_m", "block_n", "block_k", "splits",
-                                             "num_warps", "num_stages", "out_dtype"))
+                                             "num_warps", "num_stages", "out_dtype", "weights_first"))
 def quant_matmul(x, q, scales, zeros=None, mins=None, x_scale=None, *, bits: int, group: int,
                  interpret: bool = False, block_m: int | None = None, block_n: int | None = None,
                  block_k: int | None = None, splits: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, out_dtype=None):
+                 num_stages: int | None = None, out_dtype=None, weights_first: bool = False):
     """x [M, K] times the quantized W [N, K] (the module docstring has every shape) -> [M, N] float32, or
-    `out_dtype`. Tile knobs left None take `default_config`; interpret=True runs the Pallas interpreter (CPU)."""
+    `out_dtype`. Tile knobs left None take `default_config`; interpret=True runs the Pallas interpreter (CPU).
+    weights_first: the dequantized weight tile is the dots' left operand ([bn, kb] x [kb, bm]), the form tensor-core
+    instructions can take from registers, which may spare a shared-memory pass over the dequantized values (an
+    experiment for the sweep: not yet measured)."""
     M, K = x.shape
     N = q.shape[0]
     if bits not in (4, 8):
@@ -230,7 +237,7 @@ def quant_matmul(x, q, scales, zeros=None, mins=None, x_scale=None, *, bits: int
     out_dtype = out_dtype or jnp.float32
     kernel = functools.partial(_kernel, bits=bits, group=group, bm=bm, bn=bn, bk=bk, kb=kb, k_iters=K // (S * bk),
                                M=M, N=N, has_zeros=zeros is not None, has_mins=mins is not None, has_xsum=has_xsum,
-                               has_x_scale=x_scale is not None)
+                               has_x_scale=x_scale is not None, weights_first=weights_first)
     part_dtype = out_dtype if S == 1 else jnp.float32
     out = pl.pallas_call(
         kernel,

@@ -40,6 +40,10 @@ CASES = [
     (2, 64, 512, 8, 128, True, True, False, "uint8", jnp.float32, {}),
     (2, 64, 256, 8, 256, False, False, True, "fp8", jnp.bfloat16, {}),
     (4, 48, 1024, 8, 1024, False, False, False, "int8", jnp.bfloat16, dict(splits=4, block_k=128)),
+    # the weights as the dots' left operand: the accumulator is [bn, bm]
+    (1, 96, 256, 4, 128, True, False, False, None, jnp.bfloat16, dict(weights_first=True)),
+    (33, 130, 512, 4, 32, True, True, True, None, jnp.float32, dict(weights_first=True, block_k=128)),
+    (3, 64, 512, 8, 512, False, False, True, "fp8", jnp.bfloat16, dict(weights_first=True, splits=2)),
 ]
 
 
