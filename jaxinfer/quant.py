@@ -123,32 +123,34 @@ def dequantize(w: QuantizedWeight, dtype=jnp.float32):
     return affine(unpack_values(w), w.scales, w.zeros, w.mins, w.g_idx).astype(dtype)
 
 
+def quantize_activation_groups(xg, act: str, scale=None):
+    """The one activation quantizer (W8A8): xg [..., n] float32, each group of n inputs along the last axis -> (its
+    int8 or float8_e4m3fn values, its scale [..., 1] float32), xg ~ values * scale; dynamic (the group's largest
+    |x| maps to the type's largest value) or with a static `scale`."""
+    top = 127.0 if act == "int8" else FP8_MAX
+    if scale is None:
+        amax = jnp.max(jnp.abs(xg), axis=-1, keepdims=True)
+        scale = jnp.where(amax > 0, amax / top, 1.0)
+    else:
+        scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (*xg.shape[:-1], 1))
+    xs = jnp.clip(xg / scale, -top, top)
+    return (jnp.round(xs).astype(jnp.int8) if act == "int8" else xs.astype(FP8)), scale
+
+
 def quantize_activations(x, act: str, group: int = 0, scale=None):
     """Activation quantization (W8A8), x [T, I] -> the values the quantized GEMM sees: with a static `scale`,
     or dynamic with one scale per token (or per token and group of `group` inputs)."""
     T, I = x.shape
-    xf = x.astype(jnp.float32).reshape(T, I // group if group else 1, group or I)
-    top = 127.0 if act == "int8" else FP8_MAX
-    if scale is None:
-        amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
-        scale = jnp.where(amax > 0, amax / top, 1.0)
-    xs = jnp.clip(xf / scale, -top, top)
-    out = (jnp.round(xs) if act == "int8" else xs.astype(FP8).astype(jnp.float32)) * scale
-    return out.reshape(T, I)
+    v, s = quantize_activation_groups(x.astype(jnp.float32).reshape(T, I // group if group else 1, group or I), act,
+                                      scale)
+    return (v.astype(jnp.float32) * s).reshape(T, I)
 
 
 def quantize_activations_rows(x, act: str, scale=None):
     """W8A8 with one scale per token (dynamic) or a static `scale`: x [T, I] -> (the quantized values, int8 or
     float8_e4m3fn, and the scale per token [T] float32); x ~ values * scale."""
-    xf = x.astype(jnp.float32)
-    top = 127.0 if act == "int8" else FP8_MAX
-    if scale is None:
-        amax = jnp.max(jnp.abs(xf), axis=-1)
-        scale = jnp.where(amax > 0, amax / top, 1.0)
-    else:
-        scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), x.shape[:1])
-    xs = jnp.clip(xf / scale[:, None], -top, top)
-    return (jnp.round(xs).astype(jnp.int8) if act == "int8" else xs.astype(FP8)), scale
+    v, s = quantize_activation_groups(x.astype(jnp.float32), act, scale)
+    return v, s[:, 0]
 
 
 def _cpu_kernel(w: QuantizedWeight) -> bool:
@@ -210,13 +212,8 @@ def fp8_dot(xf, w: QuantizedWeight):
     O, Q = math.prod(w.out_shape), w.scales.shape[-1]
     A = I // w.act_group if w.act_group else 1  # activation groups
     G = max(Q, A)  # the finer of the two groupings (both divide I)
-    xg = xf.astype(jnp.float32).reshape(T, A, I // A)
-    if w.act_scale is None:
-        amax = jnp.max(jnp.abs(xg), axis=-1, keepdims=True)
-        xs = jnp.where(amax > 0, amax / FP8_MAX, 1.0)  # [T, A, 1]
-    else:
-        xs = jnp.broadcast_to(w.act_scale.astype(jnp.float32), (T, A, 1))
-    xq = jnp.clip(xg / xs, -FP8_MAX, FP8_MAX).astype(FP8).reshape(T, G, I // G)
+    xq, xs = quantize_activation_groups(xf.astype(jnp.float32).reshape(T, A, I // A), "fp8", w.act_scale)  # xs [T, A, 1]
+    xq = xq.reshape(T, G, I // G)
     part = jnp.einsum("tgi,ogi->tgo", xq, w.q.reshape(O, G, I // G), preferred_element_type=jnp.float32)
     x_scale = jnp.repeat(xs[..., 0], G // A, axis=-1)  # [T, G]
     w_scale = jnp.repeat(w.scales.reshape(O, Q).astype(jnp.float32), G // Q, axis=-1)  # [O, G]
@@ -254,8 +251,8 @@ def qmatmul(x, w: QuantizedWeight, *, backend: str | None = None, interpret: boo
     once (`_gpu_kernel`); on an accelerator otherwise, weight-only integers -> `scaled_after_dot` (per channel) or
     `dequantized_dot` (groups), W8A8 fp8 -> `fp8_dot`; on a CPU, weight-only -> the native kernel
     (pallas_kernels/cpu_qmatmul); everything else (W8A8 int8 on large steps, act-order, no kernel) -> the
-    reference: dequantize, then one matmul. `backend` (default: jax's)
-    and `interpret` let tests run the GPU kernel's path through the Pallas interpreter."""
+    reference: dequantize, then one matmul. `backend` (default: jax's) and `interpret` let tests run the GPU
+    kernel's path through the Pallas interpreter."""
     T = x.shape[0]
     xf = x.reshape(T, w.in_features)
     backend = backend or jax.default_backend()

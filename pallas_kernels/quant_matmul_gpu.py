@@ -32,7 +32,6 @@ Constraints: K % (splits * bk) == 0, bk a multiple of kb, kb a power of two >= 1
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -174,7 +173,6 @@ def _kernel(x_ref, q_ref, s_ref, *refs, bits, group, bm, bn, bk, kb, k_iters, M,
         acc = acc * tok(pltriton.load(xs_ref.at[rm_c]).astype(jnp.float32))
     ok = tok(rm < M) & chan(rn < N)
     pltriton.store(o_ref.at[sp, tok(jnp.where(rm < M, rm, M)), chan(rn)], acc.astype(o_ref.dtype), mask=ok)
-
 
 
 def default_config(M: int, N: int, K: int, bits: int, group: int) -> dict:
