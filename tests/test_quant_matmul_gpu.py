@@ -54,6 +54,24 @@ def test_kernel_matches_reference(M, N, K, bits, group, zeros, mins, x_scale, qk
     got = np.asarray(quant_matmul(*args, bits=bits, group=group, interpret=True, **tiles))
     want = np.asarray(op_reference(*args, bits=bits, group=group))
     assert got.shape == (M, N) and got.dtype == np.float32
+    _assert_close(got, want, dtype, bits)
+
+
+# the multiply-add form over the same cases (its tiles: no row block, no weights-first)
+GEMV_CASES = [c[:-1] + ({k: v for k, v in c[-1].items() if k != "weights_first"},) for c in CASES if c[0] <= 8]
+
+
+@pytest.mark.parametrize("M,N,K,bits,group,zeros,mins,x_scale,qkind,dtype,tiles", GEMV_CASES)
+def test_gemv_kernel_matches_reference(M, N, K, bits, group, zeros, mins, x_scale, qkind, dtype, tiles):
+    rng = np.random.default_rng(M * 1000 + K + bits + 7)
+    args = _inputs(rng, M, N, K, bits, group, zeros, mins, x_scale, qkind, dtype)
+    got = np.asarray(quant_matmul(*args, bits=bits, group=group, interpret=True, gemv=True, **tiles))
+    want = np.asarray(op_reference(*args, bits=bits, group=group))
+    assert got.shape == (M, N) and got.dtype == np.float32
+    _assert_close(got, want, jnp.float32, bits)  # float32 multiply-adds of exact (q - z) values: no bias
+
+
+def _assert_close(got, want, dtype, bits):
     # float32 sums in another order; the 4-bit bf16 / f16 path adds a bias of 128 / 1024 to each value first
     tol = 1e-5 if dtype == jnp.float32 or bits == 8 else (3e-5 if dtype == jnp.bfloat16 else 2e-4)
     np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max(), rtol=0)
