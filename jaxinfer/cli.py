@@ -36,6 +36,7 @@ FIELD_FLAGS = {
     "dtype": "--dtype", "load_format": "--load-format", "attention_impl": "--attention-impl",
     "quantization": "--quantization", "kv_cache_dtype": "--kv-cache-dtype",
     "enable_prefix_caching": "--no-prefix-caching", "async_scheduling": "--no-async-scheduling",
+    "speculative_config": "--speculative-config",
 }
 
 EPILOG = """\
@@ -89,6 +90,16 @@ def _int_list(s: str) -> tuple[int, ...]:
     if not vals or min(vals) < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 1 like 1,4,16, got {s!r}")
     return vals
+
+
+def _json_object(s: str) -> dict:
+    try:
+        v = json.loads(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"method\": \"ngram\"}}', got {s!r}") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {s!r}")
+    return v
 
 
 def _byte_size(s: str) -> str:
@@ -152,6 +163,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-async-scheduling", action="store_true",
                    help="finish each step before scheduling the next (default: the next step is launched while "
                    "the device still runs the current one)")
+    g.add_argument("--speculative-config", type=_json_object, metavar="JSON",
+                   help="speculative decoding, exact (the same tokens as without), as vLLM's: e.g. '{\"method\": "
+                   "\"ngram\", \"num_speculative_tokens\": 3, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' "
+                   "(n-gram prompt lookup; steps then run one after the other, no async scheduling) (default: off)")
     g.add_argument("--compilation-cache-dir", metavar="DIR",
                    help="where compiled step programs are kept between runs (default: ~/.cache/jaxinfer/xla)")
     g.add_argument("--no-compilation-cache", action="store_true",
@@ -173,7 +188,7 @@ def engine_options_from_args(args: argparse.Namespace) -> dict:
             raise UsageError(f"--engine-config: {e}") from None
     names = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "token_buckets", "seq_buckets",
              "page_size", "kv_cache_memory", "dtype", "load_format", "quantization", "kv_cache_dtype", "attention_impl",
-             "compilation_cache_dir"]
+             "compilation_cache_dir", "speculative_config"]
     opts.update({k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
     if getattr(args, "engine_seed", None) is not None:
         opts["seed"] = args.engine_seed

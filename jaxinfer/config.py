@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jaxinfer.spec_decode import SpeculativeConfig
+
 # Architectures the one decoder in model.py covers, and what distinguishes them.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -286,6 +288,8 @@ class EngineConfig:
     # weight to dtype at load; "int8" / "int4" / "fp8": quantize a float checkpoint at load (jaxinfer/quant.py)
     quantization: str | None = None
     show_progress: bool = True
+    # speculative decoding (spec_decode.py): vLLM's dict, e.g. {"method": "ngram", "num_speculative_tokens": 3}; None: off
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self):
         for name, lo, optional in (("max_model_len", 1, True), ("max_num_seqs", 1, False),
@@ -337,6 +341,8 @@ class EngineConfig:
                              f"is), got {self.quantization!r}")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
+        # a dict (or None) becomes a SpeculativeConfig: bad keys and values raise here, naming them
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
 
     def warms_up(self, backend: str) -> bool:
         """Whether start-up runs every program once: `warm_up`, or by default on a GPU / TPU (not on CPU,
@@ -357,6 +363,8 @@ class EngineConfig:
         sampling (B rows), which next to T tokens of forward pass cost little: so T gets only the seq buckets
         with B >= T / MIXED_TOKENS_PER_ROW, and always the largest one below T (an 8192-token step samples 512
         rows, not 32; a step never moves to a larger T for want of a small B).
+        With speculative decoding, verify buckets (V, V, False) too (`verify_sizes`): a verifying sequence samples
+        at each of its tokens, so such a step needs as many sampled rows as it may have tokens.
         """
         max_b = next(b for b in self.seq_buckets if b >= self.max_num_seqs)
         seqs = [b for b in self.seq_buckets if b <= max_b]
@@ -366,7 +374,19 @@ class EngineConfig:
             fits = [b for b in seqs if b < t or b == t == tmax]
             # B >= T / 16, and always the largest B that fits T: a step is never moved to a larger T for want of B
             mixed += [(t, b, False) for b in fits if b * MIXED_TOKENS_PER_ROW >= t or b == fits[-1]]
-        return sorted(mixed + [(b, b, True) for b in seqs])
+        verify = [(v, v, False) for v in self.verify_sizes()]
+        return sorted(set(mixed + verify + [(b, b, True) for b in seqs]))
+
+    def verify_sizes(self) -> list[int]:
+        """Token counts of the verify buckets: b sequences each feeding its last token and k drafts, b(k + 1), for
+        every seq bucket b (capped by the token budget); [] without speculation. A step carrying drafts holds at most
+        the largest of these tokens (the scheduler's `max_spec_tokens`), so one of them always fits it."""
+        if self.speculative_config is None:
+            return []
+        max_b = next(b for b in self.seq_buckets if b >= self.max_num_seqs)
+        k = self.speculative_config.num_speculative_tokens
+        sizes = {min(b * (k + 1), self.token_budget) for b in self.seq_buckets if b <= max_b}
+        return sorted(v for v in sizes if v > 1)
 
     @staticmethod
     def from_options(**options) -> "EngineConfig":

@@ -15,6 +15,14 @@ the next is scheduled; both give the same tokens. That overlap only holds while 
 (reading N's tokens, outputs, scheduling and packing N+1) stays under the device's: `RequestOutputKind.
 FINAL_ONLY` requests skip the per-step outputs, and `Engine.last_wait_seconds` says how long a step waited.
 
+Speculative decoding (`speculative_config`, spec_decode.py): the scheduler adds a proposer's drafts to each decode
+that has some; the step scores the last token and the drafts of such a sequence together and samples at each of
+its positions with that position's key (runner.py); the drafts are kept while each equals the token sampled at its
+position, and the first sampled token that differs (or the one after the last draft) ends the run. So every
+appended token is the one decoding without speculation samples there, greedy or seeded. The next step's drafts
+depend on this step's tokens, so with speculation configured every step runs to the end before the next is
+scheduled (async scheduling is off).
+
 Start-up: load weights -> size the KV cache -> compile every bucket against the cache's shapes -> check the
 largest step's temporaries fit beside it (else shrink it once, recompile) -> allocate it -> run each program
 once (GPU / TPU) -> `gc.freeze()`.
@@ -43,6 +51,7 @@ from jaxinfer.request import CompletionOutput, Logprob, Request, RequestMetrics,
 from jaxinfer.runner import LaunchedStep, ModelRunner, StepResult
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 from jaxinfer.scheduler import ScheduledBatch, Scheduler
+from jaxinfer.spec_decode import accept_greedy, ngram_propose
 
 _GiB = 1 << 30
 
@@ -134,8 +143,14 @@ class Engine:
             f"max_model_len {self.max_model_len}, weights {np.dtype(self.dtype).name} on {backend}, "
             f"{self.weight_bytes / _GiB:.2f} GiB ({'quantized: ' + self.quantization if self.quantization != 'none' else 'not quantized'})"
         )
+        self.spec = ecfg.speculative_config
         self.scheduler = Scheduler(self.num_pages, ecfg.page_size, ecfg.max_num_seqs, ecfg.token_budget, self.max_model_len,
-                                   ecfg.enable_prefix_caching)
+                                   ecfg.enable_prefix_caching, propose=self._propose if self.spec else None,
+                                   max_spec_tokens=max(ecfg.verify_sizes(), default=0))
+        self._async = ecfg.async_scheduling and self.spec is None  # drafts need the step before: see the docstring
+        k = self.spec.num_speculative_tokens if self.spec else 0
+        self._spec_proposed = [0] * k  # verify runs with a draft at position j (0: the first draft) ...
+        self._spec_accepted = [0] * k  # ... and with that draft accepted
         t0 = time.monotonic()
         self.runner.kv = jax.block_until_ready(init_kv_cache(self.cfg, self.num_pages, ecfg.page_size, kv_dtype, mesh,
                                                              scales=self.kv_scales))
@@ -316,7 +331,7 @@ class Engine:
         if len(batch):
             self._admit(batch)
             launched = (batch, self.runner.launch(*self.runner.prepare(batch)))
-        if self.ecfg.async_scheduling:
+        if self._async:
             done, self._inflight = self._inflight, launched
         else:
             done = launched
@@ -328,10 +343,41 @@ class Engine:
         t_wait = time.perf_counter()
         result = step.result()  # waits for this step only; the next one is already queued behind it
         self.last_wait_seconds = time.perf_counter() - t_wait
-        sampled = [int(result.token_ids[i]) if batch.samples(i) else None for i in range(len(batch))]
-        appended = self.scheduler.update(batch, sampled)
-        self._postprocess(batch, [t if ok else None for t, ok in zip(sampled, appended)], result)
+        appended = self.scheduler.update(batch, self._sampled(batch, result))
+        self._postprocess(batch, appended, result)
         return self._outputs(batch.requests)
+
+    def _sampled(self, batch: ScheduledBatch, result: StepResult) -> list[int | list[int] | None]:
+        """Per request: its sampled token (None: none this step), or for a verifying request the tokens it yields:
+        its drafts while each equals the token sampled at its position, then the first sampled token that differs
+        or the one after the last draft (spec_decode.accept_greedy)."""
+        ids = result.token_ids
+        if not batch.num_drafts:
+            return [int(ids[i]) if batch.samples(i) else None for i in range(len(batch))]
+        out = []
+        for i, r in enumerate(batch.first_rows()):
+            drafts = batch.drafts[i]
+            if not drafts:
+                out.append(int(ids[r]) if batch.samples(i) else None)
+                continue
+            run = accept_greedy(drafts, ids[r : r + len(drafts) + 1].tolist())
+            for j in range(len(drafts)):
+                self._spec_proposed[j] += 1
+                self._spec_accepted[j] += j < len(run) - 1
+            out.append(run)
+        return out
+
+    def _propose(self, req: Request) -> list[int]:
+        """Drafts for req's next tokens (the scheduler asks for each decode). None for a request with repetition,
+        presence or frequency penalties, or short of min_tokens: those adjust each position's logits by the tokens
+        before it (penalty history) or by its index (stop tokens masked), which a verify step's rows do not see per
+        position; such requests decode one token a step in the same batches."""
+        p, sc = req.params, self.spec
+        if (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                or len(req.output_token_ids) < p.min_tokens):
+            return []
+        return ngram_propose(req.prompt_token_ids + req.output_token_ids, sc.num_speculative_tokens,
+                             sc.prompt_lookup_max, sc.prompt_lookup_min)
 
     def _admit(self, batch: ScheduledBatch) -> None:
         """Requests starting on a fresh sampler row get their logit bias / min_tokens stop set installed, and
@@ -343,29 +389,43 @@ class Engine:
             if reset and (p.logit_bias or p.min_tokens > 0):
                 self.runner.set_row(req.slot, p.logit_bias, req.stop_ids)
 
-    def _postprocess(self, batch: ScheduledBatch, sampled: list[int | None], result: StepResult) -> None:
+    def _postprocess(self, batch: ScheduledBatch, appended: list[int], result: StepResult) -> None:
+        """Logprobs and text of the tokens each request appended this step (several for a verifying request, each
+        from its own sampled row), in order; a stop string drops the tokens after the one that completes it."""
         if result.prompt is not None:
             self._prompt_logprobs(batch, result.prompt)
-        for i, (req, tok) in enumerate(zip(batch.requests, sampled)):
-            if tok is None:
-                continue
-            if req.params.logprobs is not None:
-                entry = self._logprobs(result, i, tok, req.params.logprobs)
-                req.output_logprobs.append(entry)
-                req.cumulative_logprob += entry[tok].logprob
-            detok = self._detok.get(id(req))
-            if detok is None or req.finish_reason == "abort":
-                continue
-            stopped_by_token = req.finish_reason == "stop" and isinstance(req.stop_reason, int)
-            if not stopped_by_token or req.params.include_stop_str_in_output:
-                detok.add([tok])
-            if detok.stopped_by is not None and not req.is_finished:
+        rows = batch.first_rows()
+        for i, (req, n) in enumerate(zip(batch.requests, appended)):
+            first = len(req.output_token_ids) - n  # output index of the step's first token
+            for j in range(n):
+                if self._add_token(req, req.output_token_ids[first + j], result, rows[i] + j, last=j == n - 1):
+                    del req.output_token_ids[first + j + 1 :]
+                    break
+
+    def _add_token(self, req: Request, tok: int, result: StepResult, row: int, last: bool) -> bool:
+        """One appended token's logprobs (sampled row `row`) and text; True when a stop string ends req with it.
+        last: the step's last token of req, the one the scheduler's stop rules (if any) ended it with."""
+        if req.params.logprobs is not None:
+            entry = self._logprobs(result, row, tok, req.params.logprobs)
+            req.output_logprobs.append(entry)
+            req.cumulative_logprob += entry[tok].logprob
+        detok = self._detok.get(id(req))
+        if detok is None or req.finish_reason == "abort":
+            return False
+        stopped_by_token = last and req.finish_reason == "stop" and isinstance(req.stop_reason, int)
+        if not stopped_by_token or req.params.include_stop_str_in_output:
+            detok.add([tok])
+        if detok.stopped_by is not None:
+            if not req.is_finished:
                 self.scheduler.finish(req, "stop", detok.stopped_by)
-            elif detok.stopped_by is not None and req.finish_reason == "length":
-                # the token that reached max_tokens (or the context) also completed a stop string: a stop, as vLLM
+            elif not last or req.finish_reason == "length":
+                # a stop string completed before the token a stop rule ended req with (dropped), or with the token
+                # that reached max_tokens (or the context): a stop, as vLLM
                 req.finish_reason, req.stop_reason = "stop", detok.stopped_by
-            elif req.is_finished and detok.stopped_by is None:
-                detok.flush()
+            return True
+        if last and req.is_finished:
+            detok.flush()
+        return False
 
     def _logprobs(self, result: StepResult, i: int, tok: int, k: int) -> dict[int, Logprob]:
         """The sampled token's logprob, then the top-k alternatives (rank 1 = most likely)."""
@@ -491,4 +551,18 @@ class Engine:
             "prefix_cache_evictions": s.allocator.num_evictions,
             "prefix_cache_queries": s.prefix_cache_queries, "prefix_cache_hits": s.prefix_cache_hits,
             "prefix_cache_hit_rate": s.prefix_cache_hit_rate,
+            **self.spec_stats(),
+        }
+
+    def spec_stats(self) -> dict:
+        """Speculative decoding since start: draft tokens proposed and accepted, and per draft position (0: the
+        first draft of a run) how often one was proposed, accepted, and the acceptance rate. Zeros when off."""
+        proposed, accepted = sum(self._spec_proposed), sum(self._spec_accepted)
+        return {
+            "spec_verify_runs": self._spec_proposed[0] if self._spec_proposed else 0,
+            "spec_draft_tokens": proposed, "spec_accepted_tokens": accepted,
+            "spec_acceptance_rate": accepted / proposed if proposed else 0.0,
+            "spec_proposed_per_position": list(self._spec_proposed),
+            "spec_accepted_per_position": list(self._spec_accepted),
+            "spec_acceptance_per_position": [a / p if p else 0.0 for a, p in zip(self._spec_accepted, self._spec_proposed)],
         }

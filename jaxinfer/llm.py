@@ -102,7 +102,10 @@ _SHARED_LLMS: dict[tuple, LLM] = {}
 
 def shared_llm(model: str | None = None, **engine_options) -> LLM:
     """The process-wide LLM for (model, options): built (loaded and compiled) on first use, then reused."""
-    key = (model, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in engine_options.items())))
+    def hashable(v):
+        return tuple(v) if isinstance(v, list) else tuple(sorted(v.items())) if isinstance(v, dict) else v
+
+    key = (model, tuple(sorted((k, hashable(v)) for k, v in engine_options.items())))
     if key not in _SHARED_LLMS:
         _SHARED_LLMS[key] = LLM(model, **engine_options)
     return _SHARED_LLMS[key]

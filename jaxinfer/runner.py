@@ -15,6 +15,13 @@ Buckets with T == B are decode buckets: one token per sequence, so the attention
 kernel; every other step goes to a bucket with T > B. Padding tokens write to an out-of-bounds cache slot
 (dropped) and padding rows have kv_len 0; nothing they compute is read.
 
+B counts sequence rows (attention metadata, page-table rows) and sampled rows (`logits_indices`, the sampling
+metadata) alike: one each per sequence. Speculative decoding adds sampled rows: a verifying sequence feeds its
+last token and d drafts as d + 1 query tokens of the ragged path and samples at each of them, rows r .. r + d
+(`ScheduledBatch.first_rows`), each with its own output position, so each row draws with the key that position
+gets without speculation. Such a step needs B >= its sampled rows: it goes to a mixed bucket, a verify bucket
+(V, V) where no other holds it (config.EngineConfig.verify_sizes).
+
 The page table lives on the device, one row of max_model_len / page_size page ids per sampler slot: a step
 carries only the page ids appended since the last step (at most T / page_size + B of them; more, after a long
 prefix-cache hit or a re-admission, go in before the step through a small program) and each row's slot, and
@@ -400,13 +407,16 @@ class ModelRunner:
 
     # -- packing a batch into a bucket ----------------------------------------------------------------------
 
-    def bucket_for(self, num_tokens: int, num_seqs: int) -> tuple[int, int, bool]:
-        """The smallest bucket holding the step: a decode bucket iff every sequence feeds one token."""
+    def bucket_for(self, num_tokens: int, num_seqs: int, num_rows: int | None = None) -> tuple[int, int, bool]:
+        """The smallest bucket holding the step: a decode bucket iff every sequence feeds one token. num_rows:
+        sampled rows, when more than the sequences (speculative decoding's verifying sequences)."""
         decode = num_tokens == num_seqs
+        rows = max(num_seqs, num_rows or 0)
         for T, B, d in self.buckets:
-            if d == decode and T >= num_tokens and B >= num_seqs:
+            if d == decode and T >= num_tokens and B >= rows:
                 return T, B, d
-        raise ValueError(f"no bucket holds {num_tokens} tokens and {num_seqs} sequences (buckets: {self.buckets})")
+        raise ValueError(f"no bucket holds {num_tokens} tokens and {rows} sequences / sampled rows "
+                         f"(buckets: {self.buckets})")
 
     def _empty_input(self, T: int, B: int) -> tuple[StepInput, sampling.SamplingMetadata]:
         S, P, U = self.num_slots, self.num_pages, self.new_pages_capacity(T, B)
@@ -481,14 +491,16 @@ class ModelRunner:
         targets: for each token row, the prompt token after it when its request asked for prompt logprobs
         (else -1), or None when no row needs them. The page ids the device's table lacks go in the input, or,
         beyond its room, to the device at once (`_write_pages`): a prepared step must then be launched."""
-        bucket = T, B, _ = self.bucket_for(batch.num_tokens, len(batch))
+        bucket = T, B, _ = self.bucket_for(batch.num_tokens, len(batch), batch.num_rows)
         inp, s = self._empty_input(T, B)
         a = inp.attn
         targets = None
         t = 0
+        r = 0  # sampled row: the sequence's row b, plus the drafts of the sequences before it
         S = self.page_size
         new_slot, new_col, new_page = [], [], []  # page-table entries the device has not seen
         for b, (req, n, start) in enumerate(zip(batch.requests, batch.num_new_tokens, batch.start)):
+            drafts = batch.drafts[b] if batch.num_drafts else None
             known = req.num_tokens
             done = self._sync_page_table(req)
             if done < len(req.pages):
@@ -502,10 +514,13 @@ class ModelRunner:
                 inp.is_prompt[t] = start < req.num_prompt_tokens
                 a.slot_mapping[t] = req.pages[start // S] * S + start % S
             else:
-                if start + n > known:
+                if drafts:  # verify: the last known token, then the drafts
+                    inp.token_ids[t : t + n] = [req.token_at(start), *drafts]
+                elif start + n > known:
                     raise AssertionError("only a one-token step may start at a token the host has not seen")
-                ids = req.prompt_token_ids if start + n <= req.num_prompt_tokens else req.prompt_token_ids + req.output_token_ids
-                inp.token_ids[t : t + n] = ids[start : start + n]
+                else:
+                    ids = req.prompt_token_ids if start + n <= req.num_prompt_tokens else req.prompt_token_ids + req.output_token_ids
+                    inp.token_ids[t : t + n] = ids[start : start + n]
                 pos = np.arange(start, start + n, dtype=np.int32)
                 inp.positions[t : t + n] = pos
                 inp.token_slot[t : t + n] = req.slot
@@ -519,28 +534,35 @@ class ModelRunner:
             a.kv_lens[b] = start + n
             a.cu_q_lens[b + 1] = t + n
             t += n
-            inp.logits_indices[b] = t - 1
+            inp.logits_indices[r] = t - 1
             if batch.reset[b] and start == 0:  # else seed_history has cleared and filled the row
                 inp.reset_slot[b] = req.slot
             if not batch.sample[b]:
+                r += 1
                 continue  # a prompt chunk short of the end: neutral sampling row, its token is not read
             p = req.params
             out_index = start + n - req.num_prompt_tokens  # index in the output of the token sampled here
-            s.temperature[b] = 0.0 if p.greedy else p.temperature
-            s.top_k[b] = p.top_k if p.top_k < self.cfg.vocab_size else 0  # k >= V keeps everything
-            s.top_p[b] = p.top_p
-            s.min_p[b] = p.min_p
-            s.seed[b] = req.seed
-            s.position[b] = out_index
-            s.repetition_penalty[b] = p.repetition_penalty
-            s.presence_penalty[b] = p.presence_penalty
-            s.frequency_penalty[b] = p.frequency_penalty
-            s.slot[b] = req.slot
-            s.has_bias[b] = bool(p.logit_bias)
+            if drafts:  # the first of the verify rows: the token after the last known one
+                out_index -= len(drafts)
+            s.temperature[r] = 0.0 if p.greedy else p.temperature
+            s.top_k[r] = p.top_k if p.top_k < self.cfg.vocab_size else 0  # k >= V keeps everything
+            s.top_p[r] = p.top_p
+            s.min_p[r] = p.min_p
+            s.seed[r] = req.seed
+            s.position[r] = out_index
+            s.repetition_penalty[r] = p.repetition_penalty
+            s.presence_penalty[r] = p.presence_penalty
+            s.frequency_penalty[r] = p.frequency_penalty
+            s.slot[r] = req.slot
+            s.has_bias[r] = bool(p.logit_bias)
             # Nothing to mask (e.g. ignore_eos and no stop_token_ids): the row needs no suppression, and the step
             # can keep the cheap sampler variant.
-            s.suppress_stop[b] = out_index < p.min_tokens and bool(req.stop_ids)
-            s.num_logprobs[b] = -1 if p.logprobs is None else p.logprobs
+            s.suppress_stop[r] = out_index < p.min_tokens and bool(req.stop_ids)
+            s.num_logprobs[r] = -1 if p.logprobs is None else p.logprobs
+            if drafts:
+                self._verify_rows(inp, s, r, t - n, out_index, len(drafts))
+                r += len(drafts)
+            r += 1
         a.cu_q_lens[len(batch) + 1 :] = t
         a.num_seqs[...] = len(batch)
         inp.row_slot[: len(batch)] = [req.slot for req in batch.requests]
@@ -550,6 +572,20 @@ class ModelRunner:
         else:  # a long prefix-cache hit or a re-admission: ahead of the step, by the page-table program
             self._write_pages(*(np.asarray(x, np.int32) for x in (new_slot, new_col, new_page)))
         return inp, s, bucket, targets
+
+    @staticmethod
+    def _verify_rows(inp: StepInput, s: sampling.SamplingMetadata, r: int, t: int, out_index: int, d: int) -> None:
+        """A verifying sequence's sampled rows r + 1 .. r + d: as row r (filled), for its token rows t + 1 .. t + d
+        and output positions out_index + 1 .. out_index + d. Its requests have no penalties and are past min_tokens
+        (the engine's proposer skips the others), so nothing else differs by position. The drafts also enter the
+        row's penalty history (update_history) and the sampler's last_token, rejected or not: neither is read for
+        such a request (no penalties; the engine runs speculation synchronously, so every input id comes from the
+        host)."""
+        for f in dataclasses.fields(s):
+            x = getattr(s, f.name)
+            x[r + 1 : r + d + 1] = x[r]
+        s.position[r : r + d + 1] = np.arange(out_index, out_index + d + 1)
+        inp.logits_indices[r : r + d + 1] = np.arange(t, t + d + 1)
 
     # -- running ----------------------------------------------------------------------------------------
 

@@ -27,6 +27,15 @@ supplies the id), a request that will reach max_tokens or the context with its p
 scheduled again, and one that stops on EOS or a stop string is finished when its token arrives, its
 already scheduled next token discarded. A preempted request with a token pending is not readmitted until
 the token has arrived.
+
+Speculative decoding (spec_decode.py; the engine then runs each step to the end before scheduling the next):
+after the plain schedule, each decode that `propose` gives drafts for feeds them too, its last token and d drafts
+as d + 1 tokens, with pages for all of them, while the step stays within the token budget and `max_spec_tokens`
+(the largest verify bucket); prompt chunks come first, drafts take what is left. A draft is never allowed past
+max_tokens or the context, and no request is preempted to make room for drafts. When the step's result arrives,
+`update` appends the accepted run token by token (stop rules on each), then rolls num_computed_tokens back to
+the verified tokens: rejected drafts' K/V stay in the pages, past num_computed_tokens, and are overwritten later;
+only verified pages reach the prefix cache.
 """
 
 from __future__ import annotations
@@ -46,6 +55,10 @@ class ScheduledBatch:
     # On a reset chunk, the first `start` tokens came from the prefix cache and never enter a step.
     start: list[int] = field(default_factory=list)  # position of each request's first token in this step
     sample: list[bool] = field(default_factory=list)  # the chunk reaches the sequence's end: a token is sampled
+    # speculative decoding: draft tokens each request feeds after its last token ([]: none); it then samples at each
+    # of its 1 + len(drafts) tokens, which take that many consecutive sampled rows of the step
+    drafts: list[list[int]] = field(default_factory=list)
+    num_drafts: int = 0  # sum of len(drafts)
 
     @property
     def num_tokens(self) -> int:
@@ -58,11 +71,27 @@ class ScheduledBatch:
         """Does request i produce a token this step?"""
         return self.sample[i]
 
+    @property
+    def num_rows(self) -> int:
+        """Sampled rows of the step: one per request, plus one per draft token."""
+        return len(self.requests) + self.num_drafts
+
+    def first_rows(self) -> list[int]:
+        """Each request's first sampled row (a verifying request has 1 + len(drafts) of them)."""
+        if not self.num_drafts:
+            return list(range(len(self.requests)))
+        rows, r = [], 0
+        for d in self.drafts:
+            rows.append(r)
+            r += 1 + len(d)
+        return rows
+
     def add(self, req: Request, n: int, reset: bool) -> None:
         """Take req's next n tokens into the step; they count as computed from now on."""
         self.requests.append(req)
         self.num_new_tokens.append(n)
         self.reset.append(reset)
+        self.drafts.append([])
         self.start.append(req.num_computed_tokens)
         req.num_computed_tokens += n
         sample = req.num_computed_tokens == req.num_tokens + req.num_pending
@@ -72,8 +101,12 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, num_pages: int, page_size: int, max_num_seqs: int, token_budget: int, max_model_len: int,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, propose=None, max_spec_tokens: int = 0):
+        """propose: speculative decoding's proposer, Request -> draft token ids (None: no speculation);
+        max_spec_tokens: the most tokens a step carrying drafts may hold."""
         self.allocator = PageAllocator(num_pages)
+        self.propose = propose
+        self.max_spec_tokens = max_spec_tokens
         self.enable_prefix_caching = enable_prefix_caching
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
@@ -274,34 +307,81 @@ class Scheduler:
             batch.add(req, n, reset=True)
             budget -= n
             self._add_pending(req, pending)
+        if self.propose is not None:
+            self._add_drafts(batch)
         return batch
 
-    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[bool]:
-        """Append each request's sampled token of a finished step (None: no token this step).
+    def _add_drafts(self, batch: ScheduledBatch) -> None:
+        """Speculative decoding: extend each decode of the step (its last known token, sampled) by the drafts
+        `propose` gives it, within what is left of the token budget and `max_spec_tokens`, short of max_tokens and
+        the context. Pages for the drafts come from free pages only (else from the room left in its last page)."""
+        room = min(self.token_budget, self.max_spec_tokens) - batch.num_tokens
+        for i, req in enumerate(batch.requests):
+            if room <= 0:
+                break
+            if batch.num_new_tokens[i] != 1 or not batch.sample[i] or batch.start[i] != req.num_tokens - 1:
+                continue  # a prompt chunk, or (async scheduling) a token the host has not seen
+            # the step yields at most len(drafts) + 1 tokens: none past max_tokens or the context
+            limit = min(room, req.max_tokens - len(req.output_token_ids) - 1, self.max_model_len - req.num_tokens - 1)
+            drafts = list(self.propose(req)[:limit]) if limit > 0 else []
+            if drafts and not self._grow(req, req.num_computed_tokens + len(drafts)):
+                drafts = drafts[: len(req.pages) * self.page_size - req.num_computed_tokens]
+            if drafts:
+                batch.drafts[i] = drafts
+                batch.num_drafts += len(drafts)
+                batch.num_new_tokens[i] += len(drafts)
+                req.num_computed_tokens += len(drafts)
+                room -= len(drafts)
 
-        Applies the token-level stop rules (EOS, stop_token_ids, max_tokens, context length); stop strings are
-        the engine's business (they need text). Returns, per request, whether its token was appended: a
-        request that was aborted, or stopped by the step before, drops it.
+    def update(self, batch: ScheduledBatch, sampled: list[int | list[int] | None]) -> list[int]:
+        """Append each request's sampled token of a finished step (None: no token this step; a list: the tokens a
+        verifying request yields, its accepted drafts and the target's next token, in order).
+
+        Applies the token-level stop rules (EOS, stop_token_ids, max_tokens, context length) to each token, dropping
+        what follows a stop; stop strings are the engine's business (they need text). Returns, per request, how many
+        tokens were appended: a request that was aborted, or stopped by the step before, drops them.
         """
         appended = []
         now = time.monotonic()
         for req, tok in zip(batch.requests, sampled):
-            appended.append(tok is not None and not req.is_finished)
-            if req.is_finished:  # aborted, or stopped by the step before (this token is past its end)
-                continue
-            if tok is None:
-                self._register_pages(req)
+            if req.is_finished or tok is None:  # finished: aborted, or stopped by the step before (past its end)
+                appended.append(0)
+                if tok is None and not req.is_finished:
+                    self._register_pages(req)
                 continue
             req.num_pending -= 1
-            req.output_token_ids.append(tok)
-            self._register_pages(req)
             if req.first_token_time is None:
                 req.first_token_time = now
-            p = req.params
-            if not p.ignore_eos and tok in req.eos_token_ids and len(req.output_token_ids) > p.min_tokens - 1:
-                self.finish(req, "stop", tok)
-            elif p.stop_token_ids and tok in p.stop_token_ids and len(req.output_token_ids) > p.min_tokens - 1:
-                self.finish(req, "stop", tok)
-            elif len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
-                self.finish(req, "length")
+            if isinstance(tok, list):  # a verify step
+                n, stop = self._append_run(req, tok)
+                # Rejected drafts: their K/V (past the last token) is overwritten later; num_computed_tokens holds
+                # only verified tokens, so no page with a rejected draft's K/V is offered to the prefix cache.
+                req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
+            else:
+                req.output_token_ids.append(tok)
+                n, stop = 1, self._stop_rule(req, tok)
+            appended.append(n)
+            self._register_pages(req)
+            if stop is not None:
+                self.finish(req, *stop)
         return appended
+
+    def _append_run(self, req: Request, tokens: list[int]) -> tuple[int, tuple | None]:
+        """Append tokens until one ends the request; (tokens appended, the stop rule that ended it or None)."""
+        for n, tok in enumerate(tokens, 1):
+            req.output_token_ids.append(tok)
+            stop = self._stop_rule(req, tok)
+            if stop is not None:
+                return n, stop
+        return len(tokens), None
+
+    def _stop_rule(self, req: Request, tok: int) -> tuple | None:
+        """(reason, stop_reason) when the just-appended tok ends req, else None."""
+        p = req.params
+        if not p.ignore_eos and tok in req.eos_token_ids and len(req.output_token_ids) > p.min_tokens - 1:
+            return "stop", tok
+        if p.stop_token_ids and tok in p.stop_token_ids and len(req.output_token_ids) > p.min_tokens - 1:
+            return "stop", tok
+        if len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length", None
+        return None

@@ -31,6 +31,10 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 2
 
     def __post_init__(self):
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                raise ValueError(f"speculative_config.{name} must be an integer, got {v!r}")
         if self.method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_config.method must be one of {list(SPECULATIVE_METHODS)}, "
                              f"got {self.method!r}")

@@ -59,6 +59,9 @@ class StepStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
     prefix_cache_hits: int = 0  # of which found there (cumulative)
     prefix_cache_hit_rate: float = 0.0
+    spec_draft_tokens: int = 0  # speculative decoding: draft tokens proposed (cumulative)
+    spec_accepted_tokens: int = 0  # of which accepted (cumulative)
+    spec_accepted_per_position: list = field(default_factory=list)  # [(proposed, accepted)] per draft position
     extra: dict = field(default_factory=dict)
 
 
@@ -259,5 +262,8 @@ class AsyncEngine:
             steps=self.stats.steps + 1, pages_cached=s.get("pages_cached", 0),
             prefix_cache_queries=s.get("prefix_cache_queries", 0), prefix_cache_hits=s.get("prefix_cache_hits", 0),
             prefix_cache_hit_rate=s.get("prefix_cache_hit_rate", 0.0),
+            spec_draft_tokens=s.get("spec_draft_tokens", 0), spec_accepted_tokens=s.get("spec_accepted_tokens", 0),
+            spec_accepted_per_position=list(zip(s.get("spec_proposed_per_position", []),
+                                                s.get("spec_accepted_per_position", []))),
         )
         self.stats.extra["time"] = time.monotonic()

@@ -28,8 +28,23 @@ class _EngineCounters:
             ("jaxinfer_prefix_cache_queries", "prompt tokens looked up in the prefix cache", s.prefix_cache_queries),
             ("jaxinfer_prefix_cache_hits", "prompt tokens found in the prefix cache", s.prefix_cache_hits),
             ("jaxinfer_preemptions", "sequences preempted for lack of KV pages", s.preemptions),
+            ("jaxinfer_spec_decode_draft_tokens", "speculative decoding: draft tokens proposed", s.spec_draft_tokens),
+            ("jaxinfer_spec_decode_accepted_tokens", "speculative decoding: draft tokens accepted",
+             s.spec_accepted_tokens),
         ):
             yield CounterMetricFamily(name, doc, value=value)
+        if s.spec_accepted_per_position:
+            proposed = CounterMetricFamily("jaxinfer_spec_decode_drafts_per_position",
+                                           "speculative decoding: drafts proposed at each draft position (0: first)",
+                                           labels=["position"])
+            accepted = CounterMetricFamily("jaxinfer_spec_decode_accepted_per_position",
+                                           "speculative decoding: drafts accepted at each draft position (0: first)",
+                                           labels=["position"])
+            for j, (p, a) in enumerate(s.spec_accepted_per_position):
+                proposed.add_metric([str(j)], p)
+                accepted.add_metric([str(j)], a)
+            yield proposed
+            yield accepted
 
 
 class Metrics:
