@@ -21,8 +21,9 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
 
-from aiohttp import web
+from aiohttp import web, web_protocol
 
 from serving import protocol
 from serving.async_engine import AsyncEngine, EngineDeadError
@@ -144,8 +145,11 @@ async def read_json(request: web.Request) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise bad_request("the request body is not valid JSON") from None
+    except RecursionError:  # the parser recurses once per level
+        raise bad_request("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
+    protocol.check_text(body)
     return body
 
 
@@ -517,14 +521,50 @@ ROUTES = [
 def build_app(engine: AsyncEngine, config: ServerConfig) -> web.Application:
     app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=config.max_body_size)
     app[STATE] = ServerState(engine, config)
+    app.on_response_prepare.append(_server_header)
     for method, path, handler, _, _ in ROUTES:
         app.router.add_route(method, path, handler)
     return app
 
 
+SERVER_HEADER = "jaxinfer"  # no versions of Python or aiohttp for a scanner to match against
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER_HEADER
+
+
+class _Protocol(web_protocol.RequestHandler):
+    """aiohttp's connection handler, whose own errors (a malformed request line, oversized headers: raised while
+    parsing, before any route or middleware runs) leave as plain text echoing the request's bytes; here they leave
+    in the API's error shape, with a fixed message per status."""
+
+    def handle_error(self, request, status: int = 500, exc=None, message=None):
+        super().handle_error(request, status, exc, message)  # logs, and refuses once a response has started
+        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
+        kind = "server_error" if status >= 500 else _HTTP_TYPES.get(status, "invalid_request_error")
+        resp = web.Response(status=status, text=json.dumps(APIError(status, f"malformed HTTP request: {phrase}" if
+                                                                     status < 500 else phrase, kind).body()),
+                            content_type="application/json", headers={"Server": SERVER_HEADER})
+        resp.force_close()
+        return resp
+
+
+class _Server(web.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _Protocol(self, loop=self._loop, **self._kwargs)
+
+
+class _AppRunner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server  # only __call__ differs: each connection gets a _Protocol
+        return server
+
+
 async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Start serving on host:port (0: any free port); returns the runner and the bound port."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)  # cancel = client gone: abort
+    runner = _AppRunner(app, handler_cancellation=True, access_log=None)  # cancel = client gone: abort
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -64,32 +64,56 @@ def flag(body: dict, field: str) -> bool:
     return bool(v)
 
 
-def refuse_unsupported(body: dict, chat: bool) -> None:
+def check_text(body: dict, depth_limit: int = 64) -> None:
+    """Every string of a request must be text that UTF-8 can carry: JSON's escapes can spell a lone UTF-16 surrogate
+    ("\\ud800"), which no tokenizer takes. Refused with the field's path; so is nesting deeper than `depth_limit`
+    (no field of the API nests that deep)."""
+    stack = [(body, "", 0)]
+    while stack:
+        v, path, depth = stack.pop()
+        if depth > depth_limit:
+            raise bad_request(f"the request body is nested more than {depth_limit} levels deep", path.split(".")[0] or None)
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad_request(f"{path or 'the body'} is not valid Unicode text (a lone surrogate)",
+                                  path.split(".")[0].split("[")[0] or None) from None
+        elif isinstance(v, dict):
+            stack.extend((x, f"{path}.{k}" if path else str(k), depth + 1) for k, x in v.items())
+            for k in v:  # keys are strings too
+                if isinstance(k, str):
+                    stack.append((k, path or "the body", depth + 1))
+        elif isinstance(v, list):
+            stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
+
+
+def refuse_unsupported(body: dict) -> None:
+    """Fields that ask for what this server does not do are refused on every route (each API defines only some of
+    them; sent to the other, they are no less unsupported)."""
     def refuse(field: str, what: str):
         raise bad_request(f"{field}: {what} is not supported by this server", field)
 
-    if chat:
-        if body.get("tools"):
-            refuse("tools", "tool calling")
-        if body.get("tool_choice") not in (None, "none", "auto"):  # "auto" with no tools: nothing to call
-            refuse("tool_choice", "tool calling")
-        if body.get("functions"):
-            refuse("functions", "function calling")
-        if body.get("function_call") not in (None, "none", "auto"):
-            refuse("function_call", "function calling")
-        fmt = body.get("response_format")
-        if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-            refuse("response_format", "a response format other than {\"type\": \"text\"} (JSON mode, JSON schema)")
-        if body.get("modalities") not in (None, ["text"]):
-            refuse("modalities", "output other than text")
-    else:
-        if body.get("suffix"):
-            refuse("suffix", "a suffix (insertion)")
-        best_of = body.get("best_of")
-        if best_of is not None and (not isinstance(best_of, int) or isinstance(best_of, bool)):
-            raise bad_request("best_of must be an integer", "best_of")
-        if best_of is not None and best_of != (body.get("n") or 1):
-            refuse("best_of", "best_of other than n (returning the best of more samples)")
+    if body.get("tools"):
+        refuse("tools", "tool calling")
+    if body.get("tool_choice") not in (None, "none", "auto"):  # "auto" with no tools: nothing to call
+        refuse("tool_choice", "tool calling")
+    if body.get("functions"):
+        refuse("functions", "function calling")
+    if body.get("function_call") not in (None, "none", "auto"):
+        refuse("function_call", "function calling")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        refuse("response_format", "a response format other than {\"type\": \"text\"} (JSON mode, JSON schema)")
+    if body.get("modalities") not in (None, ["text"]):
+        refuse("modalities", "output other than text")
+    if body.get("suffix"):
+        refuse("suffix", "a suffix (insertion)")
+    best_of = body.get("best_of")
+    if best_of is not None and (not isinstance(best_of, int) or isinstance(best_of, bool)):
+        raise bad_request("best_of must be an integer", "best_of")
+    if best_of is not None and best_of != (body.get("n") or 1):
+        refuse("best_of", "best_of other than n (returning the best of more samples)")
     for field in _GUIDED:
         if body.get(field) is not None:
             refuse(field, "guided decoding")
@@ -102,7 +126,7 @@ def max_tokens_field(body: dict, chat: bool) -> str:
 
 def sampling_params(body: dict, limits: Limits, chat: bool) -> SamplingParams:
     """Build and validate SamplingParams from a request body (both endpoints)."""
-    refuse_unsupported(body, chat)
+    refuse_unsupported(body)
     n = body.get("n", 1)
     if n is None:
         n = 1

@@ -8,6 +8,7 @@ shapes, counts and finish reasons.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import time
@@ -434,16 +435,39 @@ ERRORS = [
     (C, {"model": 5, "prompt": "hi"}, "model"),
     (CH, {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
     (CH, {"model": MODEL, "messages": [{"role": "user"}]}, "messages"),
+    # each unsupported field is refused on every route, not only on the one whose API defines it
+    (CH, {"model": MODEL, "messages": USER, "best_of": 3}, "best_of"),
+    (CH, {"model": MODEL, "messages": USER, "suffix": "end"}, "suffix"),
+    (C, {"model": MODEL, "prompt": "hi", "response_format": {"type": "json_object"}}, "response_format"),
+    (C, {"model": MODEL, "prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    # a lone UTF-16 surrogate (JSON's escapes can spell one): not text, on every route that takes text
+    (C, {"model": MODEL, "prompt": "hi \ud800 there"}, "prompt"),
+    (C, {"model": MODEL, "prompt": ["ok", "\udfff"]}, "prompt"),
+    (CH, {"model": MODEL, "messages": [{"role": "user", "content": "\ud83d"}]}, "messages"),
+    (C, {"model": MODEL, "prompt": "hi", "stop": ["\ud800"]}, "stop"),
+    ("/tokenize", {"prompt": "a\ud800b"}, "prompt"),
 ]
 
 
 @pytest.mark.parametrize("path,body,param", ERRORS)
 def test_bad_requests_are_400_in_openai_shape(server, path, body, param):
-    r = post(server, path, body)
+    # sent as ASCII JSON: a lone surrogate travels as its "\\ud800" escape, as a client's JSON encoder writes it
+    r = post(server, path, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
     assert err["type"] == "invalid_request_error" and "Traceback" not in err["message"]
+
+
+@pytest.mark.parametrize("path", [C, CH, "/tokenize"])
+def test_deeply_nested_json_is_a_400(server, path):
+    depth = 5000  # past the parser's recursion limit, and past the body check's 64 levels at 100
+    for d in (depth, 100):
+        raw = '{"model": "%s", "prompt": "hi", "x": %s%s}' % (MODEL, "[" * d, "]" * d)
+        r = post(server, path, content=raw.encode(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and "nested" in err["message"]
 
 
 @pytest.mark.parametrize("path,body", [
@@ -883,3 +907,37 @@ def test_streamed_text_offsets_match_the_response_while_text_is_held_back(client
     offsets = [o for ch in chunks if ch.logprobs for o in ch.logprobs.text_offset]
     assert "".join(ch.text for ch in chunks) == full.text == text
     assert offsets == full.logprobs.text_offset
+
+
+def _raw_http(server, data: bytes) -> tuple[int, dict, bytes]:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(data)
+        buf = b""
+        while chunk := s.recv(65536):
+            buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /v1/models<script>HTTP/1.1 \x01\r\n\r\n",  # a malformed request line
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"A" * 20000 + b"\r\n\r\n",  # a header past aiohttp's limit
+])
+def test_http_parser_errors_are_json_without_echo_or_versions(server, raw):
+    status, headers, body = _raw_http(server, raw)
+    assert status == 400
+    assert headers["content-type"].startswith("application/json") and headers["server"] == "jaxinfer"
+    err = json.loads(body)["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert b"script" not in body and b"AAAA" not in body  # nothing of the request is echoed
+
+
+def test_server_header_names_no_versions(server):
+    r = httpx.get(server.url + "/health", timeout=30)
+    assert r.headers["server"] == "jaxinfer"
+    r = post(server, C, {"model": MODEL, "prompt": "hi", "top_p": "x"})
+    assert r.status_code == 400 and r.headers["server"] == "jaxinfer"
