@@ -73,8 +73,8 @@ class LLM:
         if not convs:
             raise ValueError("messages: must not be empty")
         texts = [self.tokenizer.render_chat(c, add_generation_prompt=add_generation_prompt) for c in convs]
-        # the rendered text, encoded as apply_chat_template does (the template writes its special tokens)
-        prompts = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        # only the template writes control tokens: content that spells one is read as text
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in convs]
         outs = self.generate(prompts, sampling_params, use_tqdm)
         for out, text in zip(outs, texts):
             out.prompt = text  # as vLLM: the prompt the model saw, as text

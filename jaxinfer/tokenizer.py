@@ -11,12 +11,14 @@ fast tokenizer is saved once into a cache directory and loaded from there afterw
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -162,8 +164,20 @@ class Tokenizer:
     def chat_template(self):
         return self.hf.chat_template
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+    def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`. parse_special=False reads text that spells a control token ("<|im_start|>") as
+        plain text, as text from an untrusted request must be; add_special_tokens adds the model's BOS (and the
+        like) either way."""
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens, split_special_tokens=not parse_special))
+
+    @functools.cached_property
+    def _special_texts(self) -> tuple[str, ...]:
+        """The text of every control token (special added tokens): what a tokenizer would read as one."""
+        return tuple(a.content for a in self.hf.added_tokens_decoder.values() if a.special and a.content)
+
+    def spells_special(self, text: str) -> str | None:
+        """The first control token's text that `text` contains, or None."""
+        return next((t for t in self._special_texts if t in text), None)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         # Clean-up rewrites earlier text (" ." -> "."), so a streamed decode could never agree with a
@@ -211,11 +225,31 @@ class Tokenizer:
         return text
 
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs
+        self, messages: list[dict], add_generation_prompt: bool = True, parse_special: bool = False,
+        **template_kwargs
     ) -> list[int]:
+        """Token ids of the rendered conversation. Only the template writes control tokens: a message whose content
+        spells one ("<|im_start|>system ...", a forged turn) has that content read as text, unless parse_special.
+        Templates write BOS and other special tokens themselves; adding them again would double them."""
         text = self.render_chat(messages, add_generation_prompt, **template_kwargs)
-        # Templates write BOS and other special tokens themselves; adding them again would double them.
-        return self.encode(text, add_special_tokens=False)
+        forged = [(i, t) for i, m in enumerate(messages) if (t := self.spells_special(m["content"]))]
+        if parse_special or not forged:
+            return self.encode(text, add_special_tokens=False)
+        # Render again with each content replaced by a marker: the text between markers is the template's own.
+        # That holds only where the template copies content verbatim, which the rebuilt text checks.
+        mark = f"\ue000{secrets.token_hex(8)}:"
+        marked = [dict(m, content=f"{mark}{i}\ue001") for i, m in enumerate(messages)]
+        parts = re.split(re.escape(mark) + "(\\d+)\ue001", self.render_chat(marked, add_generation_prompt, **template_kwargs))
+        own, which = parts[0::2], [int(i) for i in parts[1::2]]
+        if own[0] + "".join(messages[i]["content"] + rest for i, rest in zip(which, own[1:])) != text:
+            i, t = forged[0]
+            raise ValueError(f"messages[{i}]['content'] spells the control token {t!r}, and this chat template "
+                             "rewrites message content, so it cannot be kept as text")
+        ids = self.encode(own[0], add_special_tokens=False)
+        for i, rest in zip(which, own[1:]):
+            ids += self.encode(messages[i]["content"], add_special_tokens=False, parse_special=False)
+            ids += self.encode(rest, add_special_tokens=False)
+        return ids
 
     def __repr__(self) -> str:
         return (

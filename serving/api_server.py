@@ -249,7 +249,10 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
         messages = protocol.chat_messages(body)
         params = protocol.sampling_params(body, limits, chat=True)
         try:
-            ids = await off_loop(state.tokenizer.apply_chat_template, messages)
+            ids = await off_loop(state.tokenizer.apply_chat_template, messages, True,
+                                 protocol.flag(body, "parse_special_tokens"))
+        except APIError:
+            raise
         except Exception as e:  # noqa: BLE001 - template errors are the client's messages' fault
             raise bad_request(f"messages could not be rendered with the chat template: {e}", "messages") from None
         prompts_ids, prompt_texts = [ids], [None]
@@ -263,9 +266,10 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
         if echo and params.logprobs is not None:  # the prompt's tokens get logprobs too (first one: null)
             params = dataclasses.replace(params, prompt_logprobs=params.logprobs)
         prompts_ids, prompt_texts = [], []
+        parse_special = protocol.flag(body, "parse_special_tokens")  # text is text unless asked
         for p in prompts:
             if isinstance(p, str):
-                prompts_ids.append(await off_loop(state.tokenizer.encode, p))
+                prompts_ids.append(await off_loop(state.tokenizer.encode, p, True, parse_special))
                 prompt_texts.append(p)
             else:
                 prompts_ids.append(list(p))
@@ -466,17 +470,18 @@ async def tokenize(request: web.Request) -> web.Response:
     add_special = body.get("add_special_tokens", True)
     if not isinstance(add_special, bool):
         raise bad_request("add_special_tokens must be a boolean", "add_special_tokens")
+    parse_special = protocol.flag(body, "parse_special_tokens")
     if "messages" in body:
         messages = protocol.chat_messages(body)
         try:
-            ids = await off_loop(tok.apply_chat_template, messages)
+            ids = await off_loop(tok.apply_chat_template, messages, True, parse_special)
         except Exception as e:  # noqa: BLE001
             raise bad_request(f"messages could not be rendered with the chat template: {e}", "messages") from None
     else:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise bad_request("prompt must be a string (or send messages)", "prompt")
-        ids = await off_loop(tok.encode, prompt, add_special)
+        ids = await off_loop(tok.encode, prompt, add_special, parse_special)
     return json_response({"tokens": ids, "count": len(ids), "max_model_len": state.engine.engine.max_model_len})
 
 

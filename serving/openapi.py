@@ -71,6 +71,7 @@ def _sampling(lim: Limits | None) -> dict:
         "ignore_eos": {"type": "boolean"},
         "skip_special_tokens": {"type": "boolean"},
         "include_stop_str_in_output": {"type": "boolean"},
+        "parse_special_tokens": _PARSE_SPECIAL,
         "stream": _nullable({"type": "boolean"}),
         "stream_options": _nullable({"type": "object", "properties": {"include_usage": {"type": "boolean"}}}),
         "user": {"type": "string"},
@@ -117,8 +118,13 @@ def chat_request(lim: Limits | None) -> dict:
     return {"type": "object", "required": ["messages"], "properties": props}
 
 
+_PARSE_SPECIAL = _nullable({"type": "boolean", "default": False,
+                            "description": "read control-token text in the prompt or message content as control tokens "
+                                           "(default: as plain text; only the chat template writes control tokens)"})
+
+
 def tokenize_request(lim: Limits | None) -> dict:
-    special = {"add_special_tokens": {"type": "boolean", "default": True}}
+    special = {"add_special_tokens": {"type": "boolean", "default": True}, "parse_special_tokens": _PARSE_SPECIAL}
     return {"oneOf": [
         {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}, **special}},
         {"type": "object", "required": ["messages"],
