@@ -257,9 +257,6 @@ def _gemv_kernel(x_ref, q_ref, s_ref, *refs, bits, group, bn, bk, kb, k_iters, M
         pltriton.store(o_ref.at[sp, m, rn], a.astype(o_ref.dtype), mask=rn < N)
 
 
-GEMV_MAX_M = 0  # steps of at most this many rows take the multiply-add form (`_gemv_kernel`) unless told
-
-
 def default_config(M: int, N: int, K: int, bits: int, group: int, gemv: bool = False) -> dict:
     """Tile sizes for a shape: bm rows (>= 16), bn channels, bk inputs per iteration, and enough split-K that the
     grid has about two programs per SM. From tile sweeps on an H100 (benchmarks/quant_gemm_gpu.py)."""
@@ -286,13 +283,13 @@ def default_config(M: int, N: int, K: int, bits: int, group: int, gemv: bool = F
 def quant_matmul(x, q, scales, zeros=None, mins=None, x_scale=None, *, bits: int, group: int,
                  interpret: bool = False, block_m: int | None = None, block_n: int | None = None,
                  block_k: int | None = None, splits: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, out_dtype=None, weights_first: bool = False, gemv: bool | None = None):
+                 num_stages: int | None = None, out_dtype=None, weights_first: bool = False, gemv: bool = False):
     """x [M, K] times the quantized W [N, K] (the module docstring has every shape) -> [M, N] float32, or
     `out_dtype`. Tile knobs left None take `default_config`; interpret=True runs the Pallas interpreter (CPU).
     weights_first: the dequantized weight tile is the dots' left operand ([bn, kb] x [kb, bm]), the form tensor-core
     instructions can take from registers, which may spare a shared-memory pass over the dequantized values (an
-    experiment for the sweep: not yet measured). gemv: the multiply-add form without tensor cores (`_gemv_kernel`);
-    None takes it for steps of at most GEMV_MAX_M rows."""
+    experiment for the sweep: not yet measured). gemv: the multiply-add form without tensor cores (`_gemv_kernel`),
+    for steps of a few rows (jaxinfer.quant.GPU_GEMV_MAX_TOKENS chooses)."""
     M, K = x.shape
     N = q.shape[0]
     if bits not in (4, 8):
@@ -301,7 +298,6 @@ def quant_matmul(x, q, scales, zeros=None, mins=None, x_scale=None, *, bits: int
         raise ValueError(f"q {q.shape} does not hold {K} inputs at {bits} bits")
     if K % group or scales.shape != (N, K // group):
         raise ValueError(f"scales {scales.shape} do not match W [{N}, {K}] in groups of {group}")
-    gemv = M <= GEMV_MAX_M if gemv is None else gemv
     cfg = default_config(M, N, K, bits, group, gemv)
     given = dict(block_m=block_m, block_n=block_n, block_k=block_k, splits=splits, num_warps=num_warps,
                  num_stages=num_stages)
