@@ -127,25 +127,24 @@ def main(argv=None) -> int:
     print(f"jax {jax.__version__}, {jax.devices()[0]}", flush=True)
     rows, key = [], jax.random.PRNGKey(0)
 
-    # 1. the kernel (both forms) against the reference (dequantize, float32 matmul) on this device
+    # 1. the kernel against the reference (dequantize, float32 matmul) on this device
     for scheme in schemes:
         N, K = (128, 256) if args.smoke else (4096, 4096)
         w = make_weight(key, scheme, N, K)
-        for M, gemv in ((1, False), (64, False), (1, True), (4, True)):
+        for M in (1, 64):
             x = jax.random.normal(jax.random.PRNGKey(M), (M, K), jnp.bfloat16)
-            got = np.asarray(jax.jit(kernel_fn(interpret, gemv=gemv))(x, w), np.float32)
+            got = np.asarray(jax.jit(kernel_fn(interpret))(x, w), np.float32)
             xr = x if w.act is None else quant.quantize_activations(x, w.act)
             want = np.asarray(jnp.dot(xr.astype(jnp.float32), quant.dequantize(w).T,
                                       precision=jax.lax.Precision.HIGHEST))
             err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-            print(f"check {scheme:5s} M={M:3d} gemv={gemv:d}: max error / max |y| = {err:.2e}", flush=True)
-            rows.append(dict(kind="check", scheme=scheme, M=M, gemv=gemv, rel_err=err))
+            print(f"check {scheme:5s} M={M:3d}: max error / max |y| = {err:.2e}", flush=True)
+            rows.append(dict(kind="check", scheme=scheme, M=M, rel_err=err))
 
-    # 2. tiles at few rows (the batch-1 decode GEMV): the tensor-core form (weights as the right or left operand)
-    # and the multiply-add form
+    # 2. tiles at M = 1 (the batch-1 decode GEMV)
     if not args.no_sweep:
-        grids = [dict(gemv=[False], weights_first=[False, True]),  # default tiles (swept before: RESULTS.md)
-                 dict(gemv=[True], block_n=[32, 64, 128], block_k=[256, 512], num_warps=[4, 8])]
+        grid = dict(block_n=[32, 64, 128], block_k=[128, 256, 512], num_stages=[4], num_warps=[4],
+                    weights_first=[False, True])
         for scheme, (name, K, N), M in itertools.product(
                 args.sweep_schemes.split(","), [s for s in shapes if s[0] in args.sweep_shapes.split(",")],
                 [int(m) for m in args.sweep_ms.split(",")]):
@@ -153,8 +152,9 @@ def main(argv=None) -> int:
             L = max(2, min(16, int(4e8 // w0.nbytes)))
             ws = [make_weight(jax.random.fold_in(key, i), scheme, N, K) for i in range(L)]
             x = jax.random.normal(jax.random.PRNGKey(1), (M, K), jnp.bfloat16)
-            for cfg in (dict(zip(g, vals)) for g in grids for vals in itertools.product(*g.values())):
-                if K % cfg.get("block_k", 1):
+            for vals in itertools.product(*grid.values()):
+                cfg = dict(zip(grid, vals))
+                if K % cfg["block_k"] or (scheme == "int4" and cfg["block_k"] < 128):
                     continue
                 try:
                     dt, _ = time_chain(kernel_fn(interpret, **cfg), x, ws, args.reps)
@@ -177,9 +177,7 @@ def main(argv=None) -> int:
             for scheme in schemes:
                 w0 = make_weight(key, scheme, N, K)
                 ws = [make_weight(jax.random.fold_in(key, i), scheme, N, K) for i in range(max(2, min(16, int(4e8 // w0.nbytes))))]
-                impls = [("xla", xla_fn), ("kernel", kernel_fn(interpret, gemv=False))]
-                if M <= 8:
-                    impls.append(("gemv", kernel_fn(interpret, gemv=True)))
+                impls = [("xla", xla_fn), ("kernel", kernel_fn(interpret))]
                 if M >= 16 and w0.act is None:
                     impls.append(("deq", deq_fn))
                 for impl, fn in impls:
@@ -195,7 +193,7 @@ def main(argv=None) -> int:
             table.append(line)
             print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()), flush=True)
         del wb
-    cols = ["bf16"] + [f"{s}_{i}" for s in schemes for i in ("xla", "kernel", "gemv", "deq") if s != "fp8" or i != "deq"]
+    cols = ["bf16"] + [f"{s}_{i}" for s in schemes for i in ("xla", "kernel", "deq") if s != "fp8" or i != "deq"]
     print("\nmicroseconds per GEMM (weights from HBM)")
     print(f"{'shape':8s} {'M':>5s} " + " ".join(f"{c:>12s}" for c in cols))
     for line in table:

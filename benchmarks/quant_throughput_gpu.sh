@@ -12,7 +12,7 @@ declare -A W=([1000x256]="--num-prompts 1000 --input-len 256 --output-len 256"
               [mixed256]="--num-prompts 256 --input-len-range 128,1025 --seed 1234 --output-len 128")
 for q in $schemes; do
   for w in 1000x256 mixed256; do
-    timeout 300 python3 -m jaxinfer bench throughput $F ${W[$w]} --quantization "$q" \
+    timeout 420 python3 -m jaxinfer bench throughput $F ${W[$w]} --quantization "$q" \
       --compilation-cache-dir "/tmp/cc_$q" --json-out "$out/tp_${w}_$q.json" >"$out/tp_${w}_$q.log" 2>&1 \
       || { echo "$q $w: failed (rc $?)"; tail -5 "$out/tp_${w}_$q.log"; }
   done

@@ -223,30 +223,25 @@ def fp8_dot(xf, w: QuantizedWeight):
 # Steps of up to this many tokens take the GPU kernel (pallas_kernels/quant_matmul_gpu); larger ones XLA's forms.
 # Measured per GEMM shape of an 8B Llama on an H100 (benchmarks/quant_gemm_gpu.py, benchmarks/RESULTS.md): the
 # kernel reads each weight byte once; XLA's integer forms write a dequantized copy, and cuBLASLt's fp8 GEMM leads
-# from a few dozen tokens up. Steps of up to GPU_GEMV_MAX_TOKENS take the kernel's multiply-add form, larger ones
-# its tensor-core form.
+# from a few dozen tokens up.
 GPU_KERNEL_MAX_TOKENS = {"int": 64, "fp8": 0}
-GPU_GEMV_MAX_TOKENS = {"int": 0, "fp8": 0}
-GPU_KERNEL_MIN_TOKENS_4BIT = 2  # a 1-token step on 4-bit groups: XLA's reduction beat the tensor-core form
+GPU_KERNEL_MIN_TOKENS_4BIT = 2  # a 1-token step on 4-bit groups: XLA's reduction beat the kernel (54 vs 132 us)
 
 
-def _gpu_kernel(w: QuantizedWeight, T: int, backend: str) -> str | None:
-    """Which form of the Pallas GPU kernel this matmul runs, "gemv" or "dot", or None (XLA's): a GPU, a T-token step
-    within GPU_KERNEL_MAX_TOKENS / GPU_GEMV_MAX_TOKENS, and a form it takes (4-bit packed or one byte per value,
-    groups a power of two >= 32 or per channel, activations weight-only or quantized per token)."""
+def _gpu_kernel(w: QuantizedWeight, T: int, backend: str) -> bool:
+    """Whether this matmul runs the Pallas GPU kernel: a GPU, a T-token step within GPU_KERNEL_MAX_TOKENS, and a
+    form it takes (4-bit packed or one byte per value, groups a power of two >= 32 or per channel, activations
+    weight-only or quantized per token)."""
     if backend != "gpu" or w.g_idx is not None or w.act_group or w.act not in (None, "int8", "fp8"):
-        return None
+        return False
     if w.q.dtype not in ((np.uint8,) if w.packed else (np.int8, np.uint8, FP8)):
-        return None
+        return False
     g = w.group
     if g != w.in_features and (g < 32 or g & (g - 1)):
-        return None
-    kind = "fp8" if w.q.dtype == FP8 else "int"
-    if T <= GPU_GEMV_MAX_TOKENS[kind]:
-        return "gemv"
+        return False
     if w.packed and w.scales.shape[-1] > 1 and T < GPU_KERNEL_MIN_TOKENS_4BIT:
-        return None
-    return "dot" if T <= GPU_KERNEL_MAX_TOKENS[kind] else None
+        return False
+    return T <= GPU_KERNEL_MAX_TOKENS["fp8" if w.q.dtype == FP8 else "int"]
 
 
 def qmatmul(x, w: QuantizedWeight, *, backend: str | None = None, interpret: bool = False):
@@ -262,8 +257,7 @@ def qmatmul(x, w: QuantizedWeight, *, backend: str | None = None, interpret: boo
     xf = x.reshape(T, w.in_features)
     backend = backend or jax.default_backend()
     O = math.prod(w.out_shape)
-    form = _gpu_kernel(w, T, backend)
-    if form:
+    if _gpu_kernel(w, T, backend):
         from pallas_kernels.quant_matmul_gpu import quant_matmul
 
         xs = None
@@ -271,7 +265,7 @@ def qmatmul(x, w: QuantizedWeight, *, backend: str | None = None, interpret: boo
             xf, xs = quantize_activations_rows(xf, w.act, w.act_scale)
         y = quant_matmul(xf, w.q.reshape(O, -1), w.scales.reshape(O, -1),
                          *(None if a is None else a.reshape(O, -1) for a in (w.zeros, w.mins)), xs, bits=w.bits,
-                         group=w.group, interpret=interpret, out_dtype=x.dtype, gemv=form == "gemv")
+                         group=w.group, interpret=interpret, out_dtype=x.dtype)
         return y.reshape(T, *w.out_shape)
     if backend != "cpu" and w.g_idx is None:
         if w.act is None and w.q.dtype != FP8:

@@ -175,95 +175,11 @@ def _kernel(x_ref, q_ref, s_ref, *refs, bits, group, bm, bn, bk, kb, k_iters, M,
     pltriton.store(o_ref.at[sp, tok(jnp.where(rm < M, rm, M)), chan(rn)], acc.astype(o_ref.dtype), mask=ok)
 
 
-# 8- and 4-bit integers as float32 without a conversion instruction (I2F runs at a sixteenth of the FMA rate): OR-ing
-# an integer u < 2^23 into the mantissa of 2^23 gives 2^23 + u exactly, and subtracting 2^23 + offset + zero point
-# leaves q - z exactly. Signed bytes are first made unsigned by flipping their top bit (offset 128).
-_MAGIC_F32 = 0x4B000000
-
-
-def _values_minus_zero(u, off):
-    """u [bn, k] uint8 values (< 256) -> float32 u - off, off [bn, 1] float32 (2^23 + offset + zero point)."""
-    f = lax.bitcast_convert_type(u.astype(jnp.uint32) | jnp.uint32(_MAGIC_F32), jnp.float32)
-    return f - off
-
-
-def _gemv_kernel(x_ref, q_ref, s_ref, *refs, bits, group, bn, bk, kb, k_iters, M, N, has_zeros, has_mins, has_x_scale,
-                 qkind):
-    """The few-row form: no tensor cores. Each program owns bn output channels over one stretch of K; every
-    sub-block's weight tile [bn, kb] becomes float32 (q - z) in registers and meets each of the M rows of x in
-    multiply-adds reduced along k: M x N x K multiply-adds, cheap next to the weight bytes while M is small."""
-    it = iter(refs)
-    z_ref = next(it) if has_zeros else None
-    m_ref = next(it) if has_mins else None
-    xs_ref = next(it) if has_x_scale else None
-    o_ref = refs[-1]
-    ni, sp = pl.program_id(0), pl.program_id(1)
-    rn = ni * bn + _iota(bn)
-    rn_c = jnp.minimum(rn, N - 1)
-    packed = bits == 4
-    offset = {"int8": 128.0, "fp8": None}.get(qkind, 0.0)  # int8 bytes are read with their top bit flipped
-
-    def params(g):
-        s = pltriton.load(s_ref.at[rn_c, g]).astype(jnp.float32)
-        z = pltriton.load(z_ref.at[rn_c, g]).astype(jnp.float32) if has_zeros else jnp.zeros((bn,), jnp.float32)
-        mn = pltriton.load(m_ref.at[rn_c, g]).astype(jnp.float32) if has_mins else None
-        off = None if offset is None else (z + (float(1 << 23) + offset))[:, None]
-        return s, z, off, mn
-
-    def weights(k0, z, off):
-        """The tile's values minus their zero point: [bn, kb] float32, or its low and high nibbles [bn, kb / 2]."""
-        if packed:
-            kk = k0 // 2 + _iota(kb // 2)
-            w = pltriton.load(q_ref.at[rn_c[:, None], kk[None, :]])
-            return _values_minus_zero(w & 0xF, off), _values_minus_zero(w >> 4, off)
-        kk = k0 + _iota(kb)
-        w = pltriton.load(q_ref.at[rn_c[:, None], kk[None, :]])
-        if offset is None:  # e4m3: a plain convert (two values per instruction on Hopper)
-            return (w.astype(jnp.float32) - z[:, None],)
-        if qkind == "int8":
-            w = lax.bitcast_convert_type(w, jnp.uint8) ^ jnp.uint8(0x80)
-        return (_values_minus_zero(w, off),)
-
-    def rows(k0):
-        """x's M rows over the sub-block, float32: per row a tuple of [kb] (or even and odd columns [kb / 2])."""
-        if packed:
-            kk = k0 // 2 + _iota(kb // 2)
-            return [tuple(pltriton.load(x_ref.at[h, m, kk]).astype(jnp.float32) for h in (0, 1)) for m in range(M)]
-        kk = k0 + _iota(kb)
-        return [(pltriton.load(x_ref.at[m, kk]).astype(jnp.float32),) for m in range(M)]
-
-    def sub_block(k0, g):
-        """Per row: the sub-block's sum_k x (q - z) [bn] and x's sum over it (for the minimums)."""
-        s, z, off, mn = params(g)
-        ws, xr = weights(k0, z, off), rows(k0)
-        parts = [sum(jnp.sum(wv * xv[None, :], axis=1) for wv, xv in zip(ws, xm)) for xm in xr]
-        xsums = [sum(jnp.sum(xv) for xv in xm) for xm in xr] if has_mins else None
-        return parts, xsums, (s, mn)
-
-    def body(i, accs):
-        k0 = (sp * k_iters + i) * bk
-        for j in range(bk // kb):
-            parts, xsums, (s, mn) = sub_block(k0 + j * kb, (k0 + j * kb) // group)
-            # the group's scale (and minimum) meet the reduced [bn] sums, not the tile: per channel this repeats
-            # one multiply per sub-block, which costs nothing next to the tile
-            accs = tuple(a + p * s + (xsums[m] * mn if has_mins else 0.0) for m, (a, p) in enumerate(zip(accs, parts)))
-        return accs
-
-    accs = lax.fori_loop(0, k_iters, body, tuple(jnp.zeros((bn,), jnp.float32) for _ in range(M)))
-    for m in range(M):
-        a = accs[m]
-        if has_x_scale:
-            a = a * pltriton.load(xs_ref.at[pl.ds(m, 1)]).astype(jnp.float32)
-        pltriton.store(o_ref.at[sp, m, rn], a.astype(o_ref.dtype), mask=rn < N)
-
-
-def default_config(M: int, N: int, K: int, bits: int, group: int, gemv: bool = False) -> dict:
+def default_config(M: int, N: int, K: int, bits: int, group: int) -> dict:
     """Tile sizes for a shape: bm rows (>= 16), bn channels, bk inputs per iteration, and enough split-K that the
     grid has about two programs per SM. From tile sweeps on an H100 (benchmarks/quant_gemm_gpu.py)."""
     bm = min(64, max(16, 1 << (max(1, M) - 1).bit_length()))
-    if gemv:
-        bm, bn, bk = M, 64, 256
-    elif M <= 16:
+    if M <= 16:
         bn = 64 if bits == 4 or N < 16384 else 128
         bk = 512 if bits == 4 else 256
     else:
@@ -279,17 +195,16 @@ def default_config(M: int, N: int, K: int, bits: int, group: int, gemv: bool = F
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "interpret", "block_m", "block_n", "block_k", "splits",
-                                             "num_warps", "num_stages", "out_dtype", "weights_first", "gemv"))
+                                             "num_warps", "num_stages", "out_dtype", "weights_first"))
 def quant_matmul(x, q, scales, zeros=None, mins=None, x_scale=None, *, bits: int, group: int,
                  interpret: bool = False, block_m: int | None = None, block_n: int | None = None,
                  block_k: int | None = None, splits: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, out_dtype=None, weights_first: bool = False, gemv: bool = False):
+                 num_stages: int | None = None, out_dtype=None, weights_first: bool = False):
     """x [M, K] times the quantized W [N, K] (the module docstring has every shape) -> [M, N] float32, or
     `out_dtype`. Tile knobs left None take `default_config`; interpret=True runs the Pallas interpreter (CPU).
     weights_first: the dequantized weight tile is the dots' left operand ([bn, kb] x [kb, bm]), the form tensor-core
     instructions can take from registers, which may spare a shared-memory pass over the dequantized values (an
-    experiment for the sweep: not yet measured). gemv: the multiply-add form without tensor cores (`_gemv_kernel`),
-    for steps of a few rows (jaxinfer.quant.GPU_GEMV_MAX_TOKENS chooses)."""
+    experiment for the sweep: not yet measured)."""
     M, K = x.shape
     N = q.shape[0]
     if bits not in (4, 8):
@@ -298,7 +213,7 @@ def quant_matmul(x, q, scales, zeros=None, mins=None, x_scale=None, *, bits: int
         raise ValueError(f"q {q.shape} does not hold {K} inputs at {bits} bits")
     if K % group or scales.shape != (N, K // group):
         raise ValueError(f"scales {scales.shape} do not match W [{N}, {K}] in groups of {group}")
-    cfg = default_config(M, N, K, bits, group, gemv)
+    cfg = default_config(M, N, K, bits, group)
     given = dict(block_m=block_m, block_n=block_n, block_k=block_k, splits=splits, num_warps=num_warps,
                  num_stages=num_stages)
     cfg.update({k: v for k, v in given.items() if v is not None})
@@ -308,29 +223,26 @@ def quant_matmul(x, q, scales, zeros=None, mins=None, x_scale=None, *, bits: int
     kb = min(bk, group)
     if bk % kb or K % (S * bk) or kb & (kb - 1) or kb < (32 if bits == 4 else 16):
         raise ValueError(f"block_k {bk} / splits {S} do not fit K {K} in groups of {group}")
-    qkind = "fp8" if q.dtype == jnp.float8_e4m3fn else ("int8" if q.dtype == jnp.int8 else "uint8")
-    out_dtype = out_dtype or jnp.float32
-    part_dtype = out_dtype if S == 1 else jnp.float32
-    params = dict(compiler_params=pltriton.CompilerParams(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
-                  interpret=interpret, out_shape=jax.ShapeDtypeStruct((S, M, N), part_dtype))
-    xq = jnp.stack([x[:, 0::2], x[:, 1::2]]) if bits == 4 else x  # 4-bit: x's even and odd columns [2, M, K / 2]
-    if gemv:
-        kernel = functools.partial(_gemv_kernel, bits=bits, group=group, bn=bn, bk=bk, kb=kb, k_iters=K // (S * bk),
-                                   M=M, N=N, has_zeros=zeros is not None, has_mins=mins is not None,
-                                   has_x_scale=x_scale is not None, qkind=qkind)
-        args = [a for a in (xq, q, scales, zeros, mins, x_scale) if a is not None]
-        out = pl.pallas_call(kernel, grid=(pl.cdiv(N, bn), S), name=f"quant_gemv_w{bits}", **params)(*args)
-        return (out[0] if S == 1 else out.sum(0)).astype(out_dtype)
     has_xsum = zeros is not None or mins is not None or (bits == 4 and _nibble_bias(_compute_dtype(x.dtype)) != 0)
     args = [a for a in (zeros, mins) if a is not None]
     if has_xsum:  # the zero points' (and minimums') share needs x's sum over each sub-block
         args.append(x.astype(jnp.float32).reshape(M, K // kb, kb).sum(-1))
     if x_scale is not None:
         args.append(x_scale.astype(jnp.float32))
-    args = [xq, q, scales, *args]
+    if bits == 4:  # even and odd columns of x: the low and high nibbles' inputs
+        x = jnp.stack([x[:, 0::2], x[:, 1::2]])  # [2, M, K / 2]
+    args = [x, q, scales, *args]
+    out_dtype = out_dtype or jnp.float32
     kernel = functools.partial(_kernel, bits=bits, group=group, bm=bm, bn=bn, bk=bk, kb=kb, k_iters=K // (S * bk),
                                M=M, N=N, has_zeros=zeros is not None, has_mins=mins is not None, has_xsum=has_xsum,
                                has_x_scale=x_scale is not None, weights_first=weights_first)
-    out = pl.pallas_call(kernel, grid=(pl.cdiv(M, bm), pl.cdiv(N, bn), S), name=f"quant_matmul_w{bits}",
-                         **params)(*args)
+    part_dtype = out_dtype if S == 1 else jnp.float32
+    out = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(M, bm), pl.cdiv(N, bn), S),
+        out_shape=jax.ShapeDtypeStruct((S, M, N), part_dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
+        interpret=interpret,
+        name=f"quant_matmul_w{bits}",
+    )(*args)
     return (out[0] if S == 1 else out.sum(0)).astype(out_dtype)

@@ -54,24 +54,6 @@ def test_kernel_matches_reference(M, N, K, bits, group, zeros, mins, x_scale, qk
     got = np.asarray(quant_matmul(*args, bits=bits, group=group, interpret=True, **tiles))
     want = np.asarray(op_reference(*args, bits=bits, group=group))
     assert got.shape == (M, N) and got.dtype == np.float32
-    _assert_close(got, want, dtype, bits)
-
-
-# the multiply-add form over the same cases (its tiles: no row block, no weights-first)
-GEMV_CASES = [c[:-1] + ({k: v for k, v in c[-1].items() if k != "weights_first"},) for c in CASES if c[0] <= 8]
-
-
-@pytest.mark.parametrize("M,N,K,bits,group,zeros,mins,x_scale,qkind,dtype,tiles", GEMV_CASES)
-def test_gemv_kernel_matches_reference(M, N, K, bits, group, zeros, mins, x_scale, qkind, dtype, tiles):
-    rng = np.random.default_rng(M * 1000 + K + bits + 7)
-    args = _inputs(rng, M, N, K, bits, group, zeros, mins, x_scale, qkind, dtype)
-    got = np.asarray(quant_matmul(*args, bits=bits, group=group, interpret=True, gemv=True, **tiles))
-    want = np.asarray(op_reference(*args, bits=bits, group=group))
-    assert got.shape == (M, N) and got.dtype == np.float32
-    _assert_close(got, want, jnp.float32, bits)  # float32 multiply-adds of exact (q - z) values: no bias
-
-
-def _assert_close(got, want, dtype, bits):
     # float32 sums in another order; the 4-bit bf16 / f16 path adds a bias of 128 / 1024 to each value first
     tol = 1e-5 if dtype == jnp.float32 or bits == 8 else (3e-5 if dtype == jnp.bfloat16 else 2e-4)
     np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max(), rtol=0)
@@ -114,27 +96,17 @@ def _weight(scheme, rng, out=(3, 32), I=256):
     return quant.to_device_form(h, (I,)), w
 
 
-def _expected_form(scheme, T):
-    kind = "fp8" if scheme == "fp8" else "int"
-    if T <= quant.GPU_GEMV_MAX_TOKENS[kind]:
-        return "gemv"
-    lo = quant.GPU_KERNEL_MIN_TOKENS_4BIT if scheme == "int4" else 1
-    return "dot" if lo <= T <= quant.GPU_KERNEL_MAX_TOKENS[kind] else None
-
-
-@pytest.mark.parametrize("scheme,T,gemv", [("int4", 1, 0), ("int4", 2, 0), ("int4", 16, 0), ("int8", 1, 0),
-                                           ("int8", 64, 0), ("fp8", 1, 0), ("int4", 80, 0), ("int8", 80, 0),
-                                           ("fp8", 32, 0), ("int4", 1, 4), ("int8", 3, 4), ("fp8", 2, 4)])
-def test_qmatmul_gpu_dispatch_matches_reference(scheme, T, gemv, monkeypatch):
+@pytest.mark.parametrize("scheme,T", [("int4", 1), ("int4", 2), ("int4", 16), ("int8", 1), ("int8", 64), ("fp8", 1),
+                                      ("int4", 80), ("int8", 80), ("fp8", 32)])
+def test_qmatmul_gpu_dispatch_matches_reference(scheme, T):
     """quant.qmatmul on the GPU path gives the reference's product, for the engine's on-the-fly schemes: T within
-    GPU_KERNEL_MAX_TOKENS takes the kernel (interpreted; within GPU_GEMV_MAX_TOKENS, set here to 0 or 4, its
-    multiply-add form), larger steps XLA's forms (dequantized_dot for int4's groups, scaled_after_dot per channel,
-    fp8_dot)."""
-    monkeypatch.setattr(quant, "GPU_GEMV_MAX_TOKENS", {"int": gemv, "fp8": gemv})
+    GPU_KERNEL_MAX_TOKENS takes the kernel (interpreted), larger steps XLA's forms (dequantized_dot for int4's
+    groups, scaled_after_dot per channel, fp8_dot)."""
     rng = np.random.default_rng(T)
     qw, _ = _weight(scheme, rng)
     qw = jax.tree.map(jnp.asarray, qw)
-    assert quant._gpu_kernel(qw, T, "gpu") == _expected_form(scheme, T)
+    lo = quant.GPU_KERNEL_MIN_TOKENS_4BIT if scheme == "int4" else 1
+    assert quant._gpu_kernel(qw, T, "gpu") == (lo <= T <= quant.GPU_KERNEL_MAX_TOKENS["fp8" if scheme == "fp8" else "int"])
     x = jnp.asarray(rng.standard_normal((T, 256)), jnp.bfloat16)
     got = np.asarray(quant.qmatmul(x, qw, backend="gpu", interpret=True), np.float32)
     xr = x if qw.act is None else quant.quantize_activations(x, qw.act)
@@ -174,20 +146,8 @@ def test_gpu_kernel_dispatch_rules():
     w8a8 = dataclasses.replace(i8, act="int8")
     assert quant._gpu_kernel(w8a8, 1, "gpu") and not quant._gpu_kernel(dataclasses.replace(w8a8, act_group=128), 1, "gpu")
     fp8, _ = _weight("fp8", rng)
-    assert bool(quant._gpu_kernel(fp8, 1, "gpu")) == (max(quant.GPU_KERNEL_MAX_TOKENS["fp8"],
-                                                          quant.GPU_GEMV_MAX_TOKENS["fp8"]) >= 1)
-    assert not quant._gpu_kernel(fp8, max(quant.GPU_KERNEL_MAX_TOKENS["fp8"], quant.GPU_GEMV_MAX_TOKENS["fp8"]) + 1,
-                                 "gpu")
-
-
-def test_gpu_kernel_forms_by_step_size(monkeypatch):
-    rng = np.random.default_rng(8)
-    monkeypatch.setattr(quant, "GPU_GEMV_MAX_TOKENS", {"int": 4, "fp8": 2})
-    monkeypatch.setattr(quant, "GPU_KERNEL_MAX_TOKENS", {"int": 64, "fp8": 0})
-    qw, _ = _weight("int4", rng)
-    assert [quant._gpu_kernel(qw, t, "gpu") for t in (1, 4, 5, 64, 65)] == ["gemv", "gemv", "dot", "dot", None]
-    fp8, _ = _weight("fp8", rng)
-    assert [quant._gpu_kernel(fp8, t, "gpu") for t in (1, 2, 3)] == ["gemv", "gemv", None]
+    assert quant._gpu_kernel(fp8, 1, "gpu") == (quant.GPU_KERNEL_MAX_TOKENS["fp8"] >= 1)  # cuBLASLt's fp8 GEMM
+    assert not quant._gpu_kernel(fp8, quant.GPU_KERNEL_MAX_TOKENS["fp8"] + 1, "gpu")
 
 
 @pytest.mark.parametrize("act", ["int8", "fp8"])
