@@ -65,8 +65,15 @@ def forbid_compiles():
         raise AssertionError(f"{after - before} compilation(s) happened where none may")
 
 
-def enable_persistent_cache(directory: str) -> None:
-    """XLA's persistent compilation cache: a warm start loads executables instead of compiling them."""
+def enable_persistent_cache(directory: str) -> bool:
+    """XLA's persistent compilation cache: a warm start loads executables instead of compiling them. Only in a
+    directory private to this user, with every entry signed (cache_trust); False (a warning, and the cache stays
+    off) otherwise."""
+    from jaxinfer import cache_trust
+
+    if not cache_trust.sign_jax_cache(directory):
+        return False
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return True

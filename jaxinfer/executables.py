@@ -13,7 +13,9 @@ again. On CPU only programs XLA compiled in this process are saved (XLA:CPU re-s
 cache without its code).
 
 Layout: <compilation cache dir>/executables/p<process index>-<fingerprint>/<program>.jxe. The files are pickles (as
-jax's format is): keep the cache directory as private as the code you run. A start that saves a new configuration
+jax's format is), so the store is used only in a directory private to this user, and each file is signed with the
+directory's key and checked before it is unpickled (cache_trust): a file this store did not write is never loaded.
+A start that saves a new configuration
 deletes all but its process's KEEP most recently used configurations' folders (each load marks its folder used);
 any folder can also be deleted by hand.
 """
@@ -33,12 +35,13 @@ from pathlib import Path
 import jax
 from jax.experimental import serialize_executable
 
+from jaxinfer import cache_trust
 from jaxinfer.config import CONFIGS_DIR
 
 FOLDER = "executables"
 SUFFIX = ".jxe"
 KEEP = 8  # configurations kept (an 8B model's programs: ~30 MB)
-_FORMAT = 1  # bump when the file layout changes
+_FORMAT = 2  # bump when the file layout changes (2: signed files)
 
 
 def _source_roots() -> list[Path]:
@@ -98,17 +101,26 @@ class ExecutableStore:
         self._prefix = f"p{jax.process_index()}-"
         self.path = Path(cache_dir) / FOLDER / (self._prefix + fingerprint)
         self.devices = list(devices)  # the devices the programs run on, in their compiled order
+        self._key = cache_trust.signing_key(cache_dir)  # None: the directory is not private; nothing saved or loaded
         self._write_failed = self._used = self._pruned = False
 
     def load(self, key):
         """The compiled program saved under `key`, or None (not saved, or unreadable: dropped with a warning)."""
+        if self._key is None:
+            return None
         path = self.path / (program_name(key) + SUFFIX)
         try:
-            blob = path.read_bytes()
+            data = path.read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as e:
             warnings.warn(f"saved program {path.name} not read ({e}); compiling it", stacklevel=2)
+            return None
+        blob = cache_trust.verify(self._key, path.name, data)
+        if blob is None:  # not written by this store (or damaged): never unpickled
+            warnings.warn(f"saved program {path} could not be loaded (its signature does not match this cache's key); "
+                          "compiling it and replacing the file", stacklevel=2)
+            path.unlink(missing_ok=True)
             return None
         try:
             exe, in_tree, out_tree = pickle.loads(blob)
@@ -133,10 +145,12 @@ class ExecutableStore:
         without its machine code (it fails at its first run, "Function ... not found"), so off GPUs only fresh
         compiles are saved; a GPU executable serialises the same either way.
         """
-        if self._write_failed or not (fresh or self.devices[0].platform in ("gpu", "cuda", "rocm")):
+        if self._key is None or self._write_failed or not (fresh or self.devices[0].platform in ("gpu", "cuda", "rocm")):
             return
         try:
-            blob = pickle.dumps(serialize_executable.serialize(compiled), protocol=pickle.HIGHEST_PROTOCOL)
+            name = program_name(key) + SUFFIX
+            blob = cache_trust.sign(self._key, name, pickle.dumps(serialize_executable.serialize(compiled),
+                                                                  protocol=pickle.HIGHEST_PROTOCOL))
             self.path.mkdir(parents=True, exist_ok=True)
             if not self._pruned:
                 self._pruned = True
@@ -145,7 +159,7 @@ class ExecutableStore:
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(blob)
-                os.replace(tmp, self.path / (program_name(key) + SUFFIX))
+                os.replace(tmp, self.path / name)
             except BaseException:
                 os.unlink(tmp)
                 raise

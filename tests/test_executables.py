@@ -12,7 +12,7 @@ import jax
 import pytest
 from conftest import TINY_ENGINE_OPTIONS
 
-from jaxinfer import executables
+from jaxinfer import cache_trust, compile_guard, executables
 from jaxinfer.sampling_params import SamplingParams
 
 OPTS = dict(TINY_ENGINE_OPTIONS, token_buckets=(4, 16), seq_buckets=(1, 4), max_num_seqs=4, num_pages=40,
@@ -117,10 +117,11 @@ def test_programs_loaded_from_jax_cache_are_not_saved_on_cpu(cold, tiny_llama_di
 
 def test_an_unwritable_store_warns_once_and_the_program_still_runs(cold, tmp_path):
     llm, _, _ = cold
-    blocker = tmp_path / "file"
-    blocker.write_text("")
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    (cache / executables.FOLDER).write_text("")  # the store's folder would be under a file
     devices = executables.devices_of(llm.engine.runner.params, None)
-    store = executables.ExecutableStore(blocker, "x", devices)  # its folder would be under a file
+    store = executables.ExecutableStore(cache, "x", devices)
     exe = llm.engine.runner.compiled_samplers[(1, "greedy")]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -168,6 +169,7 @@ def test_saving_a_new_configuration_keeps_only_the_most_recently_used(cold, tmp_
     exe = llm.engine.runner.compiled_samplers[(1, "greedy")]
     executables.ExecutableStore(tmp_path / "elsewhere", "x", devices).save((1, "greedy"), exe)
     shutil.copy(tmp_path / "elsewhere" / executables.FOLDER / "p0-x" / "1-greedy.jxe", root / "p0-old0")
+    shutil.copy(tmp_path / "elsewhere" / cache_trust.KEY_FILE, tmp_path / cache_trust.KEY_FILE)  # the same signer
     os.utime(root / "p0-old0", (1_000_000, 1_000_000))
     assert executables.ExecutableStore(tmp_path, "old0", devices).load((1, "greedy")) is not None  # marks old0 used
     store = executables.ExecutableStore(tmp_path, "new", devices)
@@ -175,3 +177,80 @@ def test_saving_a_new_configuration_keeps_only_the_most_recently_used(cold, tmp_
     kept = sorted(p.name for p in root.iterdir())
     assert kept == sorted(["p0-new", "p0-old0", "p1-other"] + [f"p0-old{i}" for i in range(4, executables.KEEP + 2)])
     assert store.load((1, "greedy")) is not None
+
+
+class _Payload:
+    """Unpickling this runs code: it writes the marker file (what a planted pickle would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_file_this_store_did_not_write_is_never_unpickled(cold, tmp_path):
+    import pickle
+
+    llm, _, cache = cold
+    devices = executables.devices_of(llm.engine.runner.params, None)
+    store = executables.ExecutableStore(cache, "planted", devices)
+    store.path.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    raw = pickle.dumps(_Payload(marker))
+    key = (cache / cache_trust.KEY_FILE).read_bytes()
+    for name, data in [("1-greedy", raw),  # a bare pickle
+                       ("4-greedy", cache_trust.MAGIC + bytes(32) + raw),  # a made-up signature
+                       ("16-greedy", cache_trust.sign(b"another key" * 3, "16-greedy.jxe", raw)),  # another cache's
+                       ("1-random", cache_trust.sign(key, "4-random.jxe", raw))]:  # this key, another file's name
+        (store.path / (name + executables.SUFFIX)).write_bytes(data)
+        with pytest.warns(UserWarning, match="signature does not match"):
+            assert store.load(tuple(name.split("-"))) is None
+        assert not marker.exists() and not (store.path / (name + executables.SUFFIX)).exists()
+    assert pickle.loads(cache_trust.verify(key, "x.jxe", cache_trust.sign(key, "x.jxe", raw))) is not None
+    assert marker.exists()  # the payload does run when unpickled: the checks above are what kept it out
+
+
+def test_jax_cache_entries_are_signed(cold):
+    _, _, cache = cold
+    entries = list(cache.glob("*-cache"))
+    key = (cache / cache_trust.KEY_FILE).read_bytes()
+    assert entries and all(f.read_bytes().startswith(cache_trust.MAGIC) for f in entries)
+    f = entries[0]
+    assert cache_trust.verify(key, f.name.removesuffix("-cache"), f.read_bytes()) is not None
+    tampered = bytearray(f.read_bytes())
+    tampered[-1] ^= 1
+    assert cache_trust.verify(key, f.name.removesuffix("-cache"), bytes(tampered)) is None
+
+
+@pytest.mark.parametrize("how", ["group-writable", "other user's"])
+def test_a_cache_directory_others_control_is_refused(cold, tmp_path, monkeypatch, how):
+    llm, _, _ = cold
+    cache = tmp_path / "shared"
+    cache.mkdir()
+    if how == "group-writable":
+        cache.chmod(0o775)
+    else:
+        monkeypatch.setattr(os, "getuid", lambda: os.stat(cache).st_uid + 1)
+    devices = executables.devices_of(llm.engine.runner.params, None)
+    with pytest.warns(UserWarning, match="not used: (writable by its group|owned by another user)"):
+        store = executables.ExecutableStore(cache, "x", devices)
+    store.save((1, "greedy"), llm.engine.runner.compiled_samplers[(1, "greedy")])
+    assert store.load((1, "greedy")) is None and not (cache / executables.FOLDER).exists()
+    assert not (cache / cache_trust.KEY_FILE).exists()
+    before = jax.config.jax_compilation_cache_dir
+    assert compile_guard.enable_persistent_cache(str(cache)) is False
+    assert jax.config.jax_compilation_cache_dir == before
+    assert cache_trust.unsafe_reason("gs://bucket/cache") is not None
+
+
+def test_a_new_cache_directory_is_private_and_its_key_too(tmp_path):
+    d = tmp_path / "new" / "cache"
+    assert cache_trust.unsafe_reason(str(d)) is None
+    assert (d.stat().st_mode & 0o777) == 0o700
+    key = cache_trust.signing_key(str(d))
+    assert len(key) == 32 and cache_trust.signing_key(str(d)) == key
+    assert ((d / cache_trust.KEY_FILE).stat().st_mode & 0o777) == 0o600
+    (d / cache_trust.KEY_FILE).chmod(0o644)  # readable by others: no longer a secret
+    with pytest.warns(UserWarning, match="signing key"):
+        assert cache_trust.signing_key(str(d)) is None
