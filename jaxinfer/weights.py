@@ -137,6 +137,24 @@ _ST_DTYPES = {
 }
 
 
+def _check_tensor_entry(key, info, data_bytes: int) -> None:
+    """One safetensors header entry: a known dtype, a shape of non-negative ints, offsets inside the data whose
+    span is the shape's byte size (Python ints: no overflow)."""
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        raise ValueError(f"tensor {key!r}: not a tensor entry")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and len(shape) <= 8
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 48 for d in shape)):
+        raise ValueError(f"tensor {key!r}: bad shape {shape!r}"[:200])
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        raise ValueError(f"tensor {key!r}: data offsets {offsets!r} outside the file's {data_bytes} data bytes"[:200])
+    dtype = _ST_DTYPES.get(info["dtype"])
+    if dtype is not None and offsets[1] - offsets[0] != math.prod(shape) * np.dtype(dtype).itemsize:
+        raise ValueError(f"tensor {key!r} is truncated or its offsets are corrupt")
+
+
 class SafetensorsSource:
     """Reads tensors from *.safetensors files (memory-mapped), following model.safetensors.index.json if present."""
 
@@ -162,17 +180,24 @@ class SafetensorsSource:
 
     @staticmethod
     def _header(path: Path) -> tuple[dict, int]:
+        """The file's tensor table and where its data starts; every size in it checked against the file before
+        anything is read or mapped (a corrupt or hostile header is a ValueError naming the file)."""
         if not path.is_file():
             raise FileNotFoundError(f"safetensors file {path} (named in the index) is missing")
+        size = path.stat().st_size
         try:
             with open(path, "rb") as fh:
                 (n,) = struct.unpack("<Q", fh.read(8))
-                if n > 100_000_000:
-                    raise ValueError("header too large")
+                if n > min(100_000_000, size - 8):
+                    raise ValueError(f"a header of {n} bytes in a file of {size}")
                 header = json.loads(fh.read(n))
-        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                _check_tensor_entry(key, info, size - 8 - n)
+        except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as e:
             raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-        header.pop("__metadata__", None)
         return header, 8 + n
 
     def keys(self):
@@ -191,10 +216,7 @@ class SafetensorsSource:
         dtype = _ST_DTYPES.get(info["dtype"])
         if dtype is None:
             raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        count = int(np.prod(info["shape"], dtype=np.int64))
-        if end - start != count * np.dtype(dtype).itemsize or base + end > path.stat().st_size:
-            raise ValueError(f"{path}: tensor {key!r} is truncated or its offsets are corrupt")
+        start, end = info["data_offsets"]  # checked against the file's size with the header
         mm = np.memmap(path, dtype=np.uint8, mode="r", offset=base + start, shape=(end - start,))
         return mm.view(dtype).reshape(info["shape"])
 
@@ -214,6 +236,11 @@ class GGUFSource:
         except Exception as e:  # the gguf package raises assorted errors on bad files
             raise ValueError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
         self.tensors = {t.name: t for t in self.reader.tensors}
+        size = self.path.stat().st_size
+        for t in self.reader.tensors:  # sizes from the header, against the file, before anything is read
+            if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+                raise ValueError(f"{self.path}: tensor {t.name!r} ({t.n_bytes} bytes at {t.data_offset}) lies past "
+                                 f"the end of the file ({size} bytes): truncated or corrupt")
         self._dequantize = gguf.quants.dequantize
 
     def keys(self):

@@ -117,3 +117,68 @@ def test_preset_needs_dummy_format():
     assert ModelConfig.from_preset("llama-3.1-8b").rope_scaling.kind == "llama3"
     with pytest.raises(ValueError, match="unknown model preset"):
         ModelConfig.from_preset("no-such-model")
+
+
+def _safetensors(path, header: bytes, data: bytes = b"\0" * 64, n=None):
+    path.write_bytes((len(header) if n is None else n).to_bytes(8, "little") + header + data)
+    return path
+
+
+@pytest.mark.parametrize("header,n", [
+    (b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}', 2**63),  # a header "longer" than the file
+    (b'[1, 2, 3]', None),  # not an object
+    (b'{"w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}', None),
+    (b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 99999999999]}}', None),  # past the end
+    (b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}}', None),
+    (b'{"w": {"dtype": "F32", "shape": [1099511627776, 1099511627776], "data_offsets": [0, 0]}}', None),  # int64 wraps
+    (b'{"w": {"dtype": "F32", "shape": "4", "data_offsets": [0, 16]}}', None),
+    (b'{"w": {"dtype": "F32", "shape": [4]}}', None),
+    (b'{"w": 7}', None),
+    (b'{"w": ' + b"[" * 100000 + b"]" * 100000 + b"}", None),  # nesting past the parser's recursion limit
+])
+def test_hostile_safetensors_headers_are_value_errors(tmp_path, header, n):
+    _safetensors(tmp_path / "model.safetensors", header, n=n)
+    with pytest.raises(ValueError, match="model.safetensors"):
+        src = SafetensorsSource(tmp_path)
+        for k in src.keys():
+            src.get(k)
+
+
+def test_mutated_gguf_files_are_value_errors_or_load(tmp_path):
+    """Random byte flips in a small GGUF's header and tables: each file loads or is a ValueError naming it, in
+    bounded time (no hang, no other exception, no allocation from a count the file cannot hold)."""
+    import time
+
+    import gguf
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_token_list([f"t{i}" for i in range(64)])
+    w.add_context_length(128)
+    for i in range(4):
+        w.add_tensor(f"blk.{i}.w", np.arange(256, dtype=np.float32).reshape(16, 16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    good = path.read_bytes()
+    head = good.find(b"blk.3.w") + 64  # the header, the key/values and the tensor table
+    rng = np.random.default_rng(0)
+    outcomes = {"loaded": 0, "refused": 0}
+    for trial in range(60):
+        bad = bytearray(good)
+        for pos in rng.integers(4, head, size=rng.integers(1, 4)):
+            bad[pos] = rng.integers(0, 256) if trial % 2 else 0xFF  # 0xFF bytes: huge counts and lengths
+        p = tmp_path / f"bad{trial}.gguf"
+        p.write_bytes(bytes(bad))
+        t0 = time.monotonic()
+        try:
+            src = GGUFSource(p)
+            for k in src.keys():
+                src.get(k)
+            outcomes["loaded"] += 1
+        except ValueError as e:
+            assert p.name in str(e)
+            outcomes["refused"] += 1
+        assert time.monotonic() - t0 < 5
+    assert outcomes["refused"] > 10
