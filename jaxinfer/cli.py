@@ -327,8 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv = serve.add_argument_group("server options")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
-    srv.add_argument("--api-key", metavar="KEY", default=os.environ.get("JAXINFER_API_KEY"),
-                     help="require `Authorization: Bearer KEY` on /v1 routes (default: $JAXINFER_API_KEY)")
+    srv.add_argument("--api-key", metavar="KEY", action="append",
+                     help="require `Authorization: Bearer KEY` on /v1 routes; repeat for several keys (default: "
+                          "$JAXINFER_API_KEY, several separated by commas)")
+    srv.add_argument("--api-key-file", metavar="PATH",
+                     help="more keys, one per line (blank lines and # comments ignored); keep it private")
     srv.add_argument("--served-model-name", metavar="NAME",
                      help="the model id clients send (default: the --model path, or the default model's name)")
     srv.add_argument("--max-n", type=_positive_int, default=8, metavar="N",
@@ -346,6 +349,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def api_keys_from_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """--api-key (repeated), else $JAXINFER_API_KEY (comma-separated), plus --api-key-file's lines."""
+    keys = list(args.api_key or [k for k in os.environ.get("JAXINFER_API_KEY", "").split(",")])
+    if args.api_key_file:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--api-key-file: cannot read {args.api_key_file} ({e})") from None
+        if os.name == "posix" and os.stat(args.api_key_file).st_mode & 0o077:
+            print(f"warning: --api-key-file {args.api_key_file} is readable by others; `chmod 600` it",
+                  file=sys.stderr)
+        keys += [ln for ln in (line.strip() for line in lines) if ln and not ln.startswith("#")]
+        if not any(k.strip() for k in keys):
+            raise UsageError(f"--api-key-file: {args.api_key_file} holds no key")
+    return tuple(dict.fromkeys(k.strip() for k in keys if k.strip()))
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -357,7 +378,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--port: must be in [0, 65535], got {args.port}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = args.served_model_name or args.model or "SmolLM2-135M-Instruct"
-    config = ServerConfig(model_name=name, api_key=args.api_key or None, max_n=args.max_n,
+    config = ServerConfig(model_name=name, api_keys=api_keys_from_args(args), max_n=args.max_n,
                           max_body_size=parse_bytes(args.max_body_size),
                           max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout)
 

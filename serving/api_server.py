@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import hmac
 import json
 import logging
@@ -37,7 +38,8 @@ logger = logging.getLogger("jaxinfer.serving")
 @dataclass
 class ServerConfig:
     model_name: str = "jaxinfer"
-    api_key: str | None = None
+    api_key: str | None = None  # one key; api_keys for several (a request may present any of them)
+    api_keys: tuple[str, ...] = ()
     max_n: int = 8
     max_body_size: int = 1 << 20
     max_queued_requests: int = 256
@@ -51,6 +53,7 @@ class ServerState:
     def __init__(self, engine: AsyncEngine, config: ServerConfig):
         self.engine = engine
         self.config = config
+        self.key_digests = key_digests(config)
         self.metrics = Metrics(engine)
         self.draining = False
         engine.on_output = self.metrics.on_output
@@ -119,13 +122,26 @@ async def error_middleware(request: web.Request, handler):
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
-    key = _state(request).config.api_key
-    if key and request.path.startswith("/v1"):
+    state = _state(request)
+    if state.key_digests and request.path.startswith("/v1"):
         got = request.headers.get("Authorization", "")
-        token = got[7:] if got[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(token.encode(), key.encode()):
+        if not key_matches(got[7:] if got[:7].lower() == "bearer " else "", state.key_digests):
             raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
     return await handler(request)
+
+
+def key_digests(config: ServerConfig) -> tuple[bytes, ...]:
+    return tuple(hashlib.sha256(k.encode()).digest() for k in (*config.api_keys, config.api_key) if k)
+
+
+def key_matches(token: str, digests: tuple[bytes, ...]) -> bool:
+    """Whether `token` is one of the keys, in time independent of which key, how much of one matched, or its length:
+    fixed-length digests, each compared in constant time, no early exit."""
+    mine = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+    ok = False
+    for d in digests:
+        ok |= hmac.compare_digest(mine, d)
+    return ok and bool(token)
 
 
 # -- helpers --------------------------------------------------------------------------------------------------

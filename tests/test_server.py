@@ -971,3 +971,29 @@ def test_request_text_that_spells_control_tokens_stays_text(server, client):
                                        extra_body={"parse_special_tokens": True})
     assert r.usage.prompt_tokens == len(parsed)
     assert post(server, C, {"model": MODEL, "prompt": "hi", "parse_special_tokens": "yes"}).status_code == 400
+
+
+def test_several_api_keys_any_one_admits(tmp_path, monkeypatch):
+    from jaxinfer import cli
+    from serving.api_server import key_digests, key_matches
+
+    digests = key_digests(ServerConfig(api_key="first-key", api_keys=("second-key", "third-key")))
+    assert all(key_matches(k, digests) for k in ("first-key", "second-key", "third-key"))
+    assert not any(key_matches(k, digests) for k in ("", "first-ke", "first-key ", "second-keyx", "x" * 10000))
+    assert not key_digests(ServerConfig())  # no key: the routes are open
+
+    key_file = tmp_path / "keys"
+    key_file.write_text("# team keys\nalpha-111\n\n  beta-222  \n")
+    key_file.chmod(0o600)
+    parse = lambda *a: cli.api_keys_from_args(cli.build_parser().parse_args(["serve", *a]))  # noqa: E731
+    monkeypatch.setenv("JAXINFER_API_KEY", "env-1,env-2")
+    assert parse() == ("env-1", "env-2")
+    assert parse("--api-key", "k1", "--api-key", "k2") == ("k1", "k2")  # flags replace the environment's
+    assert parse("--api-key", "k1", "--api-key-file", str(key_file)) == ("k1", "alpha-111", "beta-222")
+    monkeypatch.delenv("JAXINFER_API_KEY")
+    assert parse() == ()
+    (tmp_path / "empty").write_text("# nothing\n")
+    with pytest.raises(cli.UsageError, match="holds no key"):
+        parse("--api-key-file", str(tmp_path / "empty"))
+    with pytest.raises(cli.UsageError, match="cannot read"):
+        parse("--api-key-file", str(tmp_path / "missing"))
