@@ -352,7 +352,27 @@ def measure_throughput(eng, input_lens, output_lens, args, rng) -> dict:
         "engine_steps": r["steps"], "steps_by_bucket": r["steps_by_bucket"], "preemptions": stats1["preemptions"] - stats0["preemptions"],
         "prefix_cache_hit_tokens": stats1["prefix_cache_hits"] - stats0["prefix_cache_hits"],
         "compiles_while_measured": eng.num_compiles_since_ready - compiles0, "gc": gc_stats,
+        "speculation": spec_delta(stats0, stats1) if eng.ecfg.speculative_config else None,
     }
+
+
+def spec_delta(before: dict, after: dict) -> dict:
+    """Speculative decoding while measured (Engine.spec_stats between two snapshots): draft tokens proposed and
+    accepted, overall and per draft position."""
+    per = lambda key: [b - a for a, b in zip(before[key] + [0] * len(after[key]), after[key])]  # noqa: E731
+    proposed, accepted = per("spec_proposed_per_position"), per("spec_accepted_per_position")
+    return {"verify_runs": after["spec_verify_runs"] - before["spec_verify_runs"],
+            "draft_tokens": sum(proposed), "accepted_tokens": sum(accepted),
+            "acceptance_rate": sum(accepted) / sum(proposed) if sum(proposed) else 0.0,
+            "proposed_per_position": proposed, "accepted_per_position": accepted}
+
+
+def _spec_line(sp: dict | None) -> list[str]:
+    if sp is None:
+        return []
+    per = ", ".join(f"{a / p:.2f}" if p else "-" for a, p in zip(sp["accepted_per_position"], sp["proposed_per_position"]))
+    return [f"speculative decoding while measured: {sp['verify_runs']} verify runs, {sp['draft_tokens']} draft tokens, "
+            f"{sp['accepted_tokens']} accepted ({sp['acceptance_rate']:.0%}); acceptance per draft position: {per or '-'}"]
 
 
 @contextlib.contextmanager
@@ -401,11 +421,11 @@ def percentiles(xs: list[float], scale: float = 1.0) -> dict:
 
 def measure_latency(eng, input_lens, output_lens, args, rng) -> dict:
     params = [greedy(n, args.ignore_eos) for n in output_lens]
-    compiles0 = None
+    compiles0 = stats0 = None
     batches, ttft, tpot, stopped_early = [], [], [], 0
     for i in range(args.num_iters_warmup + args.num_iters):
         if i == args.num_iters_warmup:
-            compiles0 = eng.num_compiles_since_ready
+            compiles0, stats0 = eng.num_compiles_since_ready, eng.stats()
         with profiled(args.profile if i == args.num_iters_warmup else None):  # the first measured iteration
             r = run_all(eng, make_prompts(input_lens, eng.cfg.vocab_size, rng), params)
         if i < args.num_iters_warmup:
@@ -423,6 +443,7 @@ def measure_latency(eng, input_lens, output_lens, args, rng) -> dict:
         "latency_s": percentiles(batches), "ttft_ms": percentiles(ttft, 1e3), "tpot_ms": percentiles(tpot, 1e3),
         "iteration_latencies_s": batches, "requests_stopped_early": stopped_early,
         "compiles_while_measured": eng.num_compiles_since_ready - compiles0,
+        "speculation": spec_delta(stats0, eng.stats()) if eng.ecfg.speculative_config else None,
     }
 
 
@@ -610,6 +631,7 @@ def format_table(report: dict) -> str:
         if g:
             out.append(f"python garbage collector while measured: {g['collections']} passes ({g['full_collections']} "
                        f"full), {g['seconds'] * 1e3:.0f} ms, longest {g['longest_ms']:.1f} ms")
+        out += _spec_line(res.get("speculation"))
     else:
         out.append(f"batch of {res['batch_size']}, {res['num_iters']} measured iterations after "
                    f"{res['num_iters_warmup']} warm-up; {res['compiles_while_measured']} compilations while measured")
@@ -617,6 +639,7 @@ def format_table(report: dict) -> str:
                       [[name] + [_f(res[key][k], spec) for k in ("mean", "p50", "p90", "p99")]
                        for name, key, spec in (("batch latency s", "latency_s", ".3f"), ("TTFT ms", "ttft_ms", ".1f"),
                                                ("TPOT ms", "tpot_ms", ".2f"))])
+        out += _spec_line(res.get("speculation"))
     if report["notes"]:
         out += [""] + [n if n.startswith("warning:") else f"note: {n}" for n in report["notes"]]
     return "\n".join(out)

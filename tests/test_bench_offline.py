@@ -128,6 +128,7 @@ def test_throughput_makes_exactly_the_asked_tokens(tiny_llama_dir, tmp_path, cap
     assert r["num_requests"] == 6 and r["output_tokens"] == r["requested_output_tokens"] == 6 * 5
     assert r["prompt_tokens"] == 6 * 8 and r["requests_stopped_early"] == 0
     assert r["compiles_while_measured"] == 0 and r["elapsed_s"] > 0 and r["engine_steps"] >= 5
+    assert r["speculation"] is None
     assert r["requests_per_s"] == pytest.approx(6 / r["elapsed_s"])
     assert r["total_tokens_per_s"] == pytest.approx((48 + 30) / r["elapsed_s"])
     ctx = rep["context"]
@@ -140,6 +141,22 @@ def test_throughput_makes_exactly_the_asked_tokens(tiny_llama_dir, tmp_path, cap
     assert rep["workload"]["input_lens"] == [8] * 6 and rep["engine_config"]["max_model_len"] == 64
     out = capsys.readouterr().out
     assert out.lstrip().startswith("jaxinfer bench throughput") and "output tok/s" in out and "this process" in out
+
+
+def test_throughput_reports_speculation(tiny_llama_dir, tmp_path, capsys):
+    out_json = tmp_path / "tp.json"
+    spec = '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1, "prompt_lookup_max": 2}'
+    rc = cli.main(["bench", "throughput", "--model", str(tiny_llama_dir[0]), "--num-prompts", "4", "--input-len", "8",
+                   "--output-len", "24", "--ignore-eos", "--json-out", str(out_json), "--no-compilation-cache",
+                   "--speculative-config", spec, *TINY_FLAGS])
+    assert rc == 0
+    r = json.loads(out_json.read_text())["results"]
+    sp = r["speculation"]
+    assert r["output_tokens"] == 4 * 24 and r["compiles_while_measured"] == 0
+    assert len(sp["proposed_per_position"]) == 2 and sp["draft_tokens"] == sum(sp["proposed_per_position"]) > 0
+    assert 0 <= sp["accepted_tokens"] == sum(sp["accepted_per_position"]) <= sp["draft_tokens"]
+    assert sp["proposed_per_position"][0] == sp["verify_runs"] >= sp["proposed_per_position"][1]
+    assert "speculative decoding while measured" in capsys.readouterr().out
 
 
 def test_latency_reports_percentiles(tiny_llama_dir, tmp_path, capsys):
