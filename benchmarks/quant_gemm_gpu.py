@@ -143,8 +143,8 @@ def main(argv=None) -> int:
 
     # 2. tiles at M = 1 (the batch-1 decode GEMV)
     if not args.no_sweep:
-        grid = dict(block_n=[32, 64, 128], block_k=[128, 256, 512], num_stages=[4], num_warps=[4],
-                    weights_first=[False, True])
+        grid = dict(block_n=[64, 128], block_k=[256, 512], num_stages=[4], num_warps=[4],
+                    weights_first=[False, True], bytes_via_f32=[False, True])
         for scheme, (name, K, N), M in itertools.product(
                 args.sweep_schemes.split(","), [s for s in shapes if s[0] in args.sweep_shapes.split(",")],
                 [int(m) for m in args.sweep_ms.split(",")]):
@@ -154,7 +154,8 @@ def main(argv=None) -> int:
             x = jax.random.normal(jax.random.PRNGKey(1), (M, K), jnp.bfloat16)
             for vals in itertools.product(*grid.values()):
                 cfg = dict(zip(grid, vals))
-                if K % cfg["block_k"] or (scheme == "int4" and cfg["block_k"] < 128):
+                if K % cfg["block_k"] or (scheme == "int4" and cfg["block_k"] < 128) or \
+                        (cfg["bytes_via_f32"] and scheme != "int8"):  # only integer bytes take that path
                     continue
                 try:
                     dt, _ = time_chain(kernel_fn(interpret, **cfg), x, ws, args.reps)
@@ -178,6 +179,8 @@ def main(argv=None) -> int:
                 w0 = make_weight(key, scheme, N, K)
                 ws = [make_weight(jax.random.fold_in(key, i), scheme, N, K) for i in range(max(2, min(16, int(4e8 // w0.nbytes))))]
                 impls = [("xla", xla_fn), ("kernel", kernel_fn(interpret))]
+                if scheme == "int8":
+                    impls.append(("kernel_f32", kernel_fn(interpret, bytes_via_f32=True)))
                 if M >= 16 and w0.act is None:
                     impls.append(("deq", deq_fn))
                 for impl, fn in impls:
@@ -193,7 +196,8 @@ def main(argv=None) -> int:
             table.append(line)
             print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()), flush=True)
         del wb
-    cols = ["bf16"] + [f"{s}_{i}" for s in schemes for i in ("xla", "kernel", "deq") if s != "fp8" or i != "deq"]
+    cols = ["bf16"] + [f"{s}_{i}" for s in schemes for i in ("xla", "kernel", "kernel_f32", "deq")
+                       if (s != "fp8" or i != "deq") and (s == "int8" or i != "kernel_f32")]
     print("\nmicroseconds per GEMM (weights from HBM)")
     print(f"{'shape':8s} {'M':>5s} " + " ".join(f"{c:>12s}" for c in cols))
     for line in table:

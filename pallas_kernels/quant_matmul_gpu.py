@@ -92,8 +92,19 @@ def _nibbles(n, cdt):
     return lax.bitcast_convert_type(n.astype(ut) | ut(bits), cdt)
 
 
+def _bytes_as_float(w, cdt):
+    """int8 / uint8 values [bn, k] -> cdt without an int -> float conversion instruction (those run at a sixteenth of
+    the FMA rate, and a tile converts every weight byte): OR-ing the byte (int8 with its top bit flipped: + 128) into
+    the mantissa of 2^23 gives 2^23 + u exactly in float32; subtracting 2^23 (+ 128) leaves the value, exact in bf16
+    and f16 (|v| <= 255), and float32 -> bf16 / f16 packs two values per instruction."""
+    signed = w.dtype == jnp.int8
+    u = (lax.bitcast_convert_type(w, jnp.uint8) ^ jnp.uint8(0x80)) if signed else w
+    f = lax.bitcast_convert_type(u.astype(jnp.uint32) | jnp.uint32(0x4B000000), jnp.float32)
+    return (f - (float(1 << 23) + (128.0 if signed else 0.0))).astype(cdt)
+
+
 def _kernel(x_ref, q_ref, s_ref, *refs, bits, group, bm, bn, bk, kb, k_iters, M, N, has_zeros, has_mins,
-            has_xsum, has_x_scale, weights_first):
+            has_xsum, has_x_scale, weights_first, bytes_via_f32):
     it = iter(refs)
     z_ref = next(it) if has_zeros else None
     m_ref = next(it) if has_mins else None
@@ -133,7 +144,8 @@ def _kernel(x_ref, q_ref, s_ref, *refs, bits, group, bm, bn, bk, kb, k_iters, M,
             kk = k0 + _iota(kb)
             w = pltriton.load(q_ref.at[rn_c[:, None], kk[None, :]])  # [bn, kb]
             xb = pltriton.load(x_ref.at[rm_c[:, None], kk[None, :]]).astype(cdt)  # [bm, kb]
-            part = dot(xb, w.astype(cdt))
+            integer = w.dtype in (jnp.int8, jnp.uint8)
+            part = dot(xb, _bytes_as_float(w, cdt) if bytes_via_f32 and integer else w.astype(cdt))
         xsum = pltriton.load(xsum_ref.at[rm_c, k0 // kb]) if has_xsum else None
         return part, xsum
 
@@ -195,16 +207,19 @@ def default_config(M: int, N: int, K: int, bits: int, group: int) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "interpret", "block_m", "block_n", "block_k", "splits",
-                                             "num_warps", "num_stages", "out_dtype", "weights_first"))
+                                             "num_warps", "num_stages", "out_dtype", "weights_first",
+                                             "bytes_via_f32"))
 def quant_matmul(x, q, scales, zeros=None, mins=None, x_scale=None, *, bits: int, group: int,
                  interpret: bool = False, block_m: int | None = None, block_n: int | None = None,
                  block_k: int | None = None, splits: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, out_dtype=None, weights_first: bool = False):
+                 num_stages: int | None = None, out_dtype=None, weights_first: bool = False,
+                 bytes_via_f32: bool = False):
     """x [M, K] times the quantized W [N, K] (the module docstring has every shape) -> [M, N] float32, or
     `out_dtype`. Tile knobs left None take `default_config`; interpret=True runs the Pallas interpreter (CPU).
     weights_first: the dequantized weight tile is the dots' left operand ([bn, kb] x [kb, bm]), the form tensor-core
     instructions can take from registers, which may spare a shared-memory pass over the dequantized values (an
-    experiment for the sweep: not yet measured)."""
+    experiment for the sweep: not yet measured). bytes_via_f32: int8 / uint8 weights become floats through float32's
+    mantissa (`_bytes_as_float`) instead of a conversion instruction (an experiment for the sweep: not yet measured)."""
     M, K = x.shape
     N = q.shape[0]
     if bits not in (4, 8):
@@ -235,7 +250,8 @@ def quant_matmul(x, q, scales, zeros=None, mins=None, x_scale=None, *, bits: int
     out_dtype = out_dtype or jnp.float32
     kernel = functools.partial(_kernel, bits=bits, group=group, bm=bm, bn=bn, bk=bk, kb=kb, k_iters=K // (S * bk),
                                M=M, N=N, has_zeros=zeros is not None, has_mins=mins is not None, has_xsum=has_xsum,
-                               has_x_scale=x_scale is not None, weights_first=weights_first)
+                               has_x_scale=x_scale is not None, weights_first=weights_first,
+                               bytes_via_f32=bytes_via_f32)
     part_dtype = out_dtype if S == 1 else jnp.float32
     out = pl.pallas_call(
         kernel,

@@ -44,6 +44,10 @@ CASES = [
     (1, 96, 256, 4, 128, True, False, False, None, jnp.bfloat16, dict(weights_first=True)),
     (33, 130, 512, 4, 32, True, True, True, None, jnp.float32, dict(weights_first=True, block_k=128)),
     (3, 64, 512, 8, 512, False, False, True, "fp8", jnp.bfloat16, dict(weights_first=True, splits=2)),
+    # bytes made floats through float32's mantissa: signed, unsigned with zero points, the weights-first form
+    (17, 64, 256, 8, 256, False, False, False, "int8", jnp.bfloat16, dict(bytes_via_f32=True)),
+    (2, 64, 512, 8, 128, True, True, False, "uint8", jnp.bfloat16, dict(bytes_via_f32=True)),
+    (4, 48, 1024, 8, 1024, False, False, True, "int8", jnp.float16, dict(bytes_via_f32=True, weights_first=True)),
 ]
 
 
