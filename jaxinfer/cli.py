@@ -166,7 +166,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-config", type=_json_object, metavar="JSON",
                    help="speculative decoding, exact (the same tokens as without), as vLLM's: e.g. '{\"method\": "
                    "\"ngram\", \"num_speculative_tokens\": 3, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' "
-                   "(n-gram prompt lookup; steps then run one after the other, no async scheduling) (default: off)")
+                   "(n-gram prompt lookup), or '{\"method\": \"draft_model\", \"model\": PATH, "
+                   "\"num_speculative_tokens\": 3}' (a smaller checkpoint with the same tokenizer; \"quantization\" "
+                   "for its weights); steps then run one after the other, no async scheduling (default: off)")
     g.add_argument("--compilation-cache-dir", metavar="DIR",
                    help="where compiled step programs are kept between runs (default: ~/.cache/jaxinfer/xla)")
     g.add_argument("--no-compilation-cache", action="store_true",

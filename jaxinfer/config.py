@@ -343,6 +343,10 @@ class EngineConfig:
             raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
         # a dict (or None) becomes a SpeculativeConfig: bad keys and values raise here, naming them
         object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
+        sq = self.speculative_config.quantization if self.speculative_config else None
+        if sq is not None and sq not in QUANTIZATION_CHOICES:
+            raise ValueError(f"speculative_config.quantization must be one of {list(QUANTIZATION_CHOICES)} (or None: "
+                             f"as the draft checkpoint is), got {sq!r}")
 
     def warms_up(self, backend: str) -> bool:
         """Whether start-up runs every program once: `warm_up`, or by default on a GPU / TPU (not on CPU,

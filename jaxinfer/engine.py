@@ -21,7 +21,9 @@ its positions with that position's key (runner.py); the drafts are kept while ea
 position, and the first sampled token that differs (or the one after the last draft) ends the run. So every
 appended token is the one decoding without speculation samples there, greedy or seeded. The next step's drafts
 depend on this step's tokens, so with speculation configured every step runs to the end before the next is
-scheduled (async scheduling is off).
+scheduled (async scheduling is off). With a draft model (method draft_model) the proposer is that model, run on the
+device for all of a step's speculating rows at once while the step is scheduled; it has a KV cache of its own with
+the target's page ids (its bytes count in each page's size), and every step's input also runs through it.
 
 Start-up: load weights -> size the KV cache -> compile every bucket against the cache's shapes -> check the
 largest step's temporaries fit beside it (else shrink it once, recompile) -> allocate it -> run each program
@@ -48,7 +50,7 @@ from jaxinfer.executables import ExecutableStore
 from jaxinfer.loader import load_model, resolve_dtype, weight_bytes
 from jaxinfer.model import KV_CACHE_8BIT, KV_CALIBRATION_TEXT, init_kv_cache, is_8bit, kv_cache_scales
 from jaxinfer.request import CompletionOutput, Logprob, Request, RequestMetrics, RequestOutput
-from jaxinfer.runner import LaunchedStep, ModelRunner, StepResult
+from jaxinfer.runner import DraftModel, LaunchedStep, ModelRunner, StepResult
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 from jaxinfer.scheduler import ScheduledBatch, Scheduler
 from jaxinfer.spec_decode import accept_greedy, ngram_propose
@@ -104,10 +106,16 @@ class Engine:
             )
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else self.cfg.eos_token_ids)
 
+        self.spec = ecfg.speculative_config
+        self.draft_model_name = None  # the draft model's checkpoint (speculative decoding's draft_model method)
+        draft = self._load_draft(mesh) if self.spec is not None and self.spec.method == "draft_model" else None
         kv_dtype = self.dtype if ecfg.kv_cache_dtype == "auto" else (
             KV_CACHE_8BIT.get(ecfg.kv_cache_dtype) or np.dtype(ecfg.kv_cache_dtype))
         self.kv_scales = self._kv_scales(loaded.params, kv_dtype) if is_8bit(kv_dtype) else None
         page_bytes = device_page_bytes(self.cfg, ecfg.page_size, kv_dtype, mesh)  # one device's share of a page
+        if draft is not None:  # the draft model's cache has as many pages: a page id holds both models' K/V
+            draft_scales = (self._kv_scales(draft.params, kv_dtype, draft.cfg) if is_8bit(kv_dtype) else None)
+            page_bytes += device_page_bytes(draft.cfg, ecfg.page_size, kv_dtype, mesh)
         self.num_pages = self._num_pages(page_bytes)
         # Compile against the cache's shapes before allocating it: XLA's autotuner (on a cold compilation cache)
         # needs device memory for its trial runs, which a cache filling the device would leave it without.
@@ -116,11 +124,15 @@ class Engine:
         for attempt in range(2):
             abstract_kv = init_kv_cache(self.cfg, self.num_pages, ecfg.page_size, kv_dtype, mesh, abstract=True,
                                         scales=self.kv_scales)
-            self.runner = ModelRunner(self.cfg, ecfg, loaded.params, abstract_kv, self.num_pages, self.max_model_len)
-            self.runner.compile_all(ecfg.show_progress, self._executable_store(loaded.params, abstract_kv, mesh))
+            if draft is not None:
+                draft.kv = init_kv_cache(draft.cfg, self.num_pages, ecfg.page_size, kv_dtype, mesh, abstract=True,
+                                         scales=draft_scales)
+            self.runner = ModelRunner(self.cfg, ecfg, loaded.params, abstract_kv, self.num_pages, self.max_model_len,
+                                      draft)
+            self.runner.compile_all(ecfg.show_progress, self._executable_store(loaded.params, abstract_kv, mesh, draft))
             self.compile_seconds += self.runner.compile_seconds
             self.lower_seconds += self.runner.lower_seconds
-            short = self._memory_shortfall(abstract_kv)
+            short = self._memory_shortfall((abstract_kv, draft.kv) if draft is not None else abstract_kv)
             if short <= 0:
                 break
             if attempt:
@@ -143,10 +155,10 @@ class Engine:
             f"max_model_len {self.max_model_len}, weights {np.dtype(self.dtype).name} on {backend}, "
             f"{self.weight_bytes / _GiB:.2f} GiB ({'quantized: ' + self.quantization if self.quantization != 'none' else 'not quantized'})"
         )
-        self.spec = ecfg.speculative_config
+        batch_proposer = dict(propose_batch=self.runner.propose_drafts, draft_len=self._draft_len) if draft else {}
         self.scheduler = Scheduler(self.num_pages, ecfg.page_size, ecfg.max_num_seqs, ecfg.token_budget, self.max_model_len,
-                                   ecfg.enable_prefix_caching, propose=self._propose if self.spec else None,
-                                   max_spec_tokens=max(ecfg.verify_sizes(), default=0))
+                                   ecfg.enable_prefix_caching, propose=self._propose if self.spec and not draft else None,
+                                   max_spec_tokens=max(ecfg.verify_sizes(), default=0), **batch_proposer)
         self._async = ecfg.async_scheduling and self.spec is None  # drafts need the step before: see the docstring
         k = self.spec.num_speculative_tokens if self.spec else 0
         self._spec_proposed = [0] * k  # verify runs with a draft at position j (0: the first draft) ...
@@ -154,6 +166,9 @@ class Engine:
         t0 = time.monotonic()
         self.runner.kv = jax.block_until_ready(init_kv_cache(self.cfg, self.num_pages, ecfg.page_size, kv_dtype, mesh,
                                                              scales=self.kv_scales))
+        if draft is not None:
+            draft.kv = jax.block_until_ready(init_kv_cache(draft.cfg, self.num_pages, ecfg.page_size, kv_dtype, mesh,
+                                                           scales=draft_scales))
         self.kv_seconds = time.monotonic() - t0
         t0 = time.monotonic()
         if ecfg.warms_up(backend):
@@ -189,19 +204,50 @@ class Engine:
         x = np.dtype(self.dtype).itemsize // np.dtype(kv_dtype).itemsize
         return f", scaled per layer and channel: {x}x the tokens of a {np.dtype(self.dtype).name} cache"
 
-    def _kv_scales(self, params, kv_dtype) -> tuple[np.ndarray, np.ndarray]:
-        """An 8-bit cache's scales (model.kv_cache_scales): int8 calibrates on a text through the model (random ids
-        without a tokenizer)."""
+    def _kv_scales(self, params, kv_dtype, cfg: ModelConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """An 8-bit cache's scales (model.kv_cache_scales) for the target (or the draft model, cfg): int8 calibrates
+        on a text through the model (random ids without a tokenizer)."""
+        cfg = cfg or self.cfg
         ids = self.tokenizer.encode(KV_CALIBRATION_TEXT) if self.tokenizer else list(
-            np.random.default_rng(0).integers(0, self.cfg.vocab_size, 96))
-        return kv_cache_scales(params, self.cfg, kv_dtype, ids[: self.max_model_len])
+            np.random.default_rng(0).integers(0, cfg.vocab_size, 96))
+        return kv_cache_scales(params, cfg, kv_dtype, ids[: self.max_model_len])
 
-    def _executable_store(self, params, abstract_kv, mesh) -> ExecutableStore | None:
-        """Where this configuration's compiled programs are saved whole (with the compilation cache), or None."""
+    def _load_draft(self, mesh) -> DraftModel:
+        """The draft model of speculative_config (method draft_model), loaded as the target is (any checkpoint the
+        engine reads, `quantization` of its own); it must share the target's tokenizer: the same vocabulary size and,
+        where both have a tokenizer, the same token ids."""
+        sc = self.spec
+        ecfg = dataclasses.replace(self.ecfg, quantization=sc.quantization, speculative_config=None)
+        try:
+            d = load_model(sc.model, ecfg, self.dtype, mesh)
+        except (OSError, ValueError) as e:
+            raise type(e)(f"speculative_config.model: {e}") from None
+        where = f"speculative_config.model {sc.model!r}"
+        if d.cfg.vocab_size != self.cfg.vocab_size:
+            raise ValueError(f"{where}: a vocabulary of {d.cfg.vocab_size} tokens, the target's has "
+                             f"{self.cfg.vocab_size}; the draft model must share the target's tokenizer")
+        if self.tokenizer is not None and d.tokenizer is not None and (
+                self.tokenizer.hf.get_vocab() != d.tokenizer.hf.get_vocab()):
+            raise ValueError(f"{where}: its tokenizer's token ids differ from the target's; the draft model must "
+                             "share the target's tokenizer")
+        if d.cfg.max_position_embeddings < self.max_model_len:
+            raise ValueError(f"{where}: a context of {d.cfg.max_position_embeddings} tokens, shorter than "
+                             f"max_model_len ({self.max_model_len})")
+        self.draft_model_name = d.source
+        self._log(f"draft model {d.source}: {d.cfg.num_layers} layers, {weight_bytes(d.params) / _GiB:.2f} GiB "
+                  f"({'quantized: ' + d.quantization if d.quantization != 'none' else 'not quantized'})")
+        return DraftModel(d.cfg, d.params, None, sc.num_speculative_tokens)
+
+    def _executable_store(self, params, abstract_kv, mesh, draft: DraftModel | None = None) -> ExecutableStore | None:
+        """Where this configuration's compiled programs are saved whole (with the compilation cache), or None. A
+        draft model's config, weights and cache are part of the fingerprint (its programs are saved beside)."""
         if not self.ecfg.use_compilation_cache:
             return None
         devices = executables.devices_of(params, mesh)
-        key = executables.fingerprint(self.cfg, self.ecfg, params, abstract_kv, self.max_model_len, devices)
+        cfg = self.cfg
+        if draft is not None:
+            cfg, params, abstract_kv = (cfg, draft.cfg), (params, draft.params), (abstract_kv, draft.kv)
+        key = executables.fingerprint(cfg, self.ecfg, params, abstract_kv, self.max_model_len, devices)
         return ExecutableStore(self.ecfg.cache_dir(), key, devices)
 
     def _num_pages(self, per_page: int) -> int:
@@ -367,14 +413,23 @@ class Engine:
             out.append(run)
         return out
 
+    def _speculates(self, req: Request) -> bool:
+        """No drafts for a request with repetition, presence or frequency penalties, or short of min_tokens: those
+        adjust each position's logits by the tokens before it (penalty history) or by its index (stop tokens masked),
+        which a verify step's rows do not see per position; such requests decode one token a step in the same
+        batches."""
+        p = req.params
+        return not (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                    or len(req.output_token_ids) < p.min_tokens)
+
+    def _draft_len(self, req: Request) -> int:
+        """How many tokens the draft model proposes for req's next decode (the scheduler asks; see _speculates)."""
+        return self.spec.num_speculative_tokens if self._speculates(req) else 0
+
     def _propose(self, req: Request) -> list[int]:
-        """Drafts for req's next tokens (the scheduler asks for each decode). None for a request with repetition,
-        presence or frequency penalties, or short of min_tokens: those adjust each position's logits by the tokens
-        before it (penalty history) or by its index (stop tokens masked), which a verify step's rows do not see per
-        position; such requests decode one token a step in the same batches."""
-        p, sc = req.params, self.spec
-        if (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-                or len(req.output_token_ids) < p.min_tokens):
+        """n-gram drafts for req's next tokens (the scheduler asks for each decode; see _speculates)."""
+        sc = self.spec
+        if not self._speculates(req):
             return []
         return ngram_propose(req.prompt_token_ids + req.output_token_ids, sc.num_speculative_tokens,
                              sc.prompt_lookup_max, sc.prompt_lookup_min)

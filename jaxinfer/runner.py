@@ -38,6 +38,17 @@ A request that starts from a prefix-cache hit feeds only the tokens after the hi
 cached ones; `seed_history` writes them into the request's fresh sampler row before its first chunk runs,
 and that chunk then does not reset the row. Penalties see the same history as without caching.
 
+A draft model (speculative decoding's draft_model method, spec_decode.py) adds two kinds of programs, over its own
+weights and its own paged KV cache (as many pages as the target's, the same page ids and device page table):
+        draft[(T, B)]                  (draft params, draft kv, table, input) -> draft kv
+runs every step's input through the draft model as well (launched after the target's step), so its cache holds
+every position the target's does, and
+        draft_propose[(B, variant)]    (draft params, draft kv, sampler state, table, input) -> drafts [B, k], kv, table
+runs k single-token decode steps (a `lax.scan`) for the rows that speculate, before the step that verifies them: each
+samples with that row's sampling at its output position (`sampler.sample`, same key as the target's there) and feeds
+the token to the next. A row with fewer drafts than k stops writing K/V after its last one. Speculation runs each
+step to the end, so these programs read every input token from the host.
+
 Every program is compiled ahead of time (`lower().compile()`) in `compile_all`; a step only looks them up,
 so nothing compiles while serving.
 """
@@ -146,6 +157,80 @@ PROMPT_LOGPROBS_ROWS = 256  # token rows per block of the prompt-logprobs progra
 SET_PAGES_ROWS = 1024  # page-table entries per call of the program that takes what a step's input has no room for
 
 
+@pytree_dataclass
+class ProposeInput:
+    """The draft model's proposal program input, per row b of a sequence bucket B (padding rows: num_drafts 0)."""
+
+    token_ids: Any  # [B] int32 the row's last token (its K/V not in the draft cache yet)
+    positions: Any  # [B] int32 its position
+    row_slot: Any  # [B] int32 page-table row
+    num_drafts: Any  # [B] int32 draft tokens the row proposes (<= k); 0: a padding row
+    num_seqs: Any  # [] int32 rows that propose (the first ones)
+    new_slot: Any  # [U] int32 page-table entries to set first (as StepInput's)
+    new_col: Any  # [U] int32
+    new_page: Any  # [U] int32
+
+
+def make_draft_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput):
+    """A step's input through the draft model, for its K/V only: (params, kv, table, flat) -> kv. The table is read
+    (with the step's new entries, as the target's program sets them), not returned."""
+
+    def draft_step(params: Params, kv: KVCache, table, flat):
+        inp = unpack(flat, template)
+        table = set_pages(table, inp.new_slot, inp.new_col, inp.new_page)
+        attn = dataclasses.replace(inp.attn, page_tables=jnp.take(table, inp.row_slot, axis=0))
+        _, kv = forward(params, cfg, jnp.maximum(inp.token_ids, 0), inp.positions, kv, attn, attn_fn)
+        return kv
+
+    return draft_step
+
+
+def make_propose_fn(cfg: ModelConfig, attn_fn, template, k: int, page_size: int, num_pages: int, variant: str):
+    """The draft model's k decode steps: (params, kv, sampler state, table, flat) -> drafts [B, k], kv, table.
+    Step j feeds each row's token at position + j and samples output position md.position + j."""
+
+    def propose(params: Params, kv: KVCache, sstate, table, flat):
+        inp, md = unpack(flat, template)
+        table = set_pages(table, inp.new_slot, inp.new_col, inp.new_page)
+        page_tables = jnp.take(table, inp.row_slot, axis=0)  # [B, M]
+        B = inp.token_ids.shape[0]
+        cu_q_lens = jnp.minimum(jnp.arange(B + 1, dtype=jnp.int32), inp.num_seqs)
+        last = jnp.maximum(inp.num_drafts - 1, 0)  # a row past its drafts repeats its last position, writing nothing
+
+        def one(carry, j):
+            tokens, kv = carry
+            pos = inp.positions + jnp.minimum(j, last)  # [B]
+            page = jnp.take_along_axis(page_tables, (pos // page_size)[:, None], axis=1)[:, 0]
+            attn = AttentionMetadata(
+                slot_mapping=jnp.where(j < inp.num_drafts, page * page_size + pos % page_size, num_pages * page_size),
+                page_tables=page_tables,
+                kv_lens=jnp.where(inp.num_drafts > 0, pos + 1, 0),
+                cu_q_lens=cu_q_lens,
+                num_seqs=inp.num_seqs,
+            )
+            h, kv = forward(params, cfg, tokens, pos, kv, attn, attn_fn)  # [B, D]
+            logits = compute_logits(params, cfg, h)  # [B, V]
+            out, _ = sampling.sample(logits, dataclasses.replace(md, position=md.position + j), sstate,
+                                     variant=variant, max_logprobs=0)
+            return (out.token_ids, kv), out.token_ids
+
+        (_, kv), drafts = jax.lax.scan(one, (inp.token_ids, kv), jnp.arange(k, dtype=jnp.int32))  # [k, B]
+        return drafts.T, kv, table
+
+    return propose
+
+
+@dataclass
+class DraftModel:
+    """A draft model in the runner: its config, weights and KV cache (abstract until the engine allocates it), and
+    the drafts it proposes per speculating row."""
+
+    cfg: ModelConfig
+    params: Params
+    kv: Any
+    num_speculative_tokens: int
+
+
 def make_prompt_logprobs_fn(cfg: ModelConfig, max_logprobs: int, block: int = PROMPT_LOGPROBS_ROWS):
     """Logprobs of the next prompt token at every token row: (params, h [T, D], targets [T]) -> logprob [T],
     rank [T] (1 = most likely), top-K logprobs and ids [T, K]. Rows with target -1 are not read.
@@ -224,8 +309,10 @@ class LaunchedStep:
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, ecfg: EngineConfig, params: Params, kv: KVCache, num_pages: int, max_model_len: int):
+    def __init__(self, cfg: ModelConfig, ecfg: EngineConfig, params: Params, kv: KVCache, num_pages: int, max_model_len: int,
+                 draft: DraftModel | None = None):
         self.cfg, self.ecfg = cfg, ecfg
+        self.draft = draft
         self.params, self.kv = params, kv
         self.num_pages = num_pages
         self.page_size = ecfg.page_size
@@ -260,6 +347,10 @@ class ModelRunner:
         self.compiled: dict[tuple[int, int, bool], Any] = {}  # (T, B, decode) -> forward program
         self.compiled_samplers: dict[tuple[int, str], Any] = {}  # (B, variant) -> sampler program
         self.compiled_prompt_logprobs: dict[int, Any] = {}  # T -> prompt-logprobs program
+        self.compiled_draft: dict[tuple[int, int, bool], Any] = {}  # (T, B, decode) -> draft model's forward
+        self.compiled_propose: dict[tuple[int, str], Any] = {}  # (B, variant) -> draft model's k decode steps
+        if draft is not None:
+            self._draft_attn_fn = make_attention_fn(draft.cfg, ecfg.attention_impl, ecfg.attention_interpret)
         self._compiled_set_row = None
         self._compiled_history = None
         self.compile_seconds = self.lower_seconds = 0.0
@@ -280,6 +371,22 @@ class ModelRunner:
         fn = jax.jit(make_sampler_fn(variant, self.ecfg.max_logprobs, _abstract(md)), donate_argnums=(1,))
         logits = jax.ShapeDtypeStruct((B, self.cfg.vocab_size), jnp.float32, sharding=self._replicated)
         return fn.lower(logits, self.sstate, jax.ShapeDtypeStruct(pack(md).shape, jnp.int32))
+
+    def _lower_draft_forward(self, T: int, B: int, decode: bool):
+        inp = self._empty_input(T, B)[0]
+        attn_fn = functools.partial(self._draft_attn_fn, decode=decode)
+        fn = jax.jit(make_draft_forward_fn(self.draft.cfg, attn_fn, _abstract(inp)), donate_argnums=(1,))
+        flat = jax.ShapeDtypeStruct(pack(inp).shape, jnp.int32)
+        return fn.lower(self.draft.params, self.draft.kv, self.page_table, flat)
+
+    def _lower_propose(self, B: int, variant: str):
+        d = self.draft
+        tree = self._empty_propose_input(B)
+        attn_fn = functools.partial(self._draft_attn_fn, decode=True)
+        fn = jax.jit(make_propose_fn(d.cfg, attn_fn, _abstract(tree), d.num_speculative_tokens, self.page_size,
+                                     self.num_pages, variant), donate_argnums=(1, 3))
+        flat = jax.ShapeDtypeStruct(pack(tree).shape, jnp.int32)
+        return fn.lower(d.params, d.kv, self.sstate, self.page_table, flat)
 
     def _programs(self) -> dict:
         """Every program of the engine: key -> a function that traces and lowers it."""
@@ -303,6 +410,12 @@ class ModelRunner:
             progs["history"] = P(self._history.lower, self.sstate, jax.ShapeDtypeStruct((L,), i32),
                                  jax.ShapeDtypeStruct((L,), i32), jax.ShapeDtypeStruct((L,), jnp.bool_),
                                  jax.ShapeDtypeStruct((1,), i32))
+        if self.draft is not None:
+            for b in self.buckets:
+                progs[("draft", *b)] = P(self._lower_draft_forward, *b)
+            for B in self.seq_buckets:
+                for variant in sampling.VARIANTS:
+                    progs[("draft_propose", B, variant)] = P(self._lower_propose, B, variant)
         return progs
 
     def compile_all(self, show_progress: bool = True, store=None) -> None:
@@ -351,6 +464,10 @@ class ModelRunner:
                 self._compiled_set_pages = exe
             elif key == "history":
                 self._compiled_history = exe
+            elif key[0] == "draft":
+                self.compiled_draft[key[1:]] = exe
+            elif key[0] == "draft_propose":
+                self.compiled_propose[key[1:]] = exe
             elif key[0] == "prompt_logprobs":
                 self.compiled_prompt_logprobs[key[1]] = exe
             elif isinstance(key[1], str):
@@ -373,6 +490,8 @@ class ModelRunner:
             return temp, out
 
         f_temp, f_out = largest(self.compiled.values())
+        if self.draft is not None:  # the draft model's programs run between steps: their temporaries only
+            f_temp = max(f_temp, largest(self.compiled_draft.values())[0], sum(largest(self.compiled_propose.values())))
         after = [sum(largest(p)) for p in (self.compiled_samplers.values(), self.compiled_prompt_logprobs.values())]
         return f_out + max(f_temp, *after)
 
@@ -397,6 +516,13 @@ class ModelRunner:
                 done_t.add(T)
                 jax.block_until_ready(self.compiled_prompt_logprobs[T](self.params, h, np.full(T, -1, np.int32)))
             jax.block_until_ready(self.sstate)
+            if self.draft is not None:
+                self.draft.kv = self.compiled_draft[(T, B, decode)](self.draft.params, self.draft.kv, self.page_table,
+                                                                   pack(inp))
+        if self.draft is not None:
+            for (B, variant), prog in self.compiled_propose.items():  # all padding rows: nothing written
+                _, self.draft.kv, self.page_table = prog(self.draft.params, self.draft.kv, self.sstate,
+                                                         self.page_table, pack(self._empty_propose_input(B)))
         self.set_row(S, None, [])  # row S: out of range, dropped
         self._write_pages(*np.array([[S], [0], [0]], np.int32))  # row S: dropped
         if self._compiled_history is not None:
@@ -455,6 +581,20 @@ class ModelRunner:
             num_logprobs=np.full(B, -1, np.int32),
         )
         return inp, md
+
+    def _empty_propose_input(self, B: int) -> tuple[ProposeInput, sampling.SamplingMetadata]:
+        S, U = self.num_slots, B * (self.draft.num_speculative_tokens // self.page_size + 2)
+        inp = ProposeInput(
+            token_ids=np.zeros(B, np.int32),
+            positions=np.zeros(B, np.int32),
+            row_slot=np.zeros(B, np.int32),
+            num_drafts=np.zeros(B, np.int32),
+            num_seqs=np.zeros((), np.int32),
+            new_slot=np.full(U, S, np.int32),  # a row's last token and k drafts span at most k / page_size + 2 pages
+            new_col=np.zeros(U, np.int32),
+            new_page=np.zeros(U, np.int32),
+        )
+        return inp, self._empty_input(B, B)[1]
 
     def new_pages_capacity(self, T: int, B: int) -> int:
         """Page-table entries a (T, B) step's input carries: a step appends at most T / page_size + B pages
@@ -540,25 +680,10 @@ class ModelRunner:
             if not batch.sample[b]:
                 r += 1
                 continue  # a prompt chunk short of the end: neutral sampling row, its token is not read
-            p = req.params
             out_index = start + n - req.num_prompt_tokens  # index in the output of the token sampled here
             if drafts:  # the first of the verify rows: the token after the last known one
                 out_index -= len(drafts)
-            s.temperature[r] = 0.0 if p.greedy else p.temperature
-            s.top_k[r] = p.top_k if p.top_k < self.cfg.vocab_size else 0  # k >= V keeps everything
-            s.top_p[r] = p.top_p
-            s.min_p[r] = p.min_p
-            s.seed[r] = req.seed
-            s.position[r] = out_index
-            s.repetition_penalty[r] = p.repetition_penalty
-            s.presence_penalty[r] = p.presence_penalty
-            s.frequency_penalty[r] = p.frequency_penalty
-            s.slot[r] = req.slot
-            s.has_bias[r] = bool(p.logit_bias)
-            # Nothing to mask (e.g. ignore_eos and no stop_token_ids): the row needs no suppression, and the step
-            # can keep the cheap sampler variant.
-            s.suppress_stop[r] = out_index < p.min_tokens and bool(req.stop_ids)
-            s.num_logprobs[r] = -1 if p.logprobs is None else p.logprobs
+            self._sampling_row(s, r, req, out_index)
             if drafts:
                 self._verify_rows(inp, s, r, t - n, out_index, len(drafts))
                 r += len(drafts)
@@ -572,6 +697,25 @@ class ModelRunner:
         else:  # a long prefix-cache hit or a re-admission: ahead of the step, by the page-table program
             self._write_pages(*(np.asarray(x, np.int32) for x in (new_slot, new_col, new_page)))
         return inp, s, bucket, targets
+
+    def _sampling_row(self, s: sampling.SamplingMetadata, r: int, req: Request, out_index: int) -> None:
+        """Row r of the sampling metadata: req's sampling for the token at output index out_index."""
+        p = req.params
+        s.temperature[r] = 0.0 if p.greedy else p.temperature
+        s.top_k[r] = p.top_k if p.top_k < self.cfg.vocab_size else 0  # k >= V keeps everything
+        s.top_p[r] = p.top_p
+        s.min_p[r] = p.min_p
+        s.seed[r] = req.seed
+        s.position[r] = out_index
+        s.repetition_penalty[r] = p.repetition_penalty
+        s.presence_penalty[r] = p.presence_penalty
+        s.frequency_penalty[r] = p.frequency_penalty
+        s.slot[r] = req.slot
+        s.has_bias[r] = bool(p.logit_bias)
+        # Nothing to mask (e.g. ignore_eos and no stop_token_ids): the row needs no suppression, and the step
+        # can keep the cheap sampler variant.
+        s.suppress_stop[r] = out_index < p.min_tokens and bool(req.stop_ids)
+        s.num_logprobs[r] = -1 if p.logprobs is None else p.logprobs
 
     @staticmethod
     def _verify_rows(inp: StepInput, s: sampling.SamplingMetadata, r: int, t: int, out_index: int, d: int) -> None:
@@ -587,14 +731,45 @@ class ModelRunner:
         s.position[r : r + d + 1] = np.arange(out_index, out_index + d + 1)
         inp.logits_indices[r : r + d + 1] = np.arange(t, t + d + 1)
 
+    def propose_drafts(self, reqs: list[Request], limits: list[int]) -> list[list[int]]:
+        """The draft model's next limits[i] tokens for each of reqs (decodes whose last token the host has; pages
+        for the drafts taken), sampled as the target samples at those positions; runs now and waits for them.
+        The K/V of each last token and of all but the last draft go into the draft cache (the verify step that
+        follows writes them all again, and the last draft's)."""
+        B = next(b for b in self.seq_buckets if b >= len(reqs))
+        inp, s = self._empty_propose_input(B)
+        new_slot, new_col, new_page = [], [], []
+        for b, (req, n) in enumerate(zip(reqs, limits)):
+            done = self._sync_page_table(req)
+            if done < len(req.pages):
+                new_slot += [req.slot] * (len(req.pages) - done)
+                new_col += range(done, len(req.pages))
+                new_page += req.pages[done:]
+            last = req.num_tokens - 1
+            inp.token_ids[b], inp.positions[b], inp.row_slot[b], inp.num_drafts[b] = req.token_at(last), last, req.slot, n
+            self._sampling_row(s, b, req, len(req.output_token_ids))
+            s.num_logprobs[b] = -1  # the target reports logprobs; the draft's are not read
+        inp.num_seqs[...] = len(reqs)
+        if len(new_slot) <= len(inp.new_slot):
+            k = len(new_slot)
+            inp.new_slot[:k], inp.new_col[:k], inp.new_page[:k] = new_slot, new_col, new_page
+        else:
+            self._write_pages(*(np.asarray(x, np.int32) for x in (new_slot, new_col, new_page)))
+        d = self.draft
+        drafts, d.kv, self.page_table = self.compiled_propose[(B, sampling.variant_for(s))](
+            d.params, d.kv, self.sstate, self.page_table, pack((inp, s)))
+        drafts = np.asarray(drafts)
+        return [drafts[b, :n].tolist() for b, n in enumerate(limits)]
+
     # -- running ----------------------------------------------------------------------------------------
 
     def launch(self, inp: StepInput, md: sampling.SamplingMetadata, bucket: tuple[int, int, bool],
                prompt_targets: np.ndarray | None = None) -> LaunchedStep:
         """Enqueue the step on the device and return at once."""
         B, variant = bucket[1], sampling.variant_for(md)
+        flat = pack(inp)
         logits, h, self.kv, self.sstate, self.page_table = self.compiled[bucket](
-            self.params, self.kv, self.sstate, self.page_table, pack(inp))
+            self.params, self.kv, self.sstate, self.page_table, flat)
         out, self.sstate = self.compiled_samplers[(B, variant)](logits, self.sstate, pack(md))
         want_logprobs = bool((md.num_logprobs >= 0).any())
         prompt = None
@@ -603,6 +778,8 @@ class ModelRunner:
         copies = [out.token_ids] + ([out.logprobs, out.top_ids, out.top_logprobs, out.ranks] if want_logprobs else [])
         for x in copies + list(prompt or ()):
             x.copy_to_host_async()
+        if self.draft is not None:  # the same tokens into the draft's cache, behind the step
+            self.draft.kv = self.compiled_draft[bucket](self.draft.params, self.draft.kv, self.page_table, flat)
         return LaunchedStep(out, want_logprobs, prompt, bucket)
 
     def seed_history(self, req: Request, num_cached: int) -> None:

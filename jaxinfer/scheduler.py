@@ -35,7 +35,9 @@ as d + 1 tokens, with pages for all of them, while the step stays within the tok
 max_tokens or the context, and no request is preempted to make room for drafts. When the step's result arrives,
 `update` appends the accepted run token by token (stop rules on each), then rolls num_computed_tokens back to
 the verified tokens: rejected drafts' K/V stay in the pages, past num_computed_tokens, and are overwritten later;
-only verified pages reach the prefix cache.
+only verified pages reach the prefix cache. A proposer that runs on the device (a draft model: `propose_batch`) is
+called once for all of a step's decodes, after their pages are taken (it writes the drafts' K/V as it runs), with how
+many drafts each may feed; a request admitted in the same step gets none (its sampler row is installed later).
 """
 
 from __future__ import annotations
@@ -101,11 +103,17 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, num_pages: int, page_size: int, max_num_seqs: int, token_budget: int, max_model_len: int,
-                 enable_prefix_caching: bool = True, propose=None, max_spec_tokens: int = 0):
+                 enable_prefix_caching: bool = True, propose=None, max_spec_tokens: int = 0, propose_batch=None,
+                 draft_len=None):
         """propose: speculative decoding's proposer, Request -> draft token ids (None: no speculation);
-        max_spec_tokens: the most tokens a step carrying drafts may hold."""
+        max_spec_tokens: the most tokens a step carrying drafts may hold. A proposer that runs on the device for all
+        of a step's rows at once (a draft model) comes instead as propose_batch, (requests, how many drafts each)
+        -> draft token ids per request, with draft_len, Request -> the drafts it may take (0: none): its pages are
+        taken before it runs, since it writes the drafts' K/V."""
         self.allocator = PageAllocator(num_pages)
         self.propose = propose
+        self.propose_batch = propose_batch
+        self.draft_len = draft_len
         self.max_spec_tokens = max_spec_tokens
         self.enable_prefix_caching = enable_prefix_caching
         self.page_size = page_size
@@ -307,9 +315,49 @@ class Scheduler:
             batch.add(req, n, reset=True)
             budget -= n
             self._add_pending(req, pending)
-        if self.propose is not None:
+        if self.propose_batch is not None:
+            self._add_draft_batch(batch)
+        elif self.propose is not None:
             self._add_drafts(batch)
         return batch
+
+    def _draft_limit(self, batch: ScheduledBatch, i: int, room: int) -> int:
+        """How many drafts request i of the step may feed (0: none): only a decode of a token the host has seen,
+        within `room`, and none past max_tokens or the context (the step yields at most drafts + 1 tokens)."""
+        req = batch.requests[i]
+        if batch.num_new_tokens[i] != 1 or not batch.sample[i] or batch.start[i] != req.num_tokens - 1:
+            return 0  # a prompt chunk, or (async scheduling) a token the host has not seen
+        return max(0, min(room, req.max_tokens - len(req.output_token_ids) - 1, self.max_model_len - req.num_tokens - 1))
+
+    def _take_drafts(self, batch: ScheduledBatch, i: int, drafts: list[int]) -> None:
+        req = batch.requests[i]
+        batch.drafts[i] = drafts
+        batch.num_drafts += len(drafts)
+        batch.num_new_tokens[i] += len(drafts)
+        req.num_computed_tokens += len(drafts)
+
+    def _add_draft_batch(self, batch: ScheduledBatch) -> None:
+        """`_add_drafts` for a batch proposer: each decode's number of drafts (`draft_len`, within the budget as
+        there) and its pages first, then one `propose_batch` call for all of them."""
+        room = min(self.token_budget, self.max_spec_tokens) - batch.num_tokens
+        rows, limits = [], []
+        for i, req in enumerate(batch.requests):
+            if room <= 0:
+                break
+            if batch.reset[i]:  # admitted this step: its sampler row (logit bias) is installed after scheduling
+                continue
+            limit = min(self._draft_limit(batch, i, room), self.draft_len(req))
+            if limit > 0 and not self._grow(req, req.num_computed_tokens + limit):
+                limit = min(limit, len(req.pages) * self.page_size - req.num_computed_tokens)
+            if limit > 0:
+                rows.append(i)
+                limits.append(limit)
+                room -= limit
+        if rows:
+            proposed = self.propose_batch([batch.requests[i] for i in rows], limits)
+            for i, limit, drafts in zip(rows, limits, proposed):
+                if drafts:
+                    self._take_drafts(batch, i, list(drafts[:limit]))
 
     def _add_drafts(self, batch: ScheduledBatch) -> None:
         """Speculative decoding: extend each decode of the step (its last known token, sampled) by the drafts
@@ -319,18 +367,12 @@ class Scheduler:
         for i, req in enumerate(batch.requests):
             if room <= 0:
                 break
-            if batch.num_new_tokens[i] != 1 or not batch.sample[i] or batch.start[i] != req.num_tokens - 1:
-                continue  # a prompt chunk, or (async scheduling) a token the host has not seen
-            # the step yields at most len(drafts) + 1 tokens: none past max_tokens or the context
-            limit = min(room, req.max_tokens - len(req.output_token_ids) - 1, self.max_model_len - req.num_tokens - 1)
+            limit = self._draft_limit(batch, i, room)
             drafts = list(self.propose(req)[:limit]) if limit > 0 else []
             if drafts and not self._grow(req, req.num_computed_tokens + len(drafts)):
                 drafts = drafts[: len(req.pages) * self.page_size - req.num_computed_tokens]
             if drafts:
-                batch.drafts[i] = drafts
-                batch.num_drafts += len(drafts)
-                batch.num_new_tokens[i] += len(drafts)
-                req.num_computed_tokens += len(drafts)
+                self._take_drafts(batch, i, drafts)
                 room -= len(drafts)
 
     def update(self, batch: ScheduledBatch, sampled: list[int | list[int] | None]) -> list[int]:

@@ -1,14 +1,33 @@
-"""Speculative decoding, host side: proposers (plain Python / numpy, no jax) and greedy acceptance.
+"""Speculative decoding, host side: proposers (plain Python / numpy, no jax), greedy acceptance, the config.
 
-A proposer looks at a request's tokens (prompt, then outputs) and guesses the next k; the target model scores
-the last known token and the k guesses in one step (k + 1 query tokens of that sequence), and the longest prefix
-of guesses that the target itself would have produced is kept, plus the target's own next token. So the output is
-exactly the target's, and a step yields between 1 and k + 1 tokens.
+A proposer guesses a request's next k tokens; the target model scores the last known token and the k guesses in one
+step (k + 1 query tokens of that sequence) and samples at each of those positions with that position's own key, and
+the guesses are kept while each equals the token the target itself drew there, plus the target's draw at the first
+difference (or after the last guess). So a step yields between 1 and k + 1 tokens, and every token appended is the
+one the target alone samples at its position.
 
 n-gram (prompt lookup, vLLM's "ngram" method): the last n tokens (n from prompt_lookup_max down to
 prompt_lookup_min) are looked up earlier in the request's own tokens; the k tokens that followed the latest such
 occurrence are the guess. Copy-heavy prompts (edit this text, quote the source) repeat long spans, so most
 guesses hold there; on free chat little matches and nothing is proposed.
+
+Draft model (vLLM's "draft_model" method): a second, smaller checkpoint with the target's vocabulary runs k
+single-token decode steps for the speculating rows of a step (runner.py: one precompiled program per sequence bucket
+and sampler variant) and samples each guess with the same sampling as the target at that position: its own logits,
+the request's logit_bias, temperature, top-k, top-p and min-p, and Gumbel-max noise from the same key
+fold_in(key(seed), position) (greedy rows: argmax). It keeps a paged KV cache of its own, with as many pages as the
+target's and the same page size, so the scheduler's page ids and page tables serve both; every step the target runs
+(prompt chunks, decodes, verifies) runs through the draft model too, so its cache holds the same positions, and
+num_computed_tokens governs both (K/V of rejected positions in either cache is past it and is overwritten later).
+
+Exactness. This is a coupling, not vLLM's rejection sampling: draft and target draw with the same noise, so where
+their processed distributions are close they usually draw the same token and the guess is kept; where they are not,
+the target's draw replaces the guess. The token emitted at each position is always the target's own draw with the
+key of that position, computed from the target's logits given the tokens before it, which are themselves the
+target's earlier draws: the output is token for token what the target alone gives for the same seed (greedy and
+seeded alike), so its distribution is exactly the target's, whatever the draft proposes. (As exactly as a request
+alone equals the same request in a batch: a verify step's logits can differ from a decode step's in the last bits.)
+Requests with repetition / presence / frequency penalties, or short of min_tokens, get no drafts (see the engine).
 """
 
 from __future__ import annotations
@@ -17,18 +36,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """vLLM's `speculative_config`: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4,
-    "prompt_lookup_min": 2}."""
+    "prompt_lookup_min": 2}, or {"method": "draft_model", "model": PATH, "num_speculative_tokens": k} (a checkpoint
+    sharing the target's tokenizer; "quantization" as the engine option of that name, for the draft's weights)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
+    model: str | None = None  # draft_model: the draft checkpoint (anything the engine loads)
+    quantization: str | None = None  # draft_model: the draft's weights, as EngineConfig.quantization
 
     def __post_init__(self):
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
@@ -41,6 +63,13 @@ class SpeculativeConfig:
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError("speculative_config.num_speculative_tokens must be in [1, 16], "
                              f"got {self.num_speculative_tokens}")
+        if self.method == "draft_model":
+            if not isinstance(self.model, str) or not self.model:
+                raise ValueError("speculative_config.model: method draft_model needs the draft checkpoint's path, "
+                                 f"got {self.model!r}")
+        elif self.model is not None or self.quantization is not None:
+            raise ValueError(f"speculative_config.model / quantization apply to method draft_model, not "
+                             f"{self.method!r}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
@@ -58,6 +87,8 @@ class SpeculativeConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"speculative_config has unknown keys {unknown}; known: {sorted(known)}")
+        if "model" in d and "method" not in d:  # as vLLM: a draft checkpoint alone means a draft model
+            d = {**d, "method": "draft_model"}
         return SpeculativeConfig(**d)
 
 

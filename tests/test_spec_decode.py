@@ -38,6 +38,16 @@ def test_speculative_config_validation():
         SpeculativeConfig(prompt_lookup_min=5, prompt_lookup_max=2)
     with pytest.raises(ValueError, match="unknown keys"):
         SpeculativeConfig.from_dict({"method": "ngram", "num_spec_tokens": 2})
+    d = SpeculativeConfig.from_dict({"model": "/ckpt/draft", "num_speculative_tokens": 2})  # vLLM: model alone
+    assert d.method == "draft_model" and d.model == "/ckpt/draft"
+    with pytest.raises(ValueError, match="speculative_config.model"):
+        SpeculativeConfig.from_dict({"method": "draft_model"})
+    with pytest.raises(ValueError, match="apply to method draft_model"):
+        SpeculativeConfig.from_dict({"method": "ngram", "model": "/ckpt/draft"})
+    from jaxinfer.config import EngineConfig
+
+    with pytest.raises(ValueError, match="speculative_config.quantization"):
+        EngineConfig(speculative_config={"model": "/ckpt/draft", "quantization": "int3"})
 
 
 # -- the scheduler with drafts, without a model (test_scheduler.py's mock: token at position i is 1000 + i) -------
@@ -115,6 +125,37 @@ def test_scheduler_drafts_stay_within_budget_pages_and_max_tokens():
     steps = _spec_run(sched, max_spec_tokens=10, wrong_at=None)
     assert all(r.output_token_ids == expected_output(r.num_prompt_tokens, r.max_tokens) for r in reqs)
     assert any(b.num_drafts for b in steps) and sched.num_preemptions > 0
+    assert all(rc == 0 for rc in sched.allocator.ref_counts)
+
+
+def test_scheduler_batch_proposer_gets_pages_before_it_runs():
+    """A draft model proposes for all of a step's rows at once (propose_batch) and writes the drafts' K/V as it
+    runs: their pages are taken first, the limits keep within the budget, max_tokens and draft_len (0: none), and a
+    request admitted in the same step gets none. The outputs are those without speculation."""
+    from test_scheduler import expected_output, make_request
+
+    from jaxinfer.scheduler import Scheduler
+
+    calls = []
+
+    def propose_batch(reqs, limits):
+        for r, n in zip(reqs, limits):
+            assert n >= 1 and len(r.pages) * sched.page_size >= r.num_computed_tokens + n  # pages for its drafts
+        calls.append(limits)
+        return [[1000 + r.num_tokens + j for j in range(n)] for r, n in zip(reqs, limits)]
+
+    sched = Scheduler(num_pages=12, page_size=4, max_num_seqs=4, token_budget=16, max_model_len=64,
+                      propose_batch=propose_batch, draft_len=lambda r: 0 if r.request_id == "r1" else 3)
+    reqs = [make_request(i, 4 + i, 9 + 3 * i) for i in range(5)]
+    for r in reqs:
+        sched.add(r)
+    steps = _spec_run(sched, max_spec_tokens=12, wrong_at=None)
+    assert all(r.output_token_ids == expected_output(r.num_prompt_tokens, r.max_tokens) for r in reqs)
+    assert calls and max(max(c) for c in calls) == 3
+    for b in steps:
+        for req, drafts, reset in zip(b.requests, b.drafts, b.reset):
+            assert not (drafts and (req.request_id == "r1" or reset))
+    assert any(len(d) == 3 for b in steps for d in b.drafts)
     assert all(rc == 0 for rc in sched.allocator.ref_counts)
 
 
