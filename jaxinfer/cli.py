@@ -342,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest request body (default: %(default)s)")
     srv.add_argument("--max-queued-requests", type=_positive_int, default=256, metavar="N",
                      help="requests waiting to start before new ones get 503 (default: %(default)s)")
+    srv.add_argument("--max-queued-tokens", type=_positive_int, default=None, metavar="N",
+                     help="tokens (prompt + max_tokens x n) of the requests waiting to start before new ones get 503 "
+                          "(default: no limit beyond --max-queued-requests)")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                      help="on SIGTERM, seconds to let running requests finish (default: %(default)s)")
     add_engine_args(serve)
@@ -382,7 +385,8 @@ def run_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model or "SmolLM2-135M-Instruct"
     config = ServerConfig(model_name=name, api_keys=api_keys_from_args(args), max_n=args.max_n,
                           max_body_size=parse_bytes(args.max_body_size),
-                          max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout)
+                          max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
+                          shutdown_timeout=args.shutdown_timeout)
 
     def factory():
         from jaxinfer.engine import Engine

@@ -43,6 +43,7 @@ class ServerConfig:
     max_n: int = 8
     max_body_size: int = 1 << 20
     max_queued_requests: int = 256
+    max_queued_tokens: int | None = None  # prompt + max_tokens x n of the requests not started yet; None: no limit
     shutdown_timeout: float = 30.0
 
 
@@ -188,13 +189,21 @@ def check_model(state: ServerState, body: dict) -> str:
     return name
 
 
-def admit(state: ServerState, count: int) -> None:
-    cap = state.config.max_queued_requests
+def admit(state: ServerState, count: int, tokens: int = 0) -> None:
+    """Overload: a request that could never be queued is a 400; one the queue cannot take now a 503 with
+    Retry-After (bounded by requests and, with --max-queued-tokens, by their tokens: prompt + max_tokens x n)."""
+    cap, tcap = state.config.max_queued_requests, state.config.max_queued_tokens
     if count > cap:  # could never be admitted: a client error, not a busy server
         raise bad_request(f"prompt: a batch of {count} prompts is more than this server queues at once ({cap}; "
                           f"its --max-queued-requests)", "prompt")
+    if tcap is not None and tokens > tcap:
+        raise bad_request(f"prompt: the request may need {tokens} tokens (prompts + max_tokens x n), more than this "
+                          f"server queues at once ({tcap}; its --max-queued-tokens)", "prompt")
     if state.engine.num_queued + count > cap:
         raise APIError(503, f"too many queued requests (limit {cap}); retry later", "service_unavailable",
+                       headers={"Retry-After": "1"})
+    if tcap is not None and state.engine.num_queued_tokens + tokens > tcap:
+        raise APIError(503, f"too many queued tokens (limit {tcap}); retry later", "service_unavailable",
                        headers={"Retry-After": "1"})
 
 
@@ -308,7 +317,9 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
     priority = 0 if priority is None else priority
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise bad_request("priority must be an integer (lower runs first)", "priority")
-    admit(state, len(prompts_ids))
+    admit(state, len(prompts_ids), sum(len(ids) + params.n * (params.max_tokens if params.max_tokens is not None
+                                                                else limits.max_model_len - len(ids))
+                                       for ids in prompts_ids))
 
     decode = state.engine.engine.tokenizer.decode if state.engine.engine.tokenizer else str
     tok_decode = lambda t: decode([t], skip_special_tokens=False)  # noqa: E731

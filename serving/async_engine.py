@@ -40,6 +40,7 @@ class EngineDeadError(RuntimeError):
 @dataclass
 class _Stream:
     queue: asyncio.Queue
+    tokens: int = 0  # the work it may need: prompt tokens + max_tokens x n
     started: bool = False  # got its first output (no longer counted as queued)
     finished: bool = False
 
@@ -101,6 +102,11 @@ class AsyncEngine:
         """Requests submitted that have not produced their first output yet."""
         return sum(not s.started for s in self._streams.values())
 
+    @property
+    def num_queued_tokens(self) -> int:
+        """The tokens those requests may need (prompt + max_tokens x n each)."""
+        return sum(s.tokens for s in self._streams.values() if not s.started)
+
     async def wait_ready(self) -> None:
         while not self._ready.is_set() and self.error is None:
             await asyncio.sleep(0.05)
@@ -121,7 +127,7 @@ class AsyncEngine:
         if self.error is not None:
             raise EngineDeadError(f"the engine failed: {self.error}")
         q = q if q is not None else asyncio.Queue()
-        self._streams[request_id] = _Stream(q)
+        self._streams[request_id] = _Stream(q, len(prompt_ids) + (params.max_tokens or 0) * max(1, params.n))
         fut = self._loop.create_future()
         self._cmds.put(("add", request_id, prompt_ids, params, priority, fut))
         try:

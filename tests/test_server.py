@@ -997,3 +997,21 @@ def test_several_api_keys_any_one_admits(tmp_path, monkeypatch):
         parse("--api-key-file", str(tmp_path / "empty"))
     with pytest.raises(cli.UsageError, match="cannot read"):
         parse("--api-key-file", str(tmp_path / "missing"))
+
+
+def test_the_queue_is_bounded_by_requests_and_tokens():
+    from types import SimpleNamespace
+
+    from serving.api_server import APIError, admit
+
+    engine = SimpleNamespace(num_queued=3, num_queued_tokens=900)
+    state = SimpleNamespace(config=ServerConfig(max_queued_requests=4, max_queued_tokens=1000), engine=engine)
+    admit(state, 1, 100)  # 4 requests, 1000 tokens: at the limits
+    for count, tokens, status in [(2, 10, 503), (1, 101, 503), (5, 10, 400), (1, 1001, 400)]:
+        with pytest.raises(APIError) as e:
+            admit(state, count, tokens)
+        assert e.value.status == status
+        if status == 503:
+            assert e.value.headers == {"Retry-After": "1"}
+    state.config = ServerConfig(max_queued_requests=4)  # no token limit
+    admit(state, 1, 10**9)
