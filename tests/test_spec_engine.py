@@ -210,3 +210,34 @@ def test_aborted_speculating_request_frees_its_pages(tiny_spec_llm):
     assert finals[rid].outputs[0].finish_reason == "abort" and len(finals[rid].outputs[0].token_ids) < 60
     assert len(finals[other].outputs[0].token_ids) == 10
     assert_all_pages_free(eng)
+
+
+def test_token_frequencies_at_temperature_1_with_top_p_match_the_target(default_llm, spec_llm):
+    """The distribution, not only seed-for-seed identity: N seeded samples with speculation and N with other seeds
+    without it. At each output position the two token frequencies must pass a two-sample chi-square test at
+    p > 0.001 (the seeds are fixed, so the test is deterministic; a wrong acceptance rule shifts the frequencies of
+    positions after a draft). Drafts must have been proposed and accepted for the test to mean anything."""
+    from collections import Counter
+
+    from scipy.stats import chi2_contingency
+
+    text = "the cat sat on the mat, " * 4
+    prompt = spec_llm.tokenizer.apply_chat_template([{"role": "user", "content": f"Repeat this: {text}"}])
+    prompt += spec_llm.tokenizer.encode(text, add_special_tokens=False)  # the answer under way: copying is likely
+    n = 160
+    params = lambda seed: SamplingParams(max_tokens=4, temperature=1.0, top_p=0.9, seed=seed,  # noqa: E731
+                                         ignore_eos=True)
+    before = spec_llm.engine.stats()
+    spec, _, _ = run(spec_llm.engine, [prompt] * n, [params(s) for s in range(n)])
+    delta = spec_delta(spec_llm.engine, before)
+    base, _, _ = run(default_llm.engine, [prompt] * n, [params(s) for s in range(n, 2 * n)])
+    assert delta["spec_draft_tokens"] > 100 and delta["spec_accepted_tokens"] > 50, delta
+    for pos in range(4):
+        a = Counter(o.outputs[0].token_ids[pos] for o in spec)
+        b = Counter(o.outputs[0].token_ids[pos] for o in base)
+        tokens = sorted(set(a) | set(b))
+        if len(tokens) < 2:
+            continue
+        p = chi2_contingency(np.array([[a[t] for t in tokens], [b[t] for t in tokens]])).pvalue
+        assert p > 1e-3, (pos, p, a, b)
+    assert_all_pages_free(spec_llm.engine)
