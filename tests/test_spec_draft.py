@@ -12,7 +12,7 @@ import jaxinfer
 from conftest import TINY_ENGINE_OPTIONS
 from jaxinfer import SamplingParams, compile_guard
 from test_engine import assert_all_pages_free
-from test_spec_engine import ids_of, run, spec_delta
+from test_spec_engine import assert_same_outputs, ids_of, run, spec_delta
 
 
 def _draft(path, k: int = 3) -> dict:
@@ -87,13 +87,7 @@ def test_same_tokens_as_the_target_alone(tiny_llm, draft_llm, monkeypatch):
     before = eng.stats()
     with compile_guard.forbid_compiles():
         got, _, _ = run(eng, prompts, params, arrive_every=2)
-    assert ids_of(got) == ids_of(want)
-    for g, w in zip(got, want):
-        for a, b in zip(g.outputs, w.outputs):
-            assert a.finish_reason == b.finish_reason
-            if a.logprobs is not None:  # the target's logprobs of every appended token
-                assert [x[t].logprob for x, t in zip(a.logprobs, a.token_ids)] == pytest.approx(
-                    [x[t].logprob for x, t in zip(b.logprobs, b.token_ids)], abs=1e-4)
+    assert_same_outputs(got, want)
     d = spec_delta(eng, before)
     assert 0 < d["spec_accepted_tokens"] < d["spec_draft_tokens"]  # some drafts kept, some replaced
     s = eng.stats()

@@ -59,6 +59,17 @@ def ids_of(outs):
     return [[c.token_ids for c in o.outputs] for o in outs]
 
 
+def assert_same_outputs(got, want):
+    """The same tokens and finish reasons, and the target's logprobs of every appended token."""
+    assert ids_of(got) == ids_of(want)
+    for g, w in zip(got, want):
+        for a, b in zip(g.outputs, w.outputs):
+            assert a.finish_reason == b.finish_reason
+            if a.logprobs is not None:
+                assert [x[t].logprob for x, t in zip(a.logprobs, a.token_ids)] == pytest.approx(
+                    [x[t].logprob for x, t in zip(b.logprobs, b.token_ids)], abs=1e-4)
+
+
 # -- the default model ------------------------------------------------------------------------------------------
 
 
@@ -179,13 +190,7 @@ def test_penalties_n_and_preemption_beside_speculating_requests(tiny_llm, tiny_s
     before = eng.stats()
     with compile_guard.forbid_compiles():
         got, _, _ = run(eng, prompts, params, arrive_every=2)
-    assert ids_of(got) == ids_of(want)
-    for g, w in zip(got, want):
-        for a, b in zip(g.outputs, w.outputs):
-            assert a.finish_reason == b.finish_reason
-            if a.logprobs is not None:
-                assert [x[t].logprob for x, t in zip(a.logprobs, a.token_ids)] == pytest.approx(
-                    [x[t].logprob for x, t in zip(b.logprobs, b.token_ids)], abs=1e-4)
+    assert_same_outputs(got, want)
     assert spec_delta(eng, before)["spec_accepted_tokens"] > 0
     assert eng.stats()["preemptions"] > before["preemptions"] and eng.stats()["prefix_cache_hits"] > before["prefix_cache_hits"]
     assert not [p for p, n in drafted if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty]
