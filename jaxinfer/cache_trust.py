@@ -89,9 +89,13 @@ def signing_key(directory: str) -> bytes | None:
     return key
 
 
+def _mac(key: bytes, name: str, blob: bytes) -> bytes:
+    return hmac.new(key, name.encode() + b"\0" + blob, hashlib.sha256).digest()
+
+
 def sign(key: bytes, name: str, blob: bytes) -> bytes:
     """blob as stored: MAGIC, then the HMAC of (name, blob), then blob."""
-    return MAGIC + hmac.new(key, name.encode() + b"\0" + blob, hashlib.sha256).digest() + blob
+    return MAGIC + _mac(key, name, blob) + blob
 
 
 def verify(key: bytes, name: str, data: bytes) -> bytes | None:
@@ -99,8 +103,7 @@ def verify(key: bytes, name: str, data: bytes) -> bytes | None:
     if not data.startswith(MAGIC) or len(data) < len(MAGIC) + _MAC:
         return None
     mac, blob = data[len(MAGIC):len(MAGIC) + _MAC], data[len(MAGIC) + _MAC:]
-    want = hmac.new(key, name.encode() + b"\0" + blob, hashlib.sha256).digest()
-    return blob if hmac.compare_digest(mac, want) else None
+    return blob if hmac.compare_digest(mac, _mac(key, name, blob)) else None
 
 
 @functools.cache
