@@ -32,6 +32,7 @@ FIELD_FLAGS = {
     "max_tokens": "--max-tokens", "min_tokens": "--min-tokens", "logprobs": "--logprobs",
     "max_model_len": "--max-model-len", "max_num_seqs": "--max-num-seqs",
     "max_num_batched_tokens": "--max-num-batched-tokens", "token_buckets": "--token-buckets",
+    "mixed_step_token_budget": "--mixed-step-token-budget",
     "seq_buckets": "--seq-buckets", "page_size": "--page-size", "kv_cache_memory": "--kv-cache-memory",
     "dtype": "--dtype", "load_format": "--load-format", "attention_impl": "--attention-impl",
     "quantization": "--quantization", "kv_cache_dtype": "--kv-cache-dtype",
@@ -134,6 +135,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="most sequences decoded together in one step (default: 16)")
     g.add_argument("--max-num-batched-tokens", type=_positive_int, metavar="N",
                    help="most tokens processed in one step; longer prompts are split (default: largest token bucket)")
+    g.add_argument("--mixed-step-token-budget", type=_positive_int, metavar="N",
+                   help="most tokens of a step that carries decodes: prompt chunks get what the decodes leave, which "
+                        "bounds the time between a stream's tokens while long prompts come in (default: the token "
+                        "budget on GPU / TPU, 64 on a CPU)")
     g.add_argument("--token-buckets", type=_int_list, metavar="LIST",
                    help="step sizes in tokens compiled ahead of time, e.g. 1,4,16,64,256 (the default)")
     g.add_argument("--seq-buckets", type=_int_list, metavar="LIST",
@@ -188,7 +193,7 @@ def engine_options_from_args(args: argparse.Namespace) -> dict:
             opts.update(engine_preset(args.engine_config))
         except ValueError as e:
             raise UsageError(f"--engine-config: {e}") from None
-    names = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "token_buckets", "seq_buckets",
+    names = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "mixed_step_token_budget", "token_buckets", "seq_buckets",
              "page_size", "kv_cache_memory", "dtype", "load_format", "quantization", "kv_cache_dtype", "attention_impl",
              "compilation_cache_dir", "speculative_config"]
     opts.update({k: getattr(args, k) for k in names if getattr(args, k, None) is not None})

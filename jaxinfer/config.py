@@ -252,6 +252,9 @@ def _is_int(v) -> bool:
 MIXED_TOKENS_PER_ROW = 16
 
 
+CPU_MIXED_STEP_TOKENS = 64
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything about how the engine runs a model, independent of the model's shape.
@@ -264,6 +267,11 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_num_seqs: int = 16
     max_num_batched_tokens: int | None = None  # per-step token budget; None: the largest token bucket
+    # the most tokens of a step that carries decodes (prompt chunks get what the decodes leave): bounds the time
+    # between a running stream's tokens while long prompts are admitted. None: CPU_MIXED_STEP_TOKENS on a CPU (where
+    # a step costs about its token count: 256 tokens ~1.7 s for the default model on 2 cores), the token budget on
+    # GPU / TPU (benchmarks/long_prompt_itl.py)
+    mixed_step_token_budget: int | None = None
     token_buckets: tuple[int, ...] = (1, 4, 16, 64, 256)
     seq_buckets: tuple[int, ...] = (1, 4, 16)
     page_size: int = 16
@@ -293,7 +301,8 @@ class EngineConfig:
 
     def __post_init__(self):
         for name, lo, optional in (("max_model_len", 1, True), ("max_num_seqs", 1, False),
-                                   ("max_num_batched_tokens", 1, True), ("page_size", 1, False),
+                                   ("max_num_batched_tokens", 1, True), ("mixed_step_token_budget", 1, True),
+                                   ("page_size", 1, False),
                                    ("num_pages", 1, True), ("max_logprobs", 0, False), ("max_logit_bias", 0, False),
                                    ("compile_threads", 0, False), ("seed", -(2**63), False)):
             v = getattr(self, name)
@@ -347,6 +356,12 @@ class EngineConfig:
         if sq is not None and sq not in QUANTIZATION_CHOICES:
             raise ValueError(f"speculative_config.quantization must be one of {list(QUANTIZATION_CHOICES)} (or None: "
                              f"as the draft checkpoint is), got {sq!r}")
+
+    def mixed_step_tokens(self, backend: str) -> int | None:
+        """`mixed_step_token_budget`, or its default on this backend (None: no bound below the token budget)."""
+        if self.mixed_step_token_budget is not None:
+            return self.mixed_step_token_budget
+        return CPU_MIXED_STEP_TOKENS if backend == "cpu" else None
 
     def warms_up(self, backend: str) -> bool:
         """Whether start-up runs every program once: `warm_up`, or by default on a GPU / TPU (not on CPU,

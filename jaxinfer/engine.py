@@ -158,7 +158,9 @@ class Engine:
         batch_proposer = dict(propose_batch=self.runner.propose_drafts, draft_len=self._draft_len) if draft else {}
         self.scheduler = Scheduler(self.num_pages, ecfg.page_size, ecfg.max_num_seqs, ecfg.token_budget, self.max_model_len,
                                    ecfg.enable_prefix_caching, propose=self._propose if self.spec and not draft else None,
-                                   max_spec_tokens=max(ecfg.verify_sizes(), default=0), **batch_proposer)
+                                   max_spec_tokens=max(ecfg.verify_sizes(), default=0),
+                                   mixed_step_token_budget=ecfg.mixed_step_tokens(jax.default_backend()),
+                                   **batch_proposer)
         self._async = ecfg.async_scheduling and self.spec is None  # drafts need the step before: see the docstring
         k = self.spec.num_speculative_tokens if self.spec else 0
         self._spec_proposed = [0] * k  # verify runs with a draft at position j (0: the first draft) ...

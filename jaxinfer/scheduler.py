@@ -104,8 +104,11 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, num_pages: int, page_size: int, max_num_seqs: int, token_budget: int, max_model_len: int,
                  enable_prefix_caching: bool = True, propose=None, max_spec_tokens: int = 0, propose_batch=None,
-                 draft_len=None):
-        """propose: speculative decoding's proposer, Request -> draft token ids (None: no speculation);
+                 draft_len=None, mixed_step_token_budget: int | None = None):
+        """mixed_step_token_budget: the most tokens a step that carries decodes may hold (the decodes, then prompt
+        chunks in what is left, at least one token), so decoding streams wait at most one such step between tokens
+        while a long prompt is admitted; None: token_budget.
+        propose: speculative decoding's proposer, Request -> draft token ids (None: no speculation);
         max_spec_tokens: the most tokens a step carrying drafts may hold. A proposer that runs on the device for all
         of a step's rows at once (a draft model) comes instead as propose_batch, (requests, how many drafts each)
         -> draft token ids per request, with draft_len, Request -> the drafts it may take (0: none): its pages are
@@ -119,6 +122,7 @@ class Scheduler:
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.token_budget = token_budget
+        self.mixed_step_token_budget = mixed_step_token_budget
         self.max_model_len = max_model_len
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -255,6 +259,12 @@ class Scheduler:
         batch = ScheduledBatch([], [], [])
         budget = self.token_budget
         now = time.monotonic()
+        # Prompt tokens this step may take: with decodes in it, what mixed_step_token_budget leaves them.
+        prompt_room = budget
+        if self.mixed_step_token_budget is not None:
+            decodes = sum(r.num_tokens + r.num_pending - r.num_computed_tokens == 1 for r in self.running)
+            if decodes:
+                prompt_room = max(1, self.mixed_step_token_budget - decodes)
 
         # 1. Running requests, oldest first; the youngest gives way when pages run out.
         self.running.sort(key=lambda r: (r.priority, r.arrival_time))
@@ -266,6 +276,12 @@ class Scheduler:
                 i += 1  # its pending token ends it ('length' when the token arrives)
                 continue
             n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
+            prompt = n > 1  # a prompt chunk (or a preempted request's recompute)
+            if prompt:
+                if prompt_room <= 0:
+                    i += 1
+                    continue
+                n = min(n, prompt_room)
             while not self._grow(req, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -275,6 +291,7 @@ class Scheduler:
                 break  # req preempted itself: nothing younger is left to schedule
             batch.add(req, n, reset=False)
             budget -= n
+            prompt_room -= n if prompt else 0
             i += 1
 
         # 2. Waiting requests, by priority then arrival, while budget, sequence slots and pages last.
@@ -282,7 +299,7 @@ class Scheduler:
         self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
         pending = self._pending_pages() if self.waiting else set()
         w = 0
-        while w < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+        while w < len(self.waiting) and min(budget, prompt_room) > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[w]
             if req.num_pending:  # preempted while its last token was still on the device
                 w += 1
@@ -292,7 +309,7 @@ class Scheduler:
                 w += 1
                 continue
             computed = len(hit) * self.page_size
-            n = min(req.num_tokens - computed, budget)
+            n = min(req.num_tokens - computed, budget, prompt_room)
             # Taking the hit pages removes the unreferenced ones from what can be allocated.
             available = self.allocator.num_free - sum(self.allocator.ref_counts[p] == 0 for p in hit)
             if self._pages_for(computed + n) - len(hit) > available:
@@ -314,6 +331,7 @@ class Scheduler:
             self.running.append(req)
             batch.add(req, n, reset=True)
             budget -= n
+            prompt_room -= n
             self._add_pending(req, pending)
         if self.propose_batch is not None:
             self._add_draft_batch(batch)

@@ -114,17 +114,62 @@ def ragged_paged_attention_reference(
     return o.reshape(T, N, H).astype(q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_pages"))
+def _flash(qg, pos, live, pages_of_block, n_blocks, k_pages, v_pages, *, bp, kv_len=None, sliding_window=None,
+           soft_cap=None, k_scale=None, v_scale=None):
+    """Online softmax over blocks of `bp` pages for queries qg [R, K, G, H] (scaled) at positions pos [R] (live [R]).
+
+    pages_of_block(j) -> [R, bp] page ids (each query its own block: one gather per query) or [1, bp] (one block
+    shared by every query: gathered once; then kv_len, that sequence's length, masks its unwritten slots).
+    Runs n_blocks blocks (a traced count). Returns the normalised output [R, K, G, H] float32 (0 where not live)."""
+    R, K, G, H = qg.shape
+    S = k_pages.shape[2]
+
+    def body(j, carry):
+        m_i, l_i, acc = carry  # [R, K, G], [R, K, G], [R, K, G, H]
+        pages = pages_of_block(j)
+        shared = pages.shape[0] == 1
+        k = _dequant(gather_pages(k_pages, pages), k_scale)  # [1 or R, bS, K, H]
+        v = _dequant(gather_pages(v_pages, pages), v_scale)
+        kv_pos = j * bp * S + jnp.arange(bp * S, dtype=jnp.int32)
+        msk = _mask(pos, jnp.broadcast_to(kv_pos, (R, bp * S)), live, sliding_window)[:, None, None, :]
+        if shared:
+            s = jnp.einsum("rkgh,lkh->rkgl", qg, k[0])  # [R, K, G, bS]
+            v = jnp.where((kv_pos < kv_len)[None, :, None, None], v, 0.0)  # unwritten slots may hold NaN
+        else:
+            s = jnp.einsum("rkgh,rlkh->rkgl", qg, k)
+            v = jnp.where(msk[:, 0, 0, :, None, None], v, 0.0)  # stray pages may hold NaN
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        s = jnp.where(msk, s, _NEG_INF)
+        m_new = jnp.maximum(m_i, s.max(-1))
+        p = jnp.where(msk, jnp.exp(s - m_new[..., None]), 0.0)
+        alpha = jnp.exp(m_i - m_new)
+        l_new = alpha * l_i + p.sum(-1)
+        pv = jnp.einsum("rkgl,lkh->rkgh", p, v[0]) if shared else jnp.einsum("rkgl,rlkh->rkgh", p, v)
+        return m_new, l_new, alpha[..., None] * acc + pv
+
+    init = (jnp.full((R, K, G), _NEG_INF, jnp.float32), jnp.zeros((R, K, G), jnp.float32),
+            jnp.zeros((R, K, G, H), jnp.float32))
+    _, l_i, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    return acc / jnp.where(l_i > 0, l_i, 1.0)[..., None]
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_pages",
+                                             "max_chunk_rows"))
 def ragged_paged_attention_xla(
     q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens, num_seqs,
     *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
-    k_scale=None, v_scale=None, block_pages: int = 8,
+    k_scale=None, v_scale=None, block_pages: int = 8, max_chunk_rows: int = 2,
 ):
-    """Flash-style: a loop over blocks of `block_pages` pages with an online softmax.
+    """Flash-style: a loop over blocks of `block_pages` pages with an online softmax, run only as far as the
+    longest live sequence, so the cost follows the real context.
 
-    The loop runs only as far as the longest live sequence, so decode cost follows the real context.
-    With several rows each token gathers its own sequence's block (O(T * block) memory per iteration);
-    with one row (B == 1, a prefill chunk) the block is gathered once.
+    How each row's keys are read (the cost of a step is the copies of its gathers):
+      - a lone row (B == 1: a prefill chunk or a decode): its block is gathered once and shared by all T queries;
+      - several rows, at most `max_chunk_rows` of them with more than one query token (a mixed step: decodes and a
+        prefill chunk or two): the one-token rows as a batch of B queries, each gathering its own row's block, and
+        each chunk row apart, its block gathered once for all T queries (masked to its own tokens);
+      - more chunk rows than that: each token gathers its own row's block ([T, block] per iteration).
     """
     T, N, H = q.shape
     P, K, S, _ = k_pages.shape
@@ -135,43 +180,38 @@ def ragged_paged_attention_xla(
     tables = jnp.pad(page_tables, ((0, 0), (0, n_blocks_max * bp - M)))  # pad pages are masked by position
     seq, pos, live = _token_metadata(T, kv_lens, cu_q_lens, num_seqs)
     qg = q.astype(jnp.float32).reshape(T, K, G, H) * sm_scale
-    live_len = jnp.max(jnp.where(jnp.arange(B) < num_seqs, kv_lens, 0))
-    n_blocks = jnp.minimum((live_len + bp * S - 1) // (bp * S), n_blocks_max)
+    blocks = lambda n: jnp.minimum((n + bp * S - 1) // (bp * S), n_blocks_max)  # blocks holding n tokens
+    block_of = lambda rows, j: jax.lax.dynamic_slice_in_dim(rows, j * bp, bp, axis=1)  # [R, bp]
+    flash = functools.partial(_flash, k_pages=k_pages, v_pages=v_pages, bp=bp, sliding_window=sliding_window,
+                              soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale)
+    row_live = jnp.arange(B) < num_seqs
 
-    # One sequence row (a prefill chunk): its block is gathered once and shared by all T queries, not
-    # copied per token. Several rows: each token gathers its own row's block.
-    single_row = B == 1
+    def one_row(r, tok_live, run):
+        """All T queries against row r's blocks (each gathered once), live where tok_live; no blocks unless run."""
+        return flash(qg, pos, tok_live, lambda j: block_of(tables[r][None], j), blocks(jnp.where(run, kv_lens[r], 0)),
+                     kv_len=kv_lens[r])
 
-    def body(j, carry):
-        m_i, l_i, acc = carry  # [T, K, G], [T, K, G], [T, K, G, H]
-        block = jax.lax.dynamic_slice_in_dim(tables, j * bp, bp, axis=1)  # [B, bp]
-        pages = block if single_row else block[seq]  # [1 or T, bp]
-        k = _dequant(gather_pages(k_pages, pages), k_scale)  # [1 or T, bS, K, H]
-        v = _dequant(gather_pages(v_pages, pages), v_scale)
-        kv_pos = j * bp * S + jnp.arange(bp * S, dtype=jnp.int32)
-        msk = _mask(pos, jnp.broadcast_to(kv_pos, (T, bp * S)), live, sliding_window)[:, None, None, :]
-        if single_row:
-            s = jnp.einsum("tkgh,lkh->tkgl", qg, k[0])  # [T, K, G, bS]
-            v = jnp.where((kv_pos < kv_lens[0])[None, :, None, None], v, 0.0)  # unwritten slots may hold NaN
-        else:
-            s = jnp.einsum("tkgh,tlkh->tkgl", qg, k)
-            v = jnp.where(msk[:, 0, 0, :, None, None], v, 0.0)  # stray pages may hold NaN
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s / soft_cap)
-        s = jnp.where(msk, s, _NEG_INF)
-        m_new = jnp.maximum(m_i, s.max(-1))
-        p = jnp.where(msk, jnp.exp(s - m_new[..., None]), 0.0)
-        alpha = jnp.exp(m_i - m_new)
-        l_new = alpha * l_i + p.sum(-1)
-        pv = jnp.einsum("tkgl,lkh->tkgh", p, v[0]) if single_row else jnp.einsum("tkgl,tlkh->tkgh", p, v)
-        acc = alpha[..., None] * acc + pv
-        return m_new, l_new, acc
+    def per_token():
+        return flash(qg, pos, live, lambda j: block_of(tables, j)[seq], blocks(jnp.max(jnp.where(row_live, kv_lens, 0))))
 
-    init = (
-        jnp.full((T, K, G), _NEG_INF, jnp.float32),
-        jnp.zeros((T, K, G), jnp.float32),
-        jnp.zeros((T, K, G, H), jnp.float32),
-    )
-    _, l_i, acc = jax.lax.fori_loop(0, n_blocks, body, init)
-    o = acc / jnp.where(l_i > 0, l_i, 1.0)[..., None]
+    if B == 1:
+        o = one_row(0, live, row_live[0])
+    else:
+        q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+        chunk = row_live & (q_lens > 1)
+
+        def split():
+            single = row_live & (q_lens == 1)
+            first = jnp.minimum(cu_q_lens[:-1], T - 1)  # each row's first token
+            od = flash(qg[first], kv_lens - 1, single, lambda j: block_of(tables, j),
+                       blocks(jnp.max(jnp.where(single, kv_lens, 0))))  # [B, K, G, H]
+            o = jnp.zeros((T, K, G, H), jnp.float32).at[jnp.where(single, first, T)].set(od, mode="drop")
+            rows = jnp.nonzero(chunk, size=max_chunk_rows, fill_value=0)[0]
+            for c in range(max_chunk_rows):
+                r = rows[c]
+                mine = live & (seq == r) & chunk[r]
+                o = jnp.where(mine[:, None, None, None], one_row(r, mine, chunk[r]), o)
+            return o
+
+        o = per_token() if max_chunk_rows == 0 else jax.lax.cond(chunk.sum() <= max_chunk_rows, split, per_token)
     return o.reshape(T, N, H).astype(q.dtype)

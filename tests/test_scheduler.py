@@ -46,6 +46,40 @@ def expected_output(prompt_len: int, max_tokens: int) -> list[int]:
     return [1000 + prompt_len + k for k in range(max_tokens)]
 
 
+def test_mixed_step_token_budget_bounds_steps_that_carry_decodes():
+    """With decodes running, a step holds at most mixed_step_token_budget tokens: the decodes, then prompt chunks in
+    what is left (running chunks and newly admitted prompts alike); a step without decodes keeps the whole budget.
+    Every request still gets its exact output."""
+    sched = Scheduler(num_pages=200, page_size=4, max_num_seqs=4, token_budget=32, max_model_len=400,
+                      mixed_step_token_budget=8)
+    a, b = make_request(0, 3, 40), make_request(1, 3, 40)
+    sched.add(a)
+    sched.add(b)
+    sched.update(sched.schedule(), [mock_token(a), mock_token(b)])  # both prompts in: both decode from now on
+    long, later = make_request(2, 100, 3), make_request(3, 50, 2)
+    sched.add(long)
+    step = sched.schedule()
+    assert step.requests == [a, b, long] and step.num_new_tokens == [1, 1, 6]  # 8 - 2 decodes
+    sched.update(step, [mock_token(a), mock_token(b), None])
+    sched.add(later)
+    step = sched.schedule()
+    assert step.requests == [a, b, long] and step.num_new_tokens == [1, 1, 6]  # the running chunk took the room
+    sched.update(step, [mock_token(a), mock_token(b), None])
+    steps = run(sched)
+    for batch in steps:
+        decodes = sum(n == 1 for n in batch.num_new_tokens)
+        if decodes:
+            assert batch.num_tokens <= max(8, decodes + 1)
+    assert max(batch.num_tokens for batch in steps) == 8  # no step with decodes took the whole budget of 32
+    for req, (p, m) in ((a, (3, 40)), (b, (3, 40)), (long, (100, 3)), (later, (50, 2))):
+        assert req.output_token_ids == expected_output(p, m)
+    alone = Scheduler(num_pages=200, page_size=4, max_num_seqs=4, token_budget=32, max_model_len=400,
+                      mixed_step_token_budget=8)
+    c = make_request(4, 100, 1)
+    alone.add(c)
+    assert alone.schedule().num_new_tokens == [32]  # no decodes: the whole budget
+
+
 def test_chunked_prefill_splits_long_prompts_and_decodes_first():
     sched = Scheduler(num_pages=100, page_size=4, max_num_seqs=4, token_budget=8, max_model_len=200)
     a, b = make_request(0, 3, 5), make_request(1, 20, 2)
