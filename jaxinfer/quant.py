@@ -25,6 +25,7 @@ Shapes: T tokens, I input elements, O = prod(out); Q = I / group_size groups.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -226,6 +227,30 @@ def fp8_dot(xf, w: QuantizedWeight):
 # from a few dozen tokens up.
 GPU_KERNEL_MAX_TOKENS = {"int": 64, "fp8": 0}
 GPU_KERNEL_MIN_TOKENS_4BIT = 2  # a 1-token step on 4-bit groups: XLA's reduction beat the kernel (54 vs 132 us)
+# Per-channel int8 steps of more tokens than the Pallas kernel takes, on a Hopper GPU: jax's Mosaic GPU mixed-type
+# matmul (pallas_kernels/int8_matmul_hopper), instead of XLA's form, which writes a dequantized copy of the weight.
+HOPPER_INT8_MIN_TOKENS = GPU_KERNEL_MAX_TOKENS["int"] + 1
+
+
+@functools.cache
+def _hopper_available() -> bool:
+    from pallas_kernels import int8_matmul_hopper
+
+    return int8_matmul_hopper.available()
+
+
+def _hopper_int8(w: QuantizedWeight, T: int, backend: str, hopper: bool | None = None) -> bool:
+    """Whether this matmul runs the Hopper int8 kernel: a GPU with it (`hopper`, default: probed once), a step of
+    at least HOPPER_INT8_MIN_TOKENS tokens, int8 values with per-channel scales only, weight-only, evenly tiled."""
+    from pallas_kernels import int8_matmul_hopper
+
+    if backend != "gpu" or T < HOPPER_INT8_MIN_TOKENS or w.q.dtype != np.int8 or w.packed or w.act is not None:
+        return False
+    if w.zeros is not None or w.mins is not None or w.g_idx is not None or w.scales.shape[-1] != 1:
+        return False
+    if not int8_matmul_hopper.fits(math.prod(w.out_shape), w.in_features):
+        return False
+    return _hopper_available() if hopper is None else hopper
 
 
 def _gpu_kernel(w: QuantizedWeight, T: int, backend: str) -> bool:
@@ -267,6 +292,11 @@ def qmatmul(x, w: QuantizedWeight, *, backend: str | None = None, interpret: boo
                          *(None if a is None else a.reshape(O, -1) for a in (w.zeros, w.mins)), xs, bits=w.bits,
                          group=w.group, interpret=interpret, out_dtype=x.dtype)
         return y.reshape(T, *w.out_shape)
+    if _hopper_int8(w, T, backend):
+        from pallas_kernels.int8_matmul_hopper import int8_matmul
+
+        y = int8_matmul(xf, w.q.reshape(O, -1), w.scales.reshape(O, 1))
+        return y.astype(x.dtype).reshape(T, *w.out_shape)
     if backend != "cpu" and w.g_idx is None:
         if w.act is None and w.q.dtype != FP8:
             # per channel: one dot with the values' convert in its operand; grouped: XLA's group dots cost 5-10x
