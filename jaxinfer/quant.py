@@ -242,10 +242,10 @@ def _hopper_available() -> bool:
 def _hopper_int8(w: QuantizedWeight, T: int, backend: str, hopper: bool | None = None) -> bool:
     """Whether this matmul runs the Hopper int8 kernel: a GPU with it (`hopper`, default: probed once), a step of
     at least HOPPER_INT8_MIN_TOKENS tokens, int8 values with per-channel scales only, weight-only, evenly tiled."""
-    from pallas_kernels import int8_matmul_hopper
-
     if backend != "gpu" or T < HOPPER_INT8_MIN_TOKENS or w.q.dtype != np.int8 or w.packed or w.act is not None:
         return False
+    from pallas_kernels import int8_matmul_hopper
+
     if w.zeros is not None or w.mins is not None or w.g_idx is not None or w.scales.shape[-1] != 1:
         return False
     if not int8_matmul_hopper.fits(math.prod(w.out_shape), w.in_features):
