@@ -226,10 +226,11 @@ def fp8_dot(xf, w: QuantizedWeight):
 # kernel reads each weight byte once; XLA's integer forms write a dequantized copy, and cuBLASLt's fp8 GEMM leads
 # from a few dozen tokens up.
 GPU_KERNEL_MAX_TOKENS = {"int": 64, "fp8": 0}
-GPU_KERNEL_MIN_TOKENS_4BIT = 2  # a 1-token step on 4-bit groups: XLA's reduction beat the kernel (54 vs 132 us)
+GPU_KERNEL_MIN_TOKENS_4BIT = 1  # end to end at batch 1 the kernel at every step beat XLA's 1-token reduction (121 vs 65-68 tok/s)
 # Per-channel int8 steps of more tokens than the Pallas kernel takes, on a Hopper GPU: jax's Mosaic GPU mixed-type
 # matmul (pallas_kernels/int8_matmul_hopper), instead of XLA's form, which writes a dequantized copy of the weight.
 HOPPER_INT8_MIN_TOKENS = GPU_KERNEL_MAX_TOKENS["int"] + 1
+HOPPER_INT8_MAX_TOKENS = 512  # above: XLA's form (at 2048 tokens the Mosaic kernel took 1.1-1.6x its time)
 
 
 @functools.cache
@@ -242,7 +243,8 @@ def _hopper_available() -> bool:
 def _hopper_int8(w: QuantizedWeight, T: int, backend: str, hopper: bool | None = None) -> bool:
     """Whether this matmul runs the Hopper int8 kernel: a GPU with it (`hopper`, default: probed once), a step of
     at least HOPPER_INT8_MIN_TOKENS tokens, int8 values with per-channel scales only, weight-only, evenly tiled."""
-    if backend != "gpu" or T < HOPPER_INT8_MIN_TOKENS or w.q.dtype != np.int8 or w.packed or w.act is not None:
+    if backend != "gpu" or not HOPPER_INT8_MIN_TOKENS <= T <= HOPPER_INT8_MAX_TOKENS or w.q.dtype != np.int8 or \
+            w.packed or w.act is not None:
         return False
     from pallas_kernels import int8_matmul_hopper
 

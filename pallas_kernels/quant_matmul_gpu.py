@@ -217,9 +217,10 @@ def quant_matmul(x, q, scales, zeros=None, mins=None, x_scale=None, *, bits: int
     """x [M, K] times the quantized W [N, K] (the module docstring has every shape) -> [M, N] float32, or
     `out_dtype`. Tile knobs left None take `default_config`; interpret=True runs the Pallas interpreter (CPU).
     weights_first: the dequantized weight tile is the dots' left operand ([bn, kb] x [kb, bm]), the form tensor-core
-    instructions can take from registers, which may spare a shared-memory pass over the dequantized values (an
-    experiment for the sweep: not yet measured). bytes_via_f32: int8 / uint8 weights become floats through float32's
-    mantissa (`_bytes_as_float`) instead of a conversion instruction (an experiment for the sweep: not yet measured)."""
+    instructions can take from registers, which may spare a shared-memory pass over the dequantized values (swept
+    on an H100: slower on gate_up at M = 1 and 256, within 10% on o; off by default). bytes_via_f32: int8 / uint8 weights become floats through float32's
+    mantissa (`_bytes_as_float`) instead of a conversion instruction (measured on an H100: slower or equal at every M,
+    benchmarks/RESULTS.md; kept for the sweep)."""
     M, K = x.shape
     N = q.shape[0]
     if bits not in (4, 8):

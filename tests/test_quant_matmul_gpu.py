@@ -142,7 +142,7 @@ def test_gpu_kernel_dispatch_rules():
 
     qw, _ = _weight("int4", rng)
     assert quant._gpu_kernel(qw, 2, "gpu") and not quant._gpu_kernel(qw, 2, "cpu")
-    assert not quant._gpu_kernel(qw, 1, "gpu")  # 1-token steps on 4-bit groups: XLA's reduction
+    assert quant._gpu_kernel(qw, 1, "gpu") == (quant.GPU_KERNEL_MIN_TOKENS_4BIT <= 1)  # 1-token steps on 4-bit groups
     assert not quant._gpu_kernel(qw, quant.GPU_KERNEL_MAX_TOKENS["int"] + 1, "gpu")
     assert not quant._gpu_kernel(dataclasses.replace(qw, g_idx=np.zeros(256, np.int32)), 2, "gpu")  # act-order
     i8, _ = _weight("int8", rng)
