@@ -352,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: no limit beyond --max-queued-requests)")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                      help="on SIGTERM, seconds to let running requests finish (default: %(default)s)")
+    srv.add_argument("--step-timeout", type=float, default=120.0, metavar="S",
+                     help="the watchdog: an engine step running longer fails the requests in flight (500) and makes "
+                          "/ready answer 503 until it returns; 0 turns it off (default: %(default)s)")
     add_engine_args(serve)
     serve.set_defaults(func=run_serve)
 
@@ -391,7 +394,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(model_name=name, api_keys=api_keys_from_args(args), max_n=args.max_n,
                           max_body_size=parse_bytes(args.max_body_size),
                           max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
-                          shutdown_timeout=args.shutdown_timeout)
+                          shutdown_timeout=args.shutdown_timeout, step_timeout=args.step_timeout or None)
 
     def factory():
         from jaxinfer.engine import Engine

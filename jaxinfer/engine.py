@@ -56,6 +56,7 @@ from jaxinfer.scheduler import ScheduledBatch, Scheduler
 from jaxinfer.spec_decode import accept_greedy, ngram_propose
 
 _GiB = 1 << 30
+MAX_FAULTS_IN_A_ROW = 8  # step faults without a completed step between them: the engine gives up (raises)
 
 
 def kv_device_bytes(abstract_kv) -> int:
@@ -186,6 +187,14 @@ class Engine:
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._aborted: list[str] = []
         self._inflight: tuple[ScheduledBatch, LaunchedStep] | None = None  # launched, tokens not read yet
+        # Faults inside a step (see step()): the batches a fault would hit, the requests to run alone to find its
+        # cause, how many faults came without a step completing, and all of them. fault_hook(batch), if set, runs
+        # before each launch: tests inject faults there (raise, or sleep for a hung step); leave it None otherwise.
+        self._at_risk: list[ScheduledBatch] = []
+        self._suspects: list[Request] = []
+        self._faults_in_a_row = 0
+        self.num_step_faults = 0
+        self.fault_hook = None
         self.last_completed: tuple[tuple[int, int, bool], int] | None = None  # (bucket, real tokens) of the last step read
         self.last_wait_seconds = 0.0  # how long the last step() waited for the device (~0: the host is the bottleneck)
         self._token_text: dict[int, str] = {}
@@ -373,18 +382,43 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the current state of every request that progressed or finished (FINAL_ONLY
-        requests: only of those that finished)."""
-        batch = self.scheduler.schedule()
+        requests: only of those that finished).
+
+        A fault inside a step (an exception while packing, running or reading it back) is attributed rather than
+        fatal: the requests of the steps in flight are rolled back (recomputed later, token for token the same), and
+        if more than one could have caused it, each is then run alone (`_suspects`, one step at a time, the others
+        held) until the one whose step fails again finishes with finish_reason 'error'; the rest go on. Raises only
+        when the device state is lost (the KV cache donated to a step that failed) or faults keep coming without
+        progress: then the engine must be rebuilt (serving.AsyncEngine does)."""
+        try:
+            outputs = self._step()
+        except Exception as e:  # noqa: BLE001 - attributed to requests below, or re-raised
+            return self._recover(e)
+        self._faults_in_a_row = 0
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
+        hold, isolating = None, None
+        if self._suspects:
+            isolating = self._suspects[0]
+            hold = {id(r) for r in self.scheduler.running + self.scheduler.waiting if r is not isolating}
+        batch = self.scheduler.schedule(hold=hold)
+        self._at_risk = [b for b in (batch, self._inflight[0] if self._inflight else None) if b is not None]
         launched = None
         if len(batch):
             self._admit(batch)
-            launched = (batch, self.runner.launch(*self.runner.prepare(batch)))
-        if self._async:
+            inp = self.runner.prepare(batch)
+            if self.fault_hook is not None:
+                self.fault_hook(batch)
+            launched = (batch, self.runner.launch(*inp))
+        if self._async and not self._suspects:
             done, self._inflight = self._inflight, launched
         else:
             done = launched
         if done is None:
             self.last_completed = None
+            if isolating is not None:  # it could not be scheduled alone (no pages while the others hold theirs)
+                self._suspects.remove(isolating)
             return self._outputs([])
         batch, step = done
         self.last_completed = (step.bucket, batch.num_tokens)
@@ -392,8 +426,43 @@ class Engine:
         result = step.result()  # waits for this step only; the next one is already queued behind it
         self.last_wait_seconds = time.perf_counter() - t_wait
         appended = self.scheduler.update(batch, self._sampled(batch, result))
+        self._at_risk = []
         self._postprocess(batch, appended, result)
+        if isolating is not None and (isolating.is_finished or any(
+                n and r is isolating for r, n in zip(batch.requests, appended))):
+            self._suspects.remove(isolating)  # a token (or its end) alone: it was not the cause
         return self._outputs(batch.requests)
+
+    def _recover(self, exc: Exception) -> list[RequestOutput]:
+        """A step raised: roll back the requests of the steps in flight and attribute the fault (see `step`)."""
+        at_risk = list({id(r): r for b in self._at_risk for r in b.requests if not r.is_finished}.values())
+        self._at_risk, self._inflight = [], None
+        self._faults_in_a_row += 1
+        self.num_step_faults += 1
+        state = [self.runner.kv, self.runner.sstate, self.runner.page_table]
+        lost = any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state))
+        if not at_risk or lost or self._faults_in_a_row > MAX_FAULTS_IN_A_ROW:
+            raise exc  # nothing to attribute it to, the cache is gone, or no progress: the engine must be rebuilt
+        what = f"{type(exc).__name__}: {exc}"
+        for r in at_risk:  # their steps never completed: recompute them (pages freed, history rebuilt on re-admission)
+            r.num_pending = 0
+            if r in self.scheduler.running:
+                self.scheduler.preempt(r)
+        if len(at_risk) == 1:
+            self._fail(at_risk[0], what)
+            if at_risk[0] in self._suspects:
+                self._suspects.remove(at_risk[0])
+        else:
+            print(f"warning: a step failed ({what}); running its {len(at_risk)} requests one at a time to find the "
+                  f"cause", file=sys.stderr, flush=True)
+            self._suspects += [r for r in at_risk if r not in self._suspects]
+        return self._outputs(at_risk)
+
+    def _fail(self, req: Request, what: str) -> None:
+        """End req with finish_reason 'error' (its pages freed); the others go on."""
+        print(f"warning: request {req.request_id} failed: {what}", file=sys.stderr, flush=True)
+        req.error = what
+        self.scheduler.finish(req, "error")
 
     def _sampled(self, batch: ScheduledBatch, result: StepResult) -> list[int | list[int] | None]:
         """Per request: its sampled token (None: none this step), or for a verifying request the tokens it yields:
@@ -454,10 +523,13 @@ class Engine:
         rows = batch.first_rows()
         for i, (req, n) in enumerate(zip(batch.requests, appended)):
             first = len(req.output_token_ids) - n  # output index of the step's first token
-            for j in range(n):
-                if self._add_token(req, req.output_token_ids[first + j], result, rows[i] + j, last=j == n - 1):
-                    del req.output_token_ids[first + j + 1 :]
-                    break
+            try:
+                for j in range(n):
+                    if self._add_token(req, req.output_token_ids[first + j], result, rows[i] + j, last=j == n - 1):
+                        del req.output_token_ids[first + j + 1 :]
+                        break
+            except Exception as e:  # noqa: BLE001 - this request's text or logprobs: it alone fails
+                self._fail(req, f"{type(e).__name__}: {e}")
 
     def _add_token(self, req: Request, tok: int, result: StepResult, row: int, last: bool) -> bool:
         """One appended token's logprobs (sampled row `row`) and text; True when a stop string ends req with it.
@@ -590,7 +662,8 @@ class Engine:
             ready = not first.prompt_logprobs_reported and (first.output_token_ids or first.is_finished)
             prompt_lps = list(prompt_lps) if ready else None
             first.prompt_logprobs_reported |= bool(ready)
-        return RequestOutput(gid, self._prompts.get(gid), first.prompt_token_ids, comps, done, metrics, prompt_lps)
+        return RequestOutput(gid, self._prompts.get(gid), first.prompt_token_ids, comps, done, metrics, prompt_lps,
+                             error=next((r.error for r in children if r.error), None))
 
     # -- introspection --------------------------------------------------------------------------------------
 
@@ -608,6 +681,7 @@ class Engine:
             "prefix_cache_evictions": s.allocator.num_evictions,
             "prefix_cache_queries": s.prefix_cache_queries, "prefix_cache_hits": s.prefix_cache_hits,
             "prefix_cache_hit_rate": s.prefix_cache_hit_rate,
+            "step_faults": self.num_step_faults,
             **self.spec_stats(),
         }
 

@@ -48,7 +48,8 @@ class Request:
     num_registered_pages: int = 0  # leading pages of `pages` already offered to the prefix cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     slot: int | None = None  # row of the on-device sampler state while running
-    finish_reason: str | None = None  # stop | length | abort
+    finish_reason: str | None = None  # stop | length | abort | error
+    error: str | None = None  # why it failed (finish_reason 'error': a fault in its step, its text or logprobs)
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -137,3 +138,4 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # per prompt token; the first is None
+    error: str | None = None  # set when one of its sequences failed (finish_reason 'error'): what went wrong

@@ -177,6 +177,10 @@ class Scheduler:
         req.finish_reason, req.stop_reason = reason, stop_reason
         req.finished_time = time.monotonic()
 
+    def preempt(self, req: Request) -> None:
+        """Send a running request back to wait: its pages freed, its tokens recomputed when it is admitted again."""
+        self._preempt(req)
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self._release(req)
@@ -255,14 +259,17 @@ class Scheduler:
 
     # -- the decision ----------------------------------------------------------------------------------
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, hold: set[int] | None = None) -> ScheduledBatch:
+        """The next step. hold: ids (`id()`) of requests to leave out of it (they keep their pages and place)."""
+        hold = hold or ()
         batch = ScheduledBatch([], [], [])
         budget = self.token_budget
         now = time.monotonic()
         # Prompt tokens this step may take: with decodes in it, what mixed_step_token_budget leaves them.
         prompt_room = budget
         if self.mixed_step_token_budget is not None:
-            decodes = sum(r.num_tokens + r.num_pending - r.num_computed_tokens == 1 for r in self.running)
+            decodes = sum(r.num_tokens + r.num_pending - r.num_computed_tokens == 1 and id(r) not in hold
+                          for r in self.running)
             if decodes:
                 prompt_room = max(1, self.mixed_step_token_budget - decodes)
 
@@ -271,6 +278,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if id(req) in hold:
+                i += 1
+                continue
             if req.num_pending and (len(req.output_token_ids) + req.num_pending >= req.max_tokens
                                     or req.num_tokens + req.num_pending >= self.max_model_len):
                 i += 1  # its pending token ends it ('length' when the token arrives)
@@ -301,7 +311,7 @@ class Scheduler:
         w = 0
         while w < len(self.waiting) and min(budget, prompt_room) > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[w]
-            if req.num_pending:  # preempted while its last token was still on the device
+            if req.num_pending or id(req) in hold:  # num_pending: preempted while its last token was on the device
                 w += 1
                 continue
             hit = self._cached_prefix(req)

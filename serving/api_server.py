@@ -27,7 +27,7 @@ from http import HTTPStatus
 from aiohttp import web, web_protocol
 
 from serving import protocol
-from serving.async_engine import AsyncEngine, EngineDeadError
+from serving.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from serving.metrics import Metrics
 from serving.openapi import openapi_spec
 from serving.protocol import APIError, Limits, bad_request
@@ -45,6 +45,7 @@ class ServerConfig:
     max_queued_requests: int = 256
     max_queued_tokens: int | None = None  # prompt + max_tokens x n of the requests not started yet; None: no limit
     shutdown_timeout: float = 30.0
+    step_timeout: float | None = None  # the watchdog: seconds an engine step may run (serving.AsyncEngine)
 
 
 STATE = web.AppKey("state", object)
@@ -171,6 +172,12 @@ async def read_json(request: web.Request) -> dict:
 
 
 def require_ready(state: ServerState) -> None:
+    if state.engine.stalled:
+        raise APIError(503, "an engine step is not returning; retry later", "service_unavailable",
+                       headers={"Retry-After": "5"})
+    if state.engine.rebuilding:
+        raise APIError(503, "the engine is being rebuilt after a fault", "service_unavailable",
+                       headers={"Retry-After": "5"})
     if state.engine.error is not None:
         raise APIError(503, "the engine has failed; the server must be restarted", "service_unavailable")
     if not state.ready:
@@ -213,7 +220,7 @@ async def off_loop(fn, *args):
 
 
 def engine_error(e: BaseException) -> APIError:
-    if isinstance(e, EngineDeadError):
+    if isinstance(e, (EngineDeadError, RequestFailedError)):
         return APIError(500, str(e), "server_error")
     if isinstance(e, ValueError):
         return bad_request(str(e), protocol.param_of(str(e)))
@@ -345,7 +352,7 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
                         prompt_lps[out.request_id] = out.prompt_logprobs
                     for c in out.outputs:
                         got.setdefault((pi, c.index), _Choice()).add(c)
-            except (ValueError, EngineDeadError) as e:
+            except (ValueError, EngineDeadError, RequestFailedError) as e:
                 raise engine_error(e) from None
         choices, completion_tokens = [], 0
         for (pi, ci), cur in sorted(got.items()):
@@ -425,7 +432,7 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
                         completion_tokens += cur.tokens
                     await sse_send(resp, {"id": rid_base, "object": chunk_obj, "created": created, "model": model,
                                           "choices": [choice]})
-        except (ValueError, EngineDeadError) as e:
+        except (ValueError, EngineDeadError, RequestFailedError) as e:
             err = engine_error(e)
             if resp is None:
                 raise err from None
@@ -471,6 +478,10 @@ async def model(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     state = _state(request)
+    if state.engine.rebuilding:  # alive, not ready: /ready says 503 until the new engine is up
+        return json_response({"status": "rebuilding", "error": str(state.engine.error)})
+    if state.engine.stalled:  # alive, not ready while a step runs past --step-timeout
+        return json_response({"status": "stalled"})
     if state.engine.error is not None:
         return json_response({"status": "failed", "error": str(state.engine.error)}, 503)
     return json_response({"status": "ok"})
@@ -480,7 +491,9 @@ async def ready(request: web.Request) -> web.Response:
     state = _state(request)
     if state.ready:
         return json_response({"status": "ready"})
-    status = "failed" if state.engine.error else ("draining" if state.draining else "loading")
+    status = ("stalled" if state.engine.stalled else "rebuilding" if state.engine.rebuilding
+              else "failed" if state.engine.error
+              else "draining" if state.draining else "loading")
     return json_response({"status": status}, 503)
 
 
@@ -619,7 +632,7 @@ async def drain(app: web.Application, timeout: float) -> None:
 
 
 async def serve(engine_factory, config: ServerConfig, host: str, port: int) -> int:
-    engine = AsyncEngine(engine_factory)
+    engine = AsyncEngine(engine_factory, step_timeout=config.step_timeout)
     app = build_app(engine, config)
     runner, bound = await start_server(app, host, port)
     logger.warning("jaxinfer serving %r on http://%s:%d (loading the model)", config.model_name, host, bound)

@@ -10,9 +10,11 @@ loads and compiles). Its loop is:
     via loop.call_soon_threadsafe; otherwise block on the command queue
 
 An abort therefore lands before the next step, so a disconnected client's pages are freed within one
-engine step. If `step()` raises, every in-flight request receives the exception (the handler turns it
-into a 500 or an SSE error event), the engine is marked failed (not ready) and the thread stops: the
-engine's state is no longer trustworthy, so the process should be restarted.
+engine step. A fault the engine attributes to one request ends that request alone: its stream receives a
+RequestFailedError (a 500 or an SSE error event). If `step()` itself raises (a fault it could not attribute: the
+device state is lost), every in-flight request receives an EngineDeadError, the server is not ready while the
+engine is rebuilt from its factory (the compiled programs come from the store and cache), then serves again; if
+the rebuild fails, it stays unready.
 
 Prompts arrive here already tokenized (the server tokenizes in a thread pool), so `add_request` is cheap.
 """
@@ -20,6 +22,7 @@ Prompts arrive here already tokenized (the server tokenizes in a thread pool), s
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import queue
 import threading
@@ -34,7 +37,11 @@ logger = logging.getLogger("jaxinfer.serving")
 
 
 class EngineDeadError(RuntimeError):
-    """The engine raised inside a step; in-flight requests fail and the server stops being ready."""
+    """The engine raised inside a step; in-flight requests fail and the server is unready until it is rebuilt."""
+
+
+class RequestFailedError(RuntimeError):
+    """A fault inside a step attributed to this request (or its text / logprobs failing): it alone ended."""
 
 
 @dataclass
@@ -69,11 +76,19 @@ class StepStats:
 class AsyncEngine:
     """Owns an Engine in one thread. `start()` from a running event loop; `generate()` yields RequestOutputs."""
 
-    def __init__(self, engine_factory: Callable[[], object]):
+    def __init__(self, engine_factory: Callable[[], object], step_timeout: float | None = None):
+        """step_timeout: seconds a step may run before the watchdog fails the requests in flight (an
+        EngineDeadError each, the step's requests aborted) and marks the server unready until the step returns;
+        None: no watchdog."""
         self._factory = engine_factory
+        self.step_timeout = step_timeout
+        self.stalled = False  # a step has run past step_timeout and not returned yet
+        self._step_started: float | None = None
         self.engine = None
         self.stats = StepStats()
         self.error: BaseException | None = None
+        self.num_rebuilds = 0  # times the engine was rebuilt after a fault it could not attribute
+        self.rebuilding = False  # between such a fault and the new engine being ready
         self.on_output: Callable[[RequestOutput], None] | None = None  # metrics hook, called on the event loop
         self._cmds: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}
@@ -88,10 +103,12 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="jaxinfer-engine", daemon=True)
         self._thread.start()
+        if self.step_timeout is not None:
+            threading.Thread(target=self._watch, name="jaxinfer-watchdog", daemon=True).start()
 
     @property
     def is_ready(self) -> bool:
-        return self._ready.is_set() and self.error is None
+        return self._ready.is_set() and self.error is None and not self.stalled
 
     @property
     def num_in_flight(self) -> int:
@@ -181,6 +198,8 @@ class AsyncEngine:
         if stream is None:
             return
         stream.started = True
+        if isinstance(item, RequestFailedError):
+            stream.finished = True
         if isinstance(item, RequestOutput):
             stream.finished = item.finished
             if self.on_output is not None:
@@ -204,7 +223,35 @@ class AsyncEngine:
             return
         self._snapshot()
         self._ready.set()
-        engine, loop = self.engine, self._loop
+        while not self._stop:
+            fault = self._serve(self.engine, self._loop)
+            if fault is None:
+                return
+            # The engine could not attribute a fault: fail what was in flight, rebuild, serve again.
+            self.error = EngineDeadError(f"the engine failed during a step: {fault}")
+            self._ready.clear()
+            for rid in list(self._streams):
+                self._loop.call_soon_threadsafe(self._deliver, rid, self.error)
+            self._drain_adds()
+            self.rebuilding = True
+            self.engine = None  # its device memory goes before the new engine takes its own
+            gc.collect()
+            t0 = time.monotonic()
+            try:
+                self.engine = self._factory()
+            except BaseException:  # noqa: BLE001 - stays unready; reported through /ready and the log
+                logger.exception("engine rebuild failed")
+                self.rebuilding = False
+                return
+            self.num_rebuilds += 1
+            logger.warning("engine rebuilt in %.1f s after a step fault; serving again", time.monotonic() - t0)
+            self.error = None
+            self.rebuilding = False
+            self._snapshot()
+            self._ready.set()
+
+    def _serve(self, engine, loop) -> str | None:
+        """Step while there is work, until stopped (None) or a step raises (what it raised)."""
         while not self._stop:
             try:
                 cmd = self._cmds.get(block=not engine.has_unfinished(), timeout=None)
@@ -219,23 +266,47 @@ class AsyncEngine:
             if self._stop or not engine.has_unfinished():
                 continue
             try:
+                self._step_started = time.monotonic()
                 outputs = engine.step()
-            except BaseException as e:  # noqa: BLE001 - any engine fault fails the in-flight requests
+            except Exception as e:  # noqa: BLE001 - any fault the engine could not attribute: rebuild it
                 logger.exception("engine step failed")
-                self.error = EngineDeadError(f"the engine failed during a step: {type(e).__name__}: {e}")
-                self._ready.clear()
-                for rid in list(self._streams):
-                    loop.call_soon_threadsafe(self._deliver, rid, self.error)
-                self._drain_adds()
-                return
+                return type(e).__name__
+            finally:
+                self._step_started = None
+            if self.stalled:
+                logger.warning("the stalled step returned after all; ready again")
+                self.stalled = False
             self._snapshot()
             for out in outputs:
+                if out.error is not None:  # this request alone failed: its stream gets the error (its kind only:
+                    # exception texts may hold paths; the full one is in the log)
+                    logger.warning("request %s failed: %s", out.request_id, out.error)
+                    loop.call_soon_threadsafe(self._deliver, out.request_id, RequestFailedError(
+                        f"the request failed during a step ({out.error.split(':', 1)[0]})"))
+                    continue
                 for c in out.outputs:  # the engine keeps appending to this list; hand over a copy
                     if c.logprobs is not None:
                         c.logprobs = list(c.logprobs)
                 if out.prompt_logprobs is not None:  # entries are rewritten if the request is recomputed
                     out.prompt_logprobs = list(out.prompt_logprobs)
                 loop.call_soon_threadsafe(self._deliver, out.request_id, out)
+        return None
+
+    def _watch(self) -> None:
+        """The watchdog (its own thread): a step running past step_timeout fails what is in flight."""
+        while not self._stop:
+            time.sleep(min(0.5, self.step_timeout / 4))
+            started = self._step_started
+            if started is None or self.stalled or time.monotonic() - started < self.step_timeout:
+                continue
+            self.stalled = True
+            rids = list(self._streams)
+            logger.error("an engine step has not returned for %.0f s (--step-timeout); failing the %d requests in "
+                         "flight: %s", time.monotonic() - started, len(rids), ", ".join(rids[:50]))
+            err = EngineDeadError(f"an engine step did not return within {self.step_timeout:g} s")
+            for rid in rids:
+                self._loop.call_soon_threadsafe(self._deliver, rid, err)
+                self._cmds.put(("abort", rid))  # taken when the step returns: their pages freed
 
     def _command(self, engine, cmd) -> None:
         kind = cmd[0]

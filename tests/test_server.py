@@ -37,7 +37,7 @@ class Server:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.engine = AsyncEngine(factory)
+        self.engine = AsyncEngine(factory, step_timeout=config.step_timeout)
         self.app = build_app(self.engine, config)
         self.config = config
 
@@ -688,12 +688,17 @@ def test_100_concurrent_streams_with_10_cancelled(server, finish_reasons, monkey
 SMALL_ENGINE = dict(ENGINE_OPTIONS, token_buckets=(4, 16), seq_buckets=(1, 4), max_num_seqs=4, num_pages=80)
 
 
-def test_engine_fault_fails_in_flight_requests_and_marks_unready(tiny_chat_model):
+def test_engine_fault_fails_in_flight_requests_and_the_engine_is_rebuilt(tiny_chat_model):
+    """A step that raises out of the engine (a fault it could not pin on a request: its state is lost): the requests
+    in flight fail (a 500, an SSE error event) naming the error's kind only, /ready is 503 and /health says
+    "rebuilding" while a new engine is built from the factory (new requests: 503 with Retry-After), then the
+    server serves again. Then a step that hangs past --step-timeout: the watchdog fails the request in flight at
+    once, /ready is 503 ("stalled") until the step returns, and the server serves again."""
     from concurrent.futures import ThreadPoolExecutor
 
     from jaxinfer.engine import Engine
 
-    s = Server(lambda: Engine(tiny_chat_model, **SMALL_ENGINE), ServerConfig(model_name=MODEL))
+    s = Server(lambda: Engine(tiny_chat_model, **SMALL_ENGINE), ServerConfig(model_name=MODEL, step_timeout=1.0))
     try:
         s.call(s.engine.wait_ready())
         eng, calls = s.engine.engine, []
@@ -703,7 +708,7 @@ def test_engine_fault_fails_in_flight_requests_and_marks_unready(tiny_chat_model
             calls.append(1)
             time.sleep(0.05)
             if len(calls) == 6:
-                raise RuntimeError("injected fault")
+                raise RuntimeError("injected fault at /some/private/path")
             return real()
 
         eng.step = step
@@ -724,10 +729,42 @@ def test_engine_fault_fails_in_flight_requests_and_marks_unready(tiny_chat_model
             assert "engine failed" in stream_err.result(30)
         assert r.status_code == 500
         err = r.json()["error"]
-        assert err["type"] == "server_error" and "injected fault" in err["message"] and "Traceback" not in r.text
-        assert httpx.get(s.url + "/ready").status_code == 503
-        assert httpx.get(s.url + "/health").status_code == 503
-        assert httpx.post(s.url + C, json={"model": MODEL, "prompt": "after"}).status_code == 503
+        assert err["type"] == "server_error" and "RuntimeError" in err["message"] and "Traceback" not in r.text
+        assert "/some/private" not in r.text
+        states, refused = set(), []
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            ready = httpx.get(s.url + "/ready")
+            states.add((ready.status_code, ready.json()["status"]))
+            if ready.status_code == 200:
+                break
+            assert httpx.get(s.url + "/health").json()["status"] == "rebuilding"
+            r = httpx.post(s.url + C, json={"model": MODEL, "prompt": "after", "max_tokens": 1}, timeout=30)
+            if r.status_code != 200:  # (the rebuild may finish in between)
+                refused.append((r.status_code, r.headers.get("Retry-After")))
+            time.sleep(0.2)
+        assert ready.status_code == 200 and s.engine.num_rebuilds == 1 and s.engine.engine is not eng
+        assert (503, "rebuilding") in states and refused and set(refused) == {(503, "5")}
+        r = httpx.post(s.url + C, json={"model": MODEL, "prompt": "after", "max_tokens": 5, "ignore_eos": True},
+                       timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+
+        hung = []
+        s.engine.engine.fault_hook = lambda batch: hung or (hung.append(1), time.sleep(4))
+        t0 = time.monotonic()
+        r = httpx.post(s.url + C, json={"model": MODEL, "prompt": "hangs", "max_tokens": 5}, timeout=30)
+        assert r.status_code == 500 and "did not return within 1 s" in r.json()["error"]["message"]
+        assert time.monotonic() - t0 < 3.5  # failed by the watchdog, not when the step came back
+        assert httpx.get(s.url + "/ready").json() == {"status": "stalled"}
+        assert httpx.get(s.url + "/health").json() == {"status": "stalled"}
+        assert httpx.post(s.url + C, json={"model": MODEL, "prompt": "x"}).status_code == 503
+        deadline = time.monotonic() + 30
+        while httpx.get(s.url + "/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not s.engine.stalled and _wait_idle(s)  # the hung request was aborted: its pages freed
+        r = httpx.post(s.url + C, json={"model": MODEL, "prompt": "after", "max_tokens": 5, "ignore_eos": True},
+                       timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
     finally:
         s.close()
 
@@ -1015,3 +1052,38 @@ def test_the_queue_is_bounded_by_requests_and_tokens():
             assert e.value.headers == {"Retry-After": "1"}
     state.config = ServerConfig(max_queued_requests=4)  # no token limit
     admit(state, 1, 10**9)
+
+
+# -- faults inside a step -----------------------------------------------------------------------------------------
+
+
+def test_a_request_that_breaks_its_step_is_a_500_and_the_others_complete(server):
+    """A fault the engine pins on one request (injected through Engine.fault_hook whenever that request is in a
+    step: here the one asking for 7 tokens) fails it alone with a 500 in the OpenAI error shape; the requests
+    beside it complete with exactly the text they have without the fault, and the server stays ready."""
+    body = lambda n, p: {"model": MODEL, "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True}  # noqa: E731
+    prompts = ["One request breaks", "two others are fine", "and a third one too"]
+    want = [post(server, C, body(6, p)).json()["choices"][0]["text"] for p in prompts]
+    eng = server.engine.engine
+
+    def hook(batch):
+        if any(r.params.max_tokens == 7 for r in batch.requests):
+            raise RuntimeError("injected fault at /some/private/path")
+
+    eng.fault_hook = hook
+    try:
+        async def all_at_once():
+            async with httpx.AsyncClient(timeout=120) as c:
+                h = {"Authorization": f"Bearer {KEY}"}
+                return await asyncio.gather(*(c.post(server.url + C, json=b, headers=h) for b in
+                                              [body(7, "this one breaks its step")] + [body(6, p) for p in prompts]))
+
+        bad, *good = asyncio.run(all_at_once())
+    finally:
+        eng.fault_hook = None
+    assert bad.status_code == 500
+    err = bad.json()["error"]
+    assert err["type"] == "server_error" and "RuntimeError" in err["message"] and "/some/private" not in err["message"]
+    assert [r.status_code for r in good] == [200] * 3
+    assert [r.json()["choices"][0]["text"] for r in good] == want
+    assert httpx.get(server.url + "/ready").status_code == 200 and _wait_idle(server)
