@@ -15,6 +15,7 @@ kernel itself runs only on a Hopper GPU: benchmarks/mixed_matmul_gpu.py checks i
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -42,13 +43,18 @@ def fits(N: int, K: int, config: dict | None = None) -> bool:
 
 
 def available() -> bool:
-    """jax ships the kernel and the default device is a Hopper GPU (compute capability 9.x)."""
+    """The default device is a Hopper GPU (compute capability 9.x) and jax's kernel imports there (else a warning:
+    int8 steps of many tokens then take XLA's slower form)."""
+    d = jax.devices()[0]
+    if d.platform != "gpu" or not str(getattr(d, "compute_capability", "0")).startswith("9"):
+        return False
     try:
         from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu  # noqa: F401
-    except Exception:
+    except Exception as e:  # noqa: BLE001 - an older jax, or a missing import of its own
+        warnings.warn(f"jax's Mosaic GPU mixed-type matmul is not importable ({type(e).__name__}: {e}); int8 "
+                      f"weights on many-token steps take XLA's form", stacklevel=2)
         return False
-    d = jax.devices()[0]
-    return d.platform == "gpu" and str(getattr(d, "compute_capability", "0")).startswith("9")
+    return True
 
 
 @functools.partial(jax.jit, static_argnames=("config_items",))
