@@ -68,6 +68,7 @@ def make_attention_fn(cfg: ModelConfig, impl: str, interpret: bool = False):
         if chosen == "gpu":
             return op(qkv, k_pages, v_pages, *args, split_decodes=True, fused_qkv=True), k_pages, v_pages
         q = qkv[:, :, : G2 - 2].reshape(T, K * (G2 - 2), H)
-        return op(q, k_pages, v_pages, *args), k_pages, v_pages
+        extra = {"decode_only": True} if decode and chosen == "xla" else {}  # one token per row
+        return op(q, k_pages, v_pages, *args, **extra), k_pages, v_pages
 
     return attention

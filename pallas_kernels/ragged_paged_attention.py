@@ -154,22 +154,22 @@ def _flash(qg, pos, live, pages_of_block, n_blocks, k_pages, v_pages, *, bp, kv_
     return acc / jnp.where(l_i > 0, l_i, 1.0)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_pages",
-                                             "max_chunk_rows"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_pages", "decode_only"))
 def ragged_paged_attention_xla(
     q, k_pages, v_pages, page_tables, kv_lens, cu_q_lens, num_seqs,
     *, sm_scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
-    k_scale=None, v_scale=None, block_pages: int = 8, max_chunk_rows: int = 2,
+    k_scale=None, v_scale=None, block_pages: int = 8, decode_only: bool = False,
 ):
     """Flash-style: a loop over blocks of `block_pages` pages with an online softmax, run only as far as the
     longest live sequence, so the cost follows the real context.
 
     How each row's keys are read (the cost of a step is the copies of its gathers):
       - a lone row (B == 1: a prefill chunk or a decode): its block is gathered once and shared by all T queries;
-      - several rows, at most `max_chunk_rows` of them with more than one query token (a mixed step: decodes and a
-        prefill chunk or two): the one-token rows as a batch of B queries, each gathering its own row's block, and
-        each chunk row apart, its block gathered once for all T queries (masked to its own tokens);
-      - more chunk rows than that: each token gathers its own row's block ([T, block] per iteration).
+      - decode_only (every row one token): each token gathers its own row's block;
+      - several rows (a mixed step: decodes and prefill chunks): the one-token rows as a batch of B queries, each
+        gathering its own row's block, then the chunk rows one after another, each block gathered once for all T
+        queries (masked to the row's own tokens). One loop serves any number of chunk rows: CPU code size, not
+        only time, is what a process with many programs runs out of (its memory maps).
     """
     T, N, H = q.shape
     P, K, S, _ = k_pages.shape
@@ -188,30 +188,27 @@ def ragged_paged_attention_xla(
 
     def one_row(r, tok_live, run):
         """All T queries against row r's blocks (each gathered once), live where tok_live; no blocks unless run."""
-        return flash(qg, pos, tok_live, lambda j: block_of(tables[r][None], j), blocks(jnp.where(run, kv_lens[r], 0)),
-                     kv_len=kv_lens[r])
-
-    def per_token():
-        return flash(qg, pos, live, lambda j: block_of(tables, j)[seq], blocks(jnp.max(jnp.where(row_live, kv_lens, 0))))
+        return flash(qg, pos, tok_live, lambda j: block_of(jax.lax.dynamic_index_in_dim(tables, r, keepdims=True), j),
+                     blocks(jnp.where(run, kv_lens[r], 0)), kv_len=kv_lens[r])
 
     if B == 1:
         o = one_row(0, live, row_live[0])
+    elif decode_only:
+        o = flash(qg, pos, live, lambda j: block_of(tables, j)[seq], blocks(jnp.max(jnp.where(row_live, kv_lens, 0))))
     else:
         q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
         chunk = row_live & (q_lens > 1)
+        single = row_live & (q_lens == 1)
+        first = jnp.minimum(cu_q_lens[:-1], T - 1)  # each row's first token
+        od = flash(qg[first], kv_lens - 1, single, lambda j: block_of(tables, j),
+                   blocks(jnp.max(jnp.where(single, kv_lens, 0))))  # [B, K, G, H]
+        o = jnp.zeros((T, K, G, H), jnp.float32).at[jnp.where(single, first, T)].set(od, mode="drop")
+        rows = jnp.nonzero(chunk, size=B, fill_value=0)[0]
 
-        def split():
-            single = row_live & (q_lens == 1)
-            first = jnp.minimum(cu_q_lens[:-1], T - 1)  # each row's first token
-            od = flash(qg[first], kv_lens - 1, single, lambda j: block_of(tables, j),
-                       blocks(jnp.max(jnp.where(single, kv_lens, 0))))  # [B, K, G, H]
-            o = jnp.zeros((T, K, G, H), jnp.float32).at[jnp.where(single, first, T)].set(od, mode="drop")
-            rows = jnp.nonzero(chunk, size=max_chunk_rows, fill_value=0)[0]
-            for c in range(max_chunk_rows):
-                r = rows[c]
-                mine = live & (seq == r) & chunk[r]
-                o = jnp.where(mine[:, None, None, None], one_row(r, mine, chunk[r]), o)
-            return o
+        def chunk_row(c, o):
+            r = rows[c]
+            mine = live & (seq == r)
+            return jnp.where(mine[:, None, None, None], one_row(r, mine, True), o)
 
-        o = per_token() if max_chunk_rows == 0 else jax.lax.cond(chunk.sum() <= max_chunk_rows, split, per_token)
+        o = jax.lax.fori_loop(0, chunk.sum(), chunk_row, o)
     return o.reshape(T, N, H).astype(q.dtype)

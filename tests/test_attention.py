@@ -153,7 +153,7 @@ def test_xla_single_row_matches_reference(q_len, kv_len, extra):
         np.testing.assert_allclose(got, ref, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("max_chunk_rows", [0, 1, 2, 3])
+@pytest.mark.parametrize("decode_only", [False, True])
 @pytest.mark.parametrize("q_lens, kv_lens", [
     ([1, 13, 1, 30, 1], [90, 13, 8, 50, 300]),   # decodes around two chunks
     ([1, 1, 256, 1], [40, 7, 4200, 300]),        # a long prompt's chunk admitted beside running decodes
@@ -161,12 +161,12 @@ def test_xla_single_row_matches_reference(q_len, kv_len, extra):
     ([1, 1, 1], [5, 70, 33]),                    # decodes only
 ])
 @pytest.mark.parametrize("extra", [{}, {"sliding_window": 24, "soft_cap": 5.0}])
-def test_xla_each_read_strategy_matches_reference(max_chunk_rows, q_lens, kv_lens, extra):
-    """Mixed steps: decodes batched by row and each chunk row gathered once (when there are at most
-    max_chunk_rows chunk rows), else every token gathering its own row's block; both give the reference's output."""
+def test_xla_each_read_strategy_matches_reference(decode_only, q_lens, kv_lens, extra):
+    """Mixed steps: decodes batched by row and each chunk row's blocks gathered once for all queries; and the
+    per-token gather of decode steps (which also holds for any batch): both give the reference's output."""
     rng = np.random.default_rng(5)
     args = make_batch(rng, q_lens, kv_lens, N=8, K=2, H=32, S=16)
     ref = np.asarray(ragged_paged_attention_reference(*args, sm_scale=0.2, **extra))
-    got = np.asarray(ragged_paged_attention_xla(*args, sm_scale=0.2, max_chunk_rows=max_chunk_rows, **extra))
+    got = np.asarray(ragged_paged_attention_xla(*args, sm_scale=0.2, decode_only=decode_only, **extra))
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=2e-5)
     assert np.all(got[sum(q_lens):] == 0)
