@@ -100,8 +100,8 @@ def counting_tokens(sched):
     counter = {"tokens": 0, "steps": 0}
     orig = sched.schedule
 
-    def schedule():
-        b = orig()
+    def schedule(*args, **kwargs):
+        b = orig(*args, **kwargs)
         counter["tokens"] += b.num_tokens
         counter["steps"] += int(len(b) > 0)
         return b
