@@ -235,6 +235,7 @@ class AsyncEngine:
             self._drain_adds()
             self.rebuilding = True
             self.engine = None  # its device memory goes before the new engine takes its own
+            gc.unfreeze()  # the engine froze what start-up built (engine.py): let the collector reach it
             gc.collect()
             t0 = time.monotonic()
             try:

@@ -13,6 +13,19 @@ from jaxinfer import compile_guard
 
 compile_guard.count()  # start counting compilations before any engine warms up
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_finished_engines():
+    """Each Engine freezes what start-up built (gc.freeze): an engine of a finished module that sits in reference
+    cycles is collected only once unfrozen, and until then its compiled programs' code stays mapped (a test process
+    holding many programs runs out of memory maps, vm.max_map_count, and XLA crashes). Unfreeze and collect after
+    each module."""
+    yield
+    import gc
+
+    gc.unfreeze()
+    gc.collect()
+
 # Small bucket sets keep CI compile time down; they still exercise padding in both dimensions.
 DEFAULT_MODEL_OPTIONS = dict(
     token_buckets=(1, 4, 16, 64), seq_buckets=(1, 4, 16), max_num_seqs=16, max_model_len=1024,
