@@ -21,8 +21,8 @@ def _requests():
     return prompts, params
 
 
-def _run(eng, prompts, params, max_steps=500):
-    ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
+def _drain(eng, max_steps=500):
+    """Step until nothing is left; the final output of each request that finished, by id."""
     finals = {}
     for _ in range(max_steps):
         for out in eng.step():
@@ -30,7 +30,12 @@ def _run(eng, prompts, params, max_steps=500):
                 finals[out.request_id] = out
         if not eng.has_unfinished():
             break
-    return ids, finals
+    return finals
+
+
+def _run(eng, prompts, params):
+    ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
+    return ids, _drain(eng)
 
 
 @pytest.fixture
@@ -53,22 +58,14 @@ def reference(tiny_llm):
 
 def test_a_fault_caused_by_one_request_fails_it_alone(eng, reference):
     prompts, params = _requests()
-    bad = {}
+    ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
 
     def hook(batch):
-        if any(r.group_id == bad.get("id") for r in batch.requests):
+        if any(r.group_id == ids[2] for r in batch.requests):
             raise RuntimeError("injected: this request breaks its step")
 
-    ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
-    bad["id"] = ids[2]
     eng.fault_hook = hook
-    finals = {}
-    for _ in range(500):
-        for out in eng.step():
-            if out.finished:
-                finals[out.request_id] = out
-        if not eng.has_unfinished():
-            break
+    finals = _drain(eng)
     failed = finals[ids[2]]
     assert failed.outputs[0].finish_reason == "error" and "injected" in failed.error
     for i, rid in enumerate(ids):
@@ -106,13 +103,7 @@ def test_a_request_whose_text_fails_ends_alone(eng, reference, monkeypatch):
         return add_token(req, *args, **kwargs)
 
     monkeypatch.setattr(eng, "_add_token", broken)
-    finals = {}
-    for _ in range(500):
-        for out in eng.step():
-            if out.finished:
-                finals[out.request_id] = out
-        if not eng.has_unfinished():
-            break
+    finals = _drain(eng)
     assert finals[ids[4]].outputs[0].finish_reason == "error" and "detokenizer broke" in finals[ids[4]].error
     for i, rid in enumerate(ids):
         if i != 4:
