@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from jaxinfer.engine import Engine
-    from jaxinfer.model import _mlp_block, apply_rope, compute_logits, dot, embed_tokens, forward, rms_norm
+    from jaxinfer.model import mlp_block, apply_rope, compute_logits, dot, embed_tokens, forward, rms_norm
     from jaxinfer.attention import make_attention_fn
     from jaxinfer.sampling_params import SamplingParams
 
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
             q = qkv[:, :, :-2].reshape(qkv.shape[0], -1, cfg.head_dim) + qkv[:, :, -2:].sum(axis=2).mean()
             q = apply_rope(q, inp.positions, inv)
             x = x + dot("tnh,nhd->td", q, lp.wo)
-            x = _mlp_block(lp, cfg, x)
+            x = mlp_block(lp, cfg, x)
         return jnp.argmax(compute_logits(params, cfg, x[inp.logits_indices]), -1)
 
     def timeit(f, *a, donate_kv=False):

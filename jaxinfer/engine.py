@@ -20,8 +20,9 @@ that has some; the step scores the last token and the drafts of such a sequence 
 its positions with that position's key (runner.py); the drafts are kept while each equals the token sampled at its
 position, and the first sampled token that differs (or the one after the last draft) ends the run. So every
 appended token is the one decoding without speculation samples there, greedy or seeded. The next step's drafts
-depend on this step's tokens, so with speculation configured every step runs to the end before the next is
-scheduled (async scheduling is off). With a draft model (method draft_model) the proposer is that model, run on the
+depend on this step's tokens, so a step that may carry drafts runs to the end before the next is scheduled. Past
+`disable_by_batch_size` running requests, verifying costs more than it saves: steps then carry no drafts and run
+behind the host again (async scheduling). With a draft model (method draft_model) the proposer is that model, run on the
 device for all of a step's speculating rows at once while the step is scheduled; it has a KV cache of its own with
 the target's page ids (its bytes count in each page's size), and every step's input also runs through it.
 
@@ -162,7 +163,9 @@ class Engine:
                                    max_spec_tokens=max(ecfg.verify_sizes(), default=0),
                                    mixed_step_token_budget=ecfg.mixed_step_tokens(jax.default_backend()),
                                    **batch_proposer)
-        self._async = ecfg.async_scheduling and self.spec is None  # drafts need the step before: see the docstring
+        # steps carry drafts only while at most this many requests run; others may run behind the host (async)
+        self._max_spec_batch = self.spec.max_speculating_batch(backend) if self.spec else -1
+        self.num_spec_off_steps = 0  # steps scheduled without drafts because more requests ran
         k = self.spec.num_speculative_tokens if self.spec else 0
         self._spec_proposed = [0] * k  # verify runs with a draft at position j (0: the first draft) ...
         self._spec_accepted = [0] * k  # ... and with that draft accepted
@@ -402,16 +405,24 @@ class Engine:
         if self._suspects:
             isolating = self._suspects[0]
             hold = {id(r) for r in self.scheduler.running + self.scheduler.waiting if r is not isolating}
-        batch = self.scheduler.schedule(hold=hold)
+        # A step that may carry drafts needs every token before it (its drafts follow them): it waits for the step
+        # in flight, and runs to the end. Other steps overlap the host's work with the device's (async scheduling),
+        # except with a draft model (its programs read every input token from the host).
+        speculate = self.spec is not None and len(self.scheduler.running) <= self._max_spec_batch
+        overlap = (self.ecfg.async_scheduling and not speculate and not self._suspects
+                   and self.runner.draft is None)
+        batch = launched = None
+        if overlap or self._inflight is None:
+            batch = self.scheduler.schedule(hold=hold, drafts=speculate)
+            self.num_spec_off_steps += self.spec is not None and not speculate
         self._at_risk = [b for b in (batch, self._inflight[0] if self._inflight else None) if b is not None]
-        launched = None
-        if len(batch):
+        if batch is not None and len(batch):
             self._admit(batch)
             inp = self.runner.prepare(batch)
             if self.fault_hook is not None:
                 self.fault_hook(batch)
             launched = (batch, self.runner.launch(*inp))
-        if self._async and not self._suspects:
+        if overlap or self._inflight is not None:
             done, self._inflight = self._inflight, launched
         else:
             done = launched
@@ -691,6 +702,7 @@ class Engine:
         proposed, accepted = sum(self._spec_proposed), sum(self._spec_accepted)
         return {
             "spec_verify_runs": self._spec_proposed[0] if self._spec_proposed else 0,
+            "spec_off_steps": self.num_spec_off_steps,
             "spec_draft_tokens": proposed, "spec_accepted_tokens": accepted,
             "spec_acceptance_rate": accepted / proposed if proposed else 0.0,
             "spec_proposed_per_position": list(self._spec_proposed),

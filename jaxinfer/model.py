@@ -256,10 +256,10 @@ def apply_rope(x, positions, inv_freq):
 AttentionFn = Callable[..., tuple]  # (qkv [T, K, G + 2, H], k_pages, v_pages, meta) -> ([T, N, H], k_pages, v_pages)
 
 
-def _attention_block(lp: LayerParams, cfg: ModelConfig, x, positions, inv_freq, k_pages, v_pages, meta, attn_fn,
+def attention_block(lp: LayerParams, cfg: ModelConfig, x, positions, inv_freq, k_pages, v_pages, meta, attn_fn,
                      k_scale=None, v_scale=None):
     eps = cfg.rms_norm_eps
-    h = rms_norm(x, lp.attn_norm, eps)
+    h = rms_norm(x, lp.attn_norm, eps) if lp.attn_norm is not None else x  # None: an EAGLE head's first layer
     G = cfg.q_per_kv
     # [T, K, G + 2, H]: per kv head k its G query heads (query head n = k * G + g, HF's order), its key, its value.
     qkv = dot("td,dkgh->tkgh", h, lp.wqkv)
@@ -283,7 +283,7 @@ def _attention_block(lp: LayerParams, cfg: ModelConfig, x, positions, inv_freq, 
     return x + dot("tnh,nhd->td", o, lp.wo), k_pages, v_pages
 
 
-def _mlp_block(lp: LayerParams, cfg: ModelConfig, x):
+def mlp_block(lp: LayerParams, cfg: ModelConfig, x):
     h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
     gu = dot("td,dcf->tcf", h, lp.w_gate_up)  # [T, 2, F]
     return x + dot("tf,fd->td", jax.nn.silu(gu[:, 0]) * gu[:, 1], lp.w_down)
@@ -298,10 +298,10 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, kv: KVCache, me
         scales = (kv.k_scale[i], kv.v_scale[i]) if kv.k_scale is not None else ()
         with jax.named_scope(f"layer{i}"):
             with jax.named_scope("attention"):
-                x, ks[i], vs[i] = _attention_block(lp, cfg, x, positions, inv_freq, ks[i], vs[i], meta, attn_fn,
+                x, ks[i], vs[i] = attention_block(lp, cfg, x, positions, inv_freq, ks[i], vs[i], meta, attn_fn,
                                                    *scales)
             with jax.named_scope("mlp"):
-                x = _mlp_block(lp, cfg, x)
+                x = mlp_block(lp, cfg, x)
     return x, dataclasses.replace(kv, k=ks, v=vs)
 
 
@@ -336,8 +336,8 @@ def kv_absmax(params: Params, cfg: ModelConfig, tokens):
     x, positions = embed_tokens(params, tokens), jnp.arange(T, dtype=jnp.int32)
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     for lp in params.layers:
-        x, _, _ = _attention_block(lp, cfg, x, positions, inv_freq, None, None, None, dense_attention)
-        x = _mlp_block(lp, cfg, x)
+        x, _, _ = attention_block(lp, cfg, x, positions, inv_freq, None, None, None, dense_attention)
+        x = mlp_block(lp, cfg, x)
     return jnp.stack([k for k, _ in seen]), jnp.stack([v for _, v in seen])
 
 

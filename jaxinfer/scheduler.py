@@ -259,8 +259,9 @@ class Scheduler:
 
     # -- the decision ----------------------------------------------------------------------------------
 
-    def schedule(self, hold: set[int] | None = None) -> ScheduledBatch:
-        """The next step. hold: ids (`id()`) of requests to leave out of it (they keep their pages and place)."""
+    def schedule(self, hold: set[int] | None = None, drafts: bool = True) -> ScheduledBatch:
+        """The next step. hold: ids (`id()`) of requests to leave out of it (they keep their pages and place).
+        drafts: False for a step without speculative drafts (the engine turns speculation off past a batch size)."""
         hold = hold or ()
         batch = ScheduledBatch([], [], [])
         budget = self.token_budget
@@ -343,9 +344,9 @@ class Scheduler:
             budget -= n
             prompt_room -= n
             self._add_pending(req, pending)
-        if self.propose_batch is not None:
+        if drafts and self.propose_batch is not None:
             self._add_draft_batch(batch)
-        elif self.propose is not None:
+        elif drafts and self.propose is not None:
             self._add_drafts(batch)
         return batch
 

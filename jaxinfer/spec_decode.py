@@ -37,6 +37,10 @@ from dataclasses import dataclass
 import numpy as np
 
 SPECULATIVE_METHODS = ("ngram", "draft_model")
+# Past how many running requests verifying costs more than it saves, per backend (benchmarks/spec_replay.py; RESULTS.md
+# "speculation's verify step"), at a draft acceptance of 0.7: CPU (default model, k = 3) 1.63x at 1 request, 0.84x at
+# 2; H100 (8B, k = 4) still ahead at 32 requests, the largest batch measured so far. TPU: the GPU's, not measured.
+DISABLE_BY_BATCH_SIZE = {"gpu": 32, "tpu": 32, "cpu": 1}
 
 
 @dataclass(frozen=True)
@@ -51,12 +55,21 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 2
     model: str | None = None  # draft_model: the draft checkpoint (anything the engine loads)
     quantization: str | None = None  # draft_model: the draft's weights, as EngineConfig.quantization
+    # a step carries drafts only while at most this many requests are running: past it, verifying costs more than
+    # it saves (benchmarks/spec_replay.py measures where). None: the measured default of the backend
+    # (`max_speculating_batch`); vLLM's key of the same name; a large value never turns speculation off
+    disable_by_batch_size: int | None = None
 
     def __post_init__(self):
-        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"):
             v = getattr(self, name)
+            if v is None and name == "disable_by_batch_size":
+                continue
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
                 raise ValueError(f"speculative_config.{name} must be an integer, got {v!r}")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ValueError("speculative_config.disable_by_batch_size must be >= 1 (or None: the backend's "
+                             f"default), got {self.disable_by_batch_size}")
         if self.method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_config.method must be one of {list(SPECULATIVE_METHODS)}, "
                              f"got {self.method!r}")
@@ -73,6 +86,12 @@ class SpeculativeConfig:
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+
+    def max_speculating_batch(self, backend: str) -> int:
+        """The most running requests with which a step still carries drafts (`disable_by_batch_size`)."""
+        if self.disable_by_batch_size is not None:
+            return int(self.disable_by_batch_size)
+        return DISABLE_BY_BATCH_SIZE.get(backend, DISABLE_BY_BATCH_SIZE["gpu"])
 
     @staticmethod
     def from_dict(d: dict | None) -> "SpeculativeConfig | None":

@@ -357,13 +357,14 @@ def quantizes(path: str, spec: ParamSpec) -> bool:
 
 
 def load_params(cfg: ModelConfig, source, fmt: str, dtype, mesh: Mesh | None = None, show_progress: bool = True,
-                quantization: str | None = None) -> Params:
+                quantization: str | None = None, specs=None, table: list[WeightEntry] | None = None) -> Params:
     """Read every tensor named by `weight_table` from `source`, check its shape, cast, place.
 
     Quantized tensors of the source (`HostQuant`) stay quantized in matmul leaves; `quantization` "none"
-    dequantizes them to `dtype`, and "int8" / "int4" / "fp8" quantize the layers' dense matmul weights."""
-    specs = param_specs(cfg)
-    by_path = {e.path: e for e in weight_table(cfg, fmt)}
+    dequantizes them to `dtype`, and "int8" / "int4" / "fp8" quantize the layers' dense matmul weights.
+    specs / table: another pytree's (an EAGLE head's, eagle.py) instead of the decoder's."""
+    specs = param_specs(cfg) if specs is None else specs
+    by_path = {e.path: e for e in (weight_table(cfg, fmt) if table is None else table)}
     where = getattr(source, "path", None) or getattr(source, "dir", "")
     np_dtype = np.dtype(jnp.dtype(dtype))
     missing = [k for e in by_path.values() for k in e.keys if k not in source.keys()]

@@ -69,6 +69,7 @@ class StepStats:
     prefix_cache_hit_rate: float = 0.0
     spec_draft_tokens: int = 0  # speculative decoding: draft tokens proposed (cumulative)
     spec_accepted_tokens: int = 0  # of which accepted (cumulative)
+    spec_off_steps: int = 0  # steps without drafts because more requests ran than disable_by_batch_size (cumulative)
     spec_accepted_per_position: list = field(default_factory=list)  # [(proposed, accepted)] per draft position
     extra: dict = field(default_factory=dict)
 
@@ -341,6 +342,7 @@ class AsyncEngine:
             prefix_cache_queries=s.get("prefix_cache_queries", 0), prefix_cache_hits=s.get("prefix_cache_hits", 0),
             prefix_cache_hit_rate=s.get("prefix_cache_hit_rate", 0.0),
             spec_draft_tokens=s.get("spec_draft_tokens", 0), spec_accepted_tokens=s.get("spec_accepted_tokens", 0),
+            spec_off_steps=s.get("spec_off_steps", 0),
             spec_accepted_per_position=list(zip(s.get("spec_proposed_per_position", []),
                                                 s.get("spec_accepted_per_position", []))),
         )

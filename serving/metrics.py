@@ -31,6 +31,8 @@ class _EngineCounters:
             ("jaxinfer_spec_decode_draft_tokens", "speculative decoding: draft tokens proposed", s.spec_draft_tokens),
             ("jaxinfer_spec_decode_accepted_tokens", "speculative decoding: draft tokens accepted",
              s.spec_accepted_tokens),
+            ("jaxinfer_spec_decode_off_steps", "speculative decoding: steps without drafts because more requests ran "
+             "than disable_by_batch_size", s.spec_off_steps),
         ):
             yield CounterMetricFamily(name, doc, value=value)
         if s.spec_accepted_per_position:

@@ -145,7 +145,8 @@ def test_throughput_makes_exactly_the_asked_tokens(tiny_llama_dir, tmp_path, cap
 
 def test_throughput_reports_speculation(tiny_llama_dir, tmp_path, capsys):
     out_json = tmp_path / "tp.json"
-    spec = '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1, "prompt_lookup_max": 2}'
+    spec = ('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1, "prompt_lookup_max": 2, '
+            '"disable_by_batch_size": 8}')
     rc = cli.main(["bench", "throughput", "--model", str(tiny_llama_dir[0]), "--num-prompts", "4", "--input-len", "8",
                    "--output-len", "24", "--ignore-eos", "--json-out", str(out_json), "--no-compilation-cache",
                    "--speculative-config", spec, *TINY_FLAGS])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxinfer.spec_decode import SpeculativeConfig, accept_greedy, ngram_propose
+from jaxinfer.spec_decode import DISABLE_BY_BATCH_SIZE, SpeculativeConfig, accept_greedy, ngram_propose
 
 
 def test_ngram_proposes_what_followed_the_latest_occurrence():
@@ -44,6 +44,12 @@ def test_speculative_config_validation():
         SpeculativeConfig.from_dict({"method": "draft_model"})
     with pytest.raises(ValueError, match="apply to method draft_model"):
         SpeculativeConfig.from_dict({"method": "ngram", "model": "/ckpt/draft"})
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="disable_by_batch_size"):
+            SpeculativeConfig(disable_by_batch_size=bad)
+    assert SpeculativeConfig(disable_by_batch_size=7).max_speculating_batch("cpu") == 7
+    assert SpeculativeConfig().max_speculating_batch("cpu") == DISABLE_BY_BATCH_SIZE["cpu"]
+    assert SpeculativeConfig().max_speculating_batch("rocm") == DISABLE_BY_BATCH_SIZE["gpu"]
     from jaxinfer.config import EngineConfig
 
     with pytest.raises(ValueError, match="speculative_config.quantization"):

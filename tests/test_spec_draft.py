@@ -16,7 +16,7 @@ from test_spec_engine import assert_same_outputs, ids_of, run, spec_delta
 
 
 def _draft(path, k: int = 3) -> dict:
-    return {"method": "draft_model", "model": str(path), "num_speculative_tokens": k}
+    return {"method": "draft_model", "model": str(path), "num_speculative_tokens": k, "disable_by_batch_size": 64}
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,9 @@ from conftest import DEFAULT_MODEL_OPTIONS, TINY_ENGINE_OPTIONS
 from jaxinfer import RequestOutputKind, SamplingParams, compile_guard
 from test_engine import assert_all_pages_free
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+# drafts at every batch size here (the CPU's default turns them off past one running request)
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2,
+         "disable_by_batch_size": 64}
 
 COPY_TEXT = ("Fix the typos in this paragraph and repeat it: The quick brown fox jumpd over the lazy dog. The dog was "
              "not amused, and it barkd at the fox for a long tyme. Then the fox ran away into the forrest.")
@@ -196,6 +198,39 @@ def test_penalties_n_and_preemption_beside_speculating_requests(tiny_llm, tiny_s
     assert not [p for p, n in drafted if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty]
     assert not [(p, n) for p, n in drafted if n < p.min_tokens]
     assert any(p.min_tokens for p, n in drafted)  # ... but once past min_tokens, it speculates
+    assert_all_pages_free(eng)
+
+
+def test_speculation_turns_off_past_disable_by_batch_size(tiny_llm, tiny_spec_llm, monkeypatch):
+    """With more requests running than disable_by_batch_size, steps carry no drafts and run behind the host (async
+    scheduling: a step launched while the one before is in flight); at or below it, they speculate again. The tokens
+    are the engine's without speculation throughout."""
+    eng = tiny_spec_llm.engine
+    monkeypatch.setattr(eng, "_max_spec_batch", 2)
+    prompts = [(list(range(20 + 3 * i, 26 + 3 * i)) * 4)[: 14 + i] for i in range(5)]
+    params = [SamplingParams(temperature=0, max_tokens=12 + 6 * i, ignore_eos=True) for i in range(5)]
+    want, _, _ = run(tiny_llm.engine, prompts, params)
+    running_when_drafted, overlapped = [], []
+    propose, launch = eng.scheduler.propose, eng.runner.launch
+
+    def spy_propose(req):
+        running_when_drafted.append(len(eng.scheduler.running))
+        return propose(req)
+
+    def spy_launch(*a, **kw):
+        overlapped.append(eng._inflight is not None)
+        return launch(*a, **kw)
+
+    monkeypatch.setattr(eng.scheduler, "propose", spy_propose)
+    monkeypatch.setattr(eng.runner, "launch", spy_launch)
+    before = eng.stats()
+    with compile_guard.forbid_compiles():
+        got, _, _ = run(eng, prompts, params)
+    assert_same_outputs(got, want)
+    after = eng.stats()
+    assert after["spec_off_steps"] > before["spec_off_steps"] and any(overlapped)
+    assert running_when_drafted and max(running_when_drafted) <= 2  # the longer requests speculate once alone
+    assert after["spec_accepted_tokens"] > before["spec_accepted_tokens"]
     assert_all_pages_free(eng)
 
 
