@@ -151,8 +151,6 @@ def main(argv=None) -> int:
     rates = [float(x) for x in args.rates.split(",")]
     if args.seq_buckets is None:
         args.seq_buckets = ",".join(str(b) for b in sorted(set(args.batches)))
-    import jax
-
     simulate = args.simulate_acceptance if args.simulate_acceptance is not None else args.load_format == "dummy"
     if simulate:
         import jaxinfer.engine

@@ -24,7 +24,8 @@ depend on this step's tokens, so a step that may carry drafts runs to the end be
 `disable_by_batch_size` running requests, verifying costs more than it saves: steps then carry no drafts and run
 behind the host again (async scheduling). With a draft model (method draft_model) the proposer is that model, run on the
 device for all of a step's speculating rows at once while the step is scheduled; it has a KV cache of its own with
-the target's page ids (its bytes count in each page's size), and every step's input also runs through it.
+the target's page ids (its bytes count in each page's size), and every step's input also runs through it. An EAGLE
+head (method eagle) works the same way on the target's features (drafts.py, eagle.py).
 
 Start-up: load weights -> size the KV cache -> compile every bucket against the cache's shapes -> check the
 largest step's temporaries fit beside it (else shrink it once, recompile) -> allocate it -> run each program
@@ -49,9 +50,11 @@ from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.executables import ExecutableStore
 from jaxinfer.loader import load_model, resolve_dtype, weight_bytes
-from jaxinfer.model import KV_CACHE_8BIT, KV_CALIBRATION_TEXT, init_kv_cache, is_8bit, kv_cache_scales
+from jaxinfer.eagle import load_eagle
+from jaxinfer.model import KV_CACHE_8BIT, KV_CALIBRATION_TEXT, init_kv_cache, is_8bit, kv_cache_scales, logical_sharding
 from jaxinfer.request import CompletionOutput, Logprob, Request, RequestMetrics, RequestOutput
-from jaxinfer.runner import DraftModel, LaunchedStep, ModelRunner, StepResult
+from jaxinfer.drafts import DraftModel
+from jaxinfer.runner import LaunchedStep, ModelRunner, StepResult
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 from jaxinfer.scheduler import ScheduledBatch, Scheduler
 from jaxinfer.spec_decode import accept_greedy, ngram_propose
@@ -110,12 +113,15 @@ class Engine:
 
         self.spec = ecfg.speculative_config
         self.draft_model_name = None  # the draft model's checkpoint (speculative decoding's draft_model method)
-        draft = self._load_draft(mesh) if self.spec is not None and self.spec.method == "draft_model" else None
+        draft = self._load_draft(mesh) if self.spec is not None and self.spec.model is not None else None
         kv_dtype = self.dtype if ecfg.kv_cache_dtype == "auto" else (
             KV_CACHE_8BIT.get(ecfg.kv_cache_dtype) or np.dtype(ecfg.kv_cache_dtype))
         self.kv_scales = self._kv_scales(loaded.params, kv_dtype) if is_8bit(kv_dtype) else None
         page_bytes = device_page_bytes(self.cfg, ecfg.page_size, kv_dtype, mesh)  # one device's share of a page
         if draft is not None:  # the draft model's cache has as many pages: a page id holds both models' K/V
+            if draft.eagle and is_8bit(kv_dtype):
+                raise ValueError(f"kv_cache_dtype {ecfg.kv_cache_dtype!r}: an 8-bit cache is not calibrated for an "
+                                 "EAGLE head yet; use speculative method eagle with kv_cache_dtype 'auto'")
             draft_scales = (self._kv_scales(draft.params, kv_dtype, draft.cfg) if is_8bit(kv_dtype) else None)
             page_bytes += device_page_bytes(draft.cfg, ecfg.page_size, kv_dtype, mesh)
         self.num_pages = self._num_pages(page_bytes)
@@ -129,6 +135,8 @@ class Engine:
             if draft is not None:
                 draft.kv = init_kv_cache(draft.cfg, self.num_pages, ecfg.page_size, kv_dtype, mesh, abstract=True,
                                          scales=draft_scales)
+                if draft.eagle:
+                    draft.feats = self._eagle_feats(draft, mesh, abstract=True)
             self.runner = ModelRunner(self.cfg, ecfg, loaded.params, abstract_kv, self.num_pages, self.max_model_len,
                                       draft)
             self.runner.compile_all(ecfg.show_progress, self._executable_store(loaded.params, abstract_kv, mesh, draft))
@@ -175,6 +183,8 @@ class Engine:
         if draft is not None:
             draft.kv = jax.block_until_ready(init_kv_cache(draft.cfg, self.num_pages, ecfg.page_size, kv_dtype, mesh,
                                                            scales=draft_scales))
+            if draft.eagle:
+                draft.feats = self._eagle_feats(draft, mesh)
         self.kv_seconds = time.monotonic() - t0
         t0 = time.monotonic()
         if ecfg.warms_up(backend):
@@ -227,16 +237,25 @@ class Engine:
         return kv_cache_scales(params, cfg, kv_dtype, ids[: self.max_model_len])
 
     def _load_draft(self, mesh) -> DraftModel:
-        """The draft model of speculative_config (method draft_model), loaded as the target is (any checkpoint the
-        engine reads, `quantization` of its own); it must share the target's tokenizer: the same vocabulary size and,
-        where both have a tokenizer, the same token ids."""
+        """The proposer of speculative_config with a checkpoint: an EAGLE head (method eagle, eagle.py), or a draft
+        model (draft_model), loaded as the target is (any checkpoint the engine reads, `quantization` of its own);
+        a draft model must share the target's tokenizer: the same vocabulary size and, where both have a tokenizer,
+        the same token ids."""
         sc = self.spec
+        where = f"speculative_config.model {sc.model!r}"
+        if sc.method == "eagle":
+            cfg, params = load_eagle(sc.model, self.cfg, self.dtype, mesh)
+            if cfg.max_position_embeddings < self.max_model_len:
+                raise ValueError(f"{where}: a context of {cfg.max_position_embeddings} tokens, shorter than "
+                                 f"max_model_len ({self.max_model_len})")
+            self.draft_model_name = sc.model
+            self._log(f"EAGLE head {sc.model}: {weight_bytes(params) / _GiB:.2f} GiB")
+            return DraftModel(cfg, params, None, sc.num_speculative_tokens, eagle=True)
         ecfg = dataclasses.replace(self.ecfg, quantization=sc.quantization, speculative_config=None)
         try:
             d = load_model(sc.model, ecfg, self.dtype, mesh)
         except (OSError, ValueError) as e:
             raise type(e)(f"speculative_config.model: {e}") from None
-        where = f"speculative_config.model {sc.model!r}"
         if d.cfg.vocab_size != self.cfg.vocab_size:
             raise ValueError(f"{where}: a vocabulary of {d.cfg.vocab_size} tokens, the target's has "
                              f"{self.cfg.vocab_size}; the draft model must share the target's tokenizer")
@@ -251,6 +270,15 @@ class Engine:
         self._log(f"draft model {d.source}: {d.cfg.num_layers} layers, {weight_bytes(d.params) / _GiB:.2f} GiB "
                   f"({'quantized: ' + d.quantization if d.quantization != 'none' else 'not quantized'})")
         return DraftModel(d.cfg, d.params, None, sc.num_speculative_tokens)
+
+    def _eagle_feats(self, draft: DraftModel, mesh, abstract: bool = False):
+        """An EAGLE head's kept features (drafts.py), [max_num_seqs + 1, k + 1, D], whole on every device."""
+        shape = (self.ecfg.max_num_seqs + 1, draft.num_speculative_tokens + 1, self.cfg.hidden_size)
+        sharding = logical_sharding((None, None, None), mesh)
+        if abstract:
+            return jax.ShapeDtypeStruct(shape, self.dtype, sharding=sharding)
+        x = jax.numpy.zeros(shape, self.dtype)
+        return jax.device_put(x, sharding) if sharding is not None else x
 
     def _executable_store(self, params, abstract_kv, mesh, draft: DraftModel | None = None) -> ExecutableStore | None:
         """Where this configuration's compiled programs are saved whole (with the compilation cache), or None. A
@@ -505,8 +533,13 @@ class Engine:
                     or len(req.output_token_ids) < p.min_tokens)
 
     def _draft_len(self, req: Request) -> int:
-        """How many tokens the draft model proposes for req's next decode (the scheduler asks; see _speculates)."""
-        return self.spec.num_speculative_tokens if self._speculates(req) else 0
+        """How many tokens the draft model proposes for req's next decode (the scheduler asks; see _speculates). An
+        EAGLE head proposes from the feature it predicted in req's last step: none when req was not in it."""
+        if not self._speculates(req):
+            return 0
+        if self.runner.draft.eagle and self.runner.eagle_feature(req) is None:
+            return 0
+        return self.spec.num_speculative_tokens
 
     def _propose(self, req: Request) -> list[int]:
         """n-gram drafts for req's next tokens (the scheduler asks for each decode; see _speculates)."""

@@ -38,16 +38,9 @@ A request that starts from a prefix-cache hit feeds only the tokens after the hi
 cached ones; `seed_history` writes them into the request's fresh sampler row before its first chunk runs,
 and that chunk then does not reset the row. Penalties see the same history as without caching.
 
-A draft model (speculative decoding's draft_model method, spec_decode.py) adds two kinds of programs, over its own
-weights and its own paged KV cache (as many pages as the target's, the same page ids and device page table):
-        draft[(T, B)]                  (draft params, draft kv, table, input) -> draft kv
-runs every step's input through the draft model as well (launched after the target's step), so its cache holds
-every position the target's does, and
-        draft_propose[(B, variant)]    (draft params, draft kv, sampler state, table, input) -> drafts [B, k], kv, table
-runs k single-token decode steps (a `lax.scan`) for the rows that speculate, before the step that verifies them: each
-samples with that row's sampling at its output position (`sampler.sample`, same key as the target's there) and feeds
-the token to the next. A row with fewer drafts than k stops writing K/V after its last one. Speculation runs each
-step to the end, so these programs read every input token from the host.
+A draft model or an EAGLE head (speculative decoding, spec_decode.py) adds two kinds of programs (drafts.py): one
+that runs every step's input through the proposer too (launched after the target's step), and one that proposes the
+drafts of a step's speculating rows before it is scheduled.
 
 Every program is compiled ahead of time (`lower().compile()`) in `compile_all`; a step only looks them up,
 so nothing compiles while serving.
@@ -58,7 +51,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import functools
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -75,58 +67,12 @@ from jaxinfer import sampler as sampling
 from jaxinfer.attention import make_attention_fn
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.executables import program_name
-from jaxinfer.model import AttentionMetadata, KVCache, Params, compute_logits, forward, pytree_dataclass
+from jaxinfer.drafts import (DraftModel, EagleProposeInput, ProposeInput, make_draft_forward_fn, make_eagle_propose_fn,
+                             make_eagle_step_fn, make_propose_fn)
+from jaxinfer.model import AttentionMetadata, KVCache, Params, compute_logits, forward
 from jaxinfer.request import Request
 from jaxinfer.scheduler import ScheduledBatch
-
-
-@pytree_dataclass
-class StepInput:
-    token_ids: Any  # [T] int32; -1: the sequence's last sampled token, still on the device
-    positions: Any  # [T] int32
-    token_slot: Any  # [T] int32 sampler-state row of each token's sequence; padding: S
-    is_prompt: Any  # [T] bool   token belongs to the prompt (else: an earlier output re-entering)
-    reset_slot: Any  # [B] int32 rows to clear before this step (first chunk, no prefix-cache hit); else S
-    logits_indices: Any  # [B] int32 token row whose hidden state is sampled for each sequence
-    row_slot: Any  # [B] int32 page-table row (sampler slot) of each sequence; padding rows: 0
-    new_slot: Any  # [U] int32 page-table entries to set before the step: row, padding S (dropped) ...
-    new_col: Any  # [U] int32 ... column (page index in the sequence) ...
-    new_page: Any  # [U] int32 ... and page id
-    attn: AttentionMetadata  # page_tables None here: the program gathers them from the device table
-
-
-def pack(tree) -> np.ndarray:
-    """A pytree of numpy arrays (int32 / uint32 / float32 / bool) -> one flat int32 array."""
-    parts = []
-    for x in jax.tree_util.tree_leaves(tree):
-        x = np.asarray(x)
-        parts.append((x.astype(np.int32) if x.dtype == np.bool_ else x.view(np.int32)).ravel())
-    return np.concatenate(parts)
-
-
-def unpack(flat: jax.Array, template):
-    """Inverse of `pack`, inside jit: `template` is the pytree of ShapeDtypeStructs it was packed from."""
-    leaves, treedef = jax.tree_util.tree_flatten(template)
-    out, offset = [], 0
-    for leaf in leaves:
-        n = math.prod(leaf.shape)
-        x = flat[offset : offset + n].reshape(leaf.shape)
-        offset += n
-        if leaf.dtype == np.bool_:
-            x = x != 0
-        elif leaf.dtype != np.int32:
-            x = jax.lax.bitcast_convert_type(x, leaf.dtype)
-        out.append(x)
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def _abstract(tree):
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), tree)
-
-
-def set_pages(table, slots, cols, pages):
-    """The device page table [S, M] with pages set at (slots, cols); entries with slot S are padding (dropped)."""
-    return table.at[slots, cols].set(pages, mode="drop")
+from jaxinfer.step_input import StepInput, abstract, pack, set_pages, unpack
 
 
 def make_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput, replicated=None):
@@ -155,80 +101,6 @@ def make_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput, replicated=N
 
 PROMPT_LOGPROBS_ROWS = 256  # token rows per block of the prompt-logprobs program: bounds its [rows, V] float32 temporaries
 SET_PAGES_ROWS = 1024  # page-table entries per call of the program that takes what a step's input has no room for
-
-
-@pytree_dataclass
-class ProposeInput:
-    """The draft model's proposal program input, per row b of a sequence bucket B (padding rows: num_drafts 0)."""
-
-    token_ids: Any  # [B] int32 the row's last token (its K/V not in the draft cache yet)
-    positions: Any  # [B] int32 its position
-    row_slot: Any  # [B] int32 page-table row
-    num_drafts: Any  # [B] int32 draft tokens the row proposes (<= k); 0: a padding row
-    num_seqs: Any  # [] int32 rows that propose (the first ones)
-    new_slot: Any  # [U] int32 page-table entries to set first (as StepInput's)
-    new_col: Any  # [U] int32
-    new_page: Any  # [U] int32
-
-
-def make_draft_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput):
-    """A step's input through the draft model, for its K/V only: (params, kv, table, flat) -> kv. The table is read
-    (with the step's new entries, as the target's program sets them), not returned."""
-
-    def draft_step(params: Params, kv: KVCache, table, flat):
-        inp = unpack(flat, template)
-        table = set_pages(table, inp.new_slot, inp.new_col, inp.new_page)
-        attn = dataclasses.replace(inp.attn, page_tables=jnp.take(table, inp.row_slot, axis=0))
-        _, kv = forward(params, cfg, jnp.maximum(inp.token_ids, 0), inp.positions, kv, attn, attn_fn)
-        return kv
-
-    return draft_step
-
-
-def make_propose_fn(cfg: ModelConfig, attn_fn, template, k: int, page_size: int, num_pages: int, variant: str):
-    """The draft model's k decode steps: (params, kv, sampler state, table, flat) -> drafts [B, k], kv, table.
-    Step j feeds each row's token at position + j and samples output position md.position + j."""
-
-    def propose(params: Params, kv: KVCache, sstate, table, flat):
-        inp, md = unpack(flat, template)
-        table = set_pages(table, inp.new_slot, inp.new_col, inp.new_page)
-        page_tables = jnp.take(table, inp.row_slot, axis=0)  # [B, M]
-        B = inp.token_ids.shape[0]
-        cu_q_lens = jnp.minimum(jnp.arange(B + 1, dtype=jnp.int32), inp.num_seqs)
-        last = jnp.maximum(inp.num_drafts - 1, 0)  # a row past its drafts repeats its last position, writing nothing
-
-        def one(carry, j):
-            tokens, kv = carry
-            pos = inp.positions + jnp.minimum(j, last)  # [B]
-            page = jnp.take_along_axis(page_tables, (pos // page_size)[:, None], axis=1)[:, 0]
-            attn = AttentionMetadata(
-                slot_mapping=jnp.where(j < inp.num_drafts, page * page_size + pos % page_size, num_pages * page_size),
-                page_tables=page_tables,
-                kv_lens=jnp.where(inp.num_drafts > 0, pos + 1, 0),
-                cu_q_lens=cu_q_lens,
-                num_seqs=inp.num_seqs,
-            )
-            h, kv = forward(params, cfg, tokens, pos, kv, attn, attn_fn)  # [B, D]
-            logits = compute_logits(params, cfg, h)  # [B, V]
-            out, _ = sampling.sample(logits, dataclasses.replace(md, position=md.position + j), sstate,
-                                     variant=variant, max_logprobs=0)
-            return (out.token_ids, kv), out.token_ids
-
-        (_, kv), drafts = jax.lax.scan(one, (inp.token_ids, kv), jnp.arange(k, dtype=jnp.int32))  # [k, B]
-        return drafts.T, kv, table
-
-    return propose
-
-
-@dataclass
-class DraftModel:
-    """A draft model in the runner: its config, weights and KV cache (abstract until the engine allocates it), and
-    the drafts it proposes per speculating row."""
-
-    cfg: ModelConfig
-    params: Params
-    kv: Any
-    num_speculative_tokens: int
 
 
 def make_prompt_logprobs_fn(cfg: ModelConfig, max_logprobs: int, block: int = PROMPT_LOGPROBS_ROWS):
@@ -351,6 +223,7 @@ class ModelRunner:
         self.compiled_propose: dict[tuple[int, str], Any] = {}  # (B, variant) -> draft model's k decode steps
         if draft is not None:
             self._draft_attn_fn = make_attention_fn(draft.cfg, ecfg.attention_impl, ecfg.attention_interpret)
+        self._eagle_step = None  # an EAGLE head's inputs of the prepared step (prepare -> launch)
         self._compiled_set_row = None
         self._compiled_history = None
         self.compile_seconds = self.lower_seconds = 0.0
@@ -362,31 +235,43 @@ class ModelRunner:
     def _lower_forward(self, T: int, B: int, decode: bool):
         inp = self._empty_input(T, B)[0]
         attn_fn = functools.partial(self._attn_fn, decode=decode)
-        fn = jax.jit(make_forward_fn(self.cfg, attn_fn, _abstract(inp), self._replicated), donate_argnums=(1, 2, 3))
+        fn = jax.jit(make_forward_fn(self.cfg, attn_fn, abstract(inp), self._replicated), donate_argnums=(1, 2, 3))
         flat = jax.ShapeDtypeStruct(pack(inp).shape, jnp.int32)
         return fn.lower(self.params, self.kv, self.sstate, self.page_table, flat)
 
     def _lower_sampler(self, B: int, variant: str):
         md = self._empty_input(B, B)[1]
-        fn = jax.jit(make_sampler_fn(variant, self.ecfg.max_logprobs, _abstract(md)), donate_argnums=(1,))
+        fn = jax.jit(make_sampler_fn(variant, self.ecfg.max_logprobs, abstract(md)), donate_argnums=(1,))
         logits = jax.ShapeDtypeStruct((B, self.cfg.vocab_size), jnp.float32, sharding=self._replicated)
         return fn.lower(logits, self.sstate, jax.ShapeDtypeStruct(pack(md).shape, jnp.int32))
 
     def _lower_draft_forward(self, T: int, B: int, decode: bool):
+        d = self.draft
         inp = self._empty_input(T, B)[0]
         attn_fn = functools.partial(self._draft_attn_fn, decode=decode)
-        fn = jax.jit(make_draft_forward_fn(self.draft.cfg, attn_fn, _abstract(inp)), donate_argnums=(1,))
         flat = jax.ShapeDtypeStruct(pack(inp).shape, jnp.int32)
-        return fn.lower(self.draft.params, self.draft.kv, self.page_table, flat)
+        if not d.eagle:
+            fn = jax.jit(make_draft_forward_fn(d.cfg, attn_fn, abstract(inp)), donate_argnums=(1,))
+            return fn.lower(d.params, d.kv, self.page_table, flat)
+        fn = jax.jit(make_eagle_step_fn(d.cfg, self.cfg, attn_fn, abstract(inp)), donate_argnums=(2, 3))
+        h = jax.ShapeDtypeStruct((T, self.cfg.hidden_size), jnp.dtype(self.params.final_norm.dtype),
+                                 sharding=self._replicated)
+        i32 = lambda n: jax.ShapeDtypeStruct((n,), jnp.int32)  # noqa: E731
+        sampled = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=self._replicated)
+        return fn.lower(d.params, self.params, d.kv, d.feats, self.page_table, flat, h, sampled, i32(T), i32(T))
 
     def _lower_propose(self, B: int, variant: str):
         d = self.draft
         tree = self._empty_propose_input(B)
         attn_fn = functools.partial(self._draft_attn_fn, decode=True)
-        fn = jax.jit(make_propose_fn(d.cfg, attn_fn, _abstract(tree), d.num_speculative_tokens, self.page_size,
-                                     self.num_pages, variant), donate_argnums=(1, 3))
         flat = jax.ShapeDtypeStruct(pack(tree).shape, jnp.int32)
-        return fn.lower(d.params, d.kv, self.sstate, self.page_table, flat)
+        if not d.eagle:
+            fn = jax.jit(make_propose_fn(d.cfg, attn_fn, abstract(tree), d.num_speculative_tokens, self.page_size,
+                                         self.num_pages, variant), donate_argnums=(1, 3))
+            return fn.lower(d.params, d.kv, self.sstate, self.page_table, flat)
+        fn = jax.jit(make_eagle_propose_fn(d.cfg, attn_fn, abstract(tree), d.num_speculative_tokens, self.page_size,
+                                           self.num_pages, variant), donate_argnums=(2, 4))
+        return fn.lower(d.params, self.params, d.kv, self.sstate, self.page_table, flat, d.feats)
 
     def _programs(self) -> dict:
         """Every program of the engine: key -> a function that traces and lowers it."""
@@ -517,12 +402,10 @@ class ModelRunner:
                 jax.block_until_ready(self.compiled_prompt_logprobs[T](self.params, h, np.full(T, -1, np.int32)))
             jax.block_until_ready(self.sstate)
             if self.draft is not None:
-                self.draft.kv = self.compiled_draft[(T, B, decode)](self.draft.params, self.draft.kv, self.page_table,
-                                                                   pack(inp))
+                self._launch_draft((T, B, decode), pack(inp), h, np.zeros(B, np.int32), self._eagle_empty(T))
         if self.draft is not None:
-            for (B, variant), prog in self.compiled_propose.items():  # all padding rows: nothing written
-                _, self.draft.kv, self.page_table = prog(self.draft.params, self.draft.kv, self.sstate,
-                                                         self.page_table, pack(self._empty_propose_input(B)))
+            for B, variant in self.compiled_propose:  # all padding rows: nothing written
+                self._run_propose(B, variant, pack(self._empty_propose_input(B)))
         self.set_row(S, None, [])  # row S: out of range, dropped
         self._write_pages(*np.array([[S], [0], [0]], np.int32))  # row S: dropped
         if self._compiled_history is not None:
@@ -582,10 +465,17 @@ class ModelRunner:
         )
         return inp, md
 
-    def _empty_propose_input(self, B: int) -> tuple[ProposeInput, sampling.SamplingMetadata]:
+    def _eagle_empty(self, T: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """An EAGLE step's (next_ids, feat_dst) for T padding rows (nothing kept); None without an EAGLE head."""
+        if self.draft is None or not self.draft.eagle:
+            return None
+        return np.zeros(T, np.int32), np.full(T, self.draft.feats.shape[0] * self.draft.feats.shape[1], np.int32)
+
+    def _empty_propose_input(self, B: int) -> tuple[ProposeInput | EagleProposeInput, sampling.SamplingMetadata]:
         S, U = self.num_slots, B * (self.draft.num_speculative_tokens // self.page_size + 2)
-        inp = ProposeInput(
-            token_ids=np.zeros(B, np.int32),
+        first = {"feat_src": np.zeros(B, np.int32)} if self.draft.eagle else {"token_ids": np.zeros(B, np.int32)}
+        inp = (EagleProposeInput if self.draft.eagle else ProposeInput)(
+            **first,
             positions=np.zeros(B, np.int32),
             row_slot=np.zeros(B, np.int32),
             num_drafts=np.zeros(B, np.int32),
@@ -639,6 +529,8 @@ class ModelRunner:
         r = 0  # sampled row: the sequence's row b, plus the drafts of the sequences before it
         S = self.page_size
         new_slot, new_col, new_page = [], [], []  # page-table entries the device has not seen
+        eagle = self._eagle_empty(T)  # an EAGLE head's (next_ids, feat_dst), and the slots whose features it keeps
+        owners = {}
         for b, (req, n, start) in enumerate(zip(batch.requests, batch.num_new_tokens, batch.start)):
             drafts = batch.drafts[b] if batch.num_drafts else None
             known = req.num_tokens
@@ -671,6 +563,8 @@ class ModelRunner:
                     targets = np.full(T, -1, np.int32)
                 m = min(n, req.num_prompt_tokens - 1 - start)  # rows whose next token is a prompt token
                 targets[t : t + m] = req.prompt_token_ids[start + 1 : start + 1 + m]
+            if eagle is not None:
+                owners[req.slot] = self._eagle_rows(eagle, req, t, start, n, r)
             a.kv_lens[b] = start + n
             a.cu_q_lens[b + 1] = t + n
             t += n
@@ -696,7 +590,24 @@ class ModelRunner:
             inp.new_slot[:k], inp.new_col[:k], inp.new_page[:k] = new_slot, new_col, new_page
         else:  # a long prefix-cache hit or a re-admission: ahead of the step, by the page-table program
             self._write_pages(*(np.asarray(x, np.int32) for x in (new_slot, new_col, new_page)))
+        self._eagle_step = None if eagle is None else (*eagle, owners)  # taken by launch
         return inp, s, bucket, targets
+
+    def _eagle_rows(self, eagle, req: Request, t: int, start: int, n: int, r: int) -> tuple[int, int]:
+        """An EAGLE head's inputs for one sequence of a step (token rows t .. t + n - 1 at positions start ..,
+        first sampled row r): each row's next token (known, or sampled at row r + its distance from the last known
+        token: a verify row's own draw), and where the features of its last k + 1 rows are kept. Returns the slot's
+        new owner, (its request id, the position of the first kept row)."""
+        next_ids, feat_dst = eagle
+        k1 = self.draft.num_speculative_tokens + 1
+        known = req.num_tokens
+        for j in range(n):
+            pos = start + j
+            next_ids[t + j] = req.token_at(pos + 1) if pos + 1 < known else -(r + pos - (known - 1) + 1)
+        base = start + n - k1
+        for j in range(max(0, base - start), n):
+            feat_dst[t + j] = req.slot * k1 + start + j - base
+        return req.request_id, base
 
     def _sampling_row(self, s: sampling.SamplingMetadata, r: int, req: Request, out_index: int) -> None:
         """Row r of the sampling metadata: req's sampling for the token at output index out_index."""
@@ -731,6 +642,14 @@ class ModelRunner:
         s.position[r : r + d + 1] = np.arange(out_index, out_index + d + 1)
         inp.logits_indices[r : r + d + 1] = np.arange(t, t + d + 1)
 
+    def eagle_feature(self, req: Request) -> int | None:
+        """Where the EAGLE head's predicted feature after req's second-to-last token is kept (`feats`, flattened), or
+        None when it is not (req did not run in the step that last wrote its slot's features)."""
+        k1 = self.draft.num_speculative_tokens + 1
+        owner, base = self.draft.feat_owner.get(req.slot, (None, 0))
+        j = req.num_tokens - 2 - base
+        return req.slot * k1 + j if owner == req.request_id and 0 <= j < k1 else None
+
     def propose_drafts(self, reqs: list[Request], limits: list[int]) -> list[list[int]]:
         """The draft model's next limits[i] tokens for each of reqs (decodes whose last token the host has; pages
         for the drafts taken), sampled as the target samples at those positions; runs now and waits for them.
@@ -746,7 +665,12 @@ class ModelRunner:
                 new_col += range(done, len(req.pages))
                 new_page += req.pages[done:]
             last = req.num_tokens - 1
-            inp.token_ids[b], inp.positions[b], inp.row_slot[b], inp.num_drafts[b] = req.token_at(last), last, req.slot, n
+            if self.draft.eagle:  # from the kept feature of the position before the last token
+                inp.feat_src[b] = self.eagle_feature(req)
+                inp.positions[b], inp.row_slot[b], inp.num_drafts[b] = last - 1, req.slot, n
+            else:
+                inp.token_ids[b], inp.positions[b], inp.row_slot[b], inp.num_drafts[b] = (req.token_at(last), last,
+                                                                                          req.slot, n)
             self._sampling_row(s, b, req, len(req.output_token_ids))
             s.num_logprobs[b] = -1  # the target reports logprobs; the draft's are not read
         inp.num_seqs[...] = len(reqs)
@@ -755,10 +679,7 @@ class ModelRunner:
             inp.new_slot[:k], inp.new_col[:k], inp.new_page[:k] = new_slot, new_col, new_page
         else:
             self._write_pages(*(np.asarray(x, np.int32) for x in (new_slot, new_col, new_page)))
-        d = self.draft
-        drafts, d.kv, self.page_table = self.compiled_propose[(B, sampling.variant_for(s))](
-            d.params, d.kv, self.sstate, self.page_table, pack((inp, s)))
-        drafts = np.asarray(drafts)
+        drafts = np.asarray(self._run_propose(B, sampling.variant_for(s), pack((inp, s))))
         return [drafts[b, :n].tolist() for b, n in enumerate(limits)]
 
     # -- running ----------------------------------------------------------------------------------------
@@ -778,9 +699,33 @@ class ModelRunner:
         copies = [out.token_ids] + ([out.logprobs, out.top_ids, out.top_logprobs, out.ranks] if want_logprobs else [])
         for x in copies + list(prompt or ()):
             x.copy_to_host_async()
-        if self.draft is not None:  # the same tokens into the draft's cache, behind the step
-            self.draft.kv = self.compiled_draft[bucket](self.draft.params, self.draft.kv, self.page_table, flat)
+        if self.draft is not None:  # the same tokens into the proposer's cache, behind the step
+            eagle = None
+            if self.draft.eagle:
+                *eagle, owners = self._eagle_step
+                self.draft.feat_owner.update(owners)
+            self._launch_draft(bucket, flat, h, out.token_ids, eagle)
         return LaunchedStep(out, want_logprobs, prompt, bucket)
+
+    def _launch_draft(self, bucket, flat, h, sampled, eagle) -> None:
+        """A step's rows through the proposer too, behind the step: a draft model's input, or an EAGLE head's pairs of
+        (the target's feature, the next token) with `eagle` = (next_ids, feat_dst)."""
+        d = self.draft
+        prog = self.compiled_draft[bucket]
+        if d.eagle:
+            d.kv, d.feats = prog(d.params, self.params, d.kv, d.feats, self.page_table, flat, h, sampled, *eagle)
+        else:
+            d.kv = prog(d.params, d.kv, self.page_table, flat)
+
+    def _run_propose(self, B: int, variant: str, flat):
+        d = self.draft
+        prog = self.compiled_propose[(B, variant)]
+        if d.eagle:
+            drafts, d.kv, self.page_table = prog(d.params, self.params, d.kv, self.sstate, self.page_table, flat,
+                                                 d.feats)
+        else:
+            drafts, d.kv, self.page_table = prog(d.params, d.kv, self.sstate, self.page_table, flat)
+        return drafts
 
     def seed_history(self, req: Request, num_cached: int) -> None:
         """Clear req's sampler row and fold in its first num_cached tokens (a prefix-cache hit),

@@ -127,3 +127,136 @@ def target_dir_of(tmp_path, tcfg):
     cfg["num_hidden_layers"] = 1
     (d / "config.json").write_text(json.dumps(cfg))
     return d
+
+
+# -- through the engine ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eagle_llm(tiny_llama_dir, tmp_path_factory):
+    import jaxinfer
+    from conftest import TINY_ENGINE_OPTIONS
+
+    d = tmp_path_factory.mktemp("eagle_head")
+    make_eagle_head(d, {**TINY, "rope_theta": 10000.0}, own_embed=False, fc_bias=True, seed=5)
+    spec = {"method": "eagle", "model": str(d), "num_speculative_tokens": 3, "disable_by_batch_size": 64}
+    return jaxinfer.LLM(str(tiny_llama_dir[0]), num_pages=60, speculative_config=spec,
+                        **{**TINY_ENGINE_OPTIONS, **SMALL_BUCKETS})
+
+
+SMALL_BUCKETS = dict(seq_buckets=(1, 4), max_num_seqs=4)  # fewer programs to compile
+
+
+def reference_drafts(target_params, tcfg, head, hcfg, tokens: list[int], k: int) -> list[int]:
+    """Greedy drafts of an EAGLE head after `tokens`, from scratch: the target's features of every position but the
+    last token's, the head over all (next token, feature) pairs, then k times: draw, and feed (draft, feature)."""
+    from jaxinfer.model import forward, rms_norm
+
+    a = len(tokens) - 2
+    attn_t, attn_h = make_attention_fn(tcfg, "xla"), make_attention_fn(hcfg, "xla")
+
+    def paged(cfg, T):
+        kv = init_kv_cache(cfg, T // 4 + 2, 4, jnp.float32)
+        pos = np.arange(T, dtype=np.int32)
+        meta = AttentionMetadata(slot_mapping=pos, page_tables=np.arange(T // 4 + 2, dtype=np.int32)[None],
+                                 kv_lens=np.array([T], np.int32), cu_q_lens=np.array([0, T], np.int32),
+                                 num_seqs=np.array(1, np.int32))
+        return kv, pos, meta
+
+    kv, pos, meta = paged(tcfg, a + 1)
+    h, _ = forward(target_params, tcfg, jnp.asarray(tokens[: a + 1]), pos, kv, meta, attn_t)
+    feats = rms_norm(h, target_params.final_norm, tcfg.rms_norm_eps)  # [a + 1, D]
+    nxt = list(tokens[1 : a + 2])
+    drafts = []
+    for _ in range(k):
+        kv, pos, meta = paged(hcfg, len(nxt))
+        pred, _ = eagle_forward(head, target_params, hcfg, jnp.asarray(nxt), feats, pos, kv, meta, attn_h)
+        d = int(np.argmax(np.asarray(eagle_logits(target_params, pred[-1:]))[0]))
+        drafts.append(d)
+        nxt.append(d)
+        feats = jnp.concatenate([feats, pred[-1:]])
+    return drafts
+
+
+def test_eagle_speculation_keeps_the_targets_tokens_and_proposes_the_heads_drafts(tiny_llm, eagle_llm, monkeypatch):
+    """Greedy and seeded requests together: the same tokens as the engine without speculation, no compile after
+    warm-up, pages all freed; and the drafts proposed inside the batch are the head's own greedy continuation
+    computed from scratch (features of the right positions, the right next tokens), for >= 90% of them."""
+    from jaxinfer import SamplingParams, compile_guard
+    from test_engine import assert_all_pages_free
+    from test_spec_engine import assert_same_outputs, run
+
+    eng = eagle_llm.engine
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, 256, int(n)).tolist() for n in (9, 23, 14, 40)]
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=26, ignore_eos=True, logprobs=1),
+              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)]
+    want, _, _ = run(tiny_llm.engine, prompts, params, arrive_every=3)
+    seen = []
+    propose = eng.scheduler.propose_batch
+
+    def spy(reqs, limits):
+        out = propose(reqs, limits)
+        seen.extend((r.prompt_token_ids + r.output_token_ids, d) for r, d in zip(reqs, out) if r.params.greedy)
+        return out
+
+    monkeypatch.setattr(eng.scheduler, "propose_batch", spy)
+    before = eng.stats()["spec_draft_tokens"]
+    with compile_guard.forbid_compiles():
+        got, _, _ = run(eng, prompts, params, arrive_every=3)
+    assert_same_outputs(got, want)
+    assert eng.stats()["spec_draft_tokens"] > before and len(seen) > 20
+    head, tparams = eng.runner.draft.params, eng.runner.params
+    agree = total = 0
+    for tokens, drafts in seen[:: max(1, len(seen) // 8)]:  # eight of them: the reference runs op by op
+        ref = reference_drafts(tparams, eng.cfg, head, eng.runner.draft.cfg, tokens, len(drafts))
+        agree += sum(a == b for a, b in zip(drafts, ref))
+        total += len(drafts)
+    assert agree >= 0.9 * total, (agree, total)
+    assert_all_pages_free(eng)
+
+
+def test_eagle_head_that_predicts_the_target_gets_its_drafts_accepted(tmp_path):
+    """A one-layer target whose attention adds nothing (o_proj = 0) and whose final norm is all ones: its next token
+    depends on the current token alone, through embedding -> MLP -> lm_head. An EAGLE head with that layer, fc
+    passing the embedding through and no attention, predicts the target's (unnormed) feature of the next token, so
+    its greedy drafts are the target's tokens: almost every draft is accepted, across verify steps that accept runs
+    of several (the pairs and kept features of accepted rows are the ones the next proposal reads)."""
+    import safetensors.torch
+    import transformers
+
+    import jaxinfer
+    from conftest import TINY_ENGINE_OPTIONS
+    from jaxinfer import SamplingParams
+
+    cfg = transformers.LlamaConfig(**{**TINY, "num_hidden_layers": 1, "rope_theta": 10000.0})
+    torch.manual_seed(7)
+    target = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        target.model.layers[0].self_attn.o_proj.weight.zero_()
+        target.model.layers[0].post_attention_layernorm.weight.add_(0.1 * torch.randn(cfg.hidden_size))
+    target.save_pretrained(tmp_path / "target", safe_serialization=True)
+    layer = {f"layers.0.{k}": v for k, v in target.model.layers[0].state_dict().items() if "input_layernorm" not in k}
+    D = cfg.hidden_size
+    fc = torch.cat([torch.eye(D), torch.zeros(D, D)], dim=1)  # [emb, feature] -> emb
+    (tmp_path / "head").mkdir()
+    safetensors.torch.save_file({**{k: v.contiguous() for k, v in layer.items()}, "fc.weight": fc},
+                                str(tmp_path / "head" / "model.safetensors"))
+    cfg.to_json_file(str(tmp_path / "head" / "config.json"))
+    with torch.no_grad():  # the target's next token after each token
+        nxt = target(torch.arange(cfg.vocab_size)[:, None]).logits[:, -1].argmax(-1).tolist()
+    spec = {"method": "eagle", "model": str(tmp_path / "head"), "num_speculative_tokens": 3, "disable_by_batch_size": 8}
+    llm = jaxinfer.LLM(str(tmp_path / "target"), num_pages=60, speculative_config=spec,
+                       **{**TINY_ENGINE_OPTIONS, **SMALL_BUCKETS})
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 256, int(n)).tolist() for n in (5, 12, 30)]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        want = [nxt[p[-1]]]
+        while len(want) < 40:
+            want.append(nxt[want[-1]])
+        assert o.outputs[0].token_ids == want
+    s = llm.engine.stats()
+    assert s["spec_draft_tokens"] > 60 and s["spec_acceptance_rate"] > 0.9, s

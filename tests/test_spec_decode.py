@@ -42,7 +42,11 @@ def test_speculative_config_validation():
     assert d.method == "draft_model" and d.model == "/ckpt/draft"
     with pytest.raises(ValueError, match="speculative_config.model"):
         SpeculativeConfig.from_dict({"method": "draft_model"})
-    with pytest.raises(ValueError, match="apply to method draft_model"):
+    with pytest.raises(ValueError, match="EAGLE head checkpoint's path"):
+        SpeculativeConfig.from_dict({"method": "eagle"})
+    with pytest.raises(ValueError, match="quantization applies to method draft_model"):
+        SpeculativeConfig.from_dict({"method": "eagle", "model": "/ckpt/eagle", "quantization": "int8"})
+    with pytest.raises(ValueError, match="apply to methods draft_model and eagle"):
         SpeculativeConfig.from_dict({"method": "ngram", "model": "/ckpt/draft"})
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="disable_by_batch_size"):
