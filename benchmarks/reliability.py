@@ -9,6 +9,7 @@ fault. Rows:
   transient     one step raises once (at a random launch): nothing may be lost
   culprit       every step holding the culprit raises: it alone must end with finish_reason 'error'
   detokenizer   the culprit's text raises: it alone must end with 'error'
+  NaN           the culprit's logits turn NaN at one step: it alone must end with 'error', no token drawn from them
   hung step     (serving.AsyncEngine, --step-timeout 4 s) a step sleeps 10 s: the watchdog must fail what is in flight
                 at once, the server be unready until the step returns, then serve the same tokens again
   lost state    (serving.AsyncEngine) a step raises out of the engine: in-flight requests fail, a new engine is
@@ -91,6 +92,14 @@ def main(argv=None) -> int:
             raise RuntimeError("injected: the culprit breaks its step")
     row("culprit: every step holding one request raises", *run(culprit_hook), expect_failed=(culprit,))
 
+    nan_seen = []
+
+    def nan_hook(batch):  # the culprit's logits become NaN at its 3rd step
+        mine = [r for r in batch.requests if r.group_id == ctx["ids"][culprit]]
+        nan_seen.extend(mine)
+        return mine if len(nan_seen) == 3 else None
+    row("NaN: one request's logits turn NaN at one step", *run(nan_hook), expect_failed=(culprit,))
+
     add_token = eng._add_token
 
     def broken(req, *a, **kw):
@@ -161,13 +170,14 @@ def main(argv=None) -> int:
 
     print(f"| fault injected | what the other requests saw | the culprit | recovery |")
     print("|---|---|---|---|")
-    for r in rows[:3]:
+    in_engine = [r for r in rows if "others_identical" in r]
+    for r in in_engine:
         print(f"| {r['fault']} | {'identical tokens' if r['others_identical'] else 'DIFFERENT'} "
               f"({args.requests - len(r['expected_failed'])} requests) | "
               f"{'failed alone' if r['failed'] == r['expected_failed'] and r['failed'] else 'none' if not r['failed'] else r['failed']} | "
               f"{r['step_faults']} step faults; {r['seconds']} s (no fault: {r['baseline_seconds']} s); "
               f"pages in use after: {r['pages_in_use_after']} |")
-    h, lo = rows[3], rows[4]
+    h, lo = rows[len(in_engine)], rows[len(in_engine) + 1]
     print(f"| {h['fault']} | {h['failed']} in flight failed within {h['failed_within_s']} s | | ready again after "
           f"{h['ready_after_s']} s; next requests {'identical' if h['next_identical'] else 'DIFFERENT'} |")
     print(f"| {lo['fault']} | {lo['failed']} in flight failed | | ready again after {lo['ready_after_s']} s "

@@ -202,7 +202,8 @@ class Engine:
         self._inflight: tuple[ScheduledBatch, LaunchedStep] | None = None  # launched, tokens not read yet
         # Faults inside a step (see step()): the batches a fault would hit, the requests to run alone to find its
         # cause, how many faults came without a step completing, and all of them. fault_hook(batch), if set, runs
-        # before each launch: tests inject faults there (raise, or sleep for a hung step); leave it None otherwise.
+        # before each launch: tests inject faults there (raise, sleep for a hung step, or return requests of the
+        # batch whose logits become NaN this step); leave it None otherwise.
         self._at_risk: list[ScheduledBatch] = []
         self._suspects: list[Request] = []
         self._faults_in_a_row = 0
@@ -447,9 +448,8 @@ class Engine:
         if batch is not None and len(batch):
             self._admit(batch)
             inp = self.runner.prepare(batch)
-            if self.fault_hook is not None:
-                self.fault_hook(batch)
-            launched = (batch, self.runner.launch(*inp))
+            poisoned = self.fault_hook(batch) if self.fault_hook is not None else None
+            launched = (batch, self.runner.launch(*inp, nan_rows=self._rows_of(batch, poisoned or ())))
         if overlap or self._inflight is not None:
             done, self._inflight = self._inflight, launched
         else:
@@ -464,6 +464,8 @@ class Engine:
         t_wait = time.perf_counter()
         result = step.result()  # waits for this step only; the next one is already queued behind it
         self.last_wait_seconds = time.perf_counter() - t_wait
+        for i in self._broken_logits(batch, result):
+            self._fail(batch.requests[i], "the model's logits were not finite (NaN or inf) at this step")
         appended = self.scheduler.update(batch, self._sampled(batch, result))
         self._at_risk = []
         self._postprocess(batch, appended, result)
@@ -502,6 +504,22 @@ class Engine:
         print(f"warning: request {req.request_id} failed: {what}", file=sys.stderr, flush=True)
         req.error = what
         self.scheduler.finish(req, "error")
+
+    @staticmethod
+    def _rows_of(batch: ScheduledBatch, reqs) -> list[int]:
+        """The sampled rows of these requests of the batch (a verifying request has 1 + its drafts)."""
+        want = {id(r) for r in reqs}
+        return [r + j for i, r in enumerate(batch.first_rows()) if id(batch.requests[i]) in want
+                for j in range(1 + len(batch.drafts[i]) if batch.num_drafts else 1)]
+
+    @staticmethod
+    def _broken_logits(batch: ScheduledBatch, result: StepResult) -> list[int]:
+        """Requests of the batch (by index) whose logits held a NaN or +inf at a sampled row (the sampler draws -1)."""
+        ids = result.token_ids
+        if ids.min() >= 0:  # the usual case: one vectorised check
+            return []
+        return [i for i, r in enumerate(batch.first_rows()) if batch.samples(i)
+                and (ids[r : r + 1 + (len(batch.drafts[i]) if batch.num_drafts else 0)] < 0).any()]
 
     def _sampled(self, batch: ScheduledBatch, result: StepResult) -> list[int | list[int] | None]:
         """Per request: its sampled token (None: none this step), or for a verifying request the tokens it yields:

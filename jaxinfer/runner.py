@@ -685,12 +685,15 @@ class ModelRunner:
     # -- running ----------------------------------------------------------------------------------------
 
     def launch(self, inp: StepInput, md: sampling.SamplingMetadata, bucket: tuple[int, int, bool],
-               prompt_targets: np.ndarray | None = None) -> LaunchedStep:
-        """Enqueue the step on the device and return at once."""
+               prompt_targets: np.ndarray | None = None, nan_rows: list[int] | None = None) -> LaunchedStep:
+        """Enqueue the step on the device and return at once. nan_rows (tests only: a model fault injected by
+        `Engine.fault_hook`): sampled rows whose logits are replaced by NaN."""
         B, variant = bucket[1], sampling.variant_for(md)
         flat = pack(inp)
         logits, h, self.kv, self.sstate, self.page_table = self.compiled[bucket](
             self.params, self.kv, self.sstate, self.page_table, flat)
+        if nan_rows:
+            logits = logits.at[np.asarray(nan_rows)].set(jnp.nan)
         out, self.sstate = self.compiled_samplers[(B, variant)](logits, self.sstate, pack(md))
         want_logprobs = bool((md.num_logprobs >= 0).any())
         prompt = None

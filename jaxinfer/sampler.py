@@ -321,5 +321,9 @@ def sample(
         ranks = jnp.zeros((batch,), jnp.int32)
         top_logprobs, top_ids = jnp.zeros((batch, k), jnp.float32), jnp.zeros((batch, k), jnp.int32)
 
+    # A row whose logits hold a NaN or +inf (a numerical fault of the model) samples -1: the host ends that request
+    # with an error rather than emit a token drawn from garbage.
+    broken = jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)  # [B]
+    token_ids = jnp.where(broken, -1, token_ids)
     state = dataclasses.replace(state, last_token=state.last_token.at[md.slot].set(token_ids, mode="drop"))
     return SampleOutput(token_ids, token_logprobs, top_ids, top_logprobs, ranks), state

@@ -111,6 +111,29 @@ def test_a_request_whose_text_fails_ends_alone(eng, reference, monkeypatch):
     assert eng.num_step_faults == 0  # the step itself was fine
 
 
+def test_nan_logits_fail_that_request_alone(eng, reference):
+    """A NaN in one request's logits (injected at its 4th step) ends it with an error naming the cause, no token
+    drawn from them; the others' tokens are a clean run's."""
+    prompts, params = _requests()
+    ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
+    seen = []
+
+    def hook(batch):
+        mine = [r for r in batch.requests if r.group_id == ids[1]]
+        seen.extend(mine)
+        return mine if len(seen) == 4 else None
+
+    eng.fault_hook = hook
+    finals = _drain(eng)
+    failed = finals[ids[1]]
+    assert failed.outputs[0].finish_reason == "error" and "not finite" in failed.error
+    assert failed.outputs[0].token_ids == reference[1][: len(failed.outputs[0].token_ids)]
+    assert len(failed.outputs[0].token_ids) < 16 and -1 not in failed.outputs[0].token_ids
+    for i, rid in enumerate(ids):
+        if i != 1:
+            assert finals[rid].error is None and finals[rid].outputs[0].token_ids == reference[i], i
+
+
 def test_faults_without_progress_give_up(eng):
     """A fault in every step (a device that is gone): each request run alone fails, and after MAX_FAULTS_IN_A_ROW
     faults with no step completed the engine raises, for its owner to rebuild it (serving.AsyncEngine does);
