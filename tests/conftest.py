@@ -34,11 +34,15 @@ def _release_finished_engines():
     """Each Engine freezes what start-up built (gc.freeze): an engine of a finished module that sits in reference
     cycles is collected only once unfrozen, and until then its compiled programs' code stays mapped (a test process
     holding many programs runs out of memory maps, vm.max_map_count, and XLA crashes). Unfreeze and collect after
-    each module."""
+    each module, and drop jax's caches of the programs its direct `jax.jit` calls compiled (about 6 maps each; the
+    session's engines hold their ahead-of-time programs themselves and keep them)."""
     yield
     import gc
 
+    import jax
+
     gc.unfreeze()
+    jax.clear_caches()
     gc.collect()
 
 # Small bucket sets keep CI compile time down; they still exercise padding in both dimensions.
