@@ -13,20 +13,9 @@ from jaxinfer import compile_guard
 
 compile_guard.count()  # start counting compilations before any engine warms up
 
-# Every compiled CPU program maps its code; this suite holds many (about 65,000 maps by its 80% mark), and Linux's
-# default vm.max_map_count (65,530) makes XLA crash mid-compile when it is reached. Raise the limit where this
-# process may (root on a CI VM); elsewhere, say so. Holding fewer programs alive is the real fix (see RESULTS.md).
-_MAPS_NEEDED = 262144
-try:
-    with open("/proc/sys/vm/max_map_count") as _f:
-        if int(_f.read()) < _MAPS_NEEDED:
-            with open("/proc/sys/vm/max_map_count", "w") as _w:
-                _w.write(str(_MAPS_NEEDED))
-except OSError as _e:
-    import warnings
-
-    warnings.warn(f"vm.max_map_count could not be raised to {_MAPS_NEEDED} ({_e}): the full suite may run out of "
-                  f"memory maps", stacklevel=1)
+# Every compiled CPU program maps its code, and Linux's default vm.max_map_count (65,530) makes XLA crash mid-compile
+# when a process reaches it: this suite once held ~62,000 maps at its peak. The fixture below keeps it near 22,000
+# (RESULTS.md, "the test suite's memory maps").
 
 
 @pytest.fixture(scope="module", autouse=True)
