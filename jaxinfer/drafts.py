@@ -56,6 +56,20 @@ class ProposeInput:
     new_page: Any  # [U] int32
 
 
+def _draft_step(inp, page_tables, cu_q_lens, j, page_size: int, num_pages: int):
+    """Positions [B] and attention metadata of a proposal loop's step j, one token per row at its position + j: a row
+    past its drafts repeats its last position and writes nothing (its cache slot is the dropped one)."""
+    pos = inp.positions + jnp.minimum(j, jnp.maximum(inp.num_drafts - 1, 0))  # [B]
+    page = jnp.take_along_axis(page_tables, (pos // page_size)[:, None], axis=1)[:, 0]
+    return pos, AttentionMetadata(
+        slot_mapping=jnp.where(j < inp.num_drafts, page * page_size + pos % page_size, num_pages * page_size),
+        page_tables=page_tables,
+        kv_lens=jnp.where(inp.num_drafts > 0, pos + 1, 0),
+        cu_q_lens=cu_q_lens,
+        num_seqs=inp.num_seqs,
+    )
+
+
 def make_draft_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput):
     """A step's input through the draft model, for its K/V only: (params, kv, table, flat) -> kv. The table is read
     (with the step's new entries, as the target's program sets them), not returned."""
@@ -80,19 +94,9 @@ def make_propose_fn(cfg: ModelConfig, attn_fn, template, k: int, page_size: int,
         page_tables = jnp.take(table, inp.row_slot, axis=0)  # [B, M]
         B = inp.token_ids.shape[0]
         cu_q_lens = jnp.minimum(jnp.arange(B + 1, dtype=jnp.int32), inp.num_seqs)
-        last = jnp.maximum(inp.num_drafts - 1, 0)  # a row past its drafts repeats its last position, writing nothing
-
         def one(carry, j):
             tokens, kv = carry
-            pos = inp.positions + jnp.minimum(j, last)  # [B]
-            page = jnp.take_along_axis(page_tables, (pos // page_size)[:, None], axis=1)[:, 0]
-            attn = AttentionMetadata(
-                slot_mapping=jnp.where(j < inp.num_drafts, page * page_size + pos % page_size, num_pages * page_size),
-                page_tables=page_tables,
-                kv_lens=jnp.where(inp.num_drafts > 0, pos + 1, 0),
-                cu_q_lens=cu_q_lens,
-                num_seqs=inp.num_seqs,
-            )
+            pos, attn = _draft_step(inp, page_tables, cu_q_lens, j, page_size, num_pages)
             h, kv = forward(params, cfg, tokens, pos, kv, attn, attn_fn)  # [B, D]
             logits = compute_logits(params, cfg, h)  # [B, V]
             out, _ = sampling.sample(logits, dataclasses.replace(md, position=md.position + j), sstate,
@@ -172,19 +176,9 @@ def make_eagle_propose_fn(cfg: ModelConfig, attn_fn, template, k: int, page_size
                                      variant=variant, max_logprobs=0)
             return out.token_ids
 
-        last = jnp.maximum(inp.num_drafts - 1, 0)  # a row past its drafts repeats its last pair, writing nothing
-
         def one(carry, j):
             tokens, f, kv = carry
-            pos = inp.positions + jnp.minimum(j, last)  # [B] the pair (draft j, its feature) at a + j
-            page = jnp.take_along_axis(page_tables, (pos // page_size)[:, None], axis=1)[:, 0]
-            attn = AttentionMetadata(
-                slot_mapping=jnp.where(j < inp.num_drafts, page * page_size + pos % page_size, num_pages * page_size),
-                page_tables=page_tables,
-                kv_lens=jnp.where(inp.num_drafts > 0, pos + 1, 0),
-                cu_q_lens=cu_q_lens,
-                num_seqs=inp.num_seqs,
-            )
+            pos, attn = _draft_step(inp, page_tables, cu_q_lens, j, page_size, num_pages)  # the pair (draft j, ...)
             f, kv = eagle_forward(ep, tp, cfg, tokens, f, pos, kv, attn, attn_fn)  # [B, D]
             d = draw(f, j)
             return (d, f, kv), d
