@@ -44,10 +44,11 @@ from jaxinfer.step_input import StepInput, set_pages, unpack
 
 @pytree_dataclass
 class ProposeInput:
-    """The draft model's proposal program input, per row b of a sequence bucket B (padding rows: num_drafts 0)."""
+    """A proposal program's input, per row b of a sequence bucket B (padding rows: num_drafts 0)."""
 
-    token_ids: Any  # [B] int32 the row's last token (its K/V not in the draft cache yet)
-    positions: Any  # [B] int32 its position
+    token_ids: Any  # [B] int32 draft model: the row's last token (its K/V not in the draft cache yet)
+    feat_src: Any  # [B] int32 EAGLE: the kept feature of the position before it, slot * (k + 1) + j
+    positions: Any  # [B] int32 draft model: the last token's position; EAGLE: the one before (the drafts' pairs follow)
     row_slot: Any  # [B] int32 page-table row
     num_drafts: Any  # [B] int32 draft tokens the row proposes (<= k); 0: a padding row
     num_seqs: Any  # [] int32 rows that propose (the first ones)
@@ -143,20 +144,6 @@ def make_eagle_step_fn(cfg: ModelConfig, target_cfg: ModelConfig, attn_fn, templ
         return kv, feats.reshape(S1, K1, D)
 
     return eagle_step
-
-
-@pytree_dataclass
-class EagleProposeInput:
-    """An EAGLE head's proposal program input, per row b of a sequence bucket B (padding rows: num_drafts 0)."""
-
-    feat_src: Any  # [B] int32 the kept feature of the row's last position: slot * (k + 1) + j
-    positions: Any  # [B] int32 that position, a: the drafts' pairs go at a + 1, a + 2, ...
-    row_slot: Any  # [B] int32 page-table row
-    num_drafts: Any  # [B] int32 draft tokens the row proposes (<= k); 0: a padding row
-    num_seqs: Any  # [] int32 rows that propose (the first ones)
-    new_slot: Any  # [U] int32 page-table entries to set first (as StepInput's)
-    new_col: Any  # [U] int32
-    new_page: Any  # [U] int32
 
 
 def make_eagle_propose_fn(cfg: ModelConfig, attn_fn, template, k: int, page_size: int, num_pages: int, variant: str):

@@ -67,7 +67,7 @@ from jaxinfer import sampler as sampling
 from jaxinfer.attention import make_attention_fn
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.executables import program_name
-from jaxinfer.drafts import (DraftModel, EagleProposeInput, ProposeInput, make_draft_forward_fn, make_eagle_propose_fn,
+from jaxinfer.drafts import (DraftModel, ProposeInput, make_draft_forward_fn, make_eagle_propose_fn,
                              make_eagle_step_fn, make_propose_fn)
 from jaxinfer.model import AttentionMetadata, KVCache, Params, compute_logits, forward
 from jaxinfer.request import Request
@@ -471,11 +471,11 @@ class ModelRunner:
             return None
         return np.zeros(T, np.int32), np.full(T, self.draft.feats.shape[0] * self.draft.feats.shape[1], np.int32)
 
-    def _empty_propose_input(self, B: int) -> tuple[ProposeInput | EagleProposeInput, sampling.SamplingMetadata]:
+    def _empty_propose_input(self, B: int) -> tuple[ProposeInput, sampling.SamplingMetadata]:
         S, U = self.num_slots, B * (self.draft.num_speculative_tokens // self.page_size + 2)
-        first = {"feat_src": np.zeros(B, np.int32)} if self.draft.eagle else {"token_ids": np.zeros(B, np.int32)}
-        inp = (EagleProposeInput if self.draft.eagle else ProposeInput)(
-            **first,
+        inp = ProposeInput(
+            token_ids=np.zeros(B, np.int32),
+            feat_src=np.zeros(B, np.int32),
             positions=np.zeros(B, np.int32),
             row_slot=np.zeros(B, np.int32),
             num_drafts=np.zeros(B, np.int32),
