@@ -230,11 +230,11 @@ class AsyncEngine:
                 return
             # The engine could not attribute a fault: fail what was in flight, rebuild, serve again.
             self.error = EngineDeadError(f"the engine failed during a step: {fault}")
+            self.rebuilding = True  # before anyone hears of the fault: /ready and /health say so from here on
             self._ready.clear()
             for rid in list(self._streams):
                 self._loop.call_soon_threadsafe(self._deliver, rid, self.error)
             self._drain_adds()
-            self.rebuilding = True
             self.engine = None  # its device memory goes before the new engine takes its own
             gc.unfreeze()  # the engine froze what start-up built (engine.py): let the collector reach it
             gc.collect()
