@@ -14,6 +14,15 @@ fault. Rows:
                 at once, the server be unready until the step returns, then serve the same tokens again
   lost state    (serving.AsyncEngine) a step raises out of the engine: in-flight requests fail, a new engine is
                 built from the factory: seconds until ready, and the next requests' tokens
+Then `jaxinfer serve` on the same model in a child process (benchmarks/reliability_load.py,
+benchmarks/reliability_inputs.py):
+  load          its capacity (completed requests/s, a closed loop of --capacity-clients), then --soak-seconds of
+                Poisson arrivals at --soak-load times it, --disconnect of the clients leaving mid-stream
+  bad inputs    the hostile-JSON fuzzer and schemathesis (both modes, then the stateful phase) on that server;
+                broken copies of the model file and of a small safetensors checkpoint, loaded in this process
+  SIGTERM       streams running when the server is told to stop
+  security      API keys, the HTTP parser's errors, a cache directory others can write, tampered program files
+--rows picks some of: faults, load, inputs, sigterm, security (default: all).
 """
 
 from __future__ import annotations
@@ -35,7 +44,41 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None)
+    p.add_argument("--rows", default="faults,load,inputs,sigterm,security")
+    p.add_argument("--soak-seconds", type=float, default=600.0)
+    p.add_argument("--soak-load", type=float, default=2.0, help="arrival rate as a multiple of the capacity")
+    p.add_argument("--disconnect", type=float, default=0.1, help="share of clients that leave mid-stream")
+    p.add_argument("--capacity-seconds", type=float, default=60.0)
+    p.add_argument("--capacity-clients", type=int, default=32)
+    p.add_argument("--fuzz-mutations", type=int, default=200, help="random mutations of a valid body, per route")
+    p.add_argument("--schemathesis-examples", type=int, default=60, help="per route and mode, and stateful runs")
+    p.add_argument("--corrupt-trials", type=int, default=40, help="overwritten copies of each file")
+    p.add_argument("--workdir", default=None, help="for the servers' logs and caches (default: a temporary one)")
     args = p.parse_args(argv)
+    rows_wanted = set(args.rows.split(","))
+    report: dict = dict(requests=args.requests, max_tokens=args.max_tokens)
+    table = Table()
+    if "faults" in rows_wanted:
+        report["rows"] = fault_rows(args, table)
+    served_rows(args, rows_wanted, report, table)
+    print("| what | measured |")
+    print("|---|---|")
+    print("\n".join(table))
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump(report, fh, indent=1, default=str)
+    return 0
+
+
+class Table(list):
+    """The table's rows, each also printed as it is measured (a long run shows its progress)."""
+
+    def append(self, row: str) -> None:
+        print(row, flush=True)
+        super().append(row)
+
+
+def fault_rows(args, table: list[str]) -> list[dict]:
     import numpy as np
 
     from jaxinfer.engine import Engine
@@ -168,25 +211,121 @@ def main(argv=None) -> int:
     rows.append(dict(fault="hung step (watchdog at 4 s; the step sleeps 10 s)", **srv["hung"]))
     rows.append(dict(fault="lost state (a step raises out of the engine; rebuilt from the factory)", **srv["lost"]))
 
-    print(f"| fault injected | what the other requests saw | the culprit | recovery |")
-    print("|---|---|---|---|")
     in_engine = [r for r in rows if "others_identical" in r]
     for r in in_engine:
-        print(f"| {r['fault']} | {'identical tokens' if r['others_identical'] else 'DIFFERENT'} "
-              f"({args.requests - len(r['expected_failed'])} requests) | "
-              f"{'failed alone' if r['failed'] == r['expected_failed'] and r['failed'] else 'none' if not r['failed'] else r['failed']} | "
-              f"{r['step_faults']} step faults; {r['seconds']} s (no fault: {r['baseline_seconds']} s); "
-              f"pages in use after: {r['pages_in_use_after']} |")
+        culprit_s = ("failed alone" if r["failed"] == r["expected_failed"] and r["failed"] else
+                     "" if not r["failed"] else f"failed: {r['failed']}")
+        table.append(f"| fault: {r['fault']} | others: {'identical tokens' if r['others_identical'] else 'DIFFERENT'} "
+                     f"({args.requests - len(r['expected_failed'])} requests){'; the culprit ' + culprit_s if culprit_s else ''}; "
+                     f"{r['step_faults']} step faults; {r['seconds']} s (no fault: {r['baseline_seconds']} s); "
+                     f"pages in use after: {r['pages_in_use_after']} |")
     h, lo = rows[len(in_engine)], rows[len(in_engine) + 1]
-    print(f"| {h['fault']} | {h['failed']} in flight failed within {h['failed_within_s']} s | | ready again after "
-          f"{h['ready_after_s']} s; next requests {'identical' if h['next_identical'] else 'DIFFERENT'} |")
-    print(f"| {lo['fault']} | {lo['failed']} in flight failed | | ready again after {lo['ready_after_s']} s "
-          f"({lo['rebuilds']} rebuild); next requests {'identical' if lo['next_identical'] else 'DIFFERENT'} |")
-    print(json.dumps(rows))
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump(dict(requests=args.requests, max_tokens=args.max_tokens, rows=rows), fh, indent=1)
-    return 0
+    table.append(f"| fault: {h['fault']} | {h['failed']} in flight failed within {h['failed_within_s']} s; ready again "
+                 f"after {h['ready_after_s']} s; next requests {'identical' if h['next_identical'] else 'DIFFERENT'} |")
+    table.append(f"| fault: {lo['fault']} | {lo['failed']} in flight failed; ready again after {lo['ready_after_s']} s "
+                 f"({lo['rebuilds']} rebuild); next requests {'identical' if lo['next_identical'] else 'DIFFERENT'} |")
+    return rows
+
+
+def _mb(x) -> str:
+    return "n/a" if x is None else f"{x / 2**20:,.0f} MB"
+
+
+def _ms(x) -> str:
+    return "n/a" if x is None else f"{x * 1e3:,.0f} ms"
+
+
+def served_rows(args, wanted: set[str], report: dict, table: list[str]) -> None:
+    """The rows of a `jaxinfer serve` child process: load, bad inputs, SIGTERM, security."""
+    import tempfile
+
+    import httpx
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import reliability_inputs as ri
+    import reliability_load as rl
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="jaxinfer-reliability-")
+    serve_args = ["--model", args.model] if args.model else []
+    model = None
+    if wanted & {"load", "inputs"}:
+        proc, url, log = rl.start_server(serve_args, log_path=os.path.join(workdir, "serve.log"))
+        try:
+            model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+            if "load" in wanted:
+                work = rl.workload(4000, args.seed, rl.WORDS)
+                cap = asyncio.run(rl.capacity(url, {}, model, work, args.capacity_clients, args.capacity_seconds))
+                rate = args.soak_load * cap["requests_per_s"]
+                soak = asyncio.run(rl.soak(url, {}, model, work[len(work) // 2:], rate=rate, seconds=args.soak_seconds,
+                                           disconnect=args.disconnect, seed=args.seed, pid=proc.pid))
+                report["capacity"], report["soak"] = cap, soak
+                o = soak["outcomes"]
+                table.append(
+                    f"| load: {soak['seconds']:.0f} s of Poisson arrivals at {args.soak_load:g}x the capacity "
+                    f"({cap['requests_per_s']:.2f} req/s, {cap['output_tokens_per_s']:.0f} out tok/s with "
+                    f"{cap['clients']} clients), {args.disconnect:.0%} of clients leaving mid-stream | "
+                    f"{soak['sent']} sent: {o.get('completed', 0)} completed, {o.get('disconnected', 0)} disconnected, "
+                    f"{o.get('refused', 0)} refused (429); **{soak['server_errors']} 5xx** (server's count "
+                    f"{soak['server_5xx_counted']:.0f}), **{soak['lost']} lost**, {soak['unexpected_4xx']} other 4xx; "
+                    f"TTFT p50 / p99 {_ms(soak['ttft_p50_s'])} / {_ms(soak['ttft_p99_s'])}, ITL p50 / p99 "
+                    f"{_ms(soak['itl_p50_s'])} / {_ms(soak['itl_p99_s'])}; RSS {_mb(soak['rss_start'])} -> "
+                    f"{_mb(soak['rss_end'])} (peak {_mb(soak['rss_peak'])}); device memory "
+                    f"{_mb(soak['device_start'])} -> {_mb(soak['device_end'])}; pages in use at the end: "
+                    f"{soak['pages_in_use_end']:.0f} |")
+            if "inputs" in wanted:
+                fz = ri.fuzz_json(url, {}, model, args.seed, args.fuzz_mutations)
+                sc = ri.schemathesis_run(url, None, args.schemathesis_examples, args.schemathesis_examples,
+                                         args.schemathesis_examples)
+                report["fuzz"], report["schemathesis"] = fz, sc
+                table.append(f"| bad inputs: hostile JSON / UTF-8 bodies on the 4 JSON routes | {fz['tried']} tried "
+                             f"({fz['statuses']}): **{fz['server_errors']} 5xx, {fz['hangs']} hangs**, {fz['bad']} "
+                             f"answers not in the error shape or leaking a path; server answering after: "
+                             f"{fz['alive_after']} ({fz['seconds']} s) |")
+                table.append(f"| bad inputs: schemathesis, every route, inside and outside the schema, then stateful "
+                             f"along the links | {sc['calls']} calls ({sc['stateful_calls']} stateful; "
+                             f"{sc['statuses']}): **{sc['server_errors']} 5xx**, {sc['failures']} conformance "
+                             f"failures |")
+        finally:
+            rc = rl.stop_server(proc)
+        report["server_exit"] = rc
+    if "inputs" in wanted:
+        from jaxinfer.tokenizer import default_model_path
+
+        gguf_path = args.model if args.model and args.model.endswith(".gguf") else default_model_path()
+        cf = ri.corrupt_files(gguf_path, args.corrupt_trials, args.seed)
+        report["corrupt_files"] = cf
+        table.append(f"| bad inputs: broken copies of the model's GGUF and of a safetensors checkpoint (truncated, "
+                     f"header and tables overwritten) | {cf['tried']} tried: {cf['value_error']} ValueError naming "
+                     f"the file, {cf['loaded']} loaded, **{cf['other']} anything else**; slowest "
+                     f"{cf['slowest_s']} s |")
+    if "sigterm" in wanted:
+        st = rl.sigterm_under_load(serve_args, model or _served_name(serve_args, workdir),
+                                   log_path=os.path.join(workdir, "serve-sigterm.log"))
+        report["sigterm"] = st
+        table.append(f"| SIGTERM with {st['streams']} streams running (--shutdown-timeout {st['shutdown_timeout']:g} "
+                     f"s) | finish reasons {st['finishes']} (every stream ended cleanly: {st['clean']}); a request "
+                     f"after the signal: {st['request_after_signal']}; exit code {st['exit_code']} after "
+                     f"{st['exit_after_s']} s; traceback: {st['traceback']} |")
+    if "security" in wanted:
+        sec = ri.security(serve_args, model or _served_name(serve_args, workdir), os.path.join(workdir, "security"))
+        report["security"] = sec
+        for r in sec["rows"]:
+            table.append(f"| security: {r['check']} | {r['result']}; refused as specified: "
+                         f"**{r['refused_as_specified']}** |")
+
+
+def _served_name(serve_args: list[str], workdir: str) -> str:
+    """The model id the server answers to (what /v1/models lists)."""
+    import httpx
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import reliability_load as rl
+
+    proc, url, _ = rl.start_server(serve_args, log_path=os.path.join(workdir, "serve-name.log"))
+    try:
+        return httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    finally:
+        rl.stop_server(proc)
 
 
 if __name__ == "__main__":

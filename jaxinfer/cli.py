@@ -348,9 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-size", type=_byte_size, default="1MiB", metavar="SIZE",
                      help="largest request body (default: %(default)s)")
     srv.add_argument("--max-queued-requests", type=_positive_int, default=256, metavar="N",
-                     help="requests waiting to start before new ones get 503 (default: %(default)s)")
+                     help="requests waiting to start before new ones get 429 (default: %(default)s)")
     srv.add_argument("--max-queued-tokens", type=_positive_int, default=None, metavar="N",
-                     help="tokens (prompt + max_tokens x n) of the requests waiting to start before new ones get 503 "
+                     help="tokens (prompt + max_tokens x n) of the requests waiting to start before new ones get 429 "
                           "(default: no limit beyond --max-queued-requests)")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                      help="on SIGTERM, seconds to let running requests finish (default: %(default)s)")

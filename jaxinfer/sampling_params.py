@@ -31,15 +31,26 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _shown(value) -> str:
+    """A value for an error message: its repr, cut short (an integer of thousands of digits is not echoed)."""
+    if _is_int(value) and abs(value) >= 10**30:
+        return f"an integer of about 10^{len(hex(value)) * 1.2:.0f}"
+    r = repr(value)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
 def _finite_float(name: str, value, requirement: str) -> float:
-    if not _is_real(value) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number {requirement}, got {value!r}")
-    return float(value)
+    try:
+        if _is_real(value) and math.isfinite(value):
+            return float(value)
+    except OverflowError:  # an integer past float64's range
+        pass
+    raise ValueError(f"{name} must be a finite number {requirement}, got {_shown(value)}")
 
 
 def _int(name: str, value, requirement: str) -> int:
     if not _is_int(value):
-        raise ValueError(f"{name} must be an integer {requirement}, got {value!r}")
+        raise ValueError(f"{name} must be an integer {requirement}, got {_shown(value)}")
     return int(value)
 
 
@@ -147,10 +158,10 @@ class SamplingParams:
         self.stop_token_ids = self._normalise_stop_token_ids(self.stop_token_ids)
 
         if not isinstance(self.output_kind, RequestOutputKind):
-            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {_shown(self.output_kind)}")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be a boolean, got {_shown(getattr(self, name))}")
 
     @staticmethod
     def _normalise_logit_bias(logit_bias) -> dict[int, float] | None:
@@ -165,9 +176,9 @@ class SamplingParams:
             elif isinstance(key, str) and key.strip().lstrip("+-").isdigit():
                 token = int(key)  # the OpenAI API sends token ids as JSON object keys, i.e. strings
             else:
-                raise ValueError(f"logit_bias keys must be integer token ids, got {key!r}")
+                raise ValueError(f"logit_bias keys must be integer token ids, got {_shown(key)}")
             if token < 0:
-                raise ValueError(f"logit_bias keys must be token ids >= 0, got {key!r}")
+                raise ValueError(f"logit_bias keys must be token ids >= 0, got {_shown(key)}")
             bias = _finite_float(f"logit_bias[{token}]", value, f"in [-{MAX_LOGIT_BIAS_VALUE:g}, {MAX_LOGIT_BIAS_VALUE:g}]")
             if abs(bias) > MAX_LOGIT_BIAS_VALUE:
                 raise ValueError(
@@ -188,7 +199,7 @@ class SamplingParams:
             raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
         for s in stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop must contain only non-empty strings, got {s!r}")
+                raise ValueError(f"stop must contain only non-empty strings, got {_shown(s)}")
         return list(stop)
 
     @staticmethod
@@ -199,7 +210,7 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be a list of token ids, got {type(stop_token_ids).__name__}")
         for t in stop_token_ids:
             if not _is_int(t) or t < 0:
-                raise ValueError(f"stop_token_ids must contain only integers >= 0, got {t!r}")
+                raise ValueError(f"stop_token_ids must contain only integers >= 0, got {_shown(t)}")
         return [int(t) for t in stop_token_ids]
 
     def validate_for_model(self, vocab_size: int, max_logprobs: int, max_logit_bias: int) -> None:

@@ -91,7 +91,7 @@ def error_response(e: APIError) -> web.Response:
 
 
 _HTTP_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
-               413: "invalid_request_error", 503: "service_unavailable"}
+               413: "invalid_request_error", 429: "rate_limit_exceeded", 503: "service_unavailable"}
 
 
 # -- middlewares ----------------------------------------------------------------------------------------------
@@ -197,8 +197,10 @@ def check_model(state: ServerState, body: dict) -> str:
 
 
 def admit(state: ServerState, count: int, tokens: int = 0) -> None:
-    """Overload: a request that could never be queued is a 400; one the queue cannot take now a 503 with
-    Retry-After (bounded by requests and, with --max-queued-tokens, by their tokens: prompt + max_tokens x n)."""
+    """Overload: a request that could never be queued is a 400; one the queue cannot take now a 429 with
+    Retry-After (bounded by requests and, with --max-queued-tokens, by their tokens: prompt + max_tokens x n).
+    429, as TGI answers an overloaded queue: a busy server is the client's cue to back off, not a server error;
+    503 stays for a server that is not ready (loading, draining, rebuilding, stalled)."""
     cap, tcap = state.config.max_queued_requests, state.config.max_queued_tokens
     if count > cap:  # could never be admitted: a client error, not a busy server
         raise bad_request(f"prompt: a batch of {count} prompts is more than this server queues at once ({cap}; "
@@ -207,10 +209,10 @@ def admit(state: ServerState, count: int, tokens: int = 0) -> None:
         raise bad_request(f"prompt: the request may need {tokens} tokens (prompts + max_tokens x n), more than this "
                           f"server queues at once ({tcap}; its --max-queued-tokens)", "prompt")
     if state.engine.num_queued + count > cap:
-        raise APIError(503, f"too many queued requests (limit {cap}); retry later", "service_unavailable",
+        raise APIError(429, f"too many queued requests (limit {cap}); retry later", "rate_limit_exceeded",
                        headers={"Retry-After": "1"})
     if tcap is not None and state.engine.num_queued_tokens + tokens > tcap:
-        raise APIError(503, f"too many queued tokens (limit {tcap}); retry later", "service_unavailable",
+        raise APIError(429, f"too many queued tokens (limit {tcap}); retry later", "rate_limit_exceeded",
                        headers={"Retry-After": "1"})
 
 

@@ -49,6 +49,17 @@ class _EngineCounters:
             yield accepted
 
 
+def device_memory_bytes() -> float:
+    """Bytes in use on this process's devices: the runtime's count where it keeps one, else the live arrays'."""
+    import jax
+
+    devices = jax.local_devices()
+    stats = [d.memory_stats() for d in devices]
+    if all(st and "bytes_in_use" in st for st in stats):
+        return float(sum(st["bytes_in_use"] for st in stats))
+    return float(sum(a.nbytes for a in jax.live_arrays()))
+
+
 class Metrics:
     def __init__(self, engine):
         self.engine = engine
@@ -71,6 +82,8 @@ class Metrics:
               registry=r).set_function(st("compiles_since_ready"))
         Gauge("jaxinfer_ready", "1 when the server accepts requests", registry=r).set_function(
             lambda: float(engine.is_ready))
+        Gauge("jaxinfer_device_memory_bytes", "device memory in use (the runtime's own count on a GPU or TPU; on a "
+              "CPU, the bytes of the live jax arrays)", registry=r).set_function(device_memory_bytes)
         Gauge("jaxinfer_tokens_per_second", "generated tokens per second over the last 10 s",
               registry=r).set_function(self._tokens_per_second)
         self.ttft = Histogram("jaxinfer_time_to_first_token_seconds", "arrival to first output token",

@@ -180,10 +180,19 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],
     "properties": {k: {"type": ["string", "null"]} for k in ("message", "type", "param", "code")}}}}
 
+# What a response feeds into (OpenAPI links: clients, and schemathesis's stateful phase, follow them).
+LINKS = {
+    "/tokenize": {"Detokenize": {"operationId": "detokenize", "description": "the ids back to text",
+                                 "requestBody": {"tokens": "$response.body#/tokens"}}},
+    "/v1/models": {"ModelCard": {"operationId": "v1_models_model", "description": "one served model's card",
+                                 "parameters": {"model": "$response.body#/data/0/id"}}},
+}
+
 # status -> when, for each kind of route
 _ERRORS_BODY = {"400": "invalid request (the error names the param)", "404": "unknown model",
-                "413": "request body too large", "503": "loading, draining, failed engine, or queue full"}
-_ERRORS_GENERATE = {**_ERRORS_BODY, "500": "the engine failed while running the request"}
+                "413": "request body too large", "503": "not ready: loading, draining, rebuilding, stalled or failed"}
+_ERRORS_GENERATE = {**_ERRORS_BODY, "429": "the queue is full (Retry-After)",
+                    "500": "the engine failed while running the request"}
 
 
 def openapi_spec(routes, lim: Limits | None) -> dict:
@@ -218,6 +227,8 @@ def openapi_spec(routes, lim: Limits | None) -> dict:
                                  "content": {"application/json": {"schema": REQUESTS[path](lim)}}}
         if path.startswith("/v1"):
             op["security"] = [{"bearer": []}]
+        if path in LINKS:
+            ok["links"] = LINKS[path]
         paths.setdefault(path, {})[method.lower()] = op
     return {"openapi": "3.1.0", "info": {"title": "jaxinfer OpenAI-compatible API", "version": "0.1.0"},
             "paths": paths, "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}

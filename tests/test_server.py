@@ -294,6 +294,10 @@ def test_metrics(client, server):
         assert name in text
     assert 'jaxinfer_requests_total{route="/v1/completions",status="200"}' in text
     assert "jaxinfer_compiles_since_ready 0.0" in text
+    import jax
+
+    weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(server.engine.engine.runner.params))
+    assert _scrape(server)["jaxinfer_device_memory_bytes"] >= weights > 0  # weights and KV cache at least
 
 
 def _scrape(server) -> dict[str, float]:
@@ -329,7 +333,7 @@ def test_openapi_lists_every_route(server):
     assert body["required"] == ["prompt"]
     assert {"max_tokens", "temperature", "stop", "logprobs"} <= set(body["properties"])
     assert body["properties"]["n"]["anyOf"][0]["maximum"] == 4  # this server's --max-n
-    assert {"200", "400", "401", "404", "413", "500", "503"} <= set(completions["responses"])
+    assert {"200", "400", "401", "404", "413", "429", "500", "503"} <= set(completions["responses"])
     for path in ("/v1/chat/completions", "/tokenize", "/detokenize"):
         assert spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"] != {"type": "object"}
 
@@ -347,7 +351,7 @@ def test_schemathesis_finds_no_server_errors(server, monkeypatch, mode):
     from schemathesis.checks import not_a_server_error, response_schema_conformance, status_code_conformance
     from schemathesis.generation import GenerationMode
 
-    monkeypatch.setattr(server.config, "max_queued_requests", 10**6)  # a full queue's 503 is not a bug
+    monkeypatch.setattr(server.config, "max_queued_requests", 10**6)  # a full queue's 429 is not a bug
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     checks = [not_a_server_error] + ([status_code_conformance, response_schema_conformance]
                                      if mode == "positive" else [])
@@ -384,6 +388,41 @@ def test_schemathesis_finds_no_server_errors(server, monkeypatch, mode):
             case.validate_response(response, checks=checks)
 
 
+def test_schemathesis_stateful_follows_the_links(server, monkeypatch):
+    """schemathesis's stateful phase chains calls through the document's links (/tokenize -> /detokenize,
+    /v1/models -> /v1/models/{model}), mixing valid and invalid inputs: never a 5xx, and the chains reach the
+    linked routes with the ids a response gave."""
+    import schemathesis
+    from hypothesis import HealthCheck, settings
+    from schemathesis.checks import not_a_server_error
+
+    monkeypatch.setattr(server.config, "max_queued_requests", 10**6)
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert spec["paths"]["/tokenize"]["post"]["responses"]["200"]["links"]["Detokenize"]["operationId"] == "detokenize"
+    calls: list[tuple[str, int]] = []
+    tokenized, chained = [], []
+
+    class Machine(schema.as_state_machine()):
+        def get_call_kwargs(self, case):
+            return {"base_url": server.url, "headers": {"Authorization": f"Bearer {KEY}"}, "timeout": 60}
+
+        def validate_response(self, response, case, additional_checks=None, **kwargs):
+            calls.append((f"{case.method} {case.path}", response.status_code))
+            if case.path == "/tokenize" and response.status_code == 200:
+                tokenized.append(response.json()["tokens"])
+            if case.path == "/detokenize" and isinstance(case.body, dict) and case.body.get("tokens") in tokenized:
+                chained.append(case.path)  # the ids a /tokenize response gave
+            if case.path == "/v1/models/{model}" and (case.path_parameters or {}).get("model") == MODEL:
+                chained.append(case.path)
+            case.validate_response(response, checks=[not_a_server_error])
+
+    Machine.run(settings=settings(max_examples=40, stateful_step_count=6, deadline=None, database=None,
+                                  derandomize=True, suppress_health_check=list(HealthCheck)))
+    assert calls and all(code < 500 for _, code in calls), calls
+    assert {"/detokenize", "/v1/models/{model}"} <= set(chained), sorted(set(calls))
+
+
 # -- errors -------------------------------------------------------------------------------------------------------
 
 C, CH = "/v1/completions", "/v1/chat/completions"
@@ -399,6 +438,8 @@ ERRORS = [
     (C, {"model": MODEL, "prompt": "hi", "temperature": -1}, "temperature"),
     (C, {"model": MODEL, "prompt": "hi", "top_p": 0}, "top_p"),
     (C, {"model": MODEL, "prompt": "hi", "top_p": "x"}, "top_p"),
+    (C, {"model": MODEL, "prompt": "hi", "temperature": 10**400}, "temperature"),  # past float64: not a 500
+    (C, {"model": MODEL, "prompt": "hi", "top_p": -(10**400)}, "top_p"),
     (C, {"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
     (C, {"model": MODEL, "prompt": "hi", "n": 5}, "n"),
     (C, {"model": MODEL, "prompt": "hi", "priority": "high"}, "priority"),
@@ -521,15 +562,17 @@ def test_unknown_route_is_404_json(server):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 
-def test_queue_full_is_503_with_retry_after(server, monkeypatch):
+def test_queue_full_is_429_with_retry_after(server, monkeypatch):
+    """A full queue is the client's cue to back off (429, as TGI answers), not a server error; 503 means not ready."""
     monkeypatch.setattr(server.config, "max_queued_requests", 2)
     monkeypatch.setattr(type(server.engine), "num_queued", property(lambda self: 2))
     r = post(server, C, {"model": MODEL, "prompt": "hi"})
-    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
-    assert r.json()["error"]["type"] == "service_unavailable"
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+    assert r.json()["error"]["type"] == "rate_limit_exceeded"
+    assert httpx.get(server.url + "/ready").status_code == 200  # busy, still ready
 
 
-def test_a_batch_larger_than_the_queue_is_400_not_503(server, monkeypatch):
+def test_a_batch_larger_than_the_queue_is_400_not_429(server, monkeypatch):
     """More prompts in one request than the server ever queues could never be admitted: a retry cannot help."""
     monkeypatch.setattr(server.config, "max_queued_requests", 2)
     r = post(server, C, {"model": MODEL, "prompt": [[1, 2]] * 3, "max_tokens": 1})
@@ -578,7 +621,7 @@ def slow_engine(server, monkeypatch):
 
 
 def test_burst_beyond_the_queue_is_refused_at_once_and_admitted_ones_complete(server, slow_engine, monkeypatch):
-    """A burst of 16 requests against a queue of 4: the overflow gets 503 + Retry-After immediately, while
+    """A burst of 16 requests against a queue of 4: the overflow gets 429 + Retry-After immediately, while
     the admitted requests run to their full length; nothing is left behind."""
     monkeypatch.setattr(server.config, "max_queued_requests", 4)
     body = {"model": MODEL, "prompt": "A burst of requests", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
@@ -597,8 +640,8 @@ def test_burst_beyond_the_queue_is_refused_at_once_and_admitted_ones_complete(se
     refused = [(r, dt) for r, dt in results if r.status_code != 200]
     assert len(ok) >= 4 and refused, [r.status_code for r, _ in results]
     for r, dt in refused:
-        assert r.status_code == 503 and r.headers["Retry-After"] == "1" and dt < 2.0
-        assert r.json()["error"]["type"] == "service_unavailable"
+        assert r.status_code == 429 and r.headers["Retry-After"] == "1" and dt < 2.0
+        assert r.json()["error"]["type"] == "rate_limit_exceeded"
     for r in ok:
         assert r.json()["usage"]["completion_tokens"] == 6 and r.json()["choices"][0]["finish_reason"] == "length"
     assert _wait_idle(server)
@@ -857,6 +900,64 @@ def test_sigterm_drains_then_exits_0(tiny_chat_model, shutdown_timeout, max_toke
     assert "Traceback" not in proc.stdout.read()
 
 
+# -- the reliability table's rows, short (benchmarks/reliability.py runs them long on the default model) -----------
+
+
+def _bench_module(name: str):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    return importlib.import_module(name)
+
+
+def test_soak_at_twice_the_capacity_with_clients_leaving(server, monkeypatch):
+    """30 s of Poisson arrivals at twice the measured capacity, a fifth of the clients leaving mid-stream, a short
+    queue: every request completes, is refused with 429 or is left by its client; none is lost or gets a 5xx; the
+    pages are all free at the end and the device memory is what it was."""
+    rl = _bench_module("reliability_load")
+    monkeypatch.setattr(server.config, "max_queued_requests", 6)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    work = rl.workload(600, 0, rl.WORDS, in_range=(4, 24), out_range=(4, 24))
+    cap = asyncio.run(rl.capacity(server.url, headers, MODEL, work, 16, 8.0))
+    assert cap["completed"] > 0
+    soak = asyncio.run(rl.soak(server.url, headers, MODEL, work[300:], rate=2 * cap["requests_per_s"], seconds=30.0,
+                               disconnect=0.2, seed=0, sample_every=5.0))
+    o = soak["outcomes"]
+    assert soak["lost"] == 0 and soak["server_errors"] == 0 and soak["unexpected_4xx"] == 0, soak["errors"]
+    assert soak["server_5xx_counted"] == 0
+    assert o["completed"] > 0 and o.get("disconnected", 0) > 0 and o.get("refused", 0) > 0, o
+    assert soak["pages_in_use_end"] == 0
+    assert soak["device_end"] <= soak["device_start"] + 2**20
+    assert soak["ttft_p99_s"] is not None and soak["itl_p99_s"] is not None
+
+
+def test_hostile_bodies_get_4xx_in_the_error_shape(server):
+    """A seeded sample of the fuzzer's hostile bodies (lone surrogates, bytes that are not UTF-8, NULs, deep nesting,
+    numbers past float64, 10 MB bodies, every prefix of a body, wrong types, random mutations): no 5xx, no hang,
+    every 4xx the OpenAI error shape with no path in it, and the server still serves."""
+    ri = _bench_module("reliability_inputs")
+    kinds = {what.split(" ")[0] for _, what, _, _ in ri.hostile_bodies(MODEL, 0, 5)}
+    assert {"escaped", "raw", "array", "object", "nesting", "10", "prefix", "content", "mutation"} <= kinds
+    fz = ri.fuzz_json(server.url, {"Authorization": f"Bearer {KEY}"}, MODEL, seed=0, mutations=20, sample=500)
+    assert fz["server_errors"] == 0 and fz["hangs"] == 0 and fz["bad"] == 0, fz["examples"]
+    assert fz["statuses"].get("4xx", 0) > 200 and fz["alive_after"]
+
+
+def test_sigterm_with_many_streams_ends_each_cleanly(tiny_chat_model):
+    """The reliability table's SIGTERM row: streams running and waiting when the server is told to stop; those
+    that finish within --shutdown-timeout end "length", the others "abort", every one with [DONE]; a request after
+    the signal gets 503; the process exits 0 without a traceback."""
+    rl = _bench_module("reliability_load")
+    args = ["--model", tiny_chat_model, "--served-model-name", MODEL, "--token-buckets", "4,16", "--seq-buckets",
+            "1,4", "--max-num-seqs", "4", "--max-model-len", "512", "--page-size", "4", "--kv-cache-memory", "4MiB",
+            "--no-compilation-cache", "--quiet"]
+    st = rl.sigterm_under_load(args, MODEL, streams=8, short=4, long=480, shutdown_timeout=0.5)
+    assert st["clean"] and st["finishes"].get("length", 0) >= 1 and st["finishes"].get("abort", 0) >= 1, st
+    assert st["request_after_signal"] == 503 and st["exit_code"] == 0 and not st["traceback"], st
+
+
 # -- jaxinfer bench serve -----------------------------------------------------------------------------------------
 
 
@@ -1050,11 +1151,11 @@ def test_the_queue_is_bounded_by_requests_and_tokens():
     engine = SimpleNamespace(num_queued=3, num_queued_tokens=900)
     state = SimpleNamespace(config=ServerConfig(max_queued_requests=4, max_queued_tokens=1000), engine=engine)
     admit(state, 1, 100)  # 4 requests, 1000 tokens: at the limits
-    for count, tokens, status in [(2, 10, 503), (1, 101, 503), (5, 10, 400), (1, 1001, 400)]:
+    for count, tokens, status in [(2, 10, 429), (1, 101, 429), (5, 10, 400), (1, 1001, 400)]:
         with pytest.raises(APIError) as e:
             admit(state, count, tokens)
         assert e.value.status == status
-        if status == 503:
+        if status == 429:
             assert e.value.headers == {"Retry-After": "1"}
     state.config = ServerConfig(max_queued_requests=4)  # no token limit
     admit(state, 1, 10**9)
