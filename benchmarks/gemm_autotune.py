@@ -14,6 +14,8 @@ depend on T (and the lm_head's on B) only, so these cover every program of that 
 otherwise: the choices are timings.
 `search-forward` compiles only the forward programs of the token buckets, each under the exhaustive search
 (passed per compile: the sampler programs, minutes each under it, are left out), into an empty cache directory.
+--quantization searches a weight scheme's programs (fp8's large-M GEMMs: 404 s of autotuning on a fresh H100
+without results at hand); `bundle --merge-into` then adds them to the preset's bundle.
 `bundle` packs the folder (tagged with this jaxlib and GPU) into one JSON file that `jaxinfer.autotune.seed`
 copies into a fresh cache at start-up (`--merge-into` adds them to an existing bundle, replacing its results for
 the same fusions). See jaxinfer/autotune.py.
@@ -41,7 +43,7 @@ def search(args) -> None:
     for t in args.token_buckets:
         b = min(t, max_seqs)
         opts = dict(preset, token_buckets=(t,), seq_buckets=(b,), max_num_seqs=b, max_num_batched_tokens=t,
-                    load_format="dummy", warm_up=False, kv_cache_memory="4GiB",
+                    load_format="dummy", warm_up=False, kv_cache_memory="4GiB", quantization=args.quantization,
                     compilation_cache_dir=args.cache_dir, show_progress=False)
         t0 = time.monotonic()
         Engine(args.model, **opts)
@@ -70,7 +72,7 @@ def search_forward(args) -> None:
         b = min(t, max_seqs)
         ecfg = EngineConfig.from_options(**dict(preset, token_buckets=(t,), seq_buckets=(b,), max_num_seqs=b,
                                                 max_num_batched_tokens=t, load_format="dummy", show_progress=False,
-                                                compilation_cache_dir=args.cache_dir))
+                                                quantization=args.quantization, compilation_cache_dir=args.cache_dir))
         dtype = resolve_dtype(ecfg.dtype, jax.default_backend())
         loaded = loaded or load_model(args.model, ecfg, dtype)
         max_len = min(ecfg.max_model_len or loaded.cfg.max_position_embeddings, loaded.cfg.max_position_embeddings)
@@ -111,12 +113,14 @@ def main() -> None:
     s.add_argument("--token-buckets", required=True, type=lambda v: [int(x) for x in v.split(",")])
     s.add_argument("--cache-dir", required=True, help="compilation cache directory (shared by parallel searches)")
     s.add_argument("--exhaustive", action="store_true", help="XLA's exhaustive GEMM tiling search")
+    s.add_argument("--quantization", default=None, help="a weight scheme (fp8, int8, int4): its GEMMs' results")
     s.set_defaults(func=search)
     f = sub.add_parser("search-forward", help="the forward programs only, under the exhaustive search")
     f.add_argument("--model", required=True, help="a model preset or checkpoint (weights are dummy)")
     f.add_argument("--engine-config", help="engine preset whose options (dtype, page size, ...) to compile with")
     f.add_argument("--token-buckets", required=True, type=lambda v: [int(x) for x in v.split(",")])
     f.add_argument("--cache-dir", required=True, help="an empty compilation cache directory")
+    f.add_argument("--quantization", default=None, help="a weight scheme (fp8, int8, int4): its GEMMs' results")
     f.set_defaults(func=search_forward)
     b = sub.add_parser("bundle", help="pack the cache's autotune results into one JSON file")
     b.add_argument("--cache-dir", required=True)

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows_wanted = set(args.rows.split(","))
     report: dict = dict(requests=args.requests, max_tokens=args.max_tokens)
-    table = Table()
+    table = Table(report, args.json_out)
     if "faults" in rows_wanted:
         report["rows"] = fault_rows(args, table)
     served_rows(args, rows_wanted, report, table)
@@ -66,16 +66,24 @@ def main(argv=None) -> int:
     print("\n".join(table))
     if args.json_out:
         with open(args.json_out, "w") as fh:
-            json.dump(report, fh, indent=1, default=str)
+            json.dump(dict(report, table=list(table)), fh, indent=1, default=str)
     return 0
 
 
 class Table(list):
-    """The table's rows, each also printed as it is measured (a long run shows its progress)."""
+    """The table's rows, each also printed as it is measured (a long run shows its progress), and the report so far
+    written to --json-out after each."""
+
+    def __init__(self, report: dict, json_out: str | None):
+        super().__init__()
+        self.report, self.json_out = report, json_out
 
     def append(self, row: str) -> None:
         print(row, flush=True)
         super().append(row)
+        if self.json_out:
+            with open(self.json_out, "w") as fh:
+                json.dump(dict(self.report, table=list(self)), fh, indent=1, default=str)
 
 
 def fault_rows(args, table: list[str]) -> list[dict]:
@@ -253,10 +261,11 @@ def served_rows(args, wanted: set[str], report: dict, table: list[str]) -> None:
         try:
             model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
             if "load" in wanted:
-                work = rl.workload(4000, args.seed, rl.WORDS)
+                work = rl.workload(2000, args.seed, rl.WORDS)
                 cap = asyncio.run(rl.capacity(url, {}, model, work, args.capacity_clients, args.capacity_seconds))
                 rate = args.soak_load * cap["requests_per_s"]
-                soak = asyncio.run(rl.soak(url, {}, model, work[len(work) // 2:], rate=rate, seconds=args.soak_seconds,
+                work = rl.workload(int(1.5 * rate * args.soak_seconds) + 100, args.seed + 1, rl.WORDS)  # none twice
+                soak = asyncio.run(rl.soak(url, {}, model, work, rate=rate, seconds=args.soak_seconds,
                                            disconnect=args.disconnect, seed=args.seed, pid=proc.pid))
                 report["capacity"], report["soak"] = cap, soak
                 o = soak["outcomes"]

@@ -26,6 +26,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from jaxinfer.bench_serve import sse_events  # noqa: E402
 
 
 def free_port() -> int:
@@ -154,15 +157,10 @@ async def stream(session, url: str, headers: dict, model: str, prompt: str, max_
                     res["error"] = f"HTTP {r.status}: {text[:200]}"
                 return res
             done = False
-            async for raw in r.content:
-                line = raw.decode().strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+            async for chunk in sse_events(r.content):
+                if chunk is None:
                     done = True
                     break
-                chunk = json.loads(data)
                 if "error" in chunk:
                     res["error"] = chunk["error"].get("message", "error")
                     res["kind"] = "server_error"

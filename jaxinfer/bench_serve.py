@@ -149,6 +149,20 @@ def fresh_heads(prompts: list[list[int]], pool, rng, head: int = 4) -> list[list
     return [[int(t) for t in rng.choice(pool, min(head, len(p)))] + p[head:] for p in prompts]
 
 
+async def sse_events(content):
+    """The JSON events of a server-sent event stream (an aiohttp response's content), up to "[DONE]"; then one
+    None if "[DONE]" came (a stream that breaks off ends without it)."""
+    async for raw in content:
+        line = raw.decode().strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            yield None
+            return
+        yield json.loads(data)
+
+
 async def send(session, url: str, headers: dict, model: str, prompt: list[int], max_tokens: int) -> RequestResult:
     res = RequestResult(len(prompt), max_tokens)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
@@ -160,14 +174,9 @@ async def send(session, url: str, headers: dict, model: str, prompt: list[int], 
             if r.status != 200:
                 res.error = f"HTTP {r.status}: {(await r.text())[:200]}"
                 return res
-            async for raw in r.content:
-                line = raw.decode().strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+            async for chunk in sse_events(r.content):
+                if chunk is None:  # [DONE]
                     break
-                chunk = json.loads(data)
                 if "error" in chunk:
                     res.error = chunk["error"].get("message", "error")
                     return res
