@@ -294,7 +294,7 @@ def served_rows(args, wanted: set[str], report: dict, table: list[str]) -> None:
                 table.append(f"| bad inputs: schemathesis, every route, inside and outside the schema, then stateful "
                              f"along the links | {sc['calls']} calls ({sc['stateful_calls']} stateful; "
                              f"{sc['statuses']}): **{sc['server_errors']} 5xx**, {sc['failures']} conformance "
-                             f"failures |")
+                             f"failures, {sc['no_answer']} without an answer in 120 s |")
         finally:
             rc = rl.stop_server(proc)
         report["server_exit"] = rc

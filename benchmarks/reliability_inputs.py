@@ -204,9 +204,20 @@ def schemathesis_run(url: str, key: str | None, positive: int = 60, negative: in
 
     schema = schemathesis.openapi.from_url(url + "/openapi.json")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    out = {"calls": 0, "statuses": {}, "server_errors": 0, "failures": 0, "examples": []}
+    out = {"calls": 0, "statuses": {}, "server_errors": 0, "failures": 0, "no_answer": 0, "examples": []}
+
+    def call(case):
+        try:
+            return case.call(base_url=url, headers=headers, timeout=120)
+        except Exception as e:  # noqa: BLE001 - no answer in time, or a broken connection: counted, not shrunk
+            out["no_answer"] += 1
+            if len(out["examples"]) < 5:
+                out["examples"].append(f"{case.method} {case.path}: {type(e).__name__}")
+            return None
 
     def record(case, response, checks):
+        if response is None:
+            return
         out["calls"] += 1
         cls = f"{response.status_code // 100}xx"
         out["statuses"][cls] = out["statuses"].get(cls, 0) + 1
@@ -230,12 +241,12 @@ def schemathesis_run(url: str, key: str | None, positive: int = 60, negative: in
             def fuzz(case):
                 if fuzz.checks is not negative_checks:
                     _short(case)
-                record(case, case.call(base_url=url, headers=headers, timeout=120), fuzz.checks)
+                record(case, call(case), fuzz.checks)
 
             fuzz.checks = checks
             given(op.as_strategy(generation_mode=GenerationMode(mode)))(settings(max_examples=n, **opts)(fuzz))()
 
-    class Machine(schema.as_state_machine()):
+    class Machine(schema.as_state_machine()):  # its calls' budgets are cut as above, so every one is answered
         def get_call_kwargs(self, case):
             return {"base_url": url, "headers": headers, "timeout": 120}
 
@@ -253,11 +264,15 @@ def schemathesis_run(url: str, key: str | None, positive: int = 60, negative: in
 
 def _short(case, most: int = 8) -> None:
     """A valid body's token budget cut to `most` (still valid): schemathesis draws max_tokens up to the model's
-    context, minutes of decoding each on a CPU, and the budget is not what is being tested."""
-    if isinstance(case.body, dict):
-        for key in ("max_tokens", "max_completion_tokens"):
-            if isinstance(case.body.get(key), int) and case.body[key] > most:
+    context, or leaves it out (the rest of the context), minutes of decoding each on a CPU, and the budget is not
+    what is being tested."""
+    if isinstance(case.body, dict) and case.path in (C, CH):
+        keys = [k for k in ("max_tokens", "max_completion_tokens") if k in case.body]
+        for key in keys:
+            if isinstance(case.body[key], int) and case.body[key] > most:
                 case.body[key] = most
+        if not keys or all(case.body[k] is None for k in keys):
+            case.body["max_tokens"] = most
 
 
 def _overwrite(good: bytes, rng, end: int, trial: int) -> bytes:

@@ -83,7 +83,8 @@ class Metrics:
         Gauge("jaxinfer_ready", "1 when the server accepts requests", registry=r).set_function(
             lambda: float(engine.is_ready))
         Gauge("jaxinfer_device_memory_bytes", "device memory in use (the runtime's own count on a GPU or TPU; on a "
-              "CPU, the bytes of the live jax arrays)", registry=r).set_function(device_memory_bytes)
+              "CPU, the bytes of the live jax arrays, less a KV cache donated to a step running at that moment)",
+              registry=r).set_function(device_memory_bytes)
         Gauge("jaxinfer_tokens_per_second", "generated tokens per second over the last 10 s",
               registry=r).set_function(self._tokens_per_second)
         self.ttft = Histogram("jaxinfer_time_to_first_token_seconds", "arrival to first output token",
