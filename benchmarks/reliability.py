@@ -287,7 +287,7 @@ def served_rows(args, wanted: set[str], report: dict, table: list[str]) -> None:
                                          args.schemathesis_examples)
                 report["fuzz"], report["schemathesis"] = fz, sc
                 table.append(f"| bad inputs: hostile JSON / UTF-8 bodies on the 4 JSON routes | {fz['tried']} tried "
-                             f"({fz['statuses']}; {fz['long_running']} valid ones still decoding after 30 s): "
+                             f"({fz['statuses']}; {fz['long_running']} of them valid requests decoding past 30 s): "
                              f"**{fz['server_errors']} 5xx, {fz['hangs']} hangs**, {fz['bad']} "
                              f"answers not in the error shape or leaking a path; server answering after: "
                              f"{fz['alive_after']} ({fz['seconds']} s) |")

@@ -125,11 +125,17 @@ _LEAKS = re.compile(r"Traceback|File \"|/site-packages/|/usr/|/home/|/root/|/tmp
 
 
 def fuzz_json(url: str, headers: dict, model: str, seed: int = 0, mutations: int = 200, timeout: float = 30.0,
-              sample: int | None = None) -> dict:
-    """Every hostile body once (or a seeded `sample` of them): status counts by class, 5xx, hangs (no answer within
-    `timeout` from a server that makes no progress; one still decoding a valid request counts as long-running),
-    4xx bodies that are not the OpenAI error shape or leak a path, and whether the server still answers
-    afterwards."""
+              sample: int | None = None, long_limit: float = 900.0) -> dict:
+    """Every hostile body once (or a seeded `sample` of them): status counts by class, 5xx, hangs, 4xx bodies that
+    are not the OpenAI error shape or leak a path, and whether the server still answers afterwards.
+
+    A body can be a valid request that decodes for minutes (a mutated "max_tokens" key leaves the budget at the rest
+    of the context, and unknown fields are ignored, as vLLM does): an answer that takes longer than `timeout` is
+    waited for while the server makes progress (counted as long-running; given up after `long_limit`); a hang is a
+    request left unanswered by a server that stopped making progress."""
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as Pending
+
     import httpx
 
     cases = hostile_bodies(model, seed, mutations)
@@ -140,26 +146,35 @@ def fuzz_json(url: str, headers: dict, model: str, seed: int = 0, mutations: int
     bad: list[str] = []
     hangs = long_running = 0
     t0 = time.perf_counter()
-    with httpx.Client(timeout=timeout) as c:
+    pool = ThreadPoolExecutor(1)
+    c, probe = httpx.Client(timeout=None), httpx.Client(timeout=10)
+    try:
         for route, what, raw, extra in cases:
             h = {**headers, "Content-Type": "application/json", **extra}
             if not h["Content-Type"]:
                 del h["Content-Type"]
+            fut = pool.submit(c.post, url + route, content=raw, headers=h)
+            r, waited = None, 0.0
             try:
-                r = c.post(url + route, content=raw, headers=h)
-            except httpx.TimeoutException:
-                # A body can be a valid request that decodes for minutes (a mutated "max_tokens" key leaves the
-                # budget at the rest of the context, and unknown fields are ignored, as vLLM does): a hang is a
-                # server that stopped making progress, not a long answer.
-                if _progressing(c, url):
-                    long_running += 1
-                else:
-                    hangs += 1
-                    bad.append(f"{route} {what}: no answer in {timeout:g} s, and the server makes no progress")
-                continue
+                while r is None:
+                    try:
+                        r = fut.result(timeout=timeout)
+                    except Pending:
+                        waited += timeout
+                        if waited < long_limit and _progressing(probe, url):
+                            continue
+                        if waited < long_limit:
+                            hangs += 1
+                            bad.append(f"{route} {what}: no answer in {waited:g} s from a server making no progress")
+                        c.close()  # the connection goes: the server aborts the request
+                        c = httpx.Client(timeout=None)
+                        break
             except httpx.TransportError as e:
                 counts["connection error"] = counts.get("connection error", 0) + 1
                 bad.append(f"{route} {what}: {type(e).__name__}")
+                continue
+            long_running += waited > 0
+            if r is None:
                 continue
             cls = f"{r.status_code // 100}xx"
             counts[cls] = counts.get(cls, 0) + 1
@@ -167,8 +182,12 @@ def fuzz_json(url: str, headers: dict, model: str, seed: int = 0, mutations: int
                 bad.append(f"{route} {what}: {r.status_code} {r.text[:120]}")
             elif r.status_code >= 400 and (not _shaped(r.text) or _LEAKS.search(r.text)):
                 bad.append(f"{route} {what}: {r.status_code} body {r.text[:120]!r}")
-        alive = c.get(url + "/health").status_code == 200 and c.post(
-            url + C, json=_valid_bodies(model)[C], headers=headers).status_code == 200
+        alive = probe.get(url + "/health").status_code == 200 and httpx.post(
+            url + C, json=_valid_bodies(model)[C], headers=headers, timeout=60).status_code == 200
+    finally:
+        c.close()
+        probe.close()
+        pool.shutdown(wait=False)
     return dict(tried=len(cases), statuses=counts, server_errors=counts.get("5xx", 0), hangs=hangs,
                 long_running=long_running, bad=len(bad), examples=bad[:8], alive_after=alive,
                 seconds=round(time.perf_counter() - t0, 1))
