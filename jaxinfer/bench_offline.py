@@ -362,6 +362,7 @@ def spec_delta(before: dict, after: dict) -> dict:
     per = lambda key: [b - a for a, b in zip(before[key] + [0] * len(after[key]), after[key])]  # noqa: E731
     proposed, accepted = per("spec_proposed_per_position"), per("spec_accepted_per_position")
     return {"verify_runs": after["spec_verify_runs"] - before["spec_verify_runs"],
+            "off_steps": after["spec_off_steps"] - before["spec_off_steps"],
             "draft_tokens": sum(proposed), "accepted_tokens": sum(accepted),
             "acceptance_rate": sum(accepted) / sum(proposed) if sum(proposed) else 0.0,
             "proposed_per_position": proposed, "accepted_per_position": accepted}
@@ -372,7 +373,8 @@ def _spec_line(sp: dict | None) -> list[str]:
         return []
     per = ", ".join(f"{a / p:.2f}" if p else "-" for a, p in zip(sp["accepted_per_position"], sp["proposed_per_position"]))
     return [f"speculative decoding while measured: {sp['verify_runs']} verify runs, {sp['draft_tokens']} draft tokens, "
-            f"{sp['accepted_tokens']} accepted ({sp['acceptance_rate']:.0%}); acceptance per draft position: {per or '-'}"]
+            f"{sp['accepted_tokens']} accepted ({sp['acceptance_rate']:.0%}); acceptance per draft position: {per or '-'}; "
+            f"{sp['off_steps']} steps past disable_by_batch_size (no drafts)"]
 
 
 @contextlib.contextmanager

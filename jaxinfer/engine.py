@@ -436,13 +436,14 @@ class Engine:
             hold = {id(r) for r in self.scheduler.running + self.scheduler.waiting if r is not isolating}
         # A step that may carry drafts needs every token before it (its drafts follow them): it waits for the step
         # in flight, and runs to the end. Other steps overlap the host's work with the device's (async scheduling),
-        # except with a draft model (its programs read every input token from the host).
+        # except with a draft model (its programs read every input token from the host). n-gram drafts are likely
+        # only where the tokens known now already end in a repeated n-gram: until then steps overlap.
         speculate = self.spec is not None and len(self.scheduler.running) <= self._max_spec_batch
-        overlap = (self.ecfg.async_scheduling and not speculate and not self._suspects
-                   and self.runner.draft is None)
+        overlap = (self.ecfg.async_scheduling and not self._suspects and self.runner.draft is None
+                   and not (speculate and self._drafts_likely()))
         batch = launched = None
         if overlap or self._inflight is None:
-            batch = self.scheduler.schedule(hold=hold, drafts=speculate)
+            batch = self.scheduler.schedule(hold=hold, drafts=speculate and not overlap)
             self.num_spec_off_steps += self.spec is not None and not speculate
         self._at_risk = [b for b in (batch, self._inflight[0] if self._inflight else None) if b is not None]
         if batch is not None and len(batch):
@@ -558,6 +559,12 @@ class Engine:
         if self.runner.draft.eagle and self.runner.eagle_feature(req) is None:
             return 0
         return self.spec.num_speculative_tokens
+
+    def _drafts_likely(self) -> bool:
+        """Whether a running decode would get n-gram drafts from the tokens the host knows now (those of a step in
+        flight not yet among them): the next token usually continues the match, so the next step should be
+        scheduled after this one's tokens are read, with drafts."""
+        return any(r.num_computed_tokens >= r.num_prompt_tokens and self._propose(r) for r in self.scheduler.running)
 
     def _propose(self, req: Request) -> list[int]:
         """n-gram drafts for req's next tokens (the scheduler asks for each decode; see _speculates)."""

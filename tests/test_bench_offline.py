@@ -157,7 +157,9 @@ def test_throughput_reports_speculation(tiny_llama_dir, tmp_path, capsys):
     assert len(sp["proposed_per_position"]) == 2 and sp["draft_tokens"] == sum(sp["proposed_per_position"]) > 0
     assert 0 <= sp["accepted_tokens"] == sum(sp["accepted_per_position"]) <= sp["draft_tokens"]
     assert sp["proposed_per_position"][0] == sp["verify_runs"] >= sp["proposed_per_position"][1]
-    assert "speculative decoding while measured" in capsys.readouterr().out
+    assert sp["off_steps"] == 0  # 4 requests, disable_by_batch_size 8: every step may speculate
+    out = capsys.readouterr().out
+    assert "speculative decoding while measured" in out and "0 steps past disable_by_batch_size" in out
 
 
 def test_latency_reports_percentiles(tiny_llama_dir, tmp_path, capsys):

@@ -4,6 +4,7 @@ warm-up; every page freed."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import numpy as np
@@ -75,11 +76,26 @@ def assert_same_outputs(got, want):
 # -- the default model ------------------------------------------------------------------------------------------
 
 
-def test_same_tokens_as_without_speculation_greedy_and_seeded(default_llm, spec_llm):
+def _count_decode_steps(engine, monkeypatch) -> collections.Counter:
+    """request id -> how many of the engine's scheduled steps sampled a token of it (its decode steps)."""
+    steps, schedule = collections.Counter(), engine.scheduler.schedule
+
+    def counted(*a, **kw):
+        batch = schedule(*a, **kw)
+        for r, sample in zip(batch.requests, batch.sample):
+            steps[r.group_id] += bool(sample)
+        return batch
+
+    monkeypatch.setattr(engine.scheduler, "schedule", counted)
+    return steps
+
+
+def test_same_tokens_as_without_speculation_greedy_and_seeded(default_llm, spec_llm, monkeypatch):
     """Greedy, seeded (top-k / top-p / min-p / logit_bias, logprobs) and unseeded sampling on a copy-heavy prompt
     and two others, together in one batch: the tokens are those of the engine without speculation, drafts were
-    accepted, and the requests took fewer steps than tokens."""
+    accepted, and the copy-heavy request took fewer steps than tokens."""
     eng = spec_llm.engine
+    steps_of = _count_decode_steps(eng, monkeypatch)
     tok = eng.tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": COPY_TEXT}]),
                tok.apply_chat_template([{"role": "user", "content": "Repeat exactly: one two three four five six."}]),
@@ -94,14 +110,15 @@ def test_same_tokens_as_without_speculation_greedy_and_seeded(default_llm, spec_
     for params in cases:
         default_llm.engine._rng = np.random.default_rng(11)  # the same draws for unseeded requests in both engines
         eng._rng = np.random.default_rng(11)
-        want, _, base_steps = run(default_llm.engine, prompts, params)
+        want, _, _ = run(default_llm.engine, prompts, params)
         before = eng.stats()
+        steps_of.clear()
         with compile_guard.forbid_compiles():
-            got, _, steps = run(eng, prompts, params)
+            got, _, _ = run(eng, prompts, params)
         assert ids_of(got) == ids_of(want), params
         d = spec_delta(eng, before)
         assert d["spec_accepted_tokens"] > 0 and d["spec_draft_tokens"] >= d["spec_accepted_tokens"], params
-        assert steps < base_steps, params
+        assert 0 < steps_of[got[0].request_id] < len(got[0].outputs[0].token_ids), params
         for g, w in zip(got, want):
             assert g.outputs[0].text == w.outputs[0].text and g.outputs[0].finish_reason == w.outputs[0].finish_reason
             if params.logprobs is not None:  # the target's logprobs of every appended token
@@ -189,6 +206,7 @@ def test_penalties_n_and_preemption_beside_speculating_requests(tiny_llm, tiny_s
         return drafts
 
     monkeypatch.setattr(eng.scheduler, "propose", spy)
+    monkeypatch.setattr(eng, "_drafts_likely", lambda: True)  # every step may carry drafts (none runs behind)
     before = eng.stats()
     with compile_guard.forbid_compiles():
         got, _, _ = run(eng, prompts, params, arrive_every=2)
@@ -231,6 +249,37 @@ def test_speculation_turns_off_past_disable_by_batch_size(tiny_llm, tiny_spec_ll
     assert after["spec_off_steps"] > before["spec_off_steps"] and any(overlapped)
     assert running_when_drafted and max(running_when_drafted) <= 2  # the longer requests speculate once alone
     assert after["spec_accepted_tokens"] > before["spec_accepted_tokens"]
+    assert_all_pages_free(eng)
+
+
+def test_ngram_steps_overlap_until_drafts_are_likely(tiny_llm, tiny_spec_llm, monkeypatch):
+    """One stream with n-gram speculation: while the tokens the host knows end in no repeated n-gram, steps run
+    behind the host (async scheduling, no drafts); a step carrying drafts always runs alone, after the tokens before
+    it are read. The tokens are the engine's without speculation."""
+    eng = tiny_spec_llm.engine
+    prompt = [list(range(40, 60)), (list(range(20, 27)) * 4)[:24]]  # no repeated n-gram / one from the start
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    want, _, _ = run(tiny_llm.engine, prompt, params, arrive_every=1000)
+    launches, scheduled = [], []
+    schedule, launch = eng.scheduler.schedule, eng.runner.launch
+
+    def spy_schedule(*a, **kw):
+        scheduled.append(schedule(*a, **kw))
+        return scheduled[-1]
+
+    def spy_launch(*a, **kw):
+        launches.append((eng._inflight is not None, scheduled[-1].num_drafts))
+        return launch(*a, **kw)
+
+    monkeypatch.setattr(eng.scheduler, "schedule", spy_schedule)
+    monkeypatch.setattr(eng.runner, "launch", spy_launch)
+    before = eng.stats()
+    with compile_guard.forbid_compiles():
+        got, _, _ = run(eng, prompt, params, arrive_every=1000)  # one request at a time
+    assert_same_outputs(got, want)
+    assert eng.stats()["spec_off_steps"] == before["spec_off_steps"]  # speculation stayed on
+    assert any(overlapped for overlapped, _ in launches)  # steps without likely drafts ran behind the host
+    assert any(d for _, d in launches) and not any(overlapped and d for overlapped, d in launches)
     assert_all_pages_free(eng)
 
 
