@@ -248,19 +248,16 @@ def served_rows(args, wanted: set[str], report: dict, table: list[str]) -> None:
     """The rows of a `jaxinfer serve` child process: load, bad inputs, SIGTERM, security."""
     import tempfile
 
-    import httpx
-
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import reliability_inputs as ri
     import reliability_load as rl
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="jaxinfer-reliability-")
-    serve_args = ["--model", args.model] if args.model else []
-    model = None
+    os.makedirs(workdir, exist_ok=True)
+    model = "reliability"  # the id the servers answer to
+    serve_args = (["--model", args.model] if args.model else []) + ["--served-model-name", model]
     if wanted & {"load", "inputs"}:
-        proc, url, log = rl.start_server(serve_args, log_path=os.path.join(workdir, "serve.log"))
-        try:
-            model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        with rl.served(serve_args, log_path=os.path.join(workdir, "serve.log")) as (proc, url, _):
             if "load" in wanted:
                 work = rl.workload(2000, args.seed, rl.WORDS)
                 cap = asyncio.run(rl.capacity(url, {}, model, work, args.capacity_clients, args.capacity_seconds))
@@ -296,9 +293,7 @@ def served_rows(args, wanted: set[str], report: dict, table: list[str]) -> None:
                              f"along the links | {sc['calls']} calls ({sc['stateful_calls']} stateful; "
                              f"{sc['statuses']}): **{sc['server_errors']} 5xx**, {sc['failures']} conformance "
                              f"failures, {sc['no_answer']} without an answer in 120 s |")
-        finally:
-            rc = rl.stop_server(proc)
-        report["server_exit"] = rc
+        report["server_exit"] = proc.returncode
     if "inputs" in wanted:
         from jaxinfer.tokenizer import default_model_path
 
@@ -310,7 +305,7 @@ def served_rows(args, wanted: set[str], report: dict, table: list[str]) -> None:
                      f"the file, {cf['loaded']} loaded, **{cf['other']} anything else**; slowest "
                      f"{cf['slowest_s']} s |")
     if "sigterm" in wanted:
-        st = rl.sigterm_under_load(serve_args, model or _served_name(serve_args, workdir),
+        st = rl.sigterm_under_load(serve_args, model,
                                    log_path=os.path.join(workdir, "serve-sigterm.log"))
         report["sigterm"] = st
         table.append(f"| SIGTERM with {st['streams']} streams running (--shutdown-timeout {st['shutdown_timeout']:g} "
@@ -318,25 +313,11 @@ def served_rows(args, wanted: set[str], report: dict, table: list[str]) -> None:
                      f"after the signal: {st['request_after_signal']}; exit code {st['exit_code']} after "
                      f"{st['exit_after_s']} s; traceback: {st['traceback']} |")
     if "security" in wanted:
-        sec = ri.security(serve_args, model or _served_name(serve_args, workdir), os.path.join(workdir, "security"))
+        sec = ri.security(serve_args, model, os.path.join(workdir, "security"))
         report["security"] = sec
         for r in sec["rows"]:
             table.append(f"| security: {r['check']} | {r['result']}; refused as specified: "
                          f"**{r['refused_as_specified']}** |")
-
-
-def _served_name(serve_args: list[str], workdir: str) -> str:
-    """The model id the server answers to (what /v1/models lists)."""
-    import httpx
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import reliability_load as rl
-
-    proc, url, _ = rl.start_server(serve_args, log_path=os.path.join(workdir, "serve-name.log"))
-    try:
-        return httpx.get(url + "/v1/models").json()["data"][0]["id"]
-    finally:
-        rl.stop_server(proc)
 
 
 if __name__ == "__main__":

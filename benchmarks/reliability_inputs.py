@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from reliability_load import error_shaped, served
+
 C, CH, TOK, DETOK = "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"
 
 
@@ -113,14 +115,6 @@ def hostile_bodies(model: str, seed: int = 0, mutations: int = 200) -> list[tupl
     return cases
 
 
-def _shaped(text: str) -> bool:
-    try:
-        err = json.loads(text)["error"]
-        return {"message", "type", "param", "code"} <= set(err) and isinstance(err["message"], str)
-    except (ValueError, KeyError, TypeError):
-        return False
-
-
 _LEAKS = re.compile(r"Traceback|File \"|/site-packages/|/usr/|/home/|/root/|/tmp/|0x[0-9a-f]{8,}")
 
 
@@ -180,7 +174,7 @@ def fuzz_json(url: str, headers: dict, model: str, seed: int = 0, mutations: int
             counts[cls] = counts.get(cls, 0) + 1
             if r.status_code >= 500:
                 bad.append(f"{route} {what}: {r.status_code} {r.text[:120]}")
-            elif r.status_code >= 400 and (not _shaped(r.text) or _LEAKS.search(r.text)):
+            elif r.status_code >= 400 and (not error_shaped(r.text) or _LEAKS.search(r.text)):
                 bad.append(f"{route} {what}: {r.status_code} body {r.text[:120]!r}")
         alive = probe.get(url + "/health").status_code == 200 and httpx.post(
             url + C, json=_valid_bodies(model)[C], headers=headers, timeout=60).status_code == 200
@@ -423,8 +417,6 @@ def security(serve_args: list[str], model: str, workdir: str) -> dict:
     """Each check: (what was done, what happened, refused as specified: bool)."""
     import httpx
 
-    from reliability_load import start_server, stop_server
-
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -433,12 +425,11 @@ def security(serve_args: list[str], model: str, workdir: str) -> dict:
     keyfile = work / "keys"
     keyfile.write_text("key-one\nkey-two\n")
     keyfile.chmod(0o600)
-    proc, url, log = start_server([*serve_args, "--api-key-file", str(keyfile)], env={"JAXINFER_API_KEY": "key-env"},
-                                  log_path=str(work / "serve-keys.log"))
-    try:
+    with served([*serve_args, "--api-key-file", str(keyfile)], env={"JAXINFER_API_KEY": "key-env"},
+                log_path=str(work / "serve-keys.log")) as (_, url, _):
         got = {k: httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {k}"} if k else {}).status_code
                for k in ("", "wrong", "key-on", "key-one", "key-two", "key-env")}
-        shape = _shaped(httpx.get(url + "/v1/models").text)
+        shape = error_shaped(httpx.get(url + "/v1/models").text)
         ok = got == {"": 401, "wrong": 401, "key-on": 401, "key-one": 200, "key-two": 200, "key-env": 200} and shape
         rows.append(("API keys (file and environment)", f"no key / wrong / a key's prefix: {got['']} / {got['wrong']} / "
                      f"{got['key-on']}; each of the 3 keys: {got['key-one']}, {got['key-two']}, {got['key-env']}",
@@ -454,34 +445,26 @@ def security(serve_args: list[str], model: str, workdir: str) -> dict:
                              "chat_template": "{{ 7 * 7 }}"})
         rows.append(("a chat template sent in a request", f"{r.status_code} ({r.json()['error']['param']})",
                      r.status_code == 400))
-    finally:
-        stop_server(proc)
 
     # A compilation cache directory others can write: not used (warned), the server compiles and serves.
     shared = work / "shared-cache"
     shared.mkdir(exist_ok=True)
     shared.chmod(0o777)
-    proc, url, log = start_server([*serve_args, "--compilation-cache-dir", str(shared)],
-                                  log_path=str(work / "serve-shared.log"))
-    try:
-        served = httpx.post(url + C, json={"model": model, "prompt": "hi", "max_tokens": 2}).status_code
-    finally:
-        stop_server(proc)
+    with served([*serve_args, "--compilation-cache-dir", str(shared)],
+                log_path=str(work / "serve-shared.log")) as (_, url, log):
+        status = httpx.post(url + C, json={"model": model, "prompt": "hi", "max_tokens": 2}).status_code
     text = Path(log).read_text()
     written = sorted(p.name for p in shared.iterdir())
     rows.append(("compilation cache directory writable by others", f"warned: {'writable by' in text}; files written "
-                 f"there: {len(written)}; served: {served}", "writable by" in text and not written and served == 200))
+                 f"there: {len(written)}; served: {status}", "writable by" in text and not written and status == 200))
 
     # Tampered and planted files in a private cache: never unpickled; the server compiles and gives the same tokens.
     private = work / "private-cache"
     shutil.rmtree(private, ignore_errors=True)
     body = {"model": model, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0}
-    proc, url, _ = start_server([*serve_args, "--compilation-cache-dir", str(private)],
-                                log_path=str(work / "serve-private1.log"))
-    try:
+    with served([*serve_args, "--compilation-cache-dir", str(private)],
+                log_path=str(work / "serve-private1.log")) as (_, url, _):
         want = httpx.post(url + C, json=body).json()["choices"][0]["text"]
-    finally:
-        stop_server(proc)
     programs = sorted(private.glob("executables/*/*.jxe"))
     entries = sorted(private.glob("*-cache"))
     marker = work / "planted-ran"
@@ -497,12 +480,9 @@ def security(serve_args: list[str], model: str, workdir: str) -> dict:
         data = bytearray(f.read_bytes())
         data[len(data) // 2] ^= 1
         f.write_bytes(bytes(data))
-    proc, url, log = start_server([*serve_args, "--compilation-cache-dir", str(private)],
-                                  log_path=str(work / "serve-private2.log"))
-    try:
+    with served([*serve_args, "--compilation-cache-dir", str(private)],
+                log_path=str(work / "serve-private2.log")) as (_, url, log):
         got = httpx.post(url + C, json=body).json()["choices"][0]["text"]
-    finally:
-        stop_server(proc)
     text = Path(log).read_text()
     rows.append(("tampered / planted program and cache files", f"{len(programs)} program files ({(len(programs) + 1) // 2}"
                  f" replaced by a pickle that writes a file when loaded, the rest with a flipped byte) and "

@@ -16,6 +16,7 @@ sigterm       streams running and queued when the server gets SIGTERM: the ones 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -57,6 +58,26 @@ def start_server(args: list[str], env: dict | None = None, timeout: float = 900.
         time.sleep(0.3)
     proc.kill()
     raise RuntimeError(f"the server did not become ready; its log: {open(log_path).read()[-3000:]}")
+
+
+@contextlib.contextmanager
+def served(args: list[str], env: dict | None = None, log_path: str | None = None):
+    """`start_server` for the block: (process, base url, log path); stopped (SIGTERM) when the block ends, so the
+    process's returncode is set after it."""
+    proc, url, log_path = start_server(args, env=env, log_path=log_path)
+    try:
+        yield proc, url, log_path
+    finally:
+        stop_server(proc)
+
+
+def error_shaped(text: str) -> bool:
+    """Whether a response body is the OpenAI error shape: {"error": {"message", "type", "param", "code"}}."""
+    try:
+        err = json.loads(text)["error"]
+        return {"message", "type", "param", "code"} <= set(err) and isinstance(err["message"], str)
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def stop_server(proc) -> int:
@@ -145,12 +166,7 @@ async def stream(session, url: str, headers: dict, model: str, prompt: str, max_
             res["status"] = r.status
             if r.status != 200:
                 text = await r.text()
-                try:
-                    err = json.loads(text)["error"]
-                    shaped = {"message", "type", "param", "code"} <= set(err)
-                except (ValueError, KeyError, TypeError):
-                    shaped = False
-                if r.status == 429 and shaped and r.headers.get("Retry-After"):
+                if r.status == 429 and error_shaped(text) and r.headers.get("Retry-After"):
                     res["kind"] = "refused"
                 else:
                     res["kind"] = "server_error" if r.status >= 500 else "client_error"

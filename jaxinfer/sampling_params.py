@@ -34,7 +34,7 @@ def _is_real(value) -> bool:
 def _shown(value) -> str:
     """A value for an error message: its repr, cut short (an integer of thousands of digits is not echoed)."""
     if _is_int(value) and abs(value) >= 10**30:
-        return f"an integer of about 10^{len(hex(value)) * 1.2:.0f}"
+        return f"an integer of about 10^{int(abs(value).bit_length() * math.log10(2))}"
     r = repr(value)
     return r if len(r) <= 60 else r[:57] + "..."
 

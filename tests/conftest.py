@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -12,6 +15,15 @@ import pytest
 from jaxinfer import compile_guard
 
 compile_guard.count()  # start counting compilations before any engine warms up
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def bench_module(name: str):
+    """benchmarks/<name>.py as a module (the folder goes on sys.path: its scripts import one another by name)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
 
 # Every compiled CPU program maps its code, and Linux's default vm.max_map_count (65,530) makes XLA crash mid-compile
 # when a process reaches it: this suite once held ~62,000 maps at its peak. The fixture below keeps it near 22,000

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "prefix_chunking.py"
+from conftest import bench_module
 
 
 def test_prefix_chunking_smoke(tiny_llama_dir, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("prefix_chunking", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module("prefix_chunking")
     out = tmp_path / "pc.json"
     report = mod.main(["--smoke", "--model", str(tiny_llama_dir[0]), "--json-out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))

@@ -21,6 +21,7 @@ import pytest
 import torch
 import transformers
 
+from conftest import bench_module
 from serving.api_server import ROUTES, ServerConfig, build_app, start_server
 from serving.async_engine import AsyncEngine
 
@@ -903,20 +904,11 @@ def test_sigterm_drains_then_exits_0(tiny_chat_model, shutdown_timeout, max_toke
 # -- the reliability table's rows, short (benchmarks/reliability.py runs them long on the default model) -----------
 
 
-def _bench_module(name: str):
-    import importlib
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    return importlib.import_module(name)
-
-
 def test_soak_at_twice_the_capacity_with_clients_leaving(server, monkeypatch):
     """30 s of Poisson arrivals at twice the measured capacity, a fifth of the clients leaving mid-stream, a short
     queue: every request completes, is refused with 429 or is left by its client; none is lost or gets a 5xx; the
     pages are all free at the end and the device memory is what it was."""
-    rl = _bench_module("reliability_load")
+    rl = bench_module("reliability_load")
     monkeypatch.setattr(server.config, "max_queued_requests", 6)
     headers = {"Authorization": f"Bearer {KEY}"}
     work = rl.workload(600, 0, rl.WORDS, in_range=(4, 24), out_range=(4, 24))
@@ -937,7 +929,7 @@ def test_hostile_bodies_get_4xx_in_the_error_shape(server):
     """A seeded sample of the fuzzer's hostile bodies (lone surrogates, bytes that are not UTF-8, NULs, deep nesting,
     numbers past float64, 10 MB bodies, every prefix of a body, wrong types, random mutations): no 5xx, no hang,
     every 4xx the OpenAI error shape with no path in it, and the server still serves."""
-    ri = _bench_module("reliability_inputs")
+    ri = bench_module("reliability_inputs")
     kinds = {what.split(" ")[0] for _, what, _, _ in ri.hostile_bodies(MODEL, 0, 5)}
     assert {"escaped", "raw", "array", "object", "nesting", "10", "prefix", "content", "mutation"} <= kinds
     fz = ri.fuzz_json(server.url, {"Authorization": f"Bearer {KEY}"}, MODEL, seed=0, mutations=20, sample=500)
@@ -949,7 +941,7 @@ def test_sigterm_with_many_streams_ends_each_cleanly(tiny_chat_model):
     """The reliability table's SIGTERM row: streams running and waiting when the server is told to stop; those
     that finish within --shutdown-timeout end "length", the others "abort", every one with [DONE]; a request after
     the signal gets 503; the process exits 0 without a traceback."""
-    rl = _bench_module("reliability_load")
+    rl = bench_module("reliability_load")
     args = ["--model", tiny_chat_model, "--served-model-name", MODEL, "--token-buckets", "4,16", "--seq-buckets",
             "1,4", "--max-num-seqs", "4", "--max-model-len", "512", "--page-size", "4", "--kv-cache-memory", "4MiB",
             "--no-compilation-cache", "--quiet"]

@@ -188,14 +188,10 @@ def test_broken_copies_of_the_default_model_are_value_errors():
     """The reliability table's corrupt-file row, short: the default model's GGUF and a small safetensors checkpoint,
     truncated and overwritten, each loaded as the engine loads it: a ValueError naming the file, or it loads;
     nothing else, and no load past a minute."""
-    import importlib
-    import sys
-    from pathlib import Path
-
+    from conftest import bench_module
     from jaxinfer.tokenizer import default_model_path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    ri = importlib.import_module("reliability_inputs")
+    ri = bench_module("reliability_inputs")
     res = ri.corrupt_files(default_model_path(), trials=3, seed=1)
     assert res["other"] == 0, res["examples"]
     assert res["tried"] == res["value_error"] + res["loaded"] and res["value_error"] > 20

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "workload_floor.py"
-
+from conftest import bench_module
 
 def _module():
-    spec = importlib.util.spec_from_file_location("workload_floor", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("workload_floor")
 
 
 def test_floor_parts_by_hand():
