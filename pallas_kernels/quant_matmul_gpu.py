@@ -187,6 +187,133 @@ def _kernel(x_ref, q_ref, s_ref, *refs, bits, group, bm, bn, bk, kb, k_iters, M,
     pltriton.store(o_ref.at[sp, tok(jnp.where(rm < M, rm, M)), chan(rn)], acc.astype(o_ref.dtype), mask=ok)
 
 
+_MAGIC_F32 = 0x4B000000  # 2^23 as float32: OR-ing an integer u < 2^23 into its mantissa gives 2^23 + u exactly
+
+
+def _gemv4_kernel(xw_ref, qw_ref, s_ref, *refs, group, bn, bk, kb, k_iters, M, N, has_zeros, has_mins,
+                  has_x_scale):
+    """The 4-bit form for steps of a few rows: no tensor cores, the weight read as 32-bit words of 8 nibbles.
+
+    A program owns bn output channels over one of `splits` stretches of K. Each sub-block of kb inputs (one group,
+    or bk inputs per channel) loads a [bn, kb / 8] tile of words; nibble p of word w is input 8 w + p, so the 8
+    nibble planes meet the 8 column phases of x (`xw_ref` [8, M, K / 8], split once outside) in multiply-adds on
+    [bn, kb / 8] tiles, reduced along k once per sub-block. A nibble becomes float32 with two integer ops and one
+    add (OR-ed into 2^23's mantissa, 2^23 subtracted: exact), no conversion instruction. Scales, zero points and
+    minimums apply to each sub-block's [bn] sums: sum_k x (s (q - z) + m) = s (x . q - z xsum) + m xsum."""
+    it = iter(refs)
+    z_ref = next(it) if has_zeros else None
+    m_ref = next(it) if has_mins else None
+    xsum_ref = next(it) if (has_zeros or has_mins) else None  # [M, K / kb] f32: x's sum over each sub-block
+    xs_ref = next(it) if has_x_scale else None
+    o_ref = refs[-1]
+    ni, sp = pl.program_id(0), pl.program_id(1)
+    rn = ni * bn + _iota(bn)
+    rn_c = jnp.minimum(rn, N - 1)
+    kw = kb // 8  # words per sub-block
+
+    def sub_block(k0, accs):
+        g, b = k0 // group, k0 // kb
+        ww = k0 // 8 + _iota(kw)
+        w = pltriton.load(qw_ref.at[rn_c[:, None], ww[None, :]])  # [bn, kw] uint32
+        t = [jnp.zeros((bn, kw), jnp.float32) for _ in range(M)]
+        for p in range(8):
+            v = (w >> jnp.uint32(4 * p)) & jnp.uint32(0xF) | jnp.uint32(_MAGIC_F32)
+            v = lax.bitcast_convert_type(v, jnp.float32) - float(1 << 23)  # q exactly
+            for m in range(M):
+                t[m] = t[m] + v * pltriton.load(xw_ref.at[p, m, ww])[None, :].astype(jnp.float32)
+        s = pltriton.load(s_ref.at[rn_c, g]).astype(jnp.float32)
+        z = pltriton.load(z_ref.at[rn_c, g]).astype(jnp.float32) if has_zeros else None
+        mn = pltriton.load(m_ref.at[rn_c, g]).astype(jnp.float32) if has_mins else None
+        out = []
+        for m in range(M):
+            a = accs[m] + s * jnp.sum(t[m], axis=1)
+            if z is not None or mn is not None:
+                xsum = pltriton.load(xsum_ref.at[pl.ds(m, 1), pl.ds(b, 1)]).reshape(()).astype(jnp.float32)
+                if z is not None:
+                    a = a - (s * z) * xsum
+                if mn is not None:
+                    a = a + mn * xsum
+            out.append(a)
+        return tuple(out)
+
+    def body(i, accs):
+        k0 = (sp * k_iters + i) * bk
+        for j in range(bk // kb):
+            accs = sub_block(k0 + j * kb, accs)
+        return accs
+
+    accs = lax.fori_loop(0, k_iters, body, tuple(jnp.zeros((bn,), jnp.float32) for _ in range(M)))
+    for m in range(M):
+        a = accs[m]
+        if has_x_scale:
+            a = a * pltriton.load(xs_ref.at[pl.ds(m, 1)]).astype(jnp.float32)
+        pltriton.store(o_ref.at[sp, m, rn], a.astype(o_ref.dtype), mask=rn < N)
+
+
+GEMV4_MAX_M = 4  # quant_gemv4 takes steps of at most this many rows (each row adds its multiply-adds per nibble)
+
+
+def gemv4_config(M: int, N: int, K: int, group: int) -> dict:
+    """Tiles for `quant_gemv4`: bn channels, bk inputs per iteration, split-K until the grid has about two
+    programs per SM."""
+    bn, bk = 128, 512
+    bk = max(min(bk, K), min(group, 512))
+    while K % bk:
+        bk //= 2
+    splits = 1
+    while pl.cdiv(N, bn) * splits * 2 <= 2 * _NUM_SMS and K % (bk * splits * 2) == 0 and K // (bk * splits * 2) >= 2:
+        splits *= 2
+    return dict(block_n=bn, block_k=bk, splits=splits, num_warps=4, num_stages=4)
+
+
+@functools.partial(jax.jit, static_argnames=("group", "interpret", "block_n", "block_k", "splits", "num_warps",
+                                             "num_stages", "out_dtype"))
+def quant_gemv4(x, q, scales, zeros=None, mins=None, x_scale=None, *, group: int, interpret: bool = False,
+                block_n: int | None = None, block_k: int | None = None, splits: int | None = None,
+                num_warps: int | None = None, num_stages: int | None = None, out_dtype=None):
+    """x [M, K] (M <= GEMV4_MAX_M) times the 4-bit W [N, K] (q [N, K / 2] uint8, the low nibble the even k; the
+    module docstring has the other shapes) -> [M, N] float32, or `out_dtype`: `_gemv4_kernel`, the form for steps of
+    a few tokens. Same arguments and result as `quant_matmul(..., bits=4)`; tile knobs left None take
+    `gemv4_config`."""
+    M, K = x.shape
+    N = q.shape[0]
+    if M > GEMV4_MAX_M:
+        raise ValueError(f"x has {M} rows: quant_gemv4 takes at most GEMV4_MAX_M = {GEMV4_MAX_M}")
+    if q.shape[1] * 2 != K or K % 8:
+        raise ValueError(f"q {q.shape} does not hold {K} inputs at 4 bits")
+    if K % group or scales.shape != (N, K // group):
+        raise ValueError(f"scales {scales.shape} do not match W [{N}, {K}] in groups of {group}")
+    cfg = gemv4_config(M, N, K, group)
+    given = dict(block_n=block_n, block_k=block_k, splits=splits, num_warps=num_warps, num_stages=num_stages)
+    cfg.update({k: v for k, v in given.items() if v is not None})
+    bn, bk, S = cfg["block_n"], cfg["block_k"], cfg["splits"]
+    while block_k is None and K % (S * bk) and bk > min(group, 512):  # a given split count shrinks the default bk
+        bk //= 2
+    kb = min(bk, group)
+    if bk % kb or K % (S * bk) or kb & (kb - 1) or kb < 8:
+        raise ValueError(f"block_k {bk} / splits {S} do not fit K {K} in groups of {group}")
+    qw = lax.bitcast_convert_type(q.reshape(N, K // 8, 4), jnp.uint32)  # [N, K / 8]: nibble p of word w is 8 w + p
+    xw = x.astype(jnp.float32).reshape(M, K // 8, 8).transpose(2, 0, 1)  # [8, M, K / 8]
+    args = [xw, qw, scales, *(a for a in (zeros, mins) if a is not None)]
+    if zeros is not None or mins is not None:
+        args.append(x.astype(jnp.float32).reshape(M, K // kb, kb).sum(-1))
+    if x_scale is not None:
+        args.append(x_scale.astype(jnp.float32))
+    out_dtype = out_dtype or jnp.float32
+    kernel = functools.partial(_gemv4_kernel, group=group, bn=bn, bk=bk, kb=kb, k_iters=K // (S * bk), M=M, N=N,
+                               has_zeros=zeros is not None, has_mins=mins is not None,
+                               has_x_scale=x_scale is not None)
+    out = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(N, bn), S),
+        out_shape=jax.ShapeDtypeStruct((S, M, N), out_dtype if S == 1 else jnp.float32),
+        compiler_params=pltriton.CompilerParams(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
+        interpret=interpret,
+        name="quant_gemv_w4",
+    )(*args)
+    return (out[0] if S == 1 else out.sum(0)).astype(out_dtype)
+
+
 def default_config(M: int, N: int, K: int, bits: int, group: int) -> dict:
     """Tile sizes for a shape: bm rows (>= 16), bn channels, bk inputs per iteration, and enough split-K that the
     grid has about two programs per SM. From tile sweeps on an H100 (benchmarks/quant_gemm_gpu.py)."""
