@@ -20,7 +20,9 @@ that has some; the step scores the last token and the drafts of such a sequence 
 its positions with that position's key (runner.py); the drafts are kept while each equals the token sampled at its
 position, and the first sampled token that differs (or the one after the last draft) ends the run. So every
 appended token is the one decoding without speculation samples there, greedy or seeded. The next step's drafts
-depend on this step's tokens, so a step that may carry drafts runs to the end before the next is scheduled. Past
+depend on this step's tokens, so a step that may carry drafts is scheduled only once the step before it is read: it is
+launched as soon as that step's tokens are appended, and the host makes that step's text and outputs while the device
+runs it (`_launch_early`; a request a stop string ends there has its row in flight discarded, as above). Past
 `disable_by_batch_size` running requests, verifying costs more than it saves: steps then carry no drafts and run
 behind the host again (async scheduling). With a draft model (method draft_model) the proposer is that model, run on the
 device for all of a step's speculating rows at once while the step is scheduled; it has a KV cache of its own with
@@ -200,6 +202,8 @@ class Engine:
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._aborted: list[str] = []
         self._inflight: tuple[ScheduledBatch, LaunchedStep] | None = None  # launched, tokens not read yet
+        self._launch_fault: Exception | None = None  # raised by the next step() (_launch_early)
+        self._proposed: dict[int, tuple] = {}  # id(req) -> (req, its tokens, its n-gram drafts): _drafts_likely
         # Faults inside a step (see step()): the batches a fault would hit, the requests to run alone to find its
         # cause, how many faults came without a step completing, and all of them. fault_hook(batch), if set, runs
         # before each launch: tests inject faults there (raise, sleep for a hung step, or return requests of the
@@ -423,6 +427,9 @@ class Engine:
         when the device state is lost (the KV cache donated to a step that failed) or faults keep coming without
         progress: then the engine must be rebuilt (serving.AsyncEngine does)."""
         try:
+            if self._launch_fault is not None:  # the last step's early launch of this one failed (_launch_early)
+                fault, self._launch_fault = self._launch_fault, None
+                raise fault
             outputs = self._step()
         except Exception as e:  # noqa: BLE001 - attributed to requests below, or re-raised
             return self._recover(e)
@@ -434,23 +441,11 @@ class Engine:
         if self._suspects:
             isolating = self._suspects[0]
             hold = {id(r) for r in self.scheduler.running + self.scheduler.waiting if r is not isolating}
-        # A step that may carry drafts needs every token before it (its drafts follow them): it waits for the step
-        # in flight, and runs to the end. Other steps overlap the host's work with the device's (async scheduling),
-        # except with a draft model (its programs read every input token from the host). n-gram drafts are likely
-        # only where the tokens known now already end in a repeated n-gram: until then steps overlap.
-        speculate = self.spec is not None and len(self.scheduler.running) <= self._max_spec_batch
-        overlap = (self.ecfg.async_scheduling and not self._suspects and self.runner.draft is None
-                   and not (speculate and self._drafts_likely()))
-        batch = launched = None
+        speculate, overlap = self._plan()
+        self._at_risk = [self._inflight[0]] if self._inflight else []
+        launched = None
         if overlap or self._inflight is None:
-            batch = self.scheduler.schedule(hold=hold, drafts=speculate and not overlap)
-            self.num_spec_off_steps += self.spec is not None and not speculate
-        self._at_risk = [b for b in (batch, self._inflight[0] if self._inflight else None) if b is not None]
-        if batch is not None and len(batch):
-            self._admit(batch)
-            inp = self.runner.prepare(batch)
-            poisoned = self.fault_hook(batch) if self.fault_hook is not None else None
-            launched = (batch, self.runner.launch(*inp, nan_rows=self._rows_of(batch, poisoned or ())))
+            launched = self._launch(hold, speculate, overlap)
         if overlap or self._inflight is not None:
             done, self._inflight = self._inflight, launched
         else:
@@ -469,11 +464,50 @@ class Engine:
             self._fail(batch.requests[i], "the model's logits were not finite (NaN or inf) at this step")
         appended = self.scheduler.update(batch, self._sampled(batch, result))
         self._at_risk = []
+        if self._inflight is None and self.ecfg.async_scheduling and not self._suspects:
+            self._launch_early()  # the device runs the next step while the host makes this one's text and outputs
         self._postprocess(batch, appended, result)
         if isolating is not None and (isolating.is_finished or any(
                 n and r is isolating for r, n in zip(batch.requests, appended))):
             self._suspects.remove(isolating)  # a token (or its end) alone: it was not the cause
         return self._outputs(batch.requests)
+
+    def _plan(self) -> tuple[bool, bool]:
+        """(speculate, overlap) for the next step: may it carry drafts, and may it be launched before the step in
+        flight is read (async scheduling). Drafts only while at most `_max_spec_batch` requests run. A step that may
+        carry drafts needs every token before it (its drafts follow them), and a step that carries drafts yields a
+        run of tokens per sequence that the next must follow: neither overlaps. Nor does any step with a draft model
+        (its programs read every input token from the host). n-gram drafts are likely only where the tokens known now
+        already end in a repeated n-gram: until then steps overlap."""
+        speculate = self.spec is not None and len(self.scheduler.running) <= self._max_spec_batch
+        overlap = (self.ecfg.async_scheduling and not self._suspects and self.runner.draft is None
+                   and not (self._inflight is not None and self._inflight[0].num_drafts)
+                   and not (speculate and self._drafts_likely()))
+        return speculate, overlap
+
+    def _launch(self, hold: set[int] | None, speculate: bool, overlap: bool) -> tuple[ScheduledBatch, LaunchedStep] | None:
+        """Schedule the next step (with drafts when it may carry them and runs synchronously) and launch it; None when
+        nothing is to run. Its batch is at risk from here (`_recover`)."""
+        batch = self.scheduler.schedule(hold=hold, drafts=speculate and not overlap)
+        self.num_spec_off_steps += self.spec is not None and not speculate
+        if not len(batch):
+            return None
+        self._at_risk.append(batch)
+        self._admit(batch)
+        inp = self.runner.prepare(batch)
+        poisoned = self.fault_hook(batch) if self.fault_hook is not None else None
+        return batch, self.runner.launch(*inp, nan_rows=self._rows_of(batch, poisoned or ()))
+
+    def _launch_early(self) -> None:
+        """With nothing in flight after a synchronous step's tokens are appended (it carried drafts, or ran with a draft
+        model), launch the next step at once rather than after this step's postprocessing (detokenizing, stop strings,
+        outputs): the host does those while the device runs it. A request that a stop string (or a failure of its
+        text) ends there then has a row in a step in flight, discarded when read, as under async scheduling. A fault
+        while launching is raised by the next `step()`, after this one's outputs are returned."""
+        try:
+            self._inflight = self._launch(None, *self._plan())
+        except Exception as e:  # noqa: BLE001 - attributed by the next step
+            self._launch_fault = e
 
     def _recover(self, exc: Exception) -> list[RequestOutput]:
         """A step raised: roll back the requests of the steps in flight and attribute the fault (see `step`)."""
@@ -532,6 +566,9 @@ class Engine:
         out = []
         for i, r in enumerate(batch.first_rows()):
             drafts = batch.drafts[i]
+            if batch.requests[i].is_finished:  # ended while the step ran (_launch_early): its row is discarded
+                out.append(None)
+                continue
             if not drafts:
                 out.append(int(ids[r]) if batch.samples(i) else None)
                 continue
@@ -563,12 +600,23 @@ class Engine:
     def _drafts_likely(self) -> bool:
         """Whether a running decode would get n-gram drafts from the tokens the host knows now (those of a step in
         flight not yet among them): the next token usually continues the match, so the next step should be
-        scheduled after this one's tokens are read, with drafts."""
-        return any(r.num_computed_tokens >= r.num_prompt_tokens and self._propose(r) for r in self.scheduler.running)
+        scheduled after this one's tokens are read, with drafts. The drafts found are kept for the scheduler, which
+        asks `_propose` for the same requests next when nothing is in flight."""
+        self._proposed = {}
+        for r in self.scheduler.running:
+            if r.num_computed_tokens >= r.num_prompt_tokens:
+                drafts = self._propose(r)
+                self._proposed[id(r)] = (r, r.num_tokens, drafts)
+                if drafts:
+                    return True
+        return False
 
     def _propose(self, req: Request) -> list[int]:
         """n-gram drafts for req's next tokens (the scheduler asks for each decode; see _speculates)."""
         sc = self.spec
+        known = self._proposed.pop(id(req), None)
+        if known is not None and known[0] is req and known[1] == req.num_tokens:  # found by _drafts_likely
+            return known[2]
         if not self._speculates(req):
             return []
         return ngram_propose(req.prompt_token_ids + req.output_token_ids, sc.num_speculative_tokens,

@@ -118,17 +118,24 @@ class SpeculativeConfig:
 
 def ngram_propose(tokens, k: int, n_max: int, n_min: int) -> list[int]:
     """Up to k tokens that followed the latest earlier occurrence of the longest suffix of `tokens` of n_max..n_min
-    tokens; [] when none occurs. tokens: the request's prompt and output ids, in order."""
+    tokens; [] when none occurs. tokens: the request's prompt and output ids, in order.
+
+    One pass over the tokens finds the earlier occurrences of the last token (the ends of candidate matches); each
+    longer suffix then only checks the candidates that matched the shorter one (the engine runs this for every
+    speculating request before each of its steps, on the host, while the device waits)."""
     t = np.asarray(tokens, dtype=np.int64)
     L = len(t)
-    for n in range(min(n_max, L - 1), n_min - 1, -1):
-        # windows starting at 0 .. L - n - 1: every occurrence but the suffix itself
-        win = np.lib.stride_tricks.sliding_window_view(t[:L - 1], n)
-        hits = np.flatnonzero((win == t[L - n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n  # the latest occurrence: recent text predicts best
-            return t[start:start + k].tolist()
-    return []
+    ends = np.flatnonzero(t[:L - 1] == t[L - 1])  # ends of the matches of length 1, the suffix itself left out
+    best = None
+    for n in range(1, min(n_max, L - 1) + 1):
+        if n > 1:
+            ends = ends[ends >= n - 1]
+            ends = ends[t[ends - (n - 1)] == t[L - n]]
+        if not ends.size:
+            break
+        if n >= n_min:
+            best = int(ends[-1])  # the latest occurrence of the longest match so far: recent text predicts best
+    return [] if best is None else t[best + 1:best + 1 + k].tolist()
 
 
 def accept_greedy(proposed: list[int], target: list[int]) -> list[int]:

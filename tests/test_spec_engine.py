@@ -283,6 +283,50 @@ def test_ngram_steps_overlap_until_drafts_are_likely(tiny_llm, tiny_spec_llm, mo
     assert_all_pages_free(eng)
 
 
+def test_drafts_step_is_launched_before_the_step_before_is_postprocessed(tiny_llm, tiny_spec_llm, monkeypatch):
+    """A step carrying drafts is launched as soon as the tokens before it are appended: the host makes the text and
+    outputs of the step before while the device runs it. A request ended there (its text failing, as a stop string
+    would end it) has its row in that step discarded, and a fault while launching early is raised by the next step
+    and attributed there (transient here: nothing lost). The other tokens are the engine's without speculation."""
+    eng = tiny_spec_llm.engine
+    prompts = [(list(range(30, 37)) * 4)[:26], (list(range(60, 65)) * 5)[:22], (list(range(90, 96)) * 4)[:20]]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    want, _, _ = run(tiny_llm.engine, prompts, params)
+    drafts_in_flight, launched = [], []
+    postprocess, add_token = eng._postprocess, eng._add_token
+
+    def spy_postprocess(*a):
+        drafts_in_flight.append(eng._inflight is not None and eng._inflight[0].num_drafts > 0)
+        return postprocess(*a)
+
+    def text_fails(req, *a, **kw):
+        if req.prompt_token_ids == prompts[1] and len(req.output_token_ids) >= 6:
+            raise RuntimeError("injected: its text failed")
+        return add_token(req, *a, **kw)
+
+    def hook(batch):
+        launched.append(batch.num_drafts)
+        if sum(map(bool, launched)) == 3 and batch.num_drafts and launched.count(-1) == 0:
+            launched.append(-1)
+            raise RuntimeError("injected: one launch fails")
+
+    monkeypatch.setattr(eng, "_postprocess", spy_postprocess)
+    monkeypatch.setattr(eng, "_add_token", text_fails)
+    monkeypatch.setattr(eng, "fault_hook", hook)
+    before = eng.stats()
+    with compile_guard.forbid_compiles():
+        got, _, _ = run(eng, prompts, params)
+    assert any(drafts_in_flight)
+    assert eng.stats()["step_faults"] == before["step_faults"] + 1
+    failed = got[1].outputs[0]
+    assert failed.finish_reason == "error" and "text failed" in got[1].error
+    assert failed.token_ids == want[1].outputs[0].token_ids[: len(failed.token_ids)]
+    assert ids_of([got[0], got[2]]) == ids_of([want[0], want[2]])
+    assert spec_delta(eng, before)["spec_accepted_tokens"] > 0
+    assert not eng._suspects
+    assert_all_pages_free(eng)
+
+
 def test_aborted_speculating_request_frees_its_pages(tiny_spec_llm):
     eng = tiny_spec_llm.engine
     prompt = (list(range(10, 16)) * 4)
