@@ -47,6 +47,7 @@ class ProposeInput:
     """A proposal program's input, per row b of a sequence bucket B (padding rows: num_drafts 0)."""
 
     token_ids: Any  # [B] int32 draft model: the row's last token (its K/V not in the draft cache yet)
+    prev_ids: Any  # [B] int32 draft model: the token before it (its K/V rewritten: it may be missing, see below)
     feat_src: Any  # [B] int32 EAGLE: the kept feature of the position before it, slot * (k + 1) + j
     positions: Any  # [B] int32 draft model: the last token's position; EAGLE: the one before (the drafts' pairs follow)
     row_slot: Any  # [B] int32 page-table row
@@ -85,9 +86,13 @@ def make_draft_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput):
     return draft_step
 
 
-def make_propose_fn(cfg: ModelConfig, attn_fn, template, k: int, page_size: int, num_pages: int, variant: str):
-    """The draft model's k decode steps: (params, kv, sampler state, table, flat) -> drafts [B, k], kv, table.
-    Step j feeds each row's token at position + j and samples output position md.position + j."""
+def make_propose_fn(cfg: ModelConfig, attn_fns, template, k: int, page_size: int, num_pages: int, variant: str):
+    """The draft model's k steps: (params, kv, sampler state, table, flat) -> drafts [B, k], kv, table. attn_fns:
+    (mixed, decode) attention. Step 0 feeds each row's last two tokens (positions - 1 and positions: a ragged step
+    of two tokens a row) and samples the first draft at output position md.position; step j >= 1 feeds draft j at
+    position + j and samples md.position + j. Rewriting the token before the last lets a step that carried drafts
+    leave its draft forward out (runner.launch): all its drafts accepted, the draft cache lacks only the last one."""
+    mixed_attn, decode_attn = attn_fns
 
     def propose(params: Params, kv: KVCache, sstate, table, flat):
         inp, md = unpack(flat, template)
@@ -95,17 +100,32 @@ def make_propose_fn(cfg: ModelConfig, attn_fn, template, k: int, page_size: int,
         page_tables = jnp.take(table, inp.row_slot, axis=0)  # [B, M]
         B = inp.token_ids.shape[0]
         cu_q_lens = jnp.minimum(jnp.arange(B + 1, dtype=jnp.int32), inp.num_seqs)
+
+        def sample(h, j):
+            out, _ = sampling.sample(compute_logits(params, cfg, h), dataclasses.replace(md, position=md.position + j),
+                                     sstate, variant=variant, max_logprobs=0)
+            return out.token_ids
+
+        live = inp.num_drafts > 0  # [B]
+        pos2 = jnp.maximum(jnp.stack([inp.positions - 1, inp.positions], axis=1), 0)  # [B, 2]
+        page = jnp.take_along_axis(page_tables, pos2 // page_size, axis=1)
+        attn0 = AttentionMetadata(
+            slot_mapping=jnp.where(live[:, None], page * page_size + pos2 % page_size, num_pages * page_size).reshape(-1),
+            page_tables=page_tables, kv_lens=jnp.where(live, inp.positions + 1, 0), cu_q_lens=2 * cu_q_lens,
+            num_seqs=inp.num_seqs)
+        tokens2 = jnp.stack([inp.prev_ids, inp.token_ids], axis=1).reshape(-1)
+        h, kv = forward(params, cfg, tokens2, pos2.reshape(-1), kv, attn0, mixed_attn)  # [2B, D]
+        d0 = sample(h[1::2], 0)
+
         def one(carry, j):
             tokens, kv = carry
             pos, attn = _draft_step(inp, page_tables, cu_q_lens, j, page_size, num_pages)
-            h, kv = forward(params, cfg, tokens, pos, kv, attn, attn_fn)  # [B, D]
-            logits = compute_logits(params, cfg, h)  # [B, V]
-            out, _ = sampling.sample(logits, dataclasses.replace(md, position=md.position + j), sstate,
-                                     variant=variant, max_logprobs=0)
-            return (out.token_ids, kv), out.token_ids
+            h, kv = forward(params, cfg, tokens, pos, kv, attn, decode_attn)  # [B, D]
+            d = sample(h, j)
+            return (d, kv), d
 
-        (_, kv), drafts = jax.lax.scan(one, (inp.token_ids, kv), jnp.arange(k, dtype=jnp.int32))  # [k, B]
-        return drafts.T, kv, table
+        (_, kv), rest = jax.lax.scan(one, (d0, kv), jnp.arange(1, k, dtype=jnp.int32))  # [k - 1, B]
+        return jnp.concatenate([d0[None], rest]).T, kv, table
 
     return propose
 

@@ -48,6 +48,7 @@ class Request:
     num_registered_pages: int = 0  # leading pages of `pages` already offered to the prefix cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     slot: int | None = None  # row of the on-device sampler state while running
+    draft_gap: int = -1  # a draft model's: the position whose K/V its cache may lack (runner._plan_draft); -1: none
     finish_reason: str | None = None  # stop | length | abort | error
     error: str | None = None  # why it failed (finish_reason 'error': a fault in its step, its text or logprobs)
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it

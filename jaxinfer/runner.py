@@ -40,7 +40,10 @@ and that chunk then does not reset the row. Penalties see the same history as wi
 
 A draft model or an EAGLE head (speculative decoding, spec_decode.py) adds two kinds of programs (drafts.py): one
 that runs every step's input through the proposer too (launched after the target's step), and one that proposes the
-drafts of a step's speculating rows before it is scheduled.
+drafts of a step's speculating rows before it is scheduled. A draft model's proposal rewrites the token before the
+last, so a step whose every row carries drafts leaves its draft forward out: the proposals wrote all but the last
+draft, and the next proposal writes that one (when it is accepted; else it is past the accepted tokens and written
+once reached). A row that runs without drafts right after such a step has that token written first (`_fill_drafts`).
 
 Every program is compiled ahead of time (`lower().compile()`) in `compile_all`; a step only looks them up,
 so nothing compiles while serving.
@@ -224,6 +227,7 @@ class ModelRunner:
         if draft is not None:
             self._draft_attn_fn = make_attention_fn(draft.cfg, ecfg.attention_impl, ecfg.attention_interpret)
         self._eagle_step = None  # an EAGLE head's inputs of the prepared step (prepare -> launch)
+        self._draft_plan = (True, [])  # a draft model's (run its forward, requests to fill first) (prepare -> launch)
         self._compiled_set_row = None
         self._compiled_history = None
         self.compile_seconds = self.lower_seconds = 0.0
@@ -266,7 +270,8 @@ class ModelRunner:
         attn_fn = functools.partial(self._draft_attn_fn, decode=True)
         flat = jax.ShapeDtypeStruct(pack(tree).shape, jnp.int32)
         if not d.eagle:
-            fn = jax.jit(make_propose_fn(d.cfg, attn_fn, abstract(tree), d.num_speculative_tokens, self.page_size,
+            fns = (functools.partial(self._draft_attn_fn, decode=False), attn_fn)
+            fn = jax.jit(make_propose_fn(d.cfg, fns, abstract(tree), d.num_speculative_tokens, self.page_size,
                                          self.num_pages, variant), donate_argnums=(1, 3))
             return fn.lower(d.params, d.kv, self.sstate, self.page_table, flat)
         fn = jax.jit(make_eagle_propose_fn(d.cfg, attn_fn, abstract(tree), d.num_speculative_tokens, self.page_size,
@@ -475,6 +480,7 @@ class ModelRunner:
         S, U = self.num_slots, B * (self.draft.num_speculative_tokens // self.page_size + 2)
         inp = ProposeInput(
             token_ids=np.zeros(B, np.int32),
+            prev_ids=np.zeros(B, np.int32),
             feat_src=np.zeros(B, np.int32),
             positions=np.zeros(B, np.int32),
             row_slot=np.zeros(B, np.int32),
@@ -591,7 +597,33 @@ class ModelRunner:
         else:  # a long prefix-cache hit or a re-admission: ahead of the step, by the page-table program
             self._write_pages(*(np.asarray(x, np.int32) for x in (new_slot, new_col, new_page)))
         self._eagle_step = None if eagle is None else (*eagle, owners)  # taken by launch
+        if self.draft is not None and not self.draft.eagle:
+            self._draft_plan = self._plan_draft(batch)
         return inp, s, bucket, targets
+
+    def _plan_draft(self, batch: ScheduledBatch) -> tuple[bool, list[Request]]:
+        """A draft model's work beside the step: whether its forward runs (not when every row carries drafts: see the
+        module docstring), and the rows to fill first: one-token rows without drafts whose token before the last
+        may be missing from the draft cache (the last draft of a step that left its forward out, accepted)."""
+        skip = batch.num_drafts and all(batch.drafts[b] for b in range(len(batch)))
+        fill = []
+        for b, (req, n, start) in enumerate(zip(batch.requests, batch.num_new_tokens, batch.start)):
+            if n == 1 and req.draft_gap == start - 1 and not batch.drafts[b]:
+                fill.append(req)
+            req.draft_gap = start + len(batch.drafts[b]) if skip else -1
+        return not skip, fill
+
+    def _fill_drafts(self, reqs: list[Request]) -> None:
+        """Write the draft cache's K/V of each request's token before the last (and of the last): a proposal of one
+        draft, not read."""
+        B = next(b for b in self.seq_buckets if b >= len(reqs))
+        inp, s = self._empty_propose_input(B)
+        for b, req in enumerate(reqs):
+            last = req.num_tokens - 1
+            inp.token_ids[b], inp.prev_ids[b], inp.positions[b] = req.token_at(last), req.token_at(last - 1), last
+            inp.row_slot[b], inp.num_drafts[b] = req.slot, 1
+        inp.num_seqs[...] = len(reqs)
+        self._run_propose(B, sampling.variant_for(s), pack((inp, s)))
 
     def _eagle_rows(self, eagle, req: Request, t: int, start: int, n: int, r: int) -> tuple[int, int]:
         """An EAGLE head's inputs for one sequence of a step (token rows t .. t + n - 1 at positions start ..,
@@ -671,6 +703,7 @@ class ModelRunner:
             else:
                 inp.token_ids[b], inp.positions[b], inp.row_slot[b], inp.num_drafts[b] = (req.token_at(last), last,
                                                                                           req.slot, n)
+                inp.prev_ids[b] = req.token_at(last - 1)
             self._sampling_row(s, b, req, len(req.output_token_ids))
             s.num_logprobs[b] = -1  # the target reports logprobs; the draft's are not read
         inp.num_seqs[...] = len(reqs)
@@ -703,11 +736,15 @@ class ModelRunner:
         for x in copies + list(prompt or ()):
             x.copy_to_host_async()
         if self.draft is not None:  # the same tokens into the proposer's cache, behind the step
-            eagle = None
+            eagle, (run, fill) = None, self._draft_plan
+            self._draft_plan = (True, [])
+            if fill:  # after the step, which sets the device's page-table entries they may need
+                self._fill_drafts(fill)
             if self.draft.eagle:
                 *eagle, owners = self._eagle_step
                 self.draft.feat_owner.update(owners)
-            self._launch_draft(bucket, flat, h, out.token_ids, eagle)
+            if run:
+                self._launch_draft(bucket, flat, h, out.token_ids, eagle)
         return LaunchedStep(out, want_logprobs, prompt, bucket)
 
     def _launch_draft(self, bucket, flat, h, sampled, eagle) -> None:

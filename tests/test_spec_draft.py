@@ -120,6 +120,48 @@ def test_the_target_as_its_own_draft_accepts_every_draft(tiny_llm, self_draft_ll
     assert_all_pages_free(eng)
 
 
+def test_the_draft_cache_holds_every_computed_position(self_draft_llm, monkeypatch):
+    """The target as its own draft: at every position a request has computed, the draft cache holds the target's K/V,
+    though steps whose every row carries drafts leave the draft forward out (the next proposal writes the missing
+    last draft), and a row that runs without drafts right after such a step has it filled first: here a second
+    request arrives, the batch passes the speculation limit, and the first decodes without drafts for a while."""
+    eng = self_draft_llm.engine
+    r = eng.runner
+    monkeypatch.setattr(eng, "_max_spec_batch", 1)
+    calls = {"forward": 0, "fill": 0}
+    for name, key in (("_launch_draft", "forward"), ("_fill_drafts", "fill")):
+        def counted(*a, _f=getattr(r, name), _k=key):
+            calls[_k] += 1
+            return _f(*a)
+        monkeypatch.setattr(r, name, counted)
+    a, b = _prompts(21, 2)
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    (req,) = eng._groups[eng.add_request(a, params)]
+    while len(req.output_token_ids) < 12:
+        eng.step()
+    skipped = calls["forward"]
+    eng.step()  # alone, every draft accepted: this step's forward is left out
+    assert calls["forward"] == skipped and req.draft_gap >= 0
+    eng.add_request(b, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    eng.step()  # two running: no drafts; the first's missing draft is filled
+    assert calls["fill"] == 1
+    while len(req.output_token_ids) < 40:
+        eng.step()
+
+    def rows(kv, n):  # [n, L, K, H] keys and values of the request's first n positions
+        S = r.page_size
+        idx = [(req.pages[p // S], p % S) for p in range(n)]
+        return [np.stack([np.asarray(layer[pg, :, off]) for pg, off in idx]) for layer in kv.k + kv.v]
+
+    n = req.num_computed_tokens  # the last step left its forward out: its last draft waits for the next proposal
+    assert req.draft_gap == n - 1
+    for want, got in zip(rows(r.kv, n - 1), rows(r.draft.kv, n - 1)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(np.abs(want).max()))
+    while eng.has_unfinished():
+        eng.step()
+    assert_all_pages_free(eng)
+
+
 def test_a_draft_with_another_vocabulary_is_refused(tiny_llama_dir, tmp_path):
     import transformers
     from hf_models import TINY
