@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
-# 4-bit weights at batch 1 on the GPU: each form's GEMMs of the 8B shape (the word-wise GEMV's tiles swept at one
-# token), then batch-1 decode of the engine (512 / 256, dummy weights) with each 1-token form, bf16 beside them.
+# 4-bit weights at batch 1 on the GPU: each form's GEMMs of the 8B shape at 1-4 tokens, then batch-1 decode of the
+# engine (512 / 256, dummy weights) with each 1-token form, bf16 beside them.
 #   bash benchmarks/int4_b1_forms_gpu.sh OUT_DIR [gemm] [e2e]
-# Forms at one token: kernel (the tensor-core Pallas kernel, quant.GPU_KERNEL_MIN_TOKENS_4BIT = 1), gemv4
-# (quant_gemv4 on steps of <= 4 tokens), xla (scaled_after_dot: XLA's group dots, a reduction at one token).
+# Forms at one token: kernel (the tensor-core Pallas kernel, quant.GPU_KERNEL_MIN_TOKENS_4BIT = 1, the default), xla
+# (scaled_after_dot: XLA's group dots, a reduction at one token). A word-wise CUDA-core GEMV (quant_gemv4) was
+# measured here and dropped (benchmarks/RESULTS.md; code in the history at 78cd663).
 set -u
 out=${1:?OUT_DIR}; shift
 parts=${*:-gemm e2e}
 mkdir -p "$out"
 if [[ $parts == *gemm* ]]; then
-  timeout 300 python3 benchmarks/quant_gemm_gpu.py --schemes int4 --ms 1,2,4 --no-sweep --gemv4-sweep --sweep-ms 1 \
+  timeout 300 python3 benchmarks/quant_gemm_gpu.py --schemes int4 --ms 1,2,4 --no-sweep \
     --json-out "$out/gemm_int4.json" 2>&1 | grep -v "^shape="
 fi
-declare -A SET=([none]="" [kernel]="" [gemv4]="quant.GPU_GEMV4_MAX_TOKENS = 4"
-                [xla]="quant.GPU_KERNEL_MIN_TOKENS_4BIT = 2")
+declare -A SET=([none]="" [kernel]="" [xla]="quant.GPU_KERNEL_MIN_TOKENS_4BIT = 2")
 if [[ $parts == *e2e* ]]; then
-  for form in none gemv4 xla kernel; do
+  for form in none xla kernel; do
     q=int4; [[ $form == none ]] && q=none
     timeout 150 python3 -c "import runpy, sys
 from jaxinfer import quant

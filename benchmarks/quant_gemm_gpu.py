@@ -65,16 +65,6 @@ def kernel_fn(interpret=False, **cfg):
     return f
 
 
-def gemv4_fn(interpret=False, **cfg):
-    """x [M, K], a 4-bit w -> [M, N] through the word-wise GEMV kernel (steps of a few rows)."""
-    import jax.numpy as jnp
-
-    from pallas_kernels.quant_matmul_gpu import quant_gemv4
-
-    return lambda x, w: quant_gemv4(x, w.q, w.scales, w.zeros, w.mins, group=w.group, interpret=interpret,
-                                    out_dtype=jnp.bfloat16, **cfg)
-
-
 def xla_fn(x, w):
     import jax.numpy as jnp
 
@@ -119,7 +109,6 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-shapes", default="o,gate_up,down")
     p.add_argument("--sweep-ms", default="1")
     p.add_argument("--sweep-schemes", default="int4,int8")
-    p.add_argument("--gemv4-sweep", action="store_true", help="sweep the 4-bit GEMV's tiles at --sweep-ms")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
@@ -128,7 +117,6 @@ def main(argv=None) -> int:
     import numpy as np
 
     from jaxinfer import quant
-    from pallas_kernels.quant_matmul_gpu import GEMV4_MAX_M
 
     interpret = args.smoke
     shapes = SHAPES if not args.shapes else [s for s in SHAPES if s[0] in args.shapes.split(",")]
@@ -152,11 +140,6 @@ def main(argv=None) -> int:
             err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
             print(f"check {scheme:5s} M={M:3d}: max error / max |y| = {err:.2e}", flush=True)
             rows.append(dict(kind="check", scheme=scheme, M=M, rel_err=err))
-            if scheme == "int4" and M <= GEMV4_MAX_M:
-                got = np.asarray(jax.jit(gemv4_fn(interpret))(x, w), np.float32)
-                err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-                print(f"check int4 gemv4 M={M:3d}: max error / max |y| = {err:.2e}", flush=True)
-                rows.append(dict(kind="check", scheme="int4", impl="gemv4", M=M, rel_err=err))
 
     # 2. tiles at M = 1 (the batch-1 decode GEMV)
     if not args.no_sweep:
@@ -184,30 +167,6 @@ def main(argv=None) -> int:
                 print(f"sweep {scheme:5s} {name:8s} M={M} {cfg} {dt * 1e6:8.1f} us {tb:5.2f} TB/s ({tb * 1e12 / PEAK_BW:4.0%})",
                       flush=True)
 
-    # 2b. the 4-bit word-wise GEMV's tiles at the sweep's Ms
-    if args.gemv4_sweep:
-        grid = dict(block_n=[64, 128, 256], block_k=[256, 512, 1024], num_warps=[4, 8])
-        for (name, K, N), M in itertools.product([s for s in shapes if s[0] in args.sweep_shapes.split(",")],
-                                                 [int(m) for m in args.sweep_ms.split(",")]):
-            w0 = make_weight(key, "int4", N, K)
-            L = max(2, min(16, int(4e8 // w0.nbytes)))
-            ws = [make_weight(jax.random.fold_in(key, i), "int4", N, K) for i in range(L)]
-            x = jax.random.normal(jax.random.PRNGKey(1), (M, K), jnp.bfloat16)
-            for vals in itertools.product(*grid.values()):
-                cfg = dict(zip(grid, vals))
-                if K % cfg["block_k"]:
-                    continue
-                try:
-                    dt, _ = time_chain(gemv4_fn(interpret, **cfg), x, ws, args.reps)
-                except Exception as e:  # a tile that does not fit must not stop the rest
-                    print(f"sweep gemv4 {name} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    continue
-                tb = w0.nbytes / dt / 1e12
-                rows.append(dict(kind="sweep", scheme="int4", impl="gemv4", shape=name, M=M, us=dt * 1e6, tb_s=tb,
-                                 **cfg))
-                print(f"sweep gemv4 {name:8s} M={M} {cfg} {dt * 1e6:8.1f} us {tb:5.2f} TB/s ({tb * 1e12 / PEAK_BW:4.0%})",
-                      flush=True)
-
     # 3. every shape and M: bf16 dot, XLA's quantized form, the kernel (default tiles)
     table = []
     for name, K, N in shapes:
@@ -222,8 +181,6 @@ def main(argv=None) -> int:
                 impls = [("xla", xla_fn), ("kernel", kernel_fn(interpret))]
                 if scheme == "int8":
                     impls.append(("kernel_f32", kernel_fn(interpret, bytes_via_f32=True)))
-                if scheme == "int4" and M <= GEMV4_MAX_M:
-                    impls.append(("gemv4", gemv4_fn(interpret)))
                 if M >= 16 and w0.act is None:
                     impls.append(("deq", deq_fn))
                 for impl, fn in impls:
@@ -239,8 +196,8 @@ def main(argv=None) -> int:
             table.append(line)
             print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()), flush=True)
         del wb
-    cols = ["bf16"] + [f"{s}_{i}" for s in schemes for i in ("xla", "kernel", "kernel_f32", "gemv4", "deq")
-                       if (s != "fp8" or i != "deq") and (s == "int8" or i != "kernel_f32") and (s == "int4" or i != "gemv4")]
+    cols = ["bf16"] + [f"{s}_{i}" for s in schemes for i in ("xla", "kernel", "kernel_f32", "deq")
+                       if (s != "fp8" or i != "deq") and (s == "int8" or i != "kernel_f32")]
     print("\nmicroseconds per GEMM (weights from HBM)")
     print(f"{'shape':8s} {'M':>5s} " + " ".join(f"{c:>12s}" for c in cols))
     for line in table:

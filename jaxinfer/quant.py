@@ -233,20 +233,6 @@ HOPPER_INT8_MIN_TOKENS = GPU_KERNEL_MAX_TOKENS["int"] + 1
 HOPPER_INT8_MAX_TOKENS = 512  # above: XLA's form (at 2048 tokens the Mosaic kernel took 1.1-1.6x its time)
 
 
-# 4-bit weight-only steps of up to this many tokens take the word-wise GEMV (pallas_kernels/quant_matmul_gpu's
-# quant_gemv4: CUDA cores, each packed word read once) instead of the tensor-core kernel.
-GPU_GEMV4_MAX_TOKENS = 0
-
-
-def _gpu_gemv4(w: QuantizedWeight, T: int, backend: str) -> bool:
-    """Whether this matmul runs the 4-bit GEMV: a GPU, a step of at most GPU_GEMV4_MAX_TOKENS tokens, 4-bit packed
-    weight-only values in groups of a power of two >= 8 (or per channel), no act-order."""
-    if backend != "gpu" or T > GPU_GEMV4_MAX_TOKENS or not w.packed or w.act is not None or w.g_idx is not None:
-        return False
-    g = w.group
-    return w.q.dtype == np.uint8 and (g == w.in_features or (g >= 8 and not g & (g - 1)))
-
-
 @functools.cache
 def _hopper_available() -> bool:
     from pallas_kernels import int8_matmul_hopper
@@ -298,13 +284,6 @@ def qmatmul(x, w: QuantizedWeight, *, backend: str | None = None, interpret: boo
     xf = x.reshape(T, w.in_features)
     backend = backend or jax.default_backend()
     O = math.prod(w.out_shape)
-    if _gpu_gemv4(w, T, backend):
-        from pallas_kernels.quant_matmul_gpu import quant_gemv4
-
-        y = quant_gemv4(xf, w.q.reshape(O, -1), w.scales.reshape(O, -1),
-                        *(None if a is None else a.reshape(O, -1) for a in (w.zeros, w.mins)), group=w.group,
-                        interpret=interpret, out_dtype=x.dtype)
-        return y.reshape(T, *w.out_shape)
     if _gpu_kernel(w, T, backend):
         from pallas_kernels.quant_matmul_gpu import quant_matmul
 
@@ -324,8 +303,8 @@ def qmatmul(x, w: QuantizedWeight, *, backend: str | None = None, interpret: boo
         if w.act is None and w.q.dtype != FP8:
             # per channel: one dot with the values' convert in its operand; grouped: XLA's group dots cost 5-10x
             # the bf16 GEMM from 16 tokens up, a dequantized copy about one more pass over the weight's bytes; at
-            # one token the group dots are a reduction reading each byte once (H100, 4-bit at batch 1: 156.8 tok/s
-            # against 65.4 with the dequantized copy)
+            # one token the group dots are a reduction reading each byte once (H100, 4-bit at batch 1 with the
+            # kernel off: 131.8 tok/s, as the kernel's 131.7; 65.4 with the dequantized copy)
             form = scaled_after_dot if w.scales.shape[-1] == 1 or T == 1 else dequantized_dot
             return form(xf, w).astype(x.dtype).reshape(T, *w.out_shape)
         if w.act == "fp8":
