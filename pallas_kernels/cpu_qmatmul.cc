@@ -348,8 +348,9 @@ void PrepareX(Problem& p, std::vector<float>& scratch) {
 // ---------------------------------------------------------------------------------------------------
 // float32 weights, y[T, O] = x[T, I] @ W, W either input-major [I, O] (how the model stores its matmul
 // weights) or output-major [O, I] (a tied embedding used as the LM head). For a few tokens XLA:CPU's
-// dot packs W and costs ~2.3x a 1-token step at T = 4; here each weight vector is loaded once into a
-// register and used for every token of the step, so a step of up to 4 tokens reads W once.
+// dot packs W and costs ~2.1-2.3x a 1-token step at T = 4; here each weight vector loaded into a
+// register serves a block of up to 4 tokens, and further blocks take the same rows while they are in
+// L1/L2, so a step of a few tokens reads W from memory once.
 
 struct F32Problem {
   const float* x;    // [T, I]
@@ -412,8 +413,9 @@ void ColsTn(const F32Problem& p, float* out, int64_t o, int64_t t0, int64_t i0, 
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(yt + t * p.O + 8 * r, acc[t][r]);
 }
 
-// Inputs [i0, i1) of every output, added into out [T, O]. Tiles of 32 columns for up to 2 tokens (4
-// accumulator chains at one token), 16 for 3-4 (R * TT <= 8 accumulators in the 16 ymm registers).
+// Inputs [i0, i1) of every output, added into out [T, O]; every 4-token block of a sub-block in turn.
+// Tiles of 32 columns for up to 2 tokens (4 accumulator chains at one token), 16 for 3-4 (R * TT <= 8
+// accumulators in the 16 ymm registers).
 void ColsF32(const F32Problem& p, float* out, int64_t i0, int64_t i1) {
   const int64_t o_vec = p.O / 8 * 8;
   const bool pf = p.T > 1 && p.O * sizeof(float) <= 4096;
