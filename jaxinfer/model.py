@@ -206,9 +206,9 @@ def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, mesh:
 
 
 # float32 weights on a CPU: steps of up to this many tokens run pallas_kernels/cpu_qmatmul's f32matmul, which reads
-# each weight once for all tokens; XLA's dot packs the weight for a few rows (a 4-token step ~2.3x a 1-token one).
+# each weight once for all tokens; XLA's dot packs the weight for a few rows (a 4-token step ~2x a 1-token one).
 # Measured on the 2-core EPYC (benchmarks/cpu_qmatmul.py --kinds f32k, 30 layers of the default model): the kernel
-# takes 0.87x XLA's time at 1 token, 0.54x at 4, 0.88x at 8, 1.03x at 12, 1.10x at 16.
+# takes 0.90x XLA's time at 1 token, 0.53x at 4, 0.85x at 8, 1.05x at 12, 1.11x at 16 (benchmarks/RESULTS.md).
 CPU_F32_KERNEL_MAX_TOKENS = 8
 
 

@@ -348,7 +348,7 @@ void PrepareX(Problem& p, std::vector<float>& scratch) {
 // ---------------------------------------------------------------------------------------------------
 // float32 weights, y[T, O] = x[T, I] @ W, W either input-major [I, O] (how the model stores its matmul
 // weights) or output-major [O, I] (a tied embedding used as the LM head). For a few tokens XLA:CPU's
-// dot packs W and costs ~2.1-2.3x a 1-token step at T = 4; here each weight vector loaded into a
+// dot packs W and costs ~2x a 1-token step at T = 4; here each weight vector loaded into a
 // register serves a block of up to 4 tokens, and further blocks take the same rows while they are in
 // L1/L2, so a step of a few tokens reads W from memory once.
 

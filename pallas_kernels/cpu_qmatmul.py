@@ -23,8 +23,8 @@ or per-channel g == I with I % 16 == 0), other g run portable loops.
 
 f32matmul: y[T, O] = x[T, I] @ W, W float32 [I, O] (input-major, as the model stores its weights) or [O, I]
 (`out_major`, a tied embedding as the LM head). XLA:CPU's float32 dot packs W for a few rows (a 4-token
-step ~2.3x a 1-token one); the kernel uses each loaded weight vector for all tokens (up to 4 per pass), so a
-step of a few tokens reads W about once.
+step ~2x a 1-token one); the kernel uses each loaded weight vector for up to 4 tokens and takes further
+token blocks while the rows are in cache, so a step of a few tokens reads W from memory once.
 
 The kernel is compiled on first use with the system C++ compiler into
 `$JAXINFER_CACHE_DIR/kernels` (default ~/.cache/jaxinfer/kernels), keyed by a hash of the source, the
