@@ -1,6 +1,8 @@
 """CPU quantized matmul kernel vs XLA's f32 dot, on SmolLM2-135M's decode shapes.
 
-    python benchmarks/cpu_qmatmul.py [--tokens 1,4] [--reps 30] [--pools xla,none]
+    python benchmarks/cpu_qmatmul.py [--tokens 1,4] [--reps 30] [--pools xla,none] [--kinds f32,f32k,q4,q8]
+
+Kinds: f32 XLA's dot on float32 W [I, O]; f32k the kernel's f32matmul on the same W; q4 / q8 the kernel's qmatmul.
 
 Per layer (D = 576): qkv 576 -> 960, o 576 -> 576, gate_up 576 -> 3072, down 1536 -> 576; 30 layers chained
 inside one jit (each output feeds the next matmul, so nothing overlaps), 106M weights. Reports the median
@@ -57,6 +59,8 @@ def weight_bytes(tree) -> int:
 def matmul_fn(kind: str, pool: str):
     if kind == "f32":
         return lambda x, w: jnp.dot(x, w)
+    if kind == "f32k":
+        return lambda x, w: cq.f32matmul(x, w, pool=pool)
     bits = 4 if kind == "q4" else 8
     return lambda x, w: cq.qmatmul(x, *w, bits=bits, group_size=GROUP, pool=pool)
 
@@ -111,13 +115,18 @@ def main():
     ap.add_argument("--tokens", default="1,4")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--pools", default="xla", help="kernel threading to compare: xla,none")
+    ap.add_argument("--kinds", default="f32,q4,q8", help="f32 (XLA, always run: the baseline), f32k, q4, q8")
     ap.add_argument("--no-single", action="store_true", help="skip the per-matrix table")
+    ap.add_argument("--single-tokens", default="1", help="token counts of the per-matrix table")
     args = ap.parse_args()
     if not cq.available():
         sys.exit(cq.build_error)
     rng = np.random.default_rng(0)
-    weights = {k: make_weights(k, rng) for k in ("f32", "q4", "q8")}
-    runs = [("f32", "-")] + [(k, p) for k in ("q4", "q8") for p in args.pools.split(",")]
+    kinds = [k for k in args.kinds.split(",") if k != "f32"]
+    weights = {k: make_weights(k, rng) for k in ["f32"] + [k for k in kinds if k != "f32k"]}
+    if "f32k" in kinds:
+        weights["f32k"] = weights["f32"]
+    runs = [("f32", "-")] + [(k, p) for k in kinds for p in args.pools.split(",")]
     print(f"jax {jax.__version__}, {os.cpu_count()} cpus, {LAYERS} layers, g={GROUP}, "
           f"q4 with mins, q8 without; median of {args.reps}")
     print(f"{'T':>3} {'weights':>7} {'pool':>5} {'ms/chain':>9} {'GB/s':>6} {'MB':>6} {'vs f32':>7}")
@@ -131,18 +140,18 @@ def main():
                   f"{ms['f32', '-'] / m:6.2f}x", flush=True)
     if args.no_single:
         return
-    print(f"\nsingle matrix shapes, T=1: {LAYERS} distinct matrices chained; us per matrix (GB/s of weight bytes)")
-    print(f"{'matrix':>16} " + " ".join(f"{k + '/' + p:>17}" for k, p in runs))
-    for name, (O, I) in SHAPES.items():
-        x = jnp.asarray(rng.standard_normal((1, I), np.float32))
-        ws = {k: [layer[name] for layer in weights[k]] for k in weights}
-        ms = median_ms({r: single_fn(*r) for r in runs}, {r: (x, ws[r[0]]) for r in runs}, args.reps)
-        cells = []
-        for kind, pool in runs:
-            us = 1e3 * ms[kind, pool] / LAYERS
-            cells.append(f"{us:7.1f} us ({weight_bytes(ws[kind]) / LAYERS / us / 1e3:4.1f})")
-        print(f"{name + ' ' + str(O) + 'x' + str(I):>16} " + " ".join(f"{c:>17}" for c in cells), flush=True)
-
+    for T in [int(t) for t in args.single_tokens.split(",")]:
+        print(f"\nsingle matrix shapes, T={T}: {LAYERS} distinct matrices chained; us per matrix (GB/s of weight bytes)")
+        print(f"{'matrix':>16} " + " ".join(f"{k + '/' + p:>17}" for k, p in runs))
+        for name, (O, I) in SHAPES.items():
+            x = jnp.asarray(rng.standard_normal((T, I), np.float32))
+            ws = {k: [layer[name] for layer in weights[k]] for k in weights}
+            ms = median_ms({r: single_fn(*r) for r in runs}, {r: (x, ws[r[0]]) for r in runs}, args.reps)
+            cells = []
+            for kind, pool in runs:
+                us = 1e3 * ms[kind, pool] / LAYERS
+                cells.append(f"{us:7.1f} us ({weight_bytes(ws[kind]) / LAYERS / us / 1e3:4.1f})")
+            print(f"{name + ' ' + str(O) + 'x' + str(I):>16} " + " ".join(f"{c:>17}" for c in cells), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -205,11 +205,58 @@ def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, mesh:
 # The forward pass
 
 
+# float32 weights on a CPU: steps of up to this many tokens run pallas_kernels/cpu_qmatmul's f32matmul, which reads
+# each weight once for all tokens; XLA's dot packs the weight for a few rows (a 4-token step ~2x a 1-token one).
+# Measured on the 2-core EPYC (benchmarks/cpu_qmatmul.py --kinds f32k, 30 layers of the default model): the kernel
+# takes 0.90x XLA's time at 1 token, 0.53x at 4, 0.85x at 8, 1.05x at 12, 1.11x at 16 (benchmarks/RESULTS.md).
+CPU_F32_KERNEL_MAX_TOKENS = 8
+
+
+def _weight_layout(eq: str) -> str | None:
+    """"in" when `eq` is x [T, *in] times w [*in, *out] -> [T, *out], "out" for w [*out, *in]; else None."""
+    lhs, out = eq.replace(" ", "").split("->")
+    xs, ws = lhs.split(",")
+    t, ins = xs[:1], xs[1:]
+    if not ins or not out.startswith(t):
+        return None
+    if ws.startswith(ins) and out == t + ws[len(ins):]:
+        return "in"
+    if ws.endswith(ins) and out == t + ws[:-len(ins)]:
+        return "out"
+    return None
+
+
+def _cpu_f32_kernel(eq: str, x, w) -> str | None:
+    """The weight layout when this matmul runs the native float32 kernel: a CPU backend, float32 x and w, a step
+    of at most CPU_F32_KERNEL_MAX_TOKENS tokens, a contraction of x's trailing dims (`_weight_layout`)."""
+    if jax.default_backend() != "cpu" or x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        return None
+    if x.shape[0] > CPU_F32_KERNEL_MAX_TOKENS:
+        return None
+    layout = _weight_layout(eq)
+    if layout is None:
+        return None
+    from pallas_kernels import cpu_qmatmul
+
+    return layout if cpu_qmatmul.available() else None
+
+
 def dot(eq: str, x, w):
     """The one matmul of the model: `eq` contracts x's trailing dims with w's input dims. A quantized weight
-    goes to `quant.qmatmul` (x [T, *in] -> [T, *out])."""
+    goes to `quant.qmatmul` (x [T, *in] -> [T, *out]); a float32 one on a CPU, for a few tokens, to the native
+    f32matmul."""
     if quant.is_quantized(w):
         return quant.qmatmul(x, w)
+    layout = _cpu_f32_kernel(eq, x, w)
+    if layout is not None:
+        from pallas_kernels import cpu_qmatmul
+
+        T, n_in = x.shape[0], x.ndim - 1
+        I = math.prod(x.shape[1:])
+        out_shape = w.shape[n_in:] if layout == "in" else w.shape[:w.ndim - n_in]
+        w2 = w.reshape(I, -1) if layout == "in" else w.reshape(-1, I)  # [I, O] or [O, I]: no copy
+        y = cpu_qmatmul.f32matmul(x.reshape(T, I), w2, out_major=layout == "out")  # [T, O]
+        return y.reshape(T, *out_shape)
     return jnp.einsum(eq, x, w.astype(x.dtype) if w.dtype != x.dtype else w)
 
 

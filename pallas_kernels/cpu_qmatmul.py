@@ -1,4 +1,5 @@
-"""Quantized-weight matmul on CPU: a native XLA FFI kernel (cpu_qmatmul.cc) beside its jnp reference.
+"""Quantized-weight matmul on CPU: a native XLA FFI kernel (cpu_qmatmul.cc) beside its jnp reference; and
+`f32matmul`, the same kernel's float32-weight sibling for steps of a few tokens.
 
 XLA:CPU has no fast path for quantized weights: it runs int8 dots as int32 loops and dequantizes
 elementwise far slower than it streams f32 weights, so any jnp formulation of a 4/8-bit matmul is several
@@ -19,6 +20,11 @@ Op: y[T, O] = x[T, I] @ W^T with W[o, i] = scales[o, i // g] * q[o, i] + mins[o,
   y       [..., O] float32
 g may be anything dividing I (bits=4: I even); the fast AVX2 path needs g % 16 == 0 (16, 32, ..., 256,
 or per-channel g == I with I % 16 == 0), other g run portable loops.
+
+f32matmul: y[T, O] = x[T, I] @ W, W float32 [I, O] (input-major, as the model stores its weights) or [O, I]
+(`out_major`, a tied embedding as the LM head). XLA:CPU's float32 dot packs W for a few rows (a 4-token
+step ~2x a 1-token one); the kernel uses each loaded weight vector for up to 4 tokens and takes further
+token blocks while the rows are in cache, so a step of a few tokens reads W from memory once.
 
 The kernel is compiled on first use with the system C++ compiler into
 `$JAXINFER_CACHE_DIR/kernels` (default ~/.cache/jaxinfer/kernels), keyed by a hash of the source, the
@@ -43,6 +49,7 @@ import numpy as np
 _SOURCE = Path(__file__).with_name("cpu_qmatmul.cc")
 _TARGET = "jaxinfer_cpu_qmatmul"
 _SYMBOL = "JaxinferCpuQMatmul"
+_F32_TARGET, _F32_SYMBOL = "jaxinfer_cpu_f32matmul", "JaxinferCpuF32Matmul"
 _POOLS = {"xla": 0, "none": 1}  # threading: XLA's intra-op pool, or the calling thread alone
 
 build_error: str = ""  # why `available()` is False, for a log line
@@ -116,7 +123,8 @@ def available() -> bool:
         if cxx is None:
             raise RuntimeError("no C++ compiler found ($CXX, g++, c++, clang++)")
         lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
-        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(lib, _SYMBOL)), platform="cpu")
+        for target, symbol in ((_TARGET, _SYMBOL), (_F32_TARGET, _F32_SYMBOL)):
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         return True
     except Exception as e:  # noqa: BLE001 - any failure means "use another path", with the reason kept
         build_error = f"cpu_qmatmul unavailable: {type(e).__name__}: {e}"
@@ -188,6 +196,41 @@ def qmatmul_reference(x, q, scales, mins=None, *, bits: int, group_size: int):
     _check(x, q, scales, mins, bits, group_size)
     w = dequantize_reference(q, scales, mins, bits=bits, group_size=group_size)  # [O, I]
     return jnp.einsum("...i,oi->...o", x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+
+
+def _check_f32(x, w, out_major):
+    if x.ndim < 1 or w.ndim != 2 or w.dtype != np.float32:
+        raise ValueError(f"want x [..., I] and float32 w [I, O] or [O, I]; got {x.shape}, {w.dtype} {w.shape}")
+    I = w.shape[1] if out_major else w.shape[0]
+    if x.shape[-1] != I:
+        raise ValueError(f"x [..., {x.shape[-1]}] does not match w {w.shape} ({'[O, I]' if out_major else '[I, O]'})")
+
+
+@functools.partial(jax.jit, static_argnames=("out_major", "pool", "portable"))
+def f32matmul(x, w, *, out_major: bool = False, pool: str = "xla", portable: bool = False):
+    """y = x @ W for float32 W with the native CPU kernel, for steps of a few tokens.
+
+    x [..., I] (cast to float32), w [I, O] float32, or [O, I] with `out_major` -> y [..., O] float32.
+    `pool` and `portable` as in `qmatmul`. Raises ValueError on inconsistent shapes; call `available()` first.
+    """
+    _check_f32(x, w, out_major)
+    if not available():
+        raise RuntimeError(build_error)
+    lead, I = x.shape[:-1], x.shape[-1]
+    O = w.shape[0] if out_major else w.shape[1]
+    x2 = x.reshape(-1, I).astype(jnp.float32)  # [T, I]
+    call = jax.ffi.ffi_call(_F32_TARGET, jax.ShapeDtypeStruct((x2.shape[0], O), jnp.float32),
+                            vmap_method="sequential")
+    y = call(x2, w, out_major=out_major, pool=np.int64(_POOLS[pool]), portable=portable)  # [T, O]
+    return y.reshape(*lead, O)
+
+
+@functools.partial(jax.jit, static_argnames=("out_major",))
+def f32matmul_reference(x, w, *, out_major: bool = False):
+    """The oracle for `f32matmul`: one jnp matmul at full float32 precision (same shapes)."""
+    _check_f32(x, w, out_major)
+    eq = "...i,oi->...o" if out_major else "...i,io->...o"
+    return jnp.einsum(eq, x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
 
 
 def pack_int4(q) -> np.ndarray:

@@ -132,3 +132,74 @@ def test_bad_shapes_raise(kernel, bits, q_shape, q_dtype, s_shape, g, match):
     x = np.zeros((2, 64), np.float32)
     with pytest.raises(ValueError, match=match):
         kernel.qmatmul(x, np.zeros(q_shape, q_dtype), np.ones(s_shape, np.float32), None, bits=bits, group_size=g)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# float32 weights (f32matmul). Tolerance as above with exact weights: 2 * (I + 4) * u * (|x| @ |W|).
+
+
+def check_f32(y, x, w, out_major):
+    ref = cq.f32matmul_reference(x, w, out_major=out_major)
+    w_abs = jnp.abs(jnp.asarray(w).T if out_major else jnp.asarray(w))  # [I, O]
+    tol = 2 * (x.shape[-1] + 4) * 2.0**-24 * (jnp.abs(x) @ w_abs)
+    err = jnp.abs(y - ref)
+    assert y.shape == ref.shape and y.dtype == jnp.float32
+    assert bool(jnp.all(err <= tol)), f"max err {float(jnp.max(err))}, tol there {float(tol.ravel()[jnp.argmax(err)])}"
+
+
+@pytest.mark.parametrize("out_major", [False, True])
+@pytest.mark.parametrize("T", range(1, 9))
+@pytest.mark.parametrize("I, O", [(576, 3072), (1536, 576), (37, 45), (100, 1001), (7, 3)])
+def test_f32_matches_reference(kernel, out_major, T, I, O):
+    """T = 1..8 (token blocks of up to 4, remainders), widths with a column tail (O % 8), column tiles of 32,
+    16 and 8, inputs split over threads in chunks of 8 rows with a remainder (I % 8), and tiny matrices."""
+    rng = np.random.default_rng([T, I, O, out_major])
+    x = rng.standard_normal((T, I)).astype(np.float32)
+    w = rng.standard_normal((O, I) if out_major else (I, O)).astype(np.float32)
+    check_f32(kernel.f32matmul(x, w, out_major=out_major), x, w, out_major)
+
+
+@pytest.mark.parametrize("out_major", [False, True])
+@pytest.mark.parametrize("pool", ["xla", "none"])
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("T", [1, 3, 6])
+def test_f32_paths(kernel, out_major, pool, portable, T):
+    """Both threading modes and the portable loops (a CPU without AVX2) give the reference's results."""
+    rng = np.random.default_rng([T, out_major, len(pool), portable])
+    I, O = 333, 1030
+    x = rng.standard_normal((T, I)).astype(np.float32)
+    w = rng.standard_normal((O, I) if out_major else (I, O)).astype(np.float32)
+    check_f32(kernel.f32matmul(x, w, out_major=out_major, pool=pool, portable=portable), x, w, out_major)
+
+
+def test_f32_bad_shapes_raise(kernel):
+    x = np.zeros((2, 64), np.float32)
+    with pytest.raises(ValueError, match="does not match"):
+        kernel.f32matmul(x, np.zeros((32, 64), np.float32))  # [O, I] without out_major
+    with pytest.raises(ValueError, match="float32 w"):
+        kernel.f32matmul(x, np.zeros((64, 32), np.float16))
+
+
+@pytest.mark.parametrize("T", [1, 2, 4, 5, 8, 9])
+def test_model_dot_float32(kernel, T):
+    """model.dot on float32 weights: every equation of the model and the EAGLE head (multi-dim inputs and outputs,
+    the tied embedding [V, D] as the LM head) equals the einsum within float32 rounding, and runs the kernel up
+    to CPU_F32_KERNEL_MAX_TOKENS tokens, XLA's dot above."""
+    from jaxinfer import model
+
+    rng = np.random.default_rng(T)
+    cases = [("td,dkgh->tkgh", (T, 48), (48, 2, 5, 8)), ("tnh,nhd->td", (T, 6, 8), (6, 8, 48)),
+             ("td,dcf->tcf", (T, 48), (48, 2, 40)), ("tf,fd->td", (T, 40), (40, 48)),
+             ("bd,vd->bv", (T, 48), (301, 48)), ("bd,dv->bv", (T, 48), (48, 301)),
+             ("tcd,cde->te", (T, 2, 48), (2, 48, 48))]
+    for eq, xs, ws in cases:
+        x, w = (jnp.asarray(rng.standard_normal(s).astype(np.float32)) for s in (xs, ws))
+        fn = jax.jit(lambda x, w, eq=eq: model.dot(eq, x, w))
+        uses_kernel = "jaxinfer_cpu_f32matmul" in fn.lower(x, w).as_text()
+        assert uses_kernel == (T <= model.CPU_F32_KERNEL_MAX_TOKENS), eq
+        y, ref = fn(x, w), jnp.einsum(eq, x, w, precision=jax.lax.Precision.HIGHEST)
+        I = int(np.prod(xs[1:]))
+        bound = jnp.einsum(eq, jnp.abs(x), jnp.abs(w), precision=jax.lax.Precision.HIGHEST)
+        assert y.shape == ref.shape
+        assert bool(jnp.all(jnp.abs(y - ref) <= 2 * (I + 4) * 2.0**-24 * bound)), eq
+    assert model._weight_layout("tkgs,skh->tkgh") is None  # not a weight contraction: XLA's einsum
