@@ -35,6 +35,7 @@ import json
 import os
 import sys
 import time
+import zlib
 
 import numpy as np
 
@@ -100,12 +101,12 @@ def free() -> None:
 
 def replay_proposer(recorded: dict[tuple, list[int]], k: int, rate: float, vocab: int, seed: int,
                     simulate: bool = False):
-    rng = np.random.default_rng(seed)
-
     def propose(req) -> list[int]:
         rec = recorded[tuple(req.prompt_token_ids)]
         n = len(req.output_token_ids)
         drafts = list(rec[n:n + k])
+        # which drafts are corrupted depends on the request and position only, not on how often the engine asks
+        rng = np.random.default_rng([seed, n, zlib.crc32(np.asarray(req.prompt_token_ids, np.int32).tobytes())])
         for j, t in enumerate(drafts):
             good = rng.random() < rate
             if simulate:
