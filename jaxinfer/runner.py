@@ -616,14 +616,7 @@ class ModelRunner:
     def _fill_drafts(self, reqs: list[Request]) -> None:
         """Write the draft cache's K/V of each request's token before the last (and of the last): a proposal of one
         draft, not read."""
-        B = next(b for b in self.seq_buckets if b >= len(reqs))
-        inp, s = self._empty_propose_input(B)
-        for b, req in enumerate(reqs):
-            last = req.num_tokens - 1
-            inp.token_ids[b], inp.prev_ids[b], inp.positions[b] = req.token_at(last), req.token_at(last - 1), last
-            inp.row_slot[b], inp.num_drafts[b] = req.slot, 1
-        inp.num_seqs[...] = len(reqs)
-        self._run_propose(B, sampling.variant_for(s), pack((inp, s)))
+        self._launch_propose(reqs, [1] * len(reqs))
 
     def _eagle_rows(self, eagle, req: Request, t: int, start: int, n: int, r: int) -> tuple[int, int]:
         """An EAGLE head's inputs for one sequence of a step (token rows t .. t + n - 1 at positions start ..,
@@ -685,8 +678,13 @@ class ModelRunner:
     def propose_drafts(self, reqs: list[Request], limits: list[int]) -> list[list[int]]:
         """The draft model's next limits[i] tokens for each of reqs (decodes whose last token the host has; pages
         for the drafts taken), sampled as the target samples at those positions; runs now and waits for them.
-        The K/V of each last token and of all but the last draft go into the draft cache (the verify step that
-        follows writes them all again, and the last draft's)."""
+        The K/V of each last token, of the token before it and of all but the last draft go into the draft cache
+        (a verify step's draft forward, when it runs, writes them all again, and the last draft's)."""
+        drafts = np.asarray(self._launch_propose(reqs, limits))
+        return [drafts[b, :n].tolist() for b, n in enumerate(limits)]
+
+    def _launch_propose(self, reqs: list[Request], limits: list[int]):
+        """Enqueue the proposer for reqs, limits[i] drafts each; returns the drafts [B, k] on the device."""
         B = next(b for b in self.seq_buckets if b >= len(reqs))
         inp, s = self._empty_propose_input(B)
         new_slot, new_col, new_page = [], [], []
@@ -712,8 +710,7 @@ class ModelRunner:
             inp.new_slot[:k], inp.new_col[:k], inp.new_page[:k] = new_slot, new_col, new_page
         else:
             self._write_pages(*(np.asarray(x, np.int32) for x in (new_slot, new_col, new_page)))
-        drafts = np.asarray(self._run_propose(B, sampling.variant_for(s), pack((inp, s))))
-        return [drafts[b, :n].tolist() for b, n in enumerate(limits)]
+        return self._run_propose(B, sampling.variant_for(s), pack((inp, s)))
 
     # -- running ----------------------------------------------------------------------------------------
 
