@@ -23,6 +23,8 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 
+import jinja2
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -217,9 +219,12 @@ class Tokenizer:
                 f"the tokenizer loaded from {self.path or 'memory'} has no chat template; "
                 "use a plain completion prompt instead"
             )
-        text = self.hf.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=False, **template_kwargs
-        )
+        try:
+            text = self.hf.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False, **template_kwargs
+            )
+        except jinja2.TemplateError as e:  # the template's raise_exception (roles out of order, ...) or its own bug
+            raise ValueError(f"messages: the chat template of {self.path or 'this tokenizer'} refused them: {e}") from None
         if not isinstance(text, str):
             raise ValueError(f"chat template rendered {type(text).__name__}, expected str")
         return text

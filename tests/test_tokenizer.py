@@ -193,6 +193,20 @@ def test_chat_template_rejects_malformed_messages(smol, messages):
         smol.apply_chat_template(messages)
 
 
+def test_a_template_refusing_the_messages_is_a_value_error(smol):
+    """A template's raise_exception (as many models' templates do for roles out of order) reaches the caller as a
+    ValueError naming the messages, not as jinja2's own exception type."""
+    import copy
+
+    tok = copy.copy(smol)
+    tok.hf = copy.copy(smol.hf)
+    tok.hf.chat_template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with "
+                            "a user turn') }}{% endif %}{{ messages[0]['content'] }}")
+    assert tok.render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=False) == "hi"
+    with pytest.raises(ValueError, match="messages: the chat template .* refused them: Conversation must start"):
+        tok.apply_chat_template([{"role": "assistant", "content": "hi"}])
+
+
 def test_missing_chat_template(sp):
     with pytest.raises(ValueError, match="no chat template"):
         sp.apply_chat_template([{"role": "user", "content": "hi"}])
