@@ -52,7 +52,7 @@ def available() -> bool:
         from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu  # noqa: F401
     except Exception as e:  # noqa: BLE001 - an older jax, or a missing import of its own
         warnings.warn(f"jax's Mosaic GPU mixed-type matmul is not importable ({type(e).__name__}: {e}); int8 "
-                      f"weights on many-token steps take XLA's form", stacklevel=2)
+                      f"weights on many-token steps take XLA's form (absl-py missing? pip install 'jaxinfer[gpu]')", stacklevel=2)
         return False
     return True
 
