@@ -12,9 +12,16 @@ small; the device's time is left out anyway: the wait in `LaunchedStep.result()`
 
 Each phase is the engine's own function, wrapped with time.perf_counter: the n-gram check of `_drafts_likely`, the
 scheduler (and within it the proposer), `_admit`, `runner.prepare`, `runner.launch`, the read-back, `_sampled`,
-`scheduler.update`, `_postprocess`, `_outputs`. "serial" is what the device waits for between two such steps: from
+`scheduler.update`, `_postprocess`, `_outputs`; within launch, the calls of the forward and sampler programs.
+"serial" is what the device waits for between two such steps: from
 the end of the wait for step N to the return of step N+1's launch (the caller's loop between step() calls included).
 Mean over the steps whose completed batch carried drafts, after --skip warm steps.
+
+A model whose tokens do not repeat the span (random weights, `--load-format dummy`) would stop finding drafts:
+`--fixed-drafts` proposes k copies of each request's last token at every decode instead (the n-gram search is then
+not timed). `--no-early-launch` runs the draft-carrying steps without `Engine._launch_early` (the step after is
+launched when the caller asks for it), for comparing both; `--trace DIR` writes a jax profiler trace of the timed
+steps (benchmarks/trace_summary.py reads it).
 """
 
 from __future__ import annotations
@@ -29,8 +36,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-PHASES = ("drafts_likely", "schedule", "propose", "admit", "prepare", "launch", "readback", "sampled", "update",
-          "postprocess", "outputs")
+PHASES = ("drafts_likely", "schedule", "propose", "admit", "prepare", "launch", "forward_call", "sampler_call",
+          "readback", "sampled", "update", "postprocess", "outputs")
 
 
 def tiny_model(path: str) -> str:
@@ -84,6 +91,10 @@ def instrument(eng, totals: dict, marks: dict):
         return out
 
     eng.runner.launch = launched
+    # inside launch: the calls of the forward and sampler programs (argument handling, dispatch, CUDA graph launch)
+    for name, progs in (("forward_call", eng.runner.compiled), ("sampler_call", eng.runner.compiled_samplers)):
+        for key, prog in list(progs.items()):
+            progs[key] = timed(name, prog)
     result = runner_mod.LaunchedStep.result
 
     def result_timed(self):
@@ -109,6 +120,9 @@ def main(argv=None) -> int:
     p.add_argument("--span", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=160)
     p.add_argument("--skip", type=int, default=5)
+    p.add_argument("--fixed-drafts", action="store_true", help="k copies of the last token as drafts (see above)")
+    p.add_argument("--no-early-launch", action="store_true")
+    p.add_argument("--trace", default=None, metavar="DIR")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     import numpy as np
@@ -138,14 +152,24 @@ def main(argv=None) -> int:
         opts["load_format"] = args.load_format
     eng = Engine(model, **opts)
     V = eng.cfg.vocab_size
+    if args.fixed_drafts:
+        eng.scheduler.propose = eng._propose = lambda req: [req.output_token_ids[-1] if req.output_token_ids
+                                                            else req.prompt_token_ids[-1]] * args.k
+    if args.no_early_launch:
+        eng._launch_early = lambda: None
     totals, marks = collections.defaultdict(float), {}
     instrument(eng, totals, marks)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     for _ in range(B):
         span = rng.integers(100, V, args.span).tolist()
         eng.add_request((span * (-(-args.prompt_len // args.span)))[: args.prompt_len], params)
-    rows, seen = [], 0
+    rows, seen, tracing = [], 0, False
     while eng.has_unfinished():
+        if args.trace and not tracing and len(rows) == args.skip:
+            import jax
+
+            jax.profiler.start_trace(args.trace)
+            tracing = True
         totals.clear()
         t = time.perf_counter()
         eng.step()
@@ -153,11 +177,13 @@ def main(argv=None) -> int:
         drafts = eng.last_completed is not None and eng.stats()["spec_draft_tokens"] > seen
         seen = eng.stats()["spec_draft_tokens"]
         row = dict(totals)
-        row["host"] = wall - totals["wait"]
+        row["host"], row["wall"] = wall - totals["wait"], wall
         if drafts:
             rows.append(row)
+    if tracing:
+        jax.profiler.stop_trace()
     rows = rows[args.skip:]
-    mean = {k: 1e6 * float(np.mean([r.get(k, 0.0) for r in rows])) for k in (*PHASES, "wait", "host", "serial")}
+    mean = {k: 1e6 * float(np.mean([r.get(k, 0.0) for r in rows])) for k in (*PHASES, "wait", "host", "serial", "wall")}
     print(f"B={B} k={args.k} rate {args.rate}: {len(rows)} draft-carrying steps, acceptance "
           f"{eng.spec_stats()['spec_acceptance_rate']:.2f}; microseconds per step")
     for k, v in mean.items():

@@ -460,6 +460,10 @@ class Engine:
         t_wait = time.perf_counter()
         result = step.result()  # waits for this step only; the next one is already queued behind it
         self.last_wait_seconds = time.perf_counter() - t_wait
+        # Its device arrays go before the next launch (_launch_early): alive, they move where the allocator places
+        # the next step's buffers, and a GPU program whose buffers moved re-records its command buffer (CUDA graph)
+        # before it runs, ~1 ms of idle device on an 8B model (benchmarks/RESULTS.md, speculation section).
+        del done, step, launched
         for i in self._broken_logits(batch, result):
             self._fail(batch.requests[i], "the model's logits were not finite (NaN or inf) at this step")
         appended = self.scheduler.update(batch, self._sampled(batch, result))
