@@ -174,8 +174,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    "(n-gram prompt lookup), or '{\"method\": \"draft_model\", \"model\": PATH, "
                    "\"num_speculative_tokens\": 3}' (a smaller checkpoint with the same tokenizer; \"quantization\" "
                    "for its weights), or '{\"method\": \"eagle\", \"model\": PATH, \"num_speculative_tokens\": 3}' "
-                   "(an EAGLE-1 head); \"disable_by_batch_size\": N turns drafts off past N running requests; steps "
-                   "that may carry drafts run one after the other, no async scheduling (default: off)")
+                   "(an EAGLE-1 head; \"eagle3\" for an EAGLE-3 head); \"disable_by_batch_size\": N turns drafts "
+                   "off past N running requests; steps that may carry drafts run one after the other, no async "
+                   "scheduling (default: off)")
     g.add_argument("--compilation-cache-dir", metavar="DIR",
                    help="where compiled step programs are kept between runs (default: ~/.cache/jaxinfer/xla)")
     g.add_argument("--no-compilation-cache", action="store_true",

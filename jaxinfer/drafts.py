@@ -24,6 +24,12 @@ position. Its predicted next features of each sequence's last k + 1 rows are kep
                                         -> drafts [B, k], kv, table
 draws the first draft from the kept feature of the sequence's last position (the target's lm_head on it), then
 k - 1 times feeds (draft, predicted feature) through the head for the next.
+
+An EAGLE-3 head (method eagle3) has the same programs, with two differences: the step's program takes, instead of
+h, the target's three hidden states it reads ([T, 3D], a fourth output of the target's forward program: see
+runner.make_forward_fn) and fuses them (fc) into the feature of each row; and a draft is drawn from the head's own
+lm_head over its draft vocabulary (eagle.eagle3_logits), from the head's output, which is also what is kept and fed
+back.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import jax.numpy as jnp
 
 from jaxinfer import sampler as sampling
 from jaxinfer.config import ModelConfig
-from jaxinfer.eagle import eagle_forward, eagle_logits
+from jaxinfer.eagle import Eagle3Spec, eagle3_forward, eagle3_fuse, eagle3_logits, eagle_forward, eagle_logits
 from jaxinfer.model import AttentionMetadata, KVCache, Params, compute_logits, forward, pytree_dataclass, rms_norm
 from jaxinfer.step_input import StepInput, set_pages, unpack
 
@@ -142,23 +148,29 @@ class DraftModel:
     kv: Any
     num_speculative_tokens: int
     eagle: bool = False
+    eagle3: Eagle3Spec | None = None  # an EAGLE-3 head (eagle is True too)
     feats: Any = None  # eagle: [S + 1, k + 1, D]
     feat_owner: dict = dataclasses.field(default_factory=dict)  # eagle: slot -> (request id, first row's position)
 
 
-def make_eagle_step_fn(cfg: ModelConfig, target_cfg: ModelConfig, attn_fn, template: StepInput):
+def make_eagle_step_fn(cfg: ModelConfig, target_cfg: ModelConfig, attn_fn, template: StepInput,
+                       eagle3: Eagle3Spec | None = None):
     """An EAGLE head over a step's rows (see the module docstring): (head, target params, head kv, feats, table,
-    flat, h [T, D], sampled [B], next_ids [T], feat_dst [T]) -> head kv, feats. next_ids: the token after each token
-    row, >= 0 an id, -(r + 1) the step's sampled row r; feat_dst: where a row's predicted feature is kept,
-    slot * (k + 1) + j (out of range: not kept)."""
+    flat, h [T, D] (EAGLE-3: the target's three hidden states [T, 3D]), sampled [B], next_ids [T], feat_dst [T]) ->
+    head kv, feats. next_ids: the token after each token row, >= 0 an id, -(r + 1) the step's sampled row r;
+    feat_dst: where a row's predicted feature is kept, slot * (k + 1) + j (out of range: not kept)."""
 
     def eagle_step(ep, tp: Params, kv: KVCache, feats, table, flat, h, sampled, next_ids, feat_dst):
         inp = unpack(flat, template)
         table = set_pages(table, inp.new_slot, inp.new_col, inp.new_page)
         attn = dataclasses.replace(inp.attn, page_tables=jnp.take(table, inp.row_slot, axis=0))
         tokens = jnp.where(next_ids >= 0, next_ids, jnp.take(sampled, jnp.maximum(-next_ids - 1, 0)))
-        f = rms_norm(h, tp.final_norm, target_cfg.rms_norm_eps)  # [T, D] the target's features
-        pred, kv = eagle_forward(ep, tp, cfg, tokens, f.astype(h.dtype), inp.positions, kv, attn, attn_fn)
+        if eagle3 is not None:
+            pred, kv = eagle3_forward(ep, tp, cfg, eagle3, tokens, eagle3_fuse(ep, h), inp.positions, kv, attn,
+                                      attn_fn)
+        else:
+            f = rms_norm(h, tp.final_norm, target_cfg.rms_norm_eps)  # [T, D] the target's features
+            pred, kv = eagle_forward(ep, tp, cfg, tokens, f.astype(h.dtype), inp.positions, kv, attn, attn_fn)
         S1, K1, D = feats.shape
         feats = feats.reshape(S1 * K1, D).at[feat_dst].set(pred.astype(feats.dtype), mode="drop")
         return kv, feats.reshape(S1, K1, D)
@@ -166,9 +178,20 @@ def make_eagle_step_fn(cfg: ModelConfig, target_cfg: ModelConfig, attn_fn, templ
     return eagle_step
 
 
-def make_eagle_propose_fn(cfg: ModelConfig, attn_fn, template, k: int, page_size: int, num_pages: int, variant: str):
+def make_eagle_propose_fn(cfg: ModelConfig, attn_fn, template, k: int, page_size: int, num_pages: int, variant: str,
+                          eagle3: Eagle3Spec | None = None, vocab_size: int = 0):
     """An EAGLE head's k drafts: (head, target params, head kv, sampler state, table, flat, feats) -> drafts [B, k],
-    kv, table. Draft j + 1 comes from the feature predicted after draft j (the first: from the kept one)."""
+    kv, table. Draft j + 1 comes from the feature predicted after draft j (the first: from the kept one).
+    EAGLE-3: its own lm_head over the draft vocabulary, mapped to the target's vocabulary of vocab_size ids."""
+
+    def logits_of(ep, tp, f):
+        return eagle3_logits(ep, cfg, vocab_size, f) if eagle3 is not None else eagle_logits(tp, f)
+
+    def head(ep, tp, tokens, f, pos, kv, attn):
+        if eagle3 is not None:
+            return eagle3_forward(ep, tp, cfg, eagle3, tokens, f, pos, kv, attn, attn_fn)
+        return eagle_forward(ep, tp, cfg, tokens, f, pos, kv, attn, attn_fn)
+
 
     def propose(ep, tp: Params, kv: KVCache, sstate, table, flat, feats):
         inp, md = unpack(flat, template)
@@ -179,14 +202,14 @@ def make_eagle_propose_fn(cfg: ModelConfig, attn_fn, template, k: int, page_size
         f0 = jnp.take(feats.reshape(-1, feats.shape[-1]), inp.feat_src, axis=0)  # [B, D]
 
         def draw(f, j):
-            out, _ = sampling.sample(eagle_logits(tp, f), dataclasses.replace(md, position=md.position + j), sstate,
+            out, _ = sampling.sample(logits_of(ep, tp, f), dataclasses.replace(md, position=md.position + j), sstate,
                                      variant=variant, max_logprobs=0)
             return out.token_ids
 
         def one(carry, j):
             tokens, f, kv = carry
             pos, attn = _draft_step(inp, page_tables, cu_q_lens, j, page_size, num_pages)  # the pair (draft j, ...)
-            f, kv = eagle_forward(ep, tp, cfg, tokens, f, pos, kv, attn, attn_fn)  # [B, D]
+            f, kv = head(ep, tp, tokens, f, pos, kv, attn)  # [B, D]
             d = draw(f, j)
             return (d, f, kv), d
 

@@ -52,7 +52,7 @@ from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.executables import ExecutableStore
 from jaxinfer.loader import load_model, resolve_dtype, weight_bytes
-from jaxinfer.eagle import load_eagle
+from jaxinfer.eagle import load_eagle, load_eagle3
 from jaxinfer.model import KV_CACHE_8BIT, KV_CALIBRATION_TEXT, init_kv_cache, is_8bit, kv_cache_scales, logical_sharding
 from jaxinfer.request import CompletionOutput, Logprob, Request, RequestMetrics, RequestOutput
 from jaxinfer.drafts import DraftModel
@@ -123,7 +123,7 @@ class Engine:
         if draft is not None:  # the draft model's cache has as many pages: a page id holds both models' K/V
             if draft.eagle and is_8bit(kv_dtype):
                 raise ValueError(f"kv_cache_dtype {ecfg.kv_cache_dtype!r}: an 8-bit cache is not calibrated for an "
-                                 "EAGLE head yet; use speculative method eagle with kv_cache_dtype 'auto'")
+                                 f"EAGLE head yet; use speculative method {self.spec.method} with kv_cache_dtype 'auto'")
             draft_scales = (self._kv_scales(draft.params, kv_dtype, draft.cfg) if is_8bit(kv_dtype) else None)
             page_bytes += device_page_bytes(draft.cfg, ecfg.page_size, kv_dtype, mesh)
         self.num_pages = self._num_pages(page_bytes)
@@ -242,20 +242,24 @@ class Engine:
         return kv_cache_scales(params, cfg, kv_dtype, ids[: self.max_model_len])
 
     def _load_draft(self, mesh) -> DraftModel:
-        """The proposer of speculative_config with a checkpoint: an EAGLE head (method eagle, eagle.py), or a draft
-        model (draft_model), loaded as the target is (any checkpoint the engine reads, `quantization` of its own);
+        """The proposer of speculative_config with a checkpoint: an EAGLE head (method eagle or eagle3, eagle.py), or
+        a draft model (draft_model), loaded as the target is (any checkpoint the engine reads, `quantization` of its own);
         a draft model must share the target's tokenizer: the same vocabulary size and, where both have a tokenizer,
         the same token ids."""
         sc = self.spec
         where = f"speculative_config.model {sc.model!r}"
-        if sc.method == "eagle":
-            cfg, params = load_eagle(sc.model, self.cfg, self.dtype, mesh)
+        if sc.method in ("eagle", "eagle3"):
+            if sc.method == "eagle3":
+                cfg, params, eagle3 = load_eagle3(sc.model, self.cfg, self.dtype, mesh)
+            else:
+                (cfg, params), eagle3 = load_eagle(sc.model, self.cfg, self.dtype, mesh), None
             if cfg.max_position_embeddings < self.max_model_len:
                 raise ValueError(f"{where}: a context of {cfg.max_position_embeddings} tokens, shorter than "
                                  f"max_model_len ({self.max_model_len})")
             self.draft_model_name = sc.model
-            self._log(f"EAGLE head {sc.model}: {weight_bytes(params) / _GiB:.2f} GiB")
-            return DraftModel(cfg, params, None, sc.num_speculative_tokens, eagle=True)
+            self._log(f"{'EAGLE-3' if eagle3 else 'EAGLE'} head {sc.model}: {weight_bytes(params) / _GiB:.2f} GiB"
+                      + (f", reading the target's layers {list(eagle3.aux_layers)}" if eagle3 else ""))
+            return DraftModel(cfg, params, None, sc.num_speculative_tokens, eagle=True, eagle3=eagle3)
         ecfg = dataclasses.replace(self.ecfg, quantization=sc.quantization, speculative_config=None)
         try:
             d = load_model(sc.model, ecfg, self.dtype, mesh)
@@ -293,7 +297,7 @@ class Engine:
         devices = executables.devices_of(params, mesh)
         cfg = self.cfg
         if draft is not None:
-            cfg, params, abstract_kv = (cfg, draft.cfg), (params, draft.params), (abstract_kv, draft.kv)
+            cfg, params, abstract_kv = (cfg, draft.cfg, draft.eagle3), (params, draft.params), (abstract_kv, draft.kv)
         key = executables.fingerprint(cfg, self.ecfg, params, abstract_kv, self.max_model_len, devices)
         return ExecutableStore(self.ecfg.cache_dir(), key, devices)
 

@@ -304,9 +304,11 @@ AttentionFn = Callable[..., tuple]  # (qkv [T, K, G + 2, H], k_pages, v_pages, m
 
 
 def attention_block(lp: LayerParams, cfg: ModelConfig, x, positions, inv_freq, k_pages, v_pages, meta, attn_fn,
-                     k_scale=None, v_scale=None):
+                     k_scale=None, v_scale=None, qkv_in=None):
+    """x + attention(norm(x)); qkv_in: what the projections read instead of norm(x) (an EAGLE-3 head's [T, 2D])."""
     eps = cfg.rms_norm_eps
     h = rms_norm(x, lp.attn_norm, eps) if lp.attn_norm is not None else x  # None: an EAGLE head's first layer
+    h = h if qkv_in is None else qkv_in
     G = cfg.q_per_kv
     # [T, K, G + 2, H]: per kv head k its G query heads (query head n = k * G + g, HF's order), its key, its value.
     qkv = dot("td,dkgh->tkgh", h, lp.wqkv)
@@ -336,12 +338,18 @@ def mlp_block(lp: LayerParams, cfg: ModelConfig, x):
     return x + dot("tf,fd->td", jax.nn.silu(gu[:, 0]) * gu[:, 1], lp.w_down)
 
 
-def forward(params: Params, cfg: ModelConfig, tokens, positions, kv: KVCache, meta: AttentionMetadata, attn_fn: AttentionFn):
-    """tokens, positions [T] -> hidden states [T, D] (before the final norm), updated cache."""
+def forward(params: Params, cfg: ModelConfig, tokens, positions, kv: KVCache, meta: AttentionMetadata, attn_fn: AttentionFn,
+            aux_layers: tuple[int, ...] = ()):
+    """tokens, positions [T] -> hidden states [T, D] (before the final norm), updated cache; with aux_layers, also
+    the residual stream entering each of those layers, side by side [T, len(aux_layers) * D] (an EAGLE-3 head's
+    input)."""
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     x = embed_tokens(params, tokens)  # [T, D]
     ks, vs = list(kv.k), list(kv.v)
+    aux = {}
     for i, lp in enumerate(params.layers):
+        if i in aux_layers:
+            aux[i] = x
         scales = (kv.k_scale[i], kv.v_scale[i]) if kv.k_scale is not None else ()
         with jax.named_scope(f"layer{i}"):
             with jax.named_scope("attention"):
@@ -349,6 +357,8 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, kv: KVCache, me
                                                    *scales)
             with jax.named_scope("mlp"):
                 x = mlp_block(lp, cfg, x)
+    if aux_layers:
+        return x, dataclasses.replace(kv, k=ks, v=vs), jnp.concatenate([aux[i] for i in aux_layers], axis=-1)
     return x, dataclasses.replace(kv, k=ks, v=vs)
 
 

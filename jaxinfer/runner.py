@@ -78,9 +78,10 @@ from jaxinfer.scheduler import ScheduledBatch
 from jaxinfer.step_input import StepInput, abstract, pack, set_pages, unpack
 
 
-def make_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput, replicated=None):
+def make_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput, replicated=None, aux_layers: tuple[int, ...] = ()):
     """The model part of one step, as one pure function over a packed input. replicated: on a mesh, the sharding
-    its logits and hidden states leave with (whole on every device, as the sampler programs take them)."""
+    its logits and hidden states leave with (whole on every device, as the sampler programs take them). aux_layers
+    (an EAGLE-3 head's): a sixth output, the residual stream entering those layers [T, 3D] (model.forward)."""
 
     def forward_step(params: Params, kv: KVCache, sstate, table, flat):
         inp = unpack(flat, template)
@@ -92,12 +93,12 @@ def make_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput, replicated=N
         token_ids = jnp.where(inp.token_ids < 0, last, inp.token_ids)
         with jax.named_scope("history"):
             sstate = sampling.update_history(sstate, inp.token_slot, token_ids, inp.is_prompt, inp.reset_slot)
-        h, kv = forward(params, cfg, token_ids, inp.positions, kv, attn, attn_fn)  # [T, D]
+        h, kv, *aux = forward(params, cfg, token_ids, inp.positions, kv, attn, attn_fn, aux_layers)  # [T, D]
         with jax.named_scope("logits"):
             logits = compute_logits(params, cfg, h[inp.logits_indices])  # [B, V]
         if replicated is not None:
-            logits, h = jax.lax.with_sharding_constraint((logits, h), replicated)
-        return logits, h, kv, sstate, table
+            logits, h, aux = jax.lax.with_sharding_constraint((logits, h, aux), replicated)
+        return logits, h, kv, sstate, table, *aux
 
     return forward_step
 
@@ -188,6 +189,7 @@ class ModelRunner:
                  draft: DraftModel | None = None):
         self.cfg, self.ecfg = cfg, ecfg
         self.draft = draft
+        self._aux_layers = draft.eagle3.aux_layers if draft is not None and draft.eagle3 is not None else ()
         self.params, self.kv = params, kv
         self.num_pages = num_pages
         self.page_size = ecfg.page_size
@@ -239,7 +241,8 @@ class ModelRunner:
     def _lower_forward(self, T: int, B: int, decode: bool):
         inp = self._empty_input(T, B)[0]
         attn_fn = functools.partial(self._attn_fn, decode=decode)
-        fn = jax.jit(make_forward_fn(self.cfg, attn_fn, abstract(inp), self._replicated), donate_argnums=(1, 2, 3))
+        fn = jax.jit(make_forward_fn(self.cfg, attn_fn, abstract(inp), self._replicated, self._aux_layers),
+                     donate_argnums=(1, 2, 3))
         flat = jax.ShapeDtypeStruct(pack(inp).shape, jnp.int32)
         return fn.lower(self.params, self.kv, self.sstate, self.page_table, flat)
 
@@ -257,9 +260,9 @@ class ModelRunner:
         if not d.eagle:
             fn = jax.jit(make_draft_forward_fn(d.cfg, attn_fn, abstract(inp)), donate_argnums=(1,))
             return fn.lower(d.params, d.kv, self.page_table, flat)
-        fn = jax.jit(make_eagle_step_fn(d.cfg, self.cfg, attn_fn, abstract(inp)), donate_argnums=(2, 3))
-        h = jax.ShapeDtypeStruct((T, self.cfg.hidden_size), jnp.dtype(self.params.final_norm.dtype),
-                                 sharding=self._replicated)
+        fn = jax.jit(make_eagle_step_fn(d.cfg, self.cfg, attn_fn, abstract(inp), d.eagle3), donate_argnums=(2, 3))
+        h = jax.ShapeDtypeStruct((T, self.cfg.hidden_size * (3 if d.eagle3 else 1)),
+                                 jnp.dtype(self.params.final_norm.dtype), sharding=self._replicated)
         i32 = lambda n: jax.ShapeDtypeStruct((n,), jnp.int32)  # noqa: E731
         sampled = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=self._replicated)
         return fn.lower(d.params, self.params, d.kv, d.feats, self.page_table, flat, h, sampled, i32(T), i32(T))
@@ -275,7 +278,8 @@ class ModelRunner:
                                          self.num_pages, variant), donate_argnums=(1, 3))
             return fn.lower(d.params, d.kv, self.sstate, self.page_table, flat)
         fn = jax.jit(make_eagle_propose_fn(d.cfg, attn_fn, abstract(tree), d.num_speculative_tokens, self.page_size,
-                                           self.num_pages, variant), donate_argnums=(2, 4))
+                                           self.num_pages, variant, d.eagle3, self.cfg.vocab_size),
+                     donate_argnums=(2, 4))
         return fn.lower(d.params, self.params, d.kv, self.sstate, self.page_table, flat, d.feats)
 
     def _programs(self) -> dict:
@@ -396,7 +400,7 @@ class ModelRunner:
         S, done_b, done_t = self.num_slots, set(), set()
         for T, B, decode in self.buckets:
             inp, md = self._empty_input(T, B)
-            logits, h, self.kv, self.sstate, self.page_table = self.compiled[(T, B, decode)](
+            logits, h, self.kv, self.sstate, self.page_table, *aux = self.compiled[(T, B, decode)](
                 self.params, self.kv, self.sstate, self.page_table, pack(inp))
             if B not in done_b:
                 done_b.add(B)
@@ -407,7 +411,8 @@ class ModelRunner:
                 jax.block_until_ready(self.compiled_prompt_logprobs[T](self.params, h, np.full(T, -1, np.int32)))
             jax.block_until_ready(self.sstate)
             if self.draft is not None:
-                self._launch_draft((T, B, decode), pack(inp), h, np.zeros(B, np.int32), self._eagle_empty(T))
+                self._launch_draft((T, B, decode), pack(inp), aux[0] if aux else h, np.zeros(B, np.int32),
+                                   self._eagle_empty(T))
         if self.draft is not None:
             for B, variant in self.compiled_propose:  # all padding rows: nothing written
                 self._run_propose(B, variant, pack(self._empty_propose_input(B)))
@@ -720,7 +725,7 @@ class ModelRunner:
         `Engine.fault_hook`): sampled rows whose logits are replaced by NaN."""
         B, variant = bucket[1], sampling.variant_for(md)
         flat = pack(inp)
-        logits, h, self.kv, self.sstate, self.page_table = self.compiled[bucket](
+        logits, h, self.kv, self.sstate, self.page_table, *aux = self.compiled[bucket](
             self.params, self.kv, self.sstate, self.page_table, flat)
         if nan_rows:
             logits = logits.at[np.asarray(nan_rows)].set(jnp.nan)
@@ -741,7 +746,7 @@ class ModelRunner:
                 *eagle, owners = self._eagle_step
                 self.draft.feat_owner.update(owners)
             if run:
-                self._launch_draft(bucket, flat, h, out.token_ids, eagle)
+                self._launch_draft(bucket, flat, aux[0] if aux else h, out.token_ids, eagle)
         return LaunchedStep(out, want_logprobs, prompt, bucket)
 
     def _launch_draft(self, bucket, flat, h, sampled, eagle) -> None:

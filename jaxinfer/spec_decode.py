@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle")
+SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 # Past how many running requests verifying costs more than it saves, per backend (benchmarks/spec_replay.py; RESULTS.md
 # "speculation's verify step"), at a draft acceptance of 0.7: CPU (default model, k = 3) 1.63x at 1 request, 0.84x at
 # 2; H100 (8B, k = 4) still ahead at 32 requests, the largest batch measured so far. TPU: the GPU's, not measured.
@@ -48,7 +48,8 @@ class SpeculativeConfig:
     """vLLM's `speculative_config`: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4,
     "prompt_lookup_min": 2}, {"method": "draft_model", "model": PATH, "num_speculative_tokens": k} (a checkpoint
     sharing the target's tokenizer; "quantization" as the engine option of that name, for the draft's weights), or
-    {"method": "eagle", "model": PATH, "num_speculative_tokens": k} (an EAGLE-1 head for the target, eagle.py)."""
+    {"method": "eagle", "model": PATH, "num_speculative_tokens": k} (an EAGLE-1 head for the target, eagle.py), or
+    {"method": "eagle3", ...} (an EAGLE-3 head)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
@@ -77,16 +78,16 @@ class SpeculativeConfig:
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError("speculative_config.num_speculative_tokens must be in [1, 16], "
                              f"got {self.num_speculative_tokens}")
-        if self.method in ("draft_model", "eagle"):
+        if self.method in ("draft_model", "eagle", "eagle3"):
             if not isinstance(self.model, str) or not self.model:
                 raise ValueError(f"speculative_config.model: method {self.method} needs the "
                                  f"{'draft' if self.method == 'draft_model' else 'EAGLE head'} checkpoint's path, "
                                  f"got {self.model!r}")
-            if self.method == "eagle" and self.quantization is not None:
+            if self.method in ("eagle", "eagle3") and self.quantization is not None:
                 raise ValueError("speculative_config.quantization applies to method draft_model (an EAGLE head is "
                                  "loaded as it is)")
         elif self.model is not None or self.quantization is not None:
-            raise ValueError(f"speculative_config.model / quantization apply to methods draft_model and eagle, not "
+            raise ValueError(f"speculative_config.model / quantization apply to methods draft_model, eagle and eagle3, not "
                              f"{self.method!r}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max, got "

@@ -44,9 +44,11 @@ def test_speculative_config_validation():
         SpeculativeConfig.from_dict({"method": "draft_model"})
     with pytest.raises(ValueError, match="EAGLE head checkpoint's path"):
         SpeculativeConfig.from_dict({"method": "eagle"})
+    with pytest.raises(ValueError, match="method eagle3 needs the EAGLE head checkpoint's path"):
+        SpeculativeConfig.from_dict({"method": "eagle3"})
     with pytest.raises(ValueError, match="quantization applies to method draft_model"):
         SpeculativeConfig.from_dict({"method": "eagle", "model": "/ckpt/eagle", "quantization": "int8"})
-    with pytest.raises(ValueError, match="apply to methods draft_model and eagle"):
+    with pytest.raises(ValueError, match="apply to methods draft_model, eagle and eagle3"):
         SpeculativeConfig.from_dict({"method": "ngram", "model": "/ckpt/draft"})
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="disable_by_batch_size"):
