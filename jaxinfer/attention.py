@@ -7,6 +7,10 @@ All implementations share the contract documented in `pallas_kernels.ragged_page
   gpu        Pallas GPU kernel (`pallas_kernels.ragged_paged_attention_gpu`), when present
 `auto` picks the kernel of the backend, and `xla` elsewhere. `interpret=True` runs a Pallas kernel through
 the Pallas interpreter, so the kernel path can be exercised end to end on a CPU.
+
+On a mesh (tensor parallelism) every implementation runs per device under `jax.shard_map`: each device holds its
+kv heads (the cache's and the step's queries, keys and values, split along the kv-head axis) and attends over
+them alone; the metadata is replicated. No collective: the output projection after it sums the devices' heads.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import functools
 import importlib
 
 import jax
+from jax.sharding import PartitionSpec as P
 
 from jaxinfer.config import ModelConfig
 from pallas_kernels import ragged_paged_attention as rpa
@@ -44,10 +49,11 @@ def get_op(impl: str):
     return getattr(importlib.import_module(module), name)
 
 
-def make_attention_fn(cfg: ModelConfig, impl: str, interpret: bool = False):
+def make_attention_fn(cfg: ModelConfig, impl: str, interpret: bool = False, mesh=None):
     """(qkv [T, K, G + 2, H], k_pages, v_pages, meta: AttentionMetadata, decode=False) -> (out [T, N, H], k_pages,
     v_pages): qkv holds per kv head its G query heads, then the step's new key and value (the model's fused
-    projection, rope applied); the new K/V are written into their slots, then attention runs."""
+    projection, rope applied); the new K/V are written into their slots, then attention runs. mesh: run it per
+    device over the kv heads (module docstring)."""
     chosen = select_impl(impl, jax.default_backend())
     kwargs = dict(sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window)
     if chosen in _KERNELS:
@@ -71,4 +77,21 @@ def make_attention_fn(cfg: ModelConfig, impl: str, interpret: bool = False):
         extra = {"decode_only": True} if decode and chosen == "xla" else {}  # one token per row
         return op(q, k_pages, v_pages, *args, **extra), k_pages, v_pages
 
-    return attention
+    axis = rpa_axis(mesh)
+    if axis is None:
+        return attention
+    heads = P(None, axis)  # qkv [T, K, ...], pages [P, K, ...], out [T, N, H]: the second axis split
+
+    def per_device(qkv, k_pages, v_pages, meta, decode: bool = False):
+        fn = jax.shard_map(functools.partial(attention, decode=decode), mesh=mesh, in_specs=(heads, heads, heads, P()),
+                           out_specs=(heads, heads, heads), check_vma=False)
+        return fn(qkv, k_pages, v_pages, meta)
+
+    return per_device
+
+
+def rpa_axis(mesh) -> str | None:
+    """The mesh axis that splits the kv heads, when it has more than one device; else None."""
+    from jaxinfer.model import SHARDING_RULES, tp_size
+
+    return SHARDING_RULES["kv_heads"] if tp_size(mesh) > 1 else None

@@ -37,7 +37,7 @@ FIELD_FLAGS = {
     "dtype": "--dtype", "load_format": "--load-format", "attention_impl": "--attention-impl",
     "quantization": "--quantization", "kv_cache_dtype": "--kv-cache-dtype",
     "enable_prefix_caching": "--no-prefix-caching", "async_scheduling": "--no-async-scheduling",
-    "speculative_config": "--speculative-config",
+    "speculative_config": "--speculative-config", "tensor_parallel_size": "--tensor-parallel-size",
 }
 
 EPILOG = """\
@@ -133,6 +133,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="longest sequence (prompt + output) in tokens; default: the model's context length")
     g.add_argument("--max-num-seqs", type=_positive_int, metavar="N",
                    help="most sequences decoded together in one step (default: 16)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, metavar="N",
+                   help="split the model over the first N devices (tensor parallelism over a jax.sharding mesh; "
+                        "kv heads held N / K times when the model has K < N of them; default: 1)")
     g.add_argument("--max-num-batched-tokens", type=_positive_int, metavar="N",
                    help="most tokens processed in one step; longer prompts are split (default: largest token bucket)")
     g.add_argument("--mixed-step-token-budget", type=_positive_int, metavar="N",
@@ -198,7 +201,7 @@ def engine_options_from_args(args: argparse.Namespace) -> dict:
             raise UsageError(f"--engine-config: {e}") from None
     names = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "mixed_step_token_budget", "token_buckets", "seq_buckets",
              "page_size", "kv_cache_memory", "dtype", "load_format", "quantization", "kv_cache_dtype", "attention_impl",
-             "compilation_cache_dir", "speculative_config"]
+             "compilation_cache_dir", "speculative_config", "tensor_parallel_size"]
     opts.update({k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
     if getattr(args, "engine_seed", None) is not None:
         opts["seed"] = args.engine_seed

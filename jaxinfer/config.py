@@ -92,6 +92,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
+    # each of the checkpoint's kv heads held this many times (num_kv_heads counts the copies): tensor parallelism over
+    # more devices than the checkpoint has kv heads gives every device one (model.tensor_parallel_config)
+    kv_replicas: int = 1
 
     def __post_init__(self):
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
@@ -104,6 +107,9 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"model config: head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.kv_replicas < 1 or self.num_kv_heads % self.kv_replicas:
+            raise ValueError(f"model config: kv_replicas ({self.kv_replicas}) must divide num_kv_heads "
+                             f"({self.num_kv_heads})")
         if self.arch not in SUPPORTED_ARCHITECTURES.values():
             raise ValueError(f"model config: unknown arch {self.arch!r}")
 
@@ -298,9 +304,11 @@ class EngineConfig:
     show_progress: bool = True
     # speculative decoding (spec_decode.py): vLLM's dict, e.g. {"method": "ngram", "num_speculative_tokens": 3}; None: off
     speculative_config: SpeculativeConfig | None = None
+    # devices the model is split over (tensor parallelism: a mesh of the first N devices, model.tensor_parallel_config)
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
-        for name, lo, optional in (("max_model_len", 1, True), ("max_num_seqs", 1, False),
+        for name, lo, optional in (("max_model_len", 1, True), ("max_num_seqs", 1, False), ("tensor_parallel_size", 1, False),
                                    ("max_num_batched_tokens", 1, True), ("mixed_step_token_budget", 1, True),
                                    ("page_size", 1, False),
                                    ("num_pages", 1, True), ("max_logprobs", 0, False), ("max_logit_bias", 0, False),

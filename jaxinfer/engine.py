@@ -46,6 +46,7 @@ import uuid
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxinfer import autotune, compile_guard, executables
 from jaxinfer.config import EngineConfig, ModelConfig
@@ -53,7 +54,8 @@ from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.executables import ExecutableStore
 from jaxinfer.loader import load_model, resolve_dtype, weight_bytes
 from jaxinfer.eagle import load_eagle, load_eagle3
-from jaxinfer.model import KV_CACHE_8BIT, KV_CALIBRATION_TEXT, init_kv_cache, is_8bit, kv_cache_scales, logical_sharding
+from jaxinfer.model import (KV_CACHE_8BIT, KV_CALIBRATION_TEXT, SHARDING_RULES, init_kv_cache, is_8bit, kv_cache_scales,
+                            logical_sharding, tp_size)
 from jaxinfer.request import CompletionOutput, Logprob, Request, RequestMetrics, RequestOutput
 from jaxinfer.drafts import DraftModel
 from jaxinfer.runner import LaunchedStep, ModelRunner, StepResult
@@ -63,6 +65,22 @@ from jaxinfer.spec_decode import accept_greedy, ngram_propose
 
 _GiB = 1 << 30
 MAX_FAULTS_IN_A_ROW = 8  # step faults without a completed step between them: the engine gives up (raises)
+
+
+def tensor_parallel_mesh(n: int, mesh: Mesh | None) -> Mesh | None:
+    """The mesh of `tensor_parallel_size` n: the first n devices along the tensor-parallel axis ("tp"), or the mesh
+    given (whose "tp" axis must then have n devices, unless n is 1)."""
+    axis = SHARDING_RULES["kv_heads"]
+    if mesh is not None:
+        if n > 1 and tp_size(mesh) != n:
+            raise ValueError(f"tensor_parallel_size {n}: the mesh given has {tp_size(mesh)} devices along {axis!r}")
+        return mesh
+    if n == 1:
+        return None
+    devices = jax.devices()
+    if len(devices) < n:
+        raise ValueError(f"tensor_parallel_size {n}: only {len(devices)} {jax.default_backend()} device(s) here")
+    return Mesh(np.array(devices[:n]), (axis,))
 
 
 def kv_device_bytes(abstract_kv) -> int:
@@ -98,6 +116,8 @@ class Engine:
                 self._log(f"XLA autotune cache: {seeded} results for this GPU added from configs/autotune")
         backend = jax.default_backend()
         self.dtype = resolve_dtype(ecfg.dtype, backend)
+        mesh = tensor_parallel_mesh(ecfg.tensor_parallel_size, mesh)
+        self.mesh = mesh
         t0 = time.monotonic()
         loaded = load_model(model, ecfg, self.dtype, mesh)
         self.cfg: ModelConfig = loaded.cfg

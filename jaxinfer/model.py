@@ -177,6 +177,34 @@ def kv_cache_spec(cfg: ModelConfig, num_pages: int, page_size: int) -> ParamSpec
     return ParamSpec((num_pages, cfg.num_kv_heads, page_size, cfg.head_dim), ("pages", "kv_heads", "page_slot", "head_dim"), "zeros")
 
 
+def tp_size(mesh: Mesh | None) -> int:
+    """Devices along the mesh axis that the tensor-parallel logical axes map to (1 without a mesh)."""
+    return 1 if mesh is None else int(dict(mesh.shape).get(SHARDING_RULES["kv_heads"], 1))
+
+
+def tensor_parallel_config(cfg: ModelConfig, n: int) -> ModelConfig:
+    """cfg for tensor parallelism over n devices: query heads, the MLP and the vocabulary split n ways, the kv heads
+    too, or, with fewer kv heads than devices, each held n / K times so every device has one with its share of the
+    query heads (as vLLM replicates them; the KV cache holds each copy). Raises a ValueError naming what does not
+    divide."""
+    if n <= 1:
+        return cfg
+    K = cfg.num_kv_heads // cfg.kv_replicas
+    for what, size in (("num_attention_heads", cfg.num_heads), ("intermediate_size", cfg.intermediate_size),
+                       ("vocab_size", cfg.vocab_size)):
+        if size % n:
+            raise ValueError(f"tensor_parallel_size {n} must divide the model's {what} ({size})")
+    if K >= n:
+        if K % n:
+            raise ValueError(f"tensor_parallel_size {n} must divide the model's num_key_value_heads ({K}), or be a "
+                             "multiple of it")
+        return dataclasses.replace(cfg, num_kv_heads=K, kv_replicas=1)
+    if n % K:
+        raise ValueError(f"tensor_parallel_size {n} must be a multiple of the model's num_key_value_heads ({K}), or "
+                         "divide it")
+    return dataclasses.replace(cfg, num_kv_heads=n, kv_replicas=n // K)
+
+
 def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, mesh: Mesh | None = None,
                   abstract: bool = False, scales: tuple | None = None) -> KVCache:
     """Zeroed per-layer K and V page arrays; abstract=True: their ShapeDtypeStructs (to compile before allocating).

@@ -204,7 +204,7 @@ class ModelRunner:
             self.sstate = jax.device_put(self.sstate, self._replicated)
         self.buckets = ecfg.buckets()  # (T, B, decode)
         self.seq_buckets = sorted({b[1] for b in self.buckets})
-        self._attn_fn = make_attention_fn(cfg, ecfg.attention_impl, ecfg.attention_interpret)
+        self._attn_fn = make_attention_fn(cfg, ecfg.attention_impl, ecfg.attention_interpret, mesh)
         # Functions of this runner's own: jax shares lowerings (and compiles) between jits of one function, and a
         # program taken from another engine's compile cannot be told freshly compiled (see executables.py).
         self._set_row = jax.jit(functools.partial(sampling.set_row), donate_argnums=(0,))
@@ -227,7 +227,7 @@ class ModelRunner:
         self.compiled_draft: dict[tuple[int, int, bool], Any] = {}  # (T, B, decode) -> draft model's forward
         self.compiled_propose: dict[tuple[int, str], Any] = {}  # (B, variant) -> draft model's k decode steps
         if draft is not None:
-            self._draft_attn_fn = make_attention_fn(draft.cfg, ecfg.attention_impl, ecfg.attention_interpret)
+            self._draft_attn_fn = make_attention_fn(draft.cfg, ecfg.attention_impl, ecfg.attention_interpret, mesh)
         self._eagle_step = None  # an EAGLE head's inputs of the prepared step (prepare -> launch)
         self._draft_plan = (True, [])  # a draft model's (run its forward, requests to fill first) (prepare -> launch)
         self._compiled_set_row = None

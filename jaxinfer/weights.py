@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from jaxinfer import quant
 from jaxinfer.config import ModelConfig
-from jaxinfer.model import ParamSpec, Params, is_spec, logical_sharding, param_specs
+from jaxinfer.model import SHARDING_RULES, ParamSpec, Params, is_spec, logical_sharding, param_specs
 from jaxinfer.quant import HostQuant, QuantizedWeight
 from pallas_kernels import cpu_qmatmul
 
@@ -75,6 +75,7 @@ def weight_table(cfg: ModelConfig, fmt: str) -> list[WeightEntry]:
     """The declarative table for `fmt` in {"hf", "gguf"}."""
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = N // K
+    r = cfg.kv_replicas  # each checkpoint kv head stored r times (of K), with G of its query heads each
     gguf = fmt == "gguf"
     # llama.cpp permutes Q/K only for the archs it runs with interleaved rope.
     permuted = gguf and cfg.arch in ("llama", "mistral")
@@ -82,12 +83,14 @@ def weight_table(cfg: ModelConfig, fmt: str) -> list[WeightEntry]:
     def heads(n: int, unpermute: bool):  # [n * H, ...] -> [n, H, ...]
         return lambda w: (_unpermute_gguf(n)(w) if unpermute else w).reshape(n, H, *w.shape[1:])
 
-    q_rows, k_rows, v_rows = heads(N, permuted), heads(K, permuted), heads(K, False)
+    q_rows, k_rows, v_rows = heads(N, permuted), heads(K // r, permuted), heads(K // r, False)
 
     def qkv(q, k, v):
-        """q [N*H, ...], k and v [K*H, ...] -> [K, G + 2, H, ...]: per kv head, its G query heads, k, v."""
+        """q [N*H, ...], k and v [K/r*H, ...] -> [K, G + 2, H, ...]: per kv head, its G query heads, k, v (a
+        checkpoint head's copy j takes its query heads j * G ... (j + 1) * G - 1: query head n stays n)."""
         q = q_rows(q).reshape(K, G, H, *q.shape[1:])
-        return np.concatenate([q, k_rows(k)[:, None], v_rows(v)[:, None]], axis=1)
+        k, v = (np.repeat(x, r, axis=0) if r > 1 else x for x in (k_rows(k), v_rows(v)))
+        return np.concatenate([q, k[:, None], v[:, None]], axis=1)
 
     if gguf:
         top = [("token_embd.weight", "embed"), ("output_norm.weight", "final_norm")]
@@ -342,12 +345,24 @@ def _place(specs: Params, leaf_fn, mesh: Mesh | None, desc: str, show_progress: 
     for path, spec in tqdm(flat, desc=desc, unit="tensor", disable=not show_progress, leave=False):
         arr = leaf_fn(_path_str(path), spec)
         if isinstance(arr, QuantizedWeight):  # each part in the sharding of its rows (g_idx: whole everywhere)
-            rows = logical_sharding(spec.quantized_axes(), mesh)
-            arr = jax.tree_util.tree_map(lambda a: jax.device_put(a, rows if a.ndim > 1 else None), arr)
+            axes = spec.quantized_axes()
+            arr = jax.tree_util.tree_map(
+                lambda a: jax.device_put(a, _divisible(axes, a.shape, mesh) if a.ndim > 1 else None), arr)
         elif isinstance(arr, np.ndarray):
             arr = jax.device_put(arr, logical_sharding(spec.axes, mesh))
         leaves.append(arr)
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _divisible(axes, shape, mesh: Mesh | None):
+    """The sharding of these logical axes, with a dim left whole where its mesh axis does not divide it (a
+    per-channel scale's one group of a row-parallel weight)."""
+    if mesh is None:
+        return None
+    sizes = dict(mesh.shape)
+    keep = [a if a and SHARDING_RULES.get(a) and n % sizes.get(SHARDING_RULES[a], 1) == 0 else None
+            for a, n in zip(axes, shape)]
+    return logical_sharding(tuple(keep), mesh)
 
 
 def quantizes(path: str, spec: ParamSpec) -> bool:
