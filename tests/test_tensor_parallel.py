@@ -21,7 +21,7 @@ import jax
 from jaxinfer.engine import Engine
 from jaxinfer.sampling_params import SamplingParams
 
-model, opts, runs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+model, opts, runs = sys.argv[1] or None, json.loads(sys.argv[2]), json.loads(sys.argv[3])
 REQS = [([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], dict(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)),
         ([7, 8, 9], dict(temperature=0.8, top_p=0.9, seed=3, max_tokens=8, ignore_eos=True)),
         ([5] * 23, dict(temperature=0, max_tokens=8, ignore_eos=True))]
@@ -113,6 +113,25 @@ def test_tensor_parallel_kernel_and_int8(tiny_llama_dir):
     assert res[1]["attention"] == "per_device" and res[1]["devices"] == 2
     assert_same(res[2], res[3])
     assert res[3]["replicas"] == 2 and res[3]["devices"] == 4
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "llama-tied-mqa"])
+def test_tensor_parallel_families(family, tmp_path):
+    """TP 4 on the other families' tiny models (q/k/v biases, q/k norms with a tied embedding, a sliding window, one
+    kv head held four times) against one device."""
+    from hf_models import make_hf_model
+
+    make_hf_model(family, tmp_path)
+    one, tp = run_child(tmp_path, [{}, {"tensor_parallel_size": 4}], kv_cache_memory="256KiB")
+    assert tp["devices"] == 4 and tp["shard_heads"] == [1] and tp["compiles"] == 0
+    assert_same(one, tp)
+
+
+def test_tensor_parallel_default_model():
+    """The default model (9 query heads over 3 kv heads, Q4_1 weights kept quantized) at TP 3 against one device."""
+    one, tp = run_child("", [{}, {"tensor_parallel_size": 3}], kv_cache_memory="8MiB")
+    assert tp["devices"] == 3 and tp["kv_heads"] == 3 and tp["replicas"] == 1 and tp["compiles"] == 0
+    assert_same(one, tp)
 
 
 def test_tensor_parallel_size_errors():
