@@ -271,9 +271,9 @@ class InProcessServer:
         self.thread.start()
 
         def factory():
-            from jaxinfer.engine import Engine
+            from jaxinfer.data_parallel import make_engine
 
-            return Engine(args.model, **opts)
+            return make_engine(args.model, **opts)
 
         self.engine = AsyncEngine(factory)
         n = args.num_prompts

@@ -38,6 +38,7 @@ FIELD_FLAGS = {
     "quantization": "--quantization", "kv_cache_dtype": "--kv-cache-dtype",
     "enable_prefix_caching": "--no-prefix-caching", "async_scheduling": "--no-async-scheduling",
     "speculative_config": "--speculative-config", "tensor_parallel_size": "--tensor-parallel-size",
+    "data_parallel_size": "--data-parallel-size",
 }
 
 EPILOG = """\
@@ -136,6 +137,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, metavar="N",
                    help="split the model over the first N devices (tensor parallelism over a jax.sharding mesh; "
                         "kv heads held N / K times when the model has K < N of them; default: 1)")
+    g.add_argument("--data-parallel-size", "-dp", type=_positive_int, metavar="M",
+                   help="M engine replicas in this process, each on --tensor-parallel-size devices of its own, behind "
+                        "one front: a request goes to the replica caching the longest prefix of its prompt, else the "
+                        "least loaded (default: 1)")
     g.add_argument("--max-num-batched-tokens", type=_positive_int, metavar="N",
                    help="most tokens processed in one step; longer prompts are split (default: largest token bucket)")
     g.add_argument("--mixed-step-token-budget", type=_positive_int, metavar="N",
@@ -201,7 +206,7 @@ def engine_options_from_args(args: argparse.Namespace) -> dict:
             raise UsageError(f"--engine-config: {e}") from None
     names = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "mixed_step_token_budget", "token_buckets", "seq_buckets",
              "page_size", "kv_cache_memory", "dtype", "load_format", "quantization", "kv_cache_dtype", "attention_impl",
-             "compilation_cache_dir", "speculative_config", "tensor_parallel_size"]
+             "compilation_cache_dir", "speculative_config", "tensor_parallel_size", "data_parallel_size"]
     opts.update({k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
     if getattr(args, "engine_seed", None) is not None:
         opts["seed"] = args.engine_seed
@@ -403,9 +408,9 @@ def run_serve(args: argparse.Namespace) -> int:
                           shutdown_timeout=args.shutdown_timeout, step_timeout=args.step_timeout or None)
 
     def factory():
-        from jaxinfer.engine import Engine
+        from jaxinfer.data_parallel import make_engine
 
-        return Engine(args.model, **opts)
+        return make_engine(args.model, **opts)
 
     return asyncio.run(serve(factory, config, args.host, args.port))
 

@@ -306,9 +306,12 @@ class EngineConfig:
     speculative_config: SpeculativeConfig | None = None
     # devices the model is split over (tensor parallelism: a mesh of the first N devices, model.tensor_parallel_config)
     tensor_parallel_size: int = 1
+    # engine replicas, each on tensor_parallel_size devices of its own, behind one front (data_parallel.py)
+    data_parallel_size: int = 1
 
     def __post_init__(self):
         for name, lo, optional in (("max_model_len", 1, True), ("max_num_seqs", 1, False), ("tensor_parallel_size", 1, False),
+                                   ("data_parallel_size", 1, False),
                                    ("max_num_batched_tokens", 1, True), ("mixed_step_token_budget", 1, True),
                                    ("page_size", 1, False),
                                    ("num_pages", 1, True), ("max_logprobs", 0, False), ("max_logit_bias", 0, False),

@@ -116,6 +116,9 @@ class Engine:
                 self._log(f"XLA autotune cache: {seeded} results for this GPU added from configs/autotune")
         backend = jax.default_backend()
         self.dtype = resolve_dtype(ecfg.dtype, backend)
+        if ecfg.data_parallel_size > 1:
+            raise ValueError(f"data_parallel_size {ecfg.data_parallel_size}: an Engine is one replica; build the "
+                             "replicas with jaxinfer.LLM or jaxinfer.data_parallel.make_engine")
         mesh = tensor_parallel_mesh(ecfg.tensor_parallel_size, mesh)
         self.mesh = mesh
         t0 = time.monotonic()

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinfer.engine import Engine
+from jaxinfer.data_parallel import make_engine
 from jaxinfer.request import RequestOutput
 from jaxinfer.sampling_params import RequestOutputKind, SamplingParams
 
@@ -22,7 +22,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **engine_options):
-        self.engine = Engine(model, **engine_options)
+        self.engine = make_engine(model, **engine_options)  # an Engine, or data_parallel_size replicas of one
         self.tokenizer = self.engine.tokenizer
 
     def generate(

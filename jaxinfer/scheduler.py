@@ -212,6 +212,16 @@ class Scheduler:
             hs.append(page_hash(hs[-1] if hs else None, tokens, req.cache_extra))
         return hs[:num_pages]
 
+    def cached_prompt_tokens(self, ids: list[int]) -> int:
+        """Tokens of the longest prefix of a prompt `ids` whose pages are cached here (nothing is taken: routing
+        between engine replicas, data_parallel.py)."""
+        if not self.enable_prefix_caching:
+            return 0
+        hs, ps = [], self.page_size
+        for i in range((len(ids) - 1) // ps):
+            hs.append(page_hash(hs[-1] if hs else None, ids[i * ps:(i + 1) * ps]))
+        return len(self.allocator.lookup(hs)) * ps
+
     def _uses_cache(self, req: Request) -> bool:
         """Prompt logprobs need logits at every prompt position, so the request collecting them (the first of its
         n children) computes its whole prompt; its siblings then take its pages from the cache."""
