@@ -208,8 +208,11 @@ def _perplexity(logits, ids) -> float:
 
 def test_default_model_perplexity_native_q4_1_against_float32(default_llm):
     """The default model runs its native Q4_1 (and Q8_0 embedding) weights; its perplexity on a fixed text equals
-    the float32-dequantized model's within 0.5% (exact dequantization: only the matmuls' rounding differs), and
-    with an fp8 KV cache (scaled as the engine does) within 1% of the float cache's."""
+    the float32-dequantized model's within 0.5% (exact dequantization: only the matmuls' rounding differs). With an
+    fp8 KV cache (scaled as the engine does) the next-token distributions stay close to the float cache's: mean KL
+    divergence < 0.06 nats (measured 0.044-0.049 for page sizes 4-64 on jax 0.10.1 and 0.10.2). A single perplexity
+    ratio is not the bound: which stored values round up or down in e4m3 follows the f32 summation order, and the
+    ratio moves by ~2% with the page size or the XLA version (1.0025 vs 1.0194 at page size 16 on those two)."""
     import jaxinfer
 
     eng = default_llm.engine
@@ -225,13 +228,16 @@ def test_default_model_perplexity_native_q4_1_against_float32(default_llm):
     ppl_f = _perplexity(sequence_logits(f32.params, f32.cfg, ids, page_size=16), ids)
     ppl_q = float(np.exp(nll_q))
     scales = kv_cache_scales(eng.runner.params, eng.cfg, jnp.float8_e4m3fn, eng.tokenizer.encode(KV_CALIBRATION_TEXT))
-    ppl_fp8 = _perplexity(sequence_logits(eng.runner.params, eng.cfg, ids, page_size=16, kv_dtype=jnp.float8_e4m3fn,
-                                          kv_scales=scales), ids)
+    fp8 = sequence_logits(eng.runner.params, eng.cfg, ids, page_size=16, kv_dtype=jnp.float8_e4m3fn, kv_scales=scales)
+    ref = sequence_logits(eng.runner.params, eng.cfg, ids, page_size=16)
+    a, b = (np.asarray(jax.nn.log_softmax(jnp.asarray(x), axis=-1)) for x in (ref, fp8))
+    kl = float(np.mean(np.sum(np.exp(a) * (a - b), axis=-1)))
+    ppl_fp8 = _perplexity(fp8, ids)
     print(f"perplexity: native Q4_1 {ppl_q:.4f}, float32 {ppl_f:.4f} (ratio {ppl_q / ppl_f:.6f}); "
-          f"fp8 KV cache {ppl_fp8:.4f} (ratio {ppl_fp8 / ppl_q:.6f})")
+          f"fp8 KV cache {ppl_fp8:.4f} (ratio {ppl_fp8 / ppl_q:.6f}, mean KL {kl:.4f})")
     assert 1 < ppl_f < 100  # a real language model on English text
     assert abs(ppl_q / ppl_f - 1) < 0.005
-    assert abs(ppl_fp8 / ppl_q - 1) < 0.01
+    assert kl < 0.06 and abs(ppl_fp8 / ppl_q - 1) < 0.03
 
 
 def test_without_a_compiler_quantized_weights_still_run_and_say_so(tiny_llama_dir, tmp_path):
