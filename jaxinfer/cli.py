@@ -124,6 +124,34 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_multihost_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of a multi-host engine (jaxinfer/multihost.py); read by `join_hosts`."""
+    g = parser.add_argument_group(
+        "multi-host (one engine over the devices of several processes; run the same command on every host)")
+    g.add_argument("--coordinator-address", metavar="HOST:PORT",
+                   help="process 0's address, where jax.distributed's coordination service listens "
+                        "(default: $JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", type=_positive_int, metavar="N",
+                   help="how many processes the engine spans (default: $JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, metavar="I",
+                   help="this process's index, 0 .. N-1; process 0 serves, the others follow its steps "
+                        "(default: $JAX_PROCESS_ID)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join by jax's cluster detection (Cloud TPU VMs, GKE, SLURM, Open MPI) where the three "
+                        "values above are not given")
+
+
+def join_hosts(args: argparse.Namespace) -> bool:
+    """jax.distributed.initialize from the multi-host flags or the environment; whether this is a multi-host run."""
+    from jaxinfer import multihost
+
+    joined = multihost.initialize(getattr(args, "coordinator_address", None), getattr(args, "num_processes", None),
+                                  getattr(args, "process_id", None), auto=getattr(args, "distributed", False))
+    if joined and args.command not in ("serve", "generate"):
+        raise UsageError(f"a multi-host engine runs `jaxinfer serve` or `jaxinfer generate`, not {args.command}")
+    return joined
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Flags mapping onto `EngineConfig` fields; `engine_options_from_args` reads them back."""
     g = parser.add_argument_group("engine options (how the model runs)")
@@ -332,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(gen)
     add_sampling_args(gen, GENERATE_DEFAULTS)
     add_engine_args(gen)
+    add_multihost_args(gen)
     gen.set_defaults(func=run_generate)
 
     serve = sub.add_parser(
@@ -367,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the watchdog: an engine step running longer fails the requests in flight (500) and makes "
                           "/ready answer 503 until it returns; 0 turns it off (default: %(default)s)")
     add_engine_args(serve)
+    add_multihost_args(serve)
     serve.set_defaults(func=run_serve)
 
     bench.add_parser(sub)
@@ -401,6 +431,13 @@ def run_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port: must be in [0, 65535], got {args.port}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if join_hosts(args):
+        opts = multihost_options(opts)
+        if not _is_leader():  # the engine's steps only: process 0 serves
+            from jaxinfer import multihost
+            from jaxinfer.engine import Engine
+
+            return multihost.follow(Engine(args.model, **opts))
     name = args.served_model_name or args.model or "SmolLM2-135M-Instruct"
     config = ServerConfig(model_name=name, api_keys=api_keys_from_args(args), max_n=args.max_n,
                           max_body_size=parse_bytes(args.max_body_size),
@@ -467,6 +504,19 @@ def check_options(engine_options: dict) -> dict:
     """Validate the engine options before the (slow) model load; returns them unchanged."""
     EngineConfig.from_options(**engine_options)
     return engine_options
+
+
+def multihost_options(opts: dict) -> dict:
+    """A multi-host engine spans every device unless told otherwise."""
+    import jax
+
+    return {"tensor_parallel_size": jax.device_count(), **opts}
+
+
+def _is_leader() -> bool:
+    from jaxinfer import multihost
+
+    return multihost.is_leader()
 
 
 def build_llm(args: argparse.Namespace, engine_options: dict):
@@ -605,7 +655,11 @@ def run_generate(args: argparse.Namespace) -> int:
     opts = check_options(engine_options_from_args(args))
     if any(not p for p in args.prompts):
         raise UsageError("PROMPT: must not be empty")
+    if join_hosts(args):
+        opts = multihost_options(opts)
     llm = build_llm(args, opts)
+    if not _is_leader():
+        return llm.follow()
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
         outs = llm.chat([system + [{"role": "user", "content": p}] for p in args.prompts], params,

@@ -6,10 +6,12 @@ also tensor parallel when N > 1). A request goes wholly to one replica (all n sa
 longest cached prefix of its prompt (prefix caching), else the least loaded (fewest running and waiting requests,
 then most free KV pages). `step()` steps every replica with work; each launches its next step before it waits for
 the one in flight, so the replicas' devices run side by side. Pages are accounted per replica; `stats()` sums them.
+The replicas are built side by side (threads), each loading and compiling for its own devices.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import itertools
 import uuid
 
@@ -17,6 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxinfer import compile_guard
 from jaxinfer.engine import Engine
 from jaxinfer.model import SHARDING_RULES
 from jaxinfer.request import RequestOutput
@@ -51,8 +54,14 @@ class DataParallelEngine:
             raise ValueError(f"data_parallel_size {M} x tensor_parallel_size {N} needs {M * N} devices; "
                              f"{len(devices)} {jax.default_backend()} device(s) here")
         axis = SHARDING_RULES["kv_heads"]
-        self.replicas = [Engine(model, mesh=Mesh(np.array(devices[i * N:(i + 1) * N]), (axis,)), **options)
-                         for i in range(M)]
+        # Built side by side: loading and compiling release the GIL (XLA compiles each replica's programs for its
+        # own devices), so start-up takes about one replica's time where the host has the cores.
+        with cf.ThreadPoolExecutor(M, thread_name_prefix="jaxinfer-replica") as pool:
+            futures = [pool.submit(Engine, model, mesh=Mesh(np.array(devices[i * N:(i + 1) * N]), (axis,)), **options)
+                       for i in range(M)]
+            self.replicas = [f.result() for f in futures]  # the first failure is raised
+        for e in self.replicas:  # ready together: a replica's compiles counted from the last one's end
+            e.compiles_at_ready = compile_guard.count()
         self.data_parallel_size = M
         self._owner: dict[str, Engine] = {}  # request id -> its replica
         self._ids = itertools.count()

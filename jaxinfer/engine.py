@@ -48,7 +48,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxinfer import autotune, compile_guard, executables
+from jaxinfer import autotune, compile_guard, executables, multihost
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.executables import ExecutableStore
@@ -83,11 +83,12 @@ def tensor_parallel_mesh(n: int, mesh: Mesh | None) -> Mesh | None:
     return Mesh(np.array(devices[:n]), (axis,))
 
 
-def kv_device_bytes(abstract_kv) -> int:
-    """Bytes of a KV cache on one device (its shard, on a mesh)."""
+def device_bytes(tree) -> int:
+    """Bytes of arrays (a KV cache, weights; abstract or not) on one device: their shards, on a mesh."""
     total = 0
-    for x in jax.tree_util.tree_leaves(abstract_kv):
-        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    for x in jax.tree_util.tree_leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        shape = sharding.shard_shape(x.shape) if sharding is not None else x.shape
         total += math.prod(shape) * np.dtype(x.dtype).itemsize
     return total
 
@@ -97,7 +98,7 @@ def device_page_bytes(cfg: ModelConfig, page_size: int, kv_dtype, mesh=None) -> 
     heads are split over "tp"), so a budget of one device's memory holds tp times the pages."""
     n = 1 if mesh is None else mesh.size  # a page count any sharding of the pages axis divides
     kv = init_kv_cache(cfg, n, page_size, kv_dtype, mesh, abstract=True)
-    return kv_device_bytes((kv.k, kv.v)) // n  # an 8-bit cache's scales are not per page
+    return device_bytes((kv.k, kv.v)) // n  # an 8-bit cache's scales are not per page
 
 
 class Engine:
@@ -119,6 +120,7 @@ class Engine:
         if ecfg.data_parallel_size > 1:
             raise ValueError(f"data_parallel_size {ecfg.data_parallel_size}: an Engine is one replica; build the "
                              "replicas with jaxinfer.LLM or jaxinfer.data_parallel.make_engine")
+        multihost.check_engine(ecfg)
         mesh = tensor_parallel_mesh(ecfg.tensor_parallel_size, mesh)
         self.mesh = mesh
         t0 = time.monotonic()
@@ -128,6 +130,7 @@ class Engine:
         self.model_name = loaded.source
         self.quantization = loaded.quantization  # the weights' schemes, e.g. "gguf:Q4_1 x120, gguf:Q8_0 x1"
         self.weight_bytes = weight_bytes(loaded.params)
+        self.weight_device_bytes = device_bytes(loaded.params)  # one device's shards
         self.load_seconds = time.monotonic() - t0
         self.max_model_len = min(ecfg.max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
         if ecfg.max_model_len and ecfg.max_model_len > self.cfg.max_position_embeddings:
@@ -149,7 +152,7 @@ class Engine:
                                  f"EAGLE head yet; use speculative method {self.spec.method} with kv_cache_dtype 'auto'")
             draft_scales = (self._kv_scales(draft.params, kv_dtype, draft.cfg) if is_8bit(kv_dtype) else None)
             page_bytes += device_page_bytes(draft.cfg, ecfg.page_size, kv_dtype, mesh)
-        self.num_pages = self._num_pages(page_bytes)
+        self.num_pages = multihost.agree_min(self._num_pages(page_bytes))  # every process of an engine the same
         # Compile against the cache's shapes before allocating it: XLA's autotuner (on a cold compilation cache)
         # needs device memory for its trial runs, which a cache filling the device would leave it without.
         # Then check that the largest step's temporaries fit beside the cache; if not, shrink it once and recompile.
@@ -183,12 +186,14 @@ class Engine:
                   f"{self.num_pages} -> {pages} pages, compiling again", file=sys.stderr, flush=True)
             self.num_pages = self._check_pages(pages, "after leaving room for the step programs; lower "
                                                "max_num_batched_tokens or max_num_seqs, or free device memory")
+        per_device = f", {self.weight_device_bytes / _GiB:.2f} GiB per device" if mesh is not None else ""
         self._log(
             f"KV cache: {self.num_pages} pages x {ecfg.page_size} tokens = {self.num_pages * ecfg.page_size:,} tokens, "
             f"{self.num_pages * page_bytes / _GiB:.2f} GiB per device "
             f"({np.dtype(kv_dtype).name}{self._kv_note(kv_dtype)}); "
             f"max_model_len {self.max_model_len}, weights {np.dtype(self.dtype).name} on {backend}, "
-            f"{self.weight_bytes / _GiB:.2f} GiB ({'quantized: ' + self.quantization if self.quantization != 'none' else 'not quantized'})"
+            f"{self.weight_bytes / _GiB:.2f} GiB{per_device} "
+            f"({'quantized: ' + self.quantization if self.quantization != 'none' else 'not quantized'})"
         )
         batch_proposer = dict(propose_batch=self.runner.propose_drafts, draft_len=self._draft_len) if draft else {}
         self.scheduler = Scheduler(self.num_pages, ecfg.page_size, ecfg.max_num_seqs, ecfg.token_budget, self.max_model_len,
@@ -238,6 +243,13 @@ class Engine:
         self.fault_hook = None
         self.last_completed: tuple[tuple[int, int, bool], int] | None = None  # (bucket, real tokens) of the last step read
         self.last_wait_seconds = 0.0  # how long the last step() waited for the device (~0: the host is the bottleneck)
+        # A multi-host engine (multihost.py): process 0 sends each device call to the others and watches them; set
+        # when one stopped, after which no step runs.
+        self.fatal_error: str | None = None
+        if multihost.is_multihost() and multihost.is_leader():
+            self.runner.channel = multihost.StepChannel()
+            self.runner.channel.monitor = multihost.HostMonitor(self._hosts_lost)
+            self.runner.channel.monitor.start()
         self._token_text: dict[int, str] = {}
         self._rng = np.random.default_rng(ecfg.seed)
         self._ids = itertools.count()
@@ -354,7 +366,7 @@ class Engine:
         stats = jax.local_devices()[0].memory_stats() or {}
         if "bytes_limit" not in stats:
             return 0
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0) - kv_device_bytes(abstract_kv)
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0) - device_bytes(abstract_kv)
         return self.runner.peak_step_bytes() - free
 
     # -- requests -------------------------------------------------------------------------------------------
@@ -438,6 +450,10 @@ class Engine:
                 self.scheduler.finish(r, "abort")
                 self._aborted.append(request_id)
 
+    def _hosts_lost(self, lost: list[int], why: str) -> None:  # HostMonitor's thread
+        self.fatal_error = multihost.lost_message(lost, why)
+        print(f"error: {self.fatal_error}", file=sys.stderr, flush=True)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted) or self._inflight is not None
 
@@ -453,6 +469,8 @@ class Engine:
         held) until the one whose step fails again finishes with finish_reason 'error'; the rest go on. Raises only
         when the device state is lost (the KV cache donated to a step that failed) or faults keep coming without
         progress: then the engine must be rebuilt (serving.AsyncEngine does)."""
+        if self.fatal_error is not None:
+            raise RuntimeError(self.fatal_error)
         try:
             if self._launch_fault is not None:  # the last step's early launch of this one failed (_launch_early)
                 fault, self._launch_fault = self._launch_fault, None

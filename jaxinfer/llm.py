@@ -25,6 +25,13 @@ class LLM:
         self.engine = make_engine(model, **engine_options)  # an Engine, or data_parallel_size replicas of one
         self.tokenizer = self.engine.tokenizer
 
+    def follow(self) -> int:
+        """On every process of a multi-host engine but the first (`jaxinfer.multihost`): run the first process's steps
+        until it stops (0) or is lost (1). Process 0 calls `generate` / `chat` as usual."""
+        from jaxinfer import multihost
+
+        return multihost.follow(self.engine)
+
     def generate(
         self,
         prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],

@@ -235,6 +235,8 @@ class ModelRunner:
         self.compile_seconds = self.lower_seconds = 0.0
         self.program_seconds: dict = {}
         self.programs_loaded = 0  # from an executables.ExecutableStore
+        self.channel = None  # a multi-host engine's first process: where each device call goes first (multihost.py)
+        self._for_draft = None  # a step's (features, sampled ids) until its draft forward runs
 
     # -- ahead-of-time compilation --------------------------------------------------------------------------
 
@@ -525,7 +527,7 @@ class ModelRunner:
         blocks = [np.concatenate([x, np.full(m - len(x), fill, np.int32)]).reshape(-1, n)
                   for x, fill in ((slots, self.num_slots), (cols, 0), (pages, 0))]
         for s, c, p in zip(*blocks):
-            self.page_table = self._compiled_set_pages(self.page_table, s, c, p)
+            self._op("set_pages", s, c, p)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[StepInput, sampling.SamplingMetadata, tuple, np.ndarray | None]:
         """The step's input and sampling metadata padded to its bucket, the bucket, and the prompt-logprob
@@ -715,7 +717,7 @@ class ModelRunner:
             inp.new_slot[:k], inp.new_col[:k], inp.new_page[:k] = new_slot, new_col, new_page
         else:
             self._write_pages(*(np.asarray(x, np.int32) for x in (new_slot, new_col, new_page)))
-        return self._run_propose(B, sampling.variant_for(s), pack((inp, s)))
+        return self._op("propose", B, sampling.variant_for(s), pack((inp, s)))
 
     # -- running ----------------------------------------------------------------------------------------
 
@@ -723,31 +725,68 @@ class ModelRunner:
                prompt_targets: np.ndarray | None = None, nan_rows: list[int] | None = None) -> LaunchedStep:
         """Enqueue the step on the device and return at once. nan_rows (tests only: a model fault injected by
         `Engine.fault_hook`): sampled rows whose logits are replaced by NaN."""
-        B, variant = bucket[1], sampling.variant_for(md)
         flat = pack(inp)
-        logits, h, self.kv, self.sstate, self.page_table, *aux = self.compiled[bucket](
-            self.params, self.kv, self.sstate, self.page_table, flat)
-        if nan_rows:
-            logits = logits.at[np.asarray(nan_rows)].set(jnp.nan)
-        out, self.sstate = self.compiled_samplers[(B, variant)](logits, self.sstate, pack(md))
+        run, fill = self._draft_plan if self.draft is not None else (False, [])
+        out, prompt = self._op("step", bucket, sampling.variant_for(md), flat, pack(md), prompt_targets,
+                               np.asarray(nan_rows, np.int32) if nan_rows else None, run)
         want_logprobs = bool((md.num_logprobs >= 0).any())
-        prompt = None
-        if prompt_targets is not None:
-            prompt = self.compiled_prompt_logprobs[bucket[0]](self.params, h, prompt_targets)
         copies = [out.token_ids] + ([out.logprobs, out.top_ids, out.top_logprobs, out.ranks] if want_logprobs else [])
         for x in copies + list(prompt or ()):
             x.copy_to_host_async()
         if self.draft is not None:  # the same tokens into the proposer's cache, behind the step
-            eagle, (run, fill) = None, self._draft_plan
-            self._draft_plan = (True, [])
+            eagle, self._draft_plan = None, (True, [])
             if fill:  # after the step, which sets the device's page-table entries they may need
                 self._fill_drafts(fill)
             if self.draft.eagle:
                 *eagle, owners = self._eagle_step
                 self.draft.feat_owner.update(owners)
             if run:
-                self._launch_draft(bucket, flat, aux[0] if aux else h, out.token_ids, eagle)
+                self._op("draft_forward", bucket, flat, eagle)
         return LaunchedStep(out, want_logprobs, prompt, bucket)
+
+    # -- the device calls of serving ----------------------------------------------------------------------
+    # Each goes through `_op` with host arguments only: on the first process of a multi-host engine the call is sent
+    # to the others first (multihost.py), which make the same call on their devices (`replay`), in the same order.
+
+    def _op(self, name: str, *args):
+        if self.channel is not None:
+            self.channel.send(name, args)
+        return getattr(self, "_op_" + name)(*args)
+
+    def replay(self, name: str, args: tuple) -> None:
+        """Make a device call the first process made (multihost.follow); its results stay on the device."""
+        getattr(self, "_op_" + name)(*args)
+
+    def _op_step(self, bucket, variant, flat, flat_md, prompt_targets, nan_rows, keep_for_draft: bool):
+        """The step's forward and sampler programs (and the prompt-logprobs one): (sampler output, prompt logprobs)."""
+        logits, h, self.kv, self.sstate, self.page_table, *aux = self.compiled[bucket](
+            self.params, self.kv, self.sstate, self.page_table, flat)
+        if nan_rows is not None:
+            logits = logits.at[nan_rows].set(jnp.nan)
+        out, self.sstate = self.compiled_samplers[(bucket[1], variant)](logits, self.sstate, flat_md)
+        prompt = None
+        if prompt_targets is not None:
+            prompt = self.compiled_prompt_logprobs[bucket[0]](self.params, h, prompt_targets)
+        if keep_for_draft:  # what the step's draft forward reads (_op_draft_forward takes it)
+            self._for_draft = (aux[0] if aux else h, out.token_ids)
+        return out, prompt
+
+    def _op_draft_forward(self, bucket, flat, eagle) -> None:
+        h, sampled = self._for_draft
+        self._for_draft = None
+        self._launch_draft(bucket, flat, h, sampled, eagle)
+
+    def _op_set_pages(self, slots, cols, pages) -> None:
+        self.page_table = self._compiled_set_pages(self.page_table, slots, cols, pages)
+
+    def _op_propose(self, B: int, variant: str, flat):
+        return self._run_propose(B, variant, flat)
+
+    def _op_history(self, slots, ids, is_prompt, reset) -> None:
+        self.sstate = self._compiled_history(self.sstate, slots, ids, is_prompt, reset)
+
+    def _op_set_row(self, slot, bias_ids, bias_vals, stops, clear) -> None:
+        self.sstate = self._compiled_set_row(self.sstate, slot, bias_ids, bias_vals, stops, clear)
 
     def _launch_draft(self, bucket, flat, h, sampled, eagle) -> None:
         """A step's rows through the proposer too, behind the step: a draft model's input, or an EAGLE head's pairs of
@@ -777,8 +816,7 @@ class ModelRunner:
         ids[:n] = [req.token_at(i) for i in range(n)]
         slots[:n] = req.slot
         is_prompt[:n] = np.arange(n) < req.num_prompt_tokens
-        reset = np.array([req.slot], np.int32)
-        self.sstate = self._compiled_history(self.sstate, slots, ids, is_prompt, reset)
+        self._op("history", slots, ids, is_prompt, np.array([req.slot], np.int32))
 
     def set_row(self, slot: int, logit_bias: dict[int, float] | None, stop_ids: list[int]) -> None:
         """Install a request's logit bias and min_tokens stop set into its sampler-state row (a stop set longer than
@@ -795,6 +833,6 @@ class ModelRunner:
             chunk = stop_ids[n : n + W]
             stops[: len(chunk)] = chunk
             clear = slot if n == 0 else self.num_slots  # later chunks add to the row
-            self.sstate = self._compiled_set_row(self.sstate, np.int32(slot), bias_ids, bias_vals, stops, np.int32(clear))
+            self._op("set_row", np.int32(slot), bias_ids, bias_vals, stops, np.int32(clear))
             bias_ids = np.full(W, V, np.int32)  # the bias went in with the first chunk
 

@@ -97,6 +97,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._stop = False
+        self._fatal = False  # the engine reported a fatal error (_lost)
+        self._lost_lock = threading.Lock()
 
     # -- lifecycle (event loop side) ------------------------------------------------------------------------
 
@@ -104,8 +106,7 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="jaxinfer-engine", daemon=True)
         self._thread.start()
-        if self.step_timeout is not None:
-            threading.Thread(target=self._watch, name="jaxinfer-watchdog", daemon=True).start()
+        threading.Thread(target=self._watch, name="jaxinfer-watchdog", daemon=True).start()
 
     @property
     def is_ready(self) -> bool:
@@ -228,6 +229,10 @@ class AsyncEngine:
             fault = self._serve(self.engine, self._loop)
             if fault is None:
                 return
+            fatal = getattr(self.engine, "fatal_error", None)
+            if fatal is not None:  # a process of a multi-host engine is gone: nothing to rebuild here
+                self._lost(fatal)
+                return
             # The engine could not attribute a fault: fail what was in flight, rebuild, serve again.
             self.error = EngineDeadError(f"the engine failed during a step: {fault}")
             self.rebuilding = True  # before anyone hears of the fault: /ready and /health say so from here on
@@ -294,10 +299,31 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(self._deliver, out.request_id, out)
         return None
 
+    def _lost(self, fatal: str) -> None:
+        """The engine reported a fault it cannot come back from (`Engine.fatal_error`: a process of a multi-host
+        engine stopped): unready for good, what is in flight fails. Either thread may get here first."""
+        with self._lost_lock:
+            if self._fatal:
+                return
+            self._fatal = True
+            self.error = EngineDeadError(f"the engine cannot go on: {fatal}")
+        self._ready.clear()
+        rids = list(self._streams)
+        logger.error("%s; failing the %d requests in flight and staying unready", fatal, len(rids))
+        for rid in rids:
+            self._loop.call_soon_threadsafe(self._deliver, rid, self.error)
+        self._drain_adds()
+
     def _watch(self) -> None:
-        """The watchdog (its own thread): a step running past step_timeout fails what is in flight."""
+        """The watchdog (its own thread): a step running past step_timeout fails what is in flight; an engine that
+        reports a fatal error (`Engine.fatal_error`) makes the server unready even while a step hangs."""
         while not self._stop:
-            time.sleep(min(0.5, self.step_timeout / 4))
+            time.sleep(0.5 if self.step_timeout is None else min(0.5, self.step_timeout / 4))
+            fatal = getattr(self.engine, "fatal_error", None)
+            if fatal is not None and not self._fatal:
+                self._lost(fatal)
+            if self.step_timeout is None:
+                continue
             started = self._step_started
             if started is None or self.stalled or time.monotonic() - started < self.step_timeout:
                 continue

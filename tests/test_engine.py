@@ -475,14 +475,14 @@ SMALL = dict(token_buckets=(4, 16), seq_buckets=(1, 4), max_num_seqs=4, max_mode
 def test_kv_cache_shrinks_when_the_step_programs_do_not_fit(tiny_llama_dir, monkeypatch):
     """If XLA's memory analysis says the largest step would not fit beside the KV cache, the engine takes the
     missing pages off the cache and compiles again (once); an explicit num_pages is refused instead."""
-    from jaxinfer.engine import Engine, kv_device_bytes
+    from jaxinfer.engine import Engine, device_bytes
 
     d, model = tiny_llama_dir
     calls = []
 
     def shortfall(self, abstract_kv):
         calls.append(self.num_pages)
-        per_page = kv_device_bytes(abstract_kv) // self.num_pages
+        per_page = device_bytes(abstract_kv) // self.num_pages
         return 10 * per_page - 1 if len(calls) == 1 else 0  # 10 pages short, then fits
 
     monkeypatch.setattr(Engine, "_memory_shortfall", shortfall)

@@ -18,7 +18,8 @@ CHILD = r"""
 import json, os, sys
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 import jax
-from jaxinfer.engine import Engine
+from jaxinfer.engine import Engine, device_bytes
+from jaxinfer.step_input import pack
 from jaxinfer.sampling_params import SamplingParams
 
 model, opts, runs = sys.argv[1] or None, json.loads(sys.argv[2]), json.loads(sys.argv[3])
@@ -43,11 +44,17 @@ res = []
 for extra in runs:
     eng = Engine(model, **{**opts, **extra})
     out = run(eng)
-    kv = eng.runner.kv.k[0]
-    res.append(dict(out=out, kv_spec=str(getattr(kv.sharding, "spec", None)), kv_heads=eng.cfg.num_kv_heads,
+    kv, r = eng.runner.kv.k[0], eng.runner
+    # start-up's per-device estimate (weights and cache, one device's shards) against XLA's memory analysis of each
+    # compiled forward program (its arguments: weights, cache, sampler state, page table, packed input)
+    base = eng.weight_device_bytes + device_bytes((r.kv, r.sstate, r.page_table))
+    mem = [(r.compiled[b].memory_analysis().argument_size_in_bytes, base + pack(r._empty_input(b[0], b[1])[0]).nbytes)
+           for b in r.buckets]
+    res.append(dict(out=out, mem=mem, weight_device_bytes=eng.weight_device_bytes, weight_bytes=eng.weight_bytes, kv_spec=str(getattr(kv.sharding, "spec", None)), kv_heads=eng.cfg.num_kv_heads,
                     replicas=eng.cfg.kv_replicas, devices=len(kv.sharding.device_set),
                     shard_heads=sorted({s.data.shape[1] for s in kv.addressable_shards}),
-                    compiles=eng.num_compiles_since_ready, attention=eng.runner._attn_fn.__name__))
+                    compiles=eng.num_compiles_since_ready, attention=eng.runner._attn_fn.__name__,
+                    loaded=r.programs_loaded, programs=len(r.program_seconds)))
 print(json.dumps(res))
 """
 
@@ -61,6 +68,8 @@ def run_child(model_dir, runs, **opts):
 
 
 def assert_same(a, b):
+    for run in (a, b):  # the per-device memory estimate is XLA's
+        assert all(xla == est for xla, est in run["mem"]), run["mem"]
     for x, y in zip(a["out"], b["out"]):
         assert x["tokens"] == y["tokens"] and len(x["tokens"]) == 8
         for u, v in zip(x["logprobs"], y["logprobs"]):
@@ -101,18 +110,21 @@ def test_tensor_parallel_matches_one_device(tiny8_dir):
     assert one["attention"] == "attention"
 
 
-def test_tensor_parallel_kernel_and_int8(tiny_llama_dir):
-    """The GPU attention kernel (interpret mode) per device under shard_map at TP 2, and int8 weights sharded at TP
-    4 (the tiny Llama's 2 kv heads held twice, their int8 rows copied), against one device each."""
+def test_tensor_parallel_kernel_and_quantized(tiny_llama_dir):
+    """The GPU attention kernel (interpret mode) per device under shard_map at TP 2, and int8, int4 and fp8 weights
+    sharded at TP 4 (the tiny Llama's 2 kv heads held twice, their quantized rows copied), against one device each;
+    each device holds a quarter of the weights or more (what does not divide, e.g. per-channel scales, is whole)."""
     base = dict(attention_impl="gpu", attention_interpret=True, token_buckets=(4, 16), seq_buckets=(1, 4),
                 max_num_seqs=4, num_pages=40)
-    res = run_child(tiny_llama_dir[0], [base, {**base, "tensor_parallel_size": 2},
-                                        {"quantization": "int8", "num_pages": 40},
-                                        {"quantization": "int8", "num_pages": 40, "tensor_parallel_size": 4}])
+    quant = [{"quantization": q, "num_pages": 40, **tp} for q in ("int8", "int4", "fp8")
+             for tp in ({}, {"tensor_parallel_size": 4})]
+    res = run_child(tiny_llama_dir[0], [base, {**base, "tensor_parallel_size": 2}] + quant)
     assert_same(res[0], res[1])
     assert res[1]["attention"] == "per_device" and res[1]["devices"] == 2
-    assert_same(res[2], res[3])
-    assert res[3]["replicas"] == 2 and res[3]["devices"] == 4
+    for one, tp in zip(res[2::2], res[3::2]):
+        assert_same(one, tp)
+        assert tp["replicas"] == 2 and tp["devices"] == 4
+        assert one["weight_device_bytes"] / 4 <= tp["weight_device_bytes"] < one["weight_device_bytes"] / 2
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "llama-tied-mqa"])
@@ -125,6 +137,18 @@ def test_tensor_parallel_families(family, tmp_path):
     one, tp = run_child(tmp_path, [{}, {"tensor_parallel_size": 4}], kv_cache_memory="256KiB")
     assert tp["devices"] == 4 and tp["shard_heads"] == [1] and tp["compiles"] == 0
     assert_same(one, tp)
+
+
+def test_tensor_parallel_programs_saved_per_mesh(tiny_llama_dir, tmp_path):
+    """The compiled-program store (warm start) keys programs by their mesh: a second TP 2 engine loads every program
+    saved by the first, a TP 4 engine none of them (it compiles its own), and each gives one device's outputs."""
+    cache = dict(use_compilation_cache=True, compilation_cache_dir=str(tmp_path / "cache"), num_pages=40)
+    one, cold, warm, tp4 = run_child(tiny_llama_dir[0], [{"num_pages": 40}] + [{**cache, "tensor_parallel_size": n}
+                                                                             for n in (2, 2, 4)])
+    assert cold["loaded"] == 0 and warm["loaded"] == warm["programs"] > 0 and tp4["loaded"] == 0
+    for run in (cold, warm, tp4):
+        assert_same(one, run)
+        assert run["compiles"] == 0
 
 
 def test_tensor_parallel_default_model():
