@@ -72,16 +72,18 @@ from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.executables import program_name
 from jaxinfer.drafts import (DraftModel, ProposeInput, make_draft_forward_fn, make_eagle_propose_fn,
                              make_eagle_step_fn, make_propose_fn)
-from jaxinfer.model import AttentionMetadata, KVCache, Params, compute_logits, forward
+from jaxinfer.model import SHARDING_RULES, AttentionMetadata, KVCache, Params, compute_logits, forward
 from jaxinfer.request import Request
 from jaxinfer.scheduler import ScheduledBatch
 from jaxinfer.step_input import StepInput, abstract, pack, set_pages, unpack
 
 
-def make_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput, replicated=None, aux_layers: tuple[int, ...] = ()):
+def make_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput, replicated=None, aux_layers: tuple[int, ...] = (),
+                    logits_sharding=None):
     """The model part of one step, as one pure function over a packed input. replicated: on a mesh, the sharding
-    its logits and hidden states leave with (whole on every device, as the sampler programs take them). aux_layers
-    (an EAGLE-3 head's): a sixth output, the residual stream entering those layers [T, 3D] (model.forward)."""
+    its hidden states leave with (whole on every device), and its logits unless `logits_sharding` is given (as the
+    sampler programs take them). aux_layers (an EAGLE-3 head's): a sixth output, the residual stream entering those
+    layers [T, 3D] (model.forward)."""
 
     def forward_step(params: Params, kv: KVCache, sstate, table, flat):
         inp = unpack(flat, template)
@@ -97,7 +99,8 @@ def make_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput, replicated=N
         with jax.named_scope("logits"):
             logits = compute_logits(params, cfg, h[inp.logits_indices])  # [B, V]
         if replicated is not None:
-            logits, h, aux = jax.lax.with_sharding_constraint((logits, h, aux), replicated)
+            h, aux = jax.lax.with_sharding_constraint((h, aux), replicated)
+            logits = jax.lax.with_sharding_constraint(logits, logits_sharding or replicated)
         return logits, h, kv, sstate, table, *aux
 
     return forward_step
@@ -199,6 +202,13 @@ class ModelRunner:
         # replicated: each device samples the same ids from the same logits.
         mesh = getattr(getattr(params.final_norm, "sharding", None), "mesh", None)
         self._replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+        # The logits leave the forward program split over the vocabulary where the mesh divides it, as the lm_head
+        # makes them: a greedy step's argmax then reduces on each device and exchanges one (value, id) per row instead
+        # of gathering [B, V] floats; XLA's partitioner gathers them only in what needs whole rows (top-k / top-p).
+        self._logits_sharding = self._replicated
+        vocab_axis = SHARDING_RULES["vocab"]
+        if mesh is not None and vocab_axis in mesh.shape and cfg.vocab_size % mesh.shape[vocab_axis] == 0:
+            self._logits_sharding = NamedSharding(mesh, PartitionSpec(None, vocab_axis))
         self.sstate = sampling.init_sampler_state(self.num_slots, cfg.vocab_size)
         if self._replicated is not None:
             self.sstate = jax.device_put(self.sstate, self._replicated)
@@ -243,7 +253,8 @@ class ModelRunner:
     def _lower_forward(self, T: int, B: int, decode: bool):
         inp = self._empty_input(T, B)[0]
         attn_fn = functools.partial(self._attn_fn, decode=decode)
-        fn = jax.jit(make_forward_fn(self.cfg, attn_fn, abstract(inp), self._replicated, self._aux_layers),
+        fn = jax.jit(make_forward_fn(self.cfg, attn_fn, abstract(inp), self._replicated, self._aux_layers,
+                                     self._logits_sharding),
                      donate_argnums=(1, 2, 3))
         flat = jax.ShapeDtypeStruct(pack(inp).shape, jnp.int32)
         return fn.lower(self.params, self.kv, self.sstate, self.page_table, flat)
@@ -251,7 +262,7 @@ class ModelRunner:
     def _lower_sampler(self, B: int, variant: str):
         md = self._empty_input(B, B)[1]
         fn = jax.jit(make_sampler_fn(variant, self.ecfg.max_logprobs, abstract(md)), donate_argnums=(1,))
-        logits = jax.ShapeDtypeStruct((B, self.cfg.vocab_size), jnp.float32, sharding=self._replicated)
+        logits = jax.ShapeDtypeStruct((B, self.cfg.vocab_size), jnp.float32, sharding=self._logits_sharding)
         return fn.lower(logits, self.sstate, jax.ShapeDtypeStruct(pack(md).shape, jnp.int32))
 
     def _lower_draft_forward(self, T: int, B: int, decode: bool):

@@ -15,7 +15,7 @@ import pytest
 from conftest import TINY_ENGINE_OPTIONS
 
 CHILD = r"""
-import json, os, sys
+import json, os, re, sys
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 import jax
 from jaxinfer.engine import Engine, device_bytes
@@ -54,7 +54,10 @@ for extra in runs:
                     replicas=eng.cfg.kv_replicas, devices=len(kv.sharding.device_set),
                     shard_heads=sorted({s.data.shape[1] for s in kv.addressable_shards}),
                     compiles=eng.num_compiles_since_ready, attention=eng.runner._attn_fn.__name__,
-                    loaded=r.programs_loaded, programs=len(r.program_seconds)))
+                    loaded=r.programs_loaded, programs=len(r.program_seconds), vocab=eng.cfg.vocab_size,
+                    # what the greedy sampler program gathers across devices (shapes of its all-gathers)
+                    greedy_gathers=re.findall(r"= \w+\[([\d,]*)\][^\n=]*? all-gather\(",
+                                              r.compiled_samplers[(max(r.seq_buckets), "greedy")].as_text())))
 print(json.dumps(res))
 """
 
@@ -107,6 +110,8 @@ def test_tensor_parallel_matches_one_device(tiny8_dir):
         assert (tp["kv_heads"], tp["replicas"]) == (max(2, n), max(1, n // 2))
         assert tp["compiles"] == 0 and tp["attention"] == "per_device"  # under shard_map
         assert_same(one, tp)
+        # the logits stay split over the vocabulary: greedy sampling exchanges a (value, id) per row and device
+        assert tp["greedy_gathers"] and all(int(g.split(",")[-1]) < tp["vocab"] for g in tp["greedy_gathers"])
     assert one["attention"] == "attention"
 
 
