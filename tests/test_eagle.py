@@ -178,22 +178,16 @@ def reference_drafts(target_params, tcfg, head, hcfg, tokens: list[int], k: int)
     return drafts
 
 
-def test_eagle_speculation_keeps_the_targets_tokens_and_proposes_the_heads_drafts(tiny_llm, eagle_llm, monkeypatch):
-    """Greedy and seeded requests together: the same tokens as the engine without speculation, no compile after
-    warm-up, pages all freed; and the drafts proposed inside the batch are the head's own greedy continuation
-    computed from scratch (features of the right positions, the right next tokens), for >= 90% of them."""
-    from jaxinfer import SamplingParams, compile_guard
+def speculate_and_check(tiny_llm, eng, monkeypatch, prompts, params, arrive_every: int, reference) -> list:
+    """Run prompts / params (arriving every `arrive_every` steps) on the speculating engine `eng` and on `tiny_llm`'s
+    plain one: the same outputs, no compile after warm-up, drafts proposed, pages all freed; and the drafts proposed
+    inside the batch to greedy requests equal `reference(tokens, n)` (the head's greedy continuation from scratch)
+    for >= 90% of them (eight of them checked: the references run op by op). Returns (tokens, drafts) seen."""
+    from jaxinfer import compile_guard
     from test_engine import assert_all_pages_free
     from test_spec_engine import assert_same_outputs, run
 
-    eng = eagle_llm.engine
-    rng = np.random.default_rng(4)
-    prompts = [rng.integers(0, 256, int(n)).tolist() for n in (9, 23, 14, 40)]
-    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
-              SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=26, ignore_eos=True, logprobs=1),
-              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)]
-    want, _, _ = run(tiny_llm.engine, prompts, params, arrive_every=3)
+    want, _, _ = run(tiny_llm.engine, prompts, params, arrive_every=arrive_every)
     seen = []
     propose = eng.scheduler.propose_batch
 
@@ -205,17 +199,35 @@ def test_eagle_speculation_keeps_the_targets_tokens_and_proposes_the_heads_draft
     monkeypatch.setattr(eng.scheduler, "propose_batch", spy)
     before = eng.stats()["spec_draft_tokens"]
     with compile_guard.forbid_compiles():
-        got, _, _ = run(eng, prompts, params, arrive_every=3)
+        got, _, _ = run(eng, prompts, params, arrive_every=arrive_every)
     assert_same_outputs(got, want)
     assert eng.stats()["spec_draft_tokens"] > before and len(seen) > 20
-    head, tparams = eng.runner.draft.params, eng.runner.params
     agree = total = 0
-    for tokens, drafts in seen[:: max(1, len(seen) // 8)]:  # eight of them: the reference runs op by op
-        ref = reference_drafts(tparams, eng.cfg, head, eng.runner.draft.cfg, tokens, len(drafts))
+    for tokens, drafts in seen[:: max(1, len(seen) // 8)]:
+        ref = reference(tokens, len(drafts))
         agree += sum(a == b for a, b in zip(drafts, ref))
         total += len(drafts)
     assert agree >= 0.9 * total, (agree, total)
     assert_all_pages_free(eng)
+    return seen
+
+
+def test_eagle_speculation_keeps_the_targets_tokens_and_proposes_the_heads_drafts(tiny_llm, eagle_llm, monkeypatch):
+    """Greedy and seeded requests together: the same tokens as the engine without speculation, no compile after
+    warm-up, pages all freed; and the drafts proposed inside the batch are the head's own greedy continuation
+    computed from scratch (features of the right positions, the right next tokens), for >= 90% of them."""
+    from jaxinfer import SamplingParams
+
+    eng = eagle_llm.engine
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, 256, int(n)).tolist() for n in (9, 23, 14, 40)]
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=26, ignore_eos=True, logprobs=1),
+              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)]
+    d = eng.runner.draft
+    speculate_and_check(tiny_llm, eng, monkeypatch, prompts, params, 3,
+                        lambda tokens, n: reference_drafts(eng.runner.params, eng.cfg, d.params, d.cfg, tokens, n))
 
 
 def test_eagle_head_that_predicts_the_target_gets_its_drafts_accepted(tmp_path):
@@ -472,9 +484,7 @@ def test_eagle3_speculation_keeps_the_targets_tokens_and_proposes_the_heads_draf
     """As the EAGLE-1 test: the same tokens as without speculation (greedy and seeded), no compile after warm-up,
     pages freed, and the drafts proposed inside the batch are the head's greedy continuation from scratch (the
     target's hidden states of the configured layers, the draft vocabulary mapped), for >= 90% of them."""
-    from jaxinfer import SamplingParams, compile_guard
-    from test_engine import assert_all_pages_free
-    from test_spec_engine import assert_same_outputs, run
+    from jaxinfer import SamplingParams
 
     eng = eagle3_llm.engine
     rng = np.random.default_rng(6)
@@ -483,28 +493,8 @@ def test_eagle3_speculation_keeps_the_targets_tokens_and_proposes_the_heads_draf
               SamplingParams(temperature=0, max_tokens=22, ignore_eos=True),
               SamplingParams(temperature=0.9, top_k=20, seed=8, max_tokens=24, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=26, ignore_eos=True)]
-    want, _, _ = run(tiny_llm.engine, prompts, params, arrive_every=2)
-    seen = []
-    propose = eng.scheduler.propose_batch
-
-    def spy(reqs, limits):
-        out = propose(reqs, limits)
-        seen.extend((r.prompt_token_ids + r.output_token_ids, d) for r, d in zip(reqs, out) if r.params.greedy)
-        return out
-
-    monkeypatch.setattr(eng.scheduler, "propose_batch", spy)
-    before = eng.stats()["spec_draft_tokens"]
-    with compile_guard.forbid_compiles():
-        got, _, _ = run(eng, prompts, params, arrive_every=2)
-    assert_same_outputs(got, want)
-    assert eng.stats()["spec_draft_tokens"] > before and len(seen) > 20
     d = eng.runner.draft
+    seen = speculate_and_check(tiny_llm, eng, monkeypatch, prompts, params, 2, lambda tokens, n: reference_drafts3(
+        eng.runner.params, eng.cfg, d.params, d.cfg, d.eagle3, tokens, n))
     allowed = set(np.asarray(d.params.token_ids).tolist())
     assert all(t in allowed for _, drafts in seen for t in drafts)  # drafts come from the draft vocabulary
-    agree = total = 0
-    for tokens, drafts in seen[:: max(1, len(seen) // 8)]:
-        ref = reference_drafts3(eng.runner.params, eng.cfg, d.params, d.cfg, d.eagle3, tokens, len(drafts))
-        agree += sum(a == b for a, b in zip(drafts, ref))
-        total += len(drafts)
-    assert agree >= 0.9 * total, (agree, total)
-    assert_all_pages_free(eng)
