@@ -142,14 +142,11 @@ def add_multihost_args(parser: argparse.ArgumentParser) -> None:
 
 
 def join_hosts(args: argparse.Namespace) -> bool:
-    """jax.distributed.initialize from the multi-host flags or the environment; whether this is a multi-host run."""
+    """jax.distributed.initialize from the multi-host flags (`add_multihost_args`) or the environment; whether this is
+    a multi-host run."""
     from jaxinfer import multihost
 
-    joined = multihost.initialize(getattr(args, "coordinator_address", None), getattr(args, "num_processes", None),
-                                  getattr(args, "process_id", None), auto=getattr(args, "distributed", False))
-    if joined and args.command not in ("serve", "generate"):
-        raise UsageError(f"a multi-host engine runs `jaxinfer serve` or `jaxinfer generate`, not {args.command}")
-    return joined
+    return multihost.initialize(args.coordinator_address, args.num_processes, args.process_id, auto=args.distributed)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

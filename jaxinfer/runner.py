@@ -428,13 +428,13 @@ class ModelRunner:
                                    self._eagle_empty(T))
         if self.draft is not None:
             for B, variant in self.compiled_propose:  # all padding rows: nothing written
-                self._run_propose(B, variant, pack(self._empty_propose_input(B)))
+                self._op_propose(B, variant, pack(self._empty_propose_input(B)))
         self.set_row(S, None, [])  # row S: out of range, dropped
         self._write_pages(*np.array([[S], [0], [0]], np.int32))  # row S: dropped
         if self._compiled_history is not None:
             L = self._history_len
-            self.sstate = self._compiled_history(self.sstate, np.full(L, S, np.int32), np.zeros(L, np.int32),
-                                                 np.zeros(L, np.bool_), np.array([S], np.int32))
+            self._op_history(np.full(L, S, np.int32), np.zeros(L, np.int32), np.zeros(L, np.bool_),
+                             np.array([S], np.int32))
         jax.block_until_ready((self.kv, self.sstate, self.page_table))
 
     # -- packing a batch into a bucket ----------------------------------------------------------------------
@@ -790,9 +790,6 @@ class ModelRunner:
     def _op_set_pages(self, slots, cols, pages) -> None:
         self.page_table = self._compiled_set_pages(self.page_table, slots, cols, pages)
 
-    def _op_propose(self, B: int, variant: str, flat):
-        return self._run_propose(B, variant, flat)
-
     def _op_history(self, slots, ids, is_prompt, reset) -> None:
         self.sstate = self._compiled_history(self.sstate, slots, ids, is_prompt, reset)
 
@@ -809,7 +806,7 @@ class ModelRunner:
         else:
             d.kv = prog(d.params, d.kv, self.page_table, flat)
 
-    def _run_propose(self, B: int, variant: str, flat):
+    def _op_propose(self, B: int, variant: str, flat):
         d = self.draft
         prog = self.compiled_propose[(B, variant)]
         if d.eagle:
