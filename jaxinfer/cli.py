@@ -1,4 +1,4 @@
-"""The `jaxinfer` command line: `chat`, `generate` and `bench` (see `jaxinfer --help`).
+"""The `jaxinfer` command line: `chat`, `generate`, `serve`, `convert` and `bench` (see `jaxinfer --help`).
 
 Flags map one to one onto `SamplingParams` (sampling flags) and `EngineConfig` (engine flags). Both are
 built, and so validated, before the model loads, so a bad value fails in a second, not after start-up.
@@ -396,6 +396,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_multihost_args(serve)
     serve.set_defaults(func=run_serve)
 
+    conv = sub.add_parser(
+        "convert", formatter_class=_Formatter,
+        help="convert a model once (weights as an orbax checkpoint, tokenizer, compiled programs) for fast starts",
+        description="Read MODEL (an HF checkpoint directory, a .gguf file, or a preset with --load-format dummy),\n"
+        "quantize it if --quantization asks, and save it to OUT: the weights as an orbax checkpoint (restored\n"
+        "straight onto a mesh of any size, also from gs://), the tokenizer, and the compiled programs of the\n"
+        "engine options given (--engine-config ...) for this machine's devices. `jaxinfer serve --model OUT`\n"
+        "then starts without converting or compiling where the machine and options match (else it says why and\n"
+        "compiles). Run it on the kind of machine that will serve, or pass --no-programs.",
+        epilog="examples:\n  jaxinfer convert ./Llama-3.1-8B-Instruct ./llama8b-fp8 --quantization fp8 "
+        "--engine-config h100-llama-3.1-8b\n  jaxinfer convert ./model.gguf ./converted --no-programs\n"
+        "  gcloud storage cp -r ./llama8b-fp8 gs://BUCKET/   then   jaxinfer serve --model gs://BUCKET/llama8b-fp8",
+    )
+    conv.add_argument("source", metavar="MODEL", help="the model to convert (as --model of the other commands)")
+    conv.add_argument("out", metavar="OUT", help="a new (or empty) directory to write")
+    conv.add_argument("--device-kind", metavar="KIND",
+                      help="the devices the compiled programs are for, as jax names them (e.g. 'NVIDIA H100 80GB "
+                           "HBM3', 'TPU v5 lite'); must be this machine's (default: this machine's)")
+    conv.add_argument("--no-programs", action="store_true", help="save the weights and tokenizer only")
+    add_engine_args(conv)
+    conv.set_defaults(func=run_convert)
+
     bench.add_parser(sub)
     return parser
 
@@ -454,6 +476,18 @@ def run_serve(args: argparse.Namespace) -> int:
 
 class UsageError(Exception):
     """Bad user input discovered after parsing: printed as one `error:` line, exit status 2."""
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from jaxinfer.convert import convert
+
+    opts = check_options(engine_options_from_args(args))
+    m = convert(args.source, args.out, programs=not args.no_programs, device_kind=args.device_kind, **opts)
+    progs = m["programs"][0] if m["programs"] else None
+    print(json.dumps({"out": args.out, "source": m["source"], "quantization": m["quantization"],
+                      "programs": None if progs is None else {k: progs[k] for k in ("device_kind", "devices", "jax")},
+                      "seconds": m["_seconds"]}))
+    return 0
 
 
 def describe_error(e: BaseException) -> str:

@@ -40,6 +40,7 @@ import dataclasses
 import gc
 import itertools
 import math
+import os
 import sys
 import time
 import uuid
@@ -48,7 +49,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxinfer import autotune, compile_guard, executables, multihost
+from jaxinfer import autotune, compile_guard, convert, executables, multihost
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.executables import ExecutableStore
@@ -102,7 +103,9 @@ def device_page_bytes(cfg: ModelConfig, page_size: int, kv_dtype, mesh=None) -> 
 
 
 class Engine:
-    def __init__(self, model: str | None = None, *, mesh=None, **options):
+    def __init__(self, model: str | None = None, *, mesh=None, program_dir: str | None = None, **options):
+        """program_dir: where this engine's compiled programs are saved whole (default: in the compilation cache);
+        `jaxinfer convert` names the converted model's own folder."""
         self.ecfg = ecfg = EngineConfig.from_options(**options)
         self._log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ecfg.show_progress else (lambda msg: None)
         if ecfg.use_compilation_cache:
@@ -132,6 +135,8 @@ class Engine:
         self.weight_bytes = weight_bytes(loaded.params)
         self.weight_device_bytes = device_bytes(loaded.params)  # one device's shards
         self.load_seconds = time.monotonic() - t0
+        self._program_dir, self._shipped = program_dir, (loaded.programs_dir, loaded.program_records)
+        self.program_record = None  # what this engine's programs were compiled for (convert.py's index)
         self.max_model_len = min(ecfg.max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
         if ecfg.max_model_len and ecfg.max_model_len > self.cfg.max_position_embeddings:
             raise ValueError(
@@ -327,14 +332,27 @@ class Engine:
     def _executable_store(self, params, abstract_kv, mesh, draft: DraftModel | None = None) -> ExecutableStore | None:
         """Where this configuration's compiled programs are saved whole (with the compilation cache), or None. A
         draft model's config, weights and cache are part of the fingerprint (its programs are saved beside)."""
-        if not self.ecfg.use_compilation_cache:
+        if not self.ecfg.use_compilation_cache and self._program_dir is None and self._shipped[0] is None:
             return None
         devices = executables.devices_of(params, mesh)
         cfg = self.cfg
         if draft is not None:
             cfg, params, abstract_kv = (cfg, draft.cfg, draft.eagle3), (params, draft.params), (abstract_kv, draft.kv)
         key = executables.fingerprint(cfg, self.ecfg, params, abstract_kv, self.max_model_len, devices)
-        return ExecutableStore(self.ecfg.cache_dir(), key, devices)
+        self.program_record = convert.program_record(key, devices, self.ecfg)
+        if self._program_dir is not None:
+            return ExecutableStore(self._program_dir, key, devices)
+        shipped_dir, records = self._shipped
+        shipped = None
+        if shipped_dir is not None and os.path.isdir(shipped_dir):
+            shipped = ExecutableStore(shipped_dir, key, devices, read_only=True)
+            if not shipped.has_programs():
+                print(f"the converted model's compiled programs do not fit this engine, compiling: "
+                      f"{convert.program_mismatch(records, self.program_record)}", file=sys.stderr, flush=True)
+                shipped = None
+        if not self.ecfg.use_compilation_cache:
+            return None if shipped is None else ExecutableStore(shipped_dir, key, devices, read_only=True)
+        return ExecutableStore(self.ecfg.cache_dir(), key, devices, shipped=shipped)
 
     def _num_pages(self, per_page: int) -> int:
         """Pages that fit the KV budget of one device, `per_page` bytes each there (on a mesh, a page's shard)."""

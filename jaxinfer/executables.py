@@ -50,16 +50,24 @@ def _source_roots() -> list[Path]:
     return [Path(__file__).resolve().parent, Path(pallas_kernels.__file__).resolve().parent]
 
 
+def source_digest() -> str:
+    """Hex digest of jaxinfer's and pallas_kernels' sources and the shipped XLA autotune bundles (which pick kernels:
+    new ones, programs rebuilt)."""
+    h = hashlib.sha256()
+    for root, pattern in ([(r, p) for r in _source_roots() for p in ("*.py", "*.cc")]
+                          + [(CONFIGS_DIR / "autotune", "*.json")]):
+        for path in sorted(root.rglob(pattern)):
+            h.update(f"{root.name}/{path.relative_to(root).as_posix()}".encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def fingerprint(cfg, ecfg, params, abstract_kv, max_model_len: int, devices) -> str:
     """Hex digest of everything the engine's programs are lowered from (see the module docstring)."""
     import jaxlib
 
     h = hashlib.sha256(f"jaxinfer-executables-{_FORMAT}".encode())
-    for root, pattern in ([(r, p) for r in _source_roots() for p in ("*.py", "*.cc")]
-                          + [(CONFIGS_DIR / "autotune", "*.json")]):
-        for path in sorted(root.rglob(pattern)):  # the autotune bundles pick kernels: new ones, programs rebuilt
-            h.update(f"{root.name}/{path.relative_to(root).as_posix()}".encode())
-            h.update(path.read_bytes())
+    h.update(source_digest().encode())
     dev = devices[0]
     env = (sys.version_info[:3], jax.__version__, jaxlib.__version__, dev.client.platform,
            dev.client.platform_version, [(d.id, d.process_index, d.device_kind) for d in devices],
@@ -67,7 +75,8 @@ def fingerprint(cfg, ecfg, params, abstract_kv, max_model_len: int, devices) -> 
            sorted((k, v) for k, v in jax.config.values.items()
                   if "compilation_cache" not in k and "persistent_cache" not in k))
     # Options that do not reach a program (progress bars, thread counts, where the cache lives) stay out of the key.
-    ecfg = dataclasses.replace(ecfg, show_progress=False, compile_threads=0, compilation_cache_dir=None)
+    ecfg = dataclasses.replace(ecfg, show_progress=False, compile_threads=0, compilation_cache_dir=None,
+                               use_compilation_cache=True)
 
     def avals(tree):
         leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -96,16 +105,28 @@ def program_name(key) -> str:
 class ExecutableStore:
     """The saved programs of one engine configuration (one fingerprint)."""
 
-    def __init__(self, cache_dir: str, fingerprint: str, devices):
+    def __init__(self, cache_dir: str, fingerprint: str, devices, shipped: "ExecutableStore | None" = None,
+                 read_only: bool = False):
         # One folder per process of a multi-host job (a shared cache directory): each prunes only its own.
         self._prefix = f"p{jax.process_index()}-"
         self.path = Path(cache_dir) / FOLDER / (self._prefix + fingerprint)
         self.devices = list(devices)  # the devices the programs run on, in their compiled order
         self._key = cache_trust.signing_key(cache_dir)  # None: the directory is not private; nothing saved or loaded
         self._write_failed = self._used = self._pruned = False
+        self.shipped = shipped  # read-only: a converted model's programs (convert.py), tried after this store's
+        self.fingerprint = fingerprint
+        self.read_only = read_only
+
+    def has_programs(self) -> bool:
+        return self._key is not None and self.path.is_dir() and any(self.path.glob("*" + SUFFIX))
 
     def load(self, key):
-        """The compiled program saved under `key`, or None (not saved, or unreadable: dropped with a warning)."""
+        """The compiled program saved under `key` (here, else in the shipped store), or None (not saved, or
+        unreadable: dropped with a warning)."""
+        own = self._load(key)
+        return own if own is not None or self.shipped is None else self.shipped._load(key)
+
+    def _load(self, key):
         if self._key is None:
             return None
         path = self.path / (program_name(key) + SUFFIX)
@@ -145,7 +166,7 @@ class ExecutableStore:
         without its machine code (it fails at its first run, "Function ... not found"), so off GPUs only fresh
         compiles are saved; a GPU executable serialises the same either way.
         """
-        if self._key is None or self._write_failed or not (fresh or self.devices[0].platform in ("gpu", "cuda", "rocm")):
+        if self._key is None or self.read_only or self._write_failed or not (fresh or self.devices[0].platform in ("gpu", "cuda", "rocm")):
             return
         try:
             name = program_name(key) + SUFFIX

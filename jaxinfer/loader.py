@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -27,6 +27,8 @@ class LoadedModel:
     params: Params
     tokenizer: Tokenizer | None
     source: str
+    programs_dir: str | None = None  # a converted model's shipped compiled programs (convert.py)
+    program_records: list = field(default_factory=list)  # what they were compiled for (the manifest's "programs")
 
     @property
     def quantization(self) -> str:
@@ -51,8 +53,15 @@ def resolve_dtype(name: str, backend: str):
     return jnp.dtype(name)
 
 
-def load_model(model: str | None, ecfg: EngineConfig, dtype, mesh: Mesh | None = None) -> LoadedModel:
-    """`model`: None (the embedded default), an HF directory, a .gguf file, or a preset name in configs/models."""
+def load_model(model: str | None, ecfg: EngineConfig, dtype, mesh: Mesh | None = None,
+               portable: bool = False) -> LoadedModel:
+    """`model`: None (the embedded default), a converted model's directory (convert.py; also gs://), an HF
+    directory, a .gguf file, or a preset name in configs/models. portable: quantized weights in the form every backend
+    reads (what `jaxinfer convert` saves), not the CPU kernel's."""
+    from jaxinfer import convert
+
+    if convert.is_converted(model):
+        return convert.restore(model, ecfg, dtype, mesh)
     path = Path(model) if model else Path(default_model_path())
     fmt = ecfg.load_format
     show = ecfg.show_progress
@@ -66,7 +75,7 @@ def load_model(model: str | None, ecfg: EngineConfig, dtype, mesh: Mesh | None =
         cfg = dataclasses.replace(cfg, tie_word_embeddings="output.weight" not in src.keys())
         cfg = tensor_parallel_config(cfg, tp_size(mesh))
         params = (dummy_params(cfg, dtype, ecfg.seed, mesh, show, qz) if fmt == "dummy"
-                  else load_params(cfg, src, "gguf", dtype, mesh, show, qz))
+                  else load_params(cfg, src, "gguf", dtype, mesh, show, qz, portable=portable))
         return LoadedModel(cfg, params, Tokenizer.from_pretrained(str(path)), str(path))
     if path.is_dir():
         cfg_file = path / "config.json"
@@ -88,7 +97,8 @@ def load_model(model: str | None, ecfg: EngineConfig, dtype, mesh: Mesh | None =
             src = SafetensorsSource(path)
             if qfmt is not None:
                 src = QuantizedSafetensorsSource(src, qfmt)
-            params = load_params(cfg, src, "hf", dtype, mesh, show, qz if qz == "none" or not qfmt else None)
+            params = load_params(cfg, src, "hf", dtype, mesh, show, qz if qz == "none" or not qfmt else None,
+                                 portable=portable)
         tok = Tokenizer.from_pretrained(str(path)) if _has_tokenizer(path) else None
         return LoadedModel(cfg, params, tok, str(path))
     if model and (CONFIGS_DIR / "models" / f"{model}.json").is_file():

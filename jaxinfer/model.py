@@ -205,6 +205,23 @@ def tensor_parallel_config(cfg: ModelConfig, n: int) -> ModelConfig:
     return dataclasses.replace(cfg, num_kv_heads=n, kv_replicas=n // K)
 
 
+def regroup_kv_heads(x, axis: int, r_from: int, r_to: int):
+    """A q/k/v weight's (or bias's) [..., K, G + 2, ...] axes (kv heads at `axis`) from each checkpoint kv head held
+    r_from times to r_to times (`tensor_parallel_config`): copy j of head k holds query heads j * G ... (j + 1) * G - 1
+    of the head's group, and the same key and value."""
+    shape = x.shape
+    K, G = shape[axis] // r_from, shape[axis + 1] - 2
+    x = x.reshape(*shape[:axis], K, r_from, G + 2, *shape[axis + 2:])
+    q = jnp.take(x, jnp.arange(G), axis=axis + 2)  # [.., K, r_from, G, ..]
+    q = q.reshape(*shape[:axis], K, r_from * G, *shape[axis + 2:])
+    kv = jnp.take(jnp.take(x, 0, axis=axis + 1), jnp.arange(G, G + 2), axis=axis + 1)  # [.., K, 2, ..]
+    G1 = r_from * G // r_to
+    q = q.reshape(*shape[:axis], K, r_to, G1, *shape[axis + 2:])
+    kv = jnp.repeat(jnp.expand_dims(kv, axis + 1), r_to, axis=axis + 1)  # [.., K, r_to, 2, ..]
+    out = jnp.concatenate([q, kv], axis=axis + 2)
+    return out.reshape(*shape[:axis], K * r_to, G1 + 2, *shape[axis + 2:])
+
+
 def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, mesh: Mesh | None = None,
                   abstract: bool = False, scales: tuple | None = None) -> KVCache:
     """Zeroed per-layer K and V page arrays; abstract=True: their ShapeDtypeStructs (to compile before allocating).

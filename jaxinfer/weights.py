@@ -372,12 +372,14 @@ def quantizes(path: str, spec: ParamSpec) -> bool:
 
 
 def load_params(cfg: ModelConfig, source, fmt: str, dtype, mesh: Mesh | None = None, show_progress: bool = True,
-                quantization: str | None = None, specs=None, table: list[WeightEntry] | None = None) -> Params:
+                quantization: str | None = None, specs=None, table: list[WeightEntry] | None = None,
+                portable: bool = False) -> Params:
     """Read every tensor named by `weight_table` from `source`, check its shape, cast, place.
 
     Quantized tensors of the source (`HostQuant`) stay quantized in matmul leaves; `quantization` "none"
     dequantizes them to `dtype`, and "int8" / "int4" / "fp8" quantize the layers' dense matmul weights.
-    specs / table: another pytree's (an EAGLE head's, eagle.py) instead of the decoder's."""
+    specs / table: another pytree's (an EAGLE head's, eagle.py) instead of the decoder's. portable: quantized weights in
+    the form every backend reads, not the CPU kernel's (a converted model's saved form; convert.py)."""
     specs = param_specs(cfg) if specs is None else specs
     by_path = {e.path: e for e in (weight_table(cfg, fmt) if table is None else table)}
     where = getattr(source, "path", None) or getattr(source, "dir", "")
@@ -386,7 +388,7 @@ def load_params(cfg: ModelConfig, source, fmt: str, dtype, mesh: Mesh | None = N
     if missing:
         raise ValueError(f"{where}: checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     quantizer = quant.QUANTIZERS.get(quantization)
-    cpu_kernel = jax.default_backend() == "cpu" and mesh is None and cpu_qmatmul.available()
+    cpu_kernel = jax.default_backend() == "cpu" and mesh is None and cpu_qmatmul.available() and not portable
     warned = []
 
     def slow_cpu(h: HostQuant) -> None:
@@ -408,7 +410,7 @@ def load_params(cfg: ModelConfig, source, fmt: str, dtype, mesh: Mesh | None = N
             h = quant.apply_rows(entry.rows, quant.unify(parts))
             if cpu_kernel:
                 h = quant.cpu_kernel_form(h)
-            else:
+            elif not portable:
                 slow_cpu(h)
             if tuple(h.q.shape) != spec.quantized_shape:
                 raise ValueError(f"{where}: quantized tensor {name!r} has shape {tuple(h.q.shape)} after layout "
