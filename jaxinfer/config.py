@@ -208,15 +208,17 @@ class ModelConfig:
 
 
 def engine_preset(name_or_path: str) -> dict:
-    """Engine options from configs/engine/<name>.json, or from a JSON file at that path ("_" keys are comments).
+    """Engine options from configs/engine/<name>.json or configs/deploy/<name>.json, or from a JSON file at that path
+    ("_" keys are comments).
 
     Use them as defaults: `LLM(model, **{**engine_preset("h100-llama-3.1-8b"), "max_model_len": 8192})`.
     """
     path = Path(name_or_path)
+    for folder in ("engine", "deploy"):  # deploy: a machine's presets (TPU slices, GCP GPU machine types)
+        if not path.is_file():
+            path = CONFIGS_DIR / folder / f"{name_or_path}.json"
     if not path.is_file():
-        path = CONFIGS_DIR / "engine" / f"{name_or_path}.json"
-    if not path.is_file():
-        known = sorted(p.stem for p in (CONFIGS_DIR / "engine").glob("*.json"))
+        known = sorted(p.stem for folder in ("engine", "deploy") for p in (CONFIGS_DIR / folder).glob("*.json"))
         raise ValueError(f"engine config {name_or_path!r} is neither a JSON file nor a preset; known presets: {known}")
     try:
         options = json.loads(path.read_text())
