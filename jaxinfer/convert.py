@@ -54,8 +54,16 @@ def is_converted(model) -> bool:
 
 
 def _epath(s: str):
-    from etils import epath  # orbax-checkpoint's own path layer (gs:// through tensorstore / gcsfs)
+    """orbax-checkpoint's own path type: a local path, or gs:// (read through gcsfs, the `gcs` extra)."""
+    from etils import epath
 
+    if s.startswith("gs://"):
+        try:
+            import gcsfs  # noqa: F401  (epath's backend for gs://)
+        except ImportError:
+            raise ValueError(f"model {s!r}: reading gs:// paths needs gcsfs; pip install 'jaxinfer[gcs]'") from None
+    elif "://" in s:
+        raise ValueError(f"model {s!r}: of remote paths only gs:// is supported; copy the model to a local path")
     return epath.Path(s)
 
 

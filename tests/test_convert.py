@@ -171,6 +171,13 @@ def test_convert_errors(tiny_llama_dir, tmp_path):
     (out / "jaxinfer.json").write_text(json.dumps({**m, "format": 99}))
     with pytest.raises(ValueError, match="format 99.*convert the model again"):
         jaxinfer.LLM(str(out), **TINY_ENGINE_OPTIONS)
+    with pytest.raises(ValueError, match="only gs:// is supported"):
+        jaxinfer.LLM("s3://bucket/model", **TINY_ENGINE_OPTIONS)
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:  # without the gcs extra, a gs:// model names it
+        with pytest.raises(ValueError, match=r"needs gcsfs; pip install 'jaxinfer\[gcs\]'"):
+            jaxinfer.LLM("gs://bucket/model", **TINY_ENGINE_OPTIONS)
 
 
 def test_regroup_kv_heads_round_trip():
