@@ -113,9 +113,17 @@ class ExecutableStore:
         self.devices = list(devices)  # the devices the programs run on, in their compiled order
         self._key = cache_trust.signing_key(cache_dir)  # None: the directory is not private; nothing saved or loaded
         self._write_failed = self._used = self._pruned = False
+        if self.devices[0].platform == "cpu":  # programs calling the native CPU kernel need its FFI target
+            from pallas_kernels import cpu_qmatmul  # registered before they load (tracing would have done it)
+
+            cpu_qmatmul.available()
         self.shipped = shipped  # read-only: a converted model's programs (convert.py), tried after this store's
         self.fingerprint = fingerprint
         self.read_only = read_only
+
+    @property
+    def _replacing(self) -> str:
+        return "" if self.read_only else " and replacing the file"
 
     def has_programs(self) -> bool:
         return self._key is not None and self.path.is_dir() and any(self.path.glob("*" + SUFFIX))
@@ -140,18 +148,20 @@ class ExecutableStore:
         blob = cache_trust.verify(self._key, path.name, data)
         if blob is None:  # not written by this store (or damaged): never unpickled
             warnings.warn(f"saved program {path} could not be loaded (its signature does not match this cache's key); "
-                          "compiling it and replacing the file", stacklevel=2)
-            path.unlink(missing_ok=True)
+                          f"compiling it{self._replacing}", stacklevel=2)
+            if not self.read_only:
+                path.unlink(missing_ok=True)
             return None
         try:
             exe, in_tree, out_tree = pickle.loads(blob)
             loaded = serialize_executable.deserialize_and_load(exe, in_tree, out_tree, execution_devices=self.devices)
         except Exception as e:  # a truncated or foreign file must not stop the engine: compile instead
-            warnings.warn(f"saved program {path} could not be loaded ({type(e).__name__}: {e}); compiling it and "
-                          "replacing the file", stacklevel=2)
-            path.unlink(missing_ok=True)
+            warnings.warn(f"saved program {path} could not be loaded ({type(e).__name__}: {e}); compiling it"
+                          f"{self._replacing}", stacklevel=2)
+            if not self.read_only:
+                path.unlink(missing_ok=True)
             return None
-        if not self._used:  # most recently used first when old configurations are pruned
+        if not self._used and not self.read_only:  # most recently used first when old configurations are pruned
             self._used = True
             try:
                 os.utime(self.path)

@@ -5,6 +5,7 @@ number is fixed when jax starts)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -135,6 +136,18 @@ def test_convert_default_model_and_second_process_loads_programs(tmp_path):
     assert text == generate(None)[0] and text.strip()
     _, log = generate(out, "--max-model-len", "96")
     assert "compiled programs do not fit this engine, compiling: engine option max_model_len: shipped 128, here 96" in log
+    assert len(list(next((out / "programs" / "executables").iterdir()).glob("*.jxe"))) == n  # read only: none removed
+
+    # converted at TP 3: the sharded programs call the native CPU kernel, whose FFI target a loading process
+    # registers before it deserialises them
+    out3 = tmp_path / "converted-tp3"
+    p = subprocess.run([sys.executable, "-m", "jaxinfer", "convert", "", str(out3), "-tp", "3", "--quiet", *flags],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    n3 = len(list(next((out3 / "programs" / "executables").iterdir()).glob("*.jxe")))
+    text3, log = generate(out3, "-tp", "3")
+    assert f"loaded {n3} of {n3} programs saved whole" in log and "could not be loaded" not in log, log[-2000:]
+    assert text3 == text
 
 
 def test_convert_quantized_restores_sharded(tiny_llama_dir, tmp_path):
@@ -173,9 +186,7 @@ def test_convert_errors(tiny_llama_dir, tmp_path):
         jaxinfer.LLM(str(out), **TINY_ENGINE_OPTIONS)
     with pytest.raises(ValueError, match="only gs:// is supported"):
         jaxinfer.LLM("s3://bucket/model", **TINY_ENGINE_OPTIONS)
-    try:
-        import gcsfs  # noqa: F401
-    except ImportError:  # without the gcs extra, a gs:// model names it
+    if importlib.util.find_spec("gcsfs") is None:  # without the gcs extra, a gs:// model names it
         with pytest.raises(ValueError, match=r"needs gcsfs; pip install 'jaxinfer\[gcs\]'"):
             jaxinfer.LLM("gs://bucket/model", **TINY_ENGINE_OPTIONS)
 
