@@ -58,10 +58,10 @@ def _epath(s: str):
     from etils import epath
 
     if s.startswith("gs://"):
-        try:
-            import gcsfs  # noqa: F401  (epath's backend for gs://)
-        except ImportError:
-            raise ValueError(f"model {s!r}: reading gs:// paths needs gcsfs; pip install 'jaxinfer[gcs]'") from None
+        import importlib.util
+
+        if importlib.util.find_spec("gcsfs") is None:  # epath's backend for gs://
+            raise ValueError(f"model {s!r}: reading gs:// paths needs gcsfs; pip install 'jaxinfer[gcs]'")
     elif "://" in s:
         raise ValueError(f"model {s!r}: of remote paths only gs:// is supported; copy the model to a local path")
     return epath.Path(s)
