@@ -1,4 +1,4 @@
-"""The `jaxinfer` command line: `chat`, `generate`, `serve`, `convert` and `bench` (see `jaxinfer --help`).
+"""The `jaxinfer` command line: `chat`, `generate`, `serve`, `convert`, `bench` and `doctor` (see `jaxinfer --help`).
 
 Flags map one to one onto `SamplingParams` (sampling flags) and `EngineConfig` (engine flags). Both are
 built, and so validated, before the model loads, so a bad value fails in a second, not after start-up.
@@ -418,6 +418,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(conv)
     conv.set_defaults(func=run_convert)
 
+    doc = sub.add_parser(
+        "doctor", formatter_class=_Formatter,
+        help="check this machine: versions, devices, kernels, caches, the model; each problem with its fix",
+        description="Report what jaxinfer finds on this machine: the versions of jax and its plugin and of the\n"
+        "libraries jaxinfer uses, jax's backend and devices with their memory, the kernel each path runs here\n"
+        "(attention, quantized matmuls), the compilation cache (usable? its saved programs), the tokenizer cache,\n"
+        "the XLA autotune results shipped for this GPU, and the default model (or --model). Problems come last,\n"
+        "each with the command that fixes it. Nothing is written (a missing cache directory is reported, not\n"
+        "made), except that on a CPU the native kernel is built if it was not yet.\n"
+        "Exit status: 0 no problems, 1 some (listed last).",
+        epilog="examples:\n  jaxinfer doctor\n  jaxinfer doctor --json | jq .problems\n"
+        "  jaxinfer doctor --model ./llama8b-fp8 --compilation-cache-dir /mnt/cache/xla",
+    )
+    doc.add_argument("--json", action="store_true",
+                     help="print one JSON object (versions, backend, devices, kernels, caches, model, problems)")
+    doc.add_argument("--compilation-cache-dir", metavar="DIR",
+                     help="the compilation cache to check (default: the engine's, $JAXINFER_CACHE_DIR/xla or "
+                     "~/.cache/jaxinfer/xla)")
+    doc.add_argument("--model", "-m", metavar="PATH",
+                     help="also check this model: a converted model directory (do its programs fit this machine?), "
+                     "an HF checkpoint directory, a .gguf file, or a preset name")
+    doc.set_defaults(func=run_doctor)
+
     bench.add_parser(sub)
     return parser
 
@@ -488,6 +511,14 @@ def run_convert(args: argparse.Namespace) -> int:
                       "programs": None if progs is None else {k: progs[k] for k in ("device_kind", "devices", "jax")},
                       "seconds": m["_seconds"]}))
     return 0
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from jaxinfer import doctor
+
+    report = doctor.collect(args.compilation_cache_dir, args.model)
+    print(json.dumps(report, indent=2) if args.json else doctor.format_text(report), flush=True)
+    return 1 if report["problems"] else 0
 
 
 def describe_error(e: BaseException) -> str:
