@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve", formatter_class=_Formatter, help="an OpenAI-compatible HTTP server (completions, chat, streaming)",
         description="Serve the model over HTTP with the OpenAI API: /v1/completions, /v1/chat/completions,\n"
-        "/v1/models, plus /tokenize, /detokenize, /health, /ready, /metrics and /openapi.json.\n"
+        "/v1/models, plus /tokenize, /detokenize, /health, /ready, /metrics and /openapi.json, and a chat\n"
+        "page for the browser at /.\n"
         "SIGTERM or Ctrl-C stops admitting requests, waits --shutdown-timeout for running ones, then exits 0.",
         epilog="examples:\n  jaxinfer serve --port 8000\n  jaxinfer serve --model ./my-llama --api-key secret --max-n 4",
     )
@@ -392,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--step-timeout", type=float, default=120.0, metavar="S",
                      help="the watchdog: an engine step running longer fails the requests in flight (500) and makes "
                           "/ready answer 503 until it returns; 0 turns it off (default: %(default)s)")
+    srv.add_argument("--no-chat-page", action="store_true",
+                     help="do not serve the browser chat page at / (it calls /v1 as any client does, with the API key "
+                          "typed into it)")
     add_engine_args(serve)
     add_multihost_args(serve)
     serve.set_defaults(func=run_serve)
@@ -484,7 +488,8 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(model_name=name, api_keys=api_keys_from_args(args), max_n=args.max_n,
                           max_body_size=parse_bytes(args.max_body_size),
                           max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
-                          shutdown_timeout=args.shutdown_timeout, step_timeout=args.step_timeout or None)
+                          shutdown_timeout=args.shutdown_timeout, step_timeout=args.step_timeout or None,
+                          chat_page=not args.no_chat_page)
 
     def factory():
         from jaxinfer.data_parallel import make_engine

@@ -23,6 +23,7 @@ import signal
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path
 
 from aiohttp import web, web_protocol
 
@@ -46,6 +47,7 @@ class ServerConfig:
     max_queued_tokens: int | None = None  # prompt + max_tokens x n of the requests not started yet; None: no limit
     shutdown_timeout: float = 30.0
     step_timeout: float | None = None  # the watchdog: seconds an engine step may run (serving.AsyncEngine)
+    chat_page: bool = True  # the browser chat at / (static files in serving/static; it calls /v1 like any client)
 
 
 STATE = web.AppKey("state", object)
@@ -571,7 +573,21 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> web.Application:
     app.on_response_prepare.append(_server_header)
     for method, path, handler, _, _ in ROUTES:
         app.router.add_route(method, path, handler)
+    if config.chat_page:
+        app.router.add_get("/", chat_page)
+        app.router.add_static("/static/", STATIC)
     return app
+
+
+STATIC = Path(__file__).resolve().parent / "static"
+# The page's own files only: no inline script or style, no other origin (the API is this server's /v1)
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+
+async def chat_page(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(STATIC / "index.html")
 
 
 SERVER_HEADER = "jaxinfer"  # no versions of Python or aiohttp for a scanner to match against
@@ -579,6 +595,8 @@ SERVER_HEADER = "jaxinfer"  # no versions of Python or aiohttp for a scanner to 
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["Server"] = SERVER_HEADER
+    if request.path == "/" or request.path.startswith("/static/"):
+        response.headers.update(PAGE_HEADERS)
 
 
 class _Protocol(web_protocol.RequestHandler):
