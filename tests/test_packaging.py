@@ -30,6 +30,7 @@ def test_wheel_ships_every_preset(tmp_path):
     assert not missing, missing
     assert "jaxinfer/engine.py" in names and "pallas_kernels/ragged_paged_attention_gpu.py" in names
     assert "pallas_kernels/cpu_qmatmul.cc" in names  # built on first use from the installed package
+    assert {"serving/static/index.html", "serving/static/chat.js", "serving/static/chat.css"} <= names  # the chat page
     # the SPDX license expression (PEP 639), not the TOML table setuptools deprecates
     meta = zipfile.ZipFile(whl).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "License-Expression: Apache-2.0" in meta.splitlines()
