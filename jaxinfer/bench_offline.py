@@ -338,9 +338,11 @@ def measure_throughput(eng, input_lens, output_lens, args, rng) -> dict:
     params = [greedy(n, args.ignore_eos) for n in output_lens]
     warm_up(eng, rng)
     stats0, compiles0 = eng.stats(), eng.num_compiles_since_ready
+    tok0 = (eng.runner.tokens_scheduled, eng.runner.tokens_computed)
     with profiled(args.profile), gc_pauses() as gc_stats:
         r = run_all(eng, prompts, params)
     stats1 = eng.stats()
+    scheduled, computed = eng.runner.tokens_scheduled - tok0[0], eng.runner.tokens_computed - tok0[1]
     prompt_tokens, output_tokens = sum(input_lens), sum(r["count"].values())
     elapsed = r["elapsed_s"]
     return {
@@ -353,6 +355,9 @@ def measure_throughput(eng, input_lens, output_lens, args, rng) -> dict:
         "prefix_cache_hit_tokens": stats1["prefix_cache_hits"] - stats0["prefix_cache_hits"],
         "compiles_while_measured": eng.num_compiles_since_ready - compiles0, "gc": gc_stats,
         "speculation": spec_delta(stats0, stats1) if eng.ecfg.speculative_config else None,
+        # the steps' padding: tokens their buckets computed beyond those scheduled, as a share of the computed ones
+        "padding_share": 1 - scheduled / max(1, computed),
+        "adaptive_buckets_added": stats1["adaptive_buckets_added"],
     }
 
 
@@ -622,6 +627,9 @@ def format_table(report: dict) -> str:
                       [[str(res["num_requests"]), _f(res["elapsed_s"], ".2f"), _f(res["requests_per_s"], ".2f"),
                         _f(res["output_tokens_per_s"]), _f(res["total_tokens_per_s"]), str(res["prompt_tokens"]),
                         str(res["output_tokens"]), str(res["engine_steps"]), str(res["compiles_while_measured"])]])
+        if "padding_share" in res:
+            out.append(f"padding: {res['padding_share'] * 100:.1f}% of the tokens the buckets computed; adaptive "
+                       f"buckets added so far: {res['adaptive_buckets_added']}")
         out += [""] + _table(["bucket (T x B)", "steps", "real tokens / step", "ms / step", "waiting for device ms",
                               "share of time"],
                              [[f"{b['T']} x {b['B']}{' decode' if b['decode'] else ''}", str(b["steps"]),

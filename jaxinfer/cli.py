@@ -210,6 +210,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    "(an EAGLE-1 head; \"eagle3\" for an EAGLE-3 head); \"disable_by_batch_size\": N turns drafts "
                    "off past N running requests; steps that may carry drafts run one after the other, no async "
                    "scheduling (default: off)")
+    g.add_argument("--adaptive-buckets", action="store_true",
+                   help="learn step sizes from the traffic: every 256 prompt-carrying steps, the token sizes that would "
+                        "have saved the most padding are compiled in the background (up to 8 programs) and used from "
+                        "then on, and remembered for the next start (default: off)")
     g.add_argument("--compilation-cache-dir", metavar="DIR",
                    help="where compiled step programs are kept between runs (default: ~/.cache/jaxinfer/xla)")
     g.add_argument("--no-compilation-cache", action="store_true",
@@ -241,6 +245,8 @@ def engine_options_from_args(args: argparse.Namespace) -> dict:
         opts["async_scheduling"] = False
     if getattr(args, "no_compilation_cache", False):
         opts["use_compilation_cache"] = False
+    if getattr(args, "adaptive_buckets", False):
+        opts["adaptive_buckets"] = True
     if getattr(args, "quiet", False):
         opts["show_progress"] = False
     return opts

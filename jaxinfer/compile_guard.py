@@ -16,14 +16,30 @@ import jax
 _LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 _CACHE_HIT, _CACHE_WRITE = "/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"
 _lock = threading.Lock()
-_state = {"count": 0, "registered": False, "cache_events": False}
+_state = {"count": 0, "background": 0, "registered": False, "cache_events": False}
 _thread = threading.local()  # jax records the persistent-cache events in the thread that compiles
 
 
 def _listener(event: str, duration: float, **kwargs) -> None:
     if event == _LOWERING_EVENT:
-        with _lock:
-            _state["count"] += 1
+        with _lock:  # a background compile's (adaptive buckets: compiled beside serving, on purpose) counted apart
+            _state["background" if getattr(_thread, "background", False) else "count"] += 1
+
+
+@contextmanager
+def background():
+    """Lowerings in this block, on this thread, are not counted by `count()` (`background_count()` has them)."""
+    count()  # the listener registered before the first one
+    _thread.background = True
+    try:
+        yield
+    finally:
+        _thread.background = False
+
+
+def background_count() -> int:
+    with _lock:
+        return _state["background"]
 
 
 def _cache_listener(event: str, **kwargs) -> None:

@@ -298,6 +298,11 @@ class EngineConfig:
     use_compilation_cache: bool = True
     compile_threads: int = 0  # 0: one per CPU core, at most 8
     warm_up: bool | None = None  # run every program once at start-up (runner.warm_up); None: on GPU / TPU, not on CPU
+    # traffic-adaptive buckets (adaptive_buckets.py): token sizes learned from the prompt-carrying steps served, every
+    # adaptive_window of them, compiled beside serving, at most adaptive_max_buckets programs over the engine's life
+    adaptive_buckets: bool = False
+    adaptive_window: int = 256
+    adaptive_max_buckets: int = 8
     seed: int = 0
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
     # None: as the checkpoint is (quantized checkpoints detected and kept quantized); "none": dequantize every
@@ -329,7 +334,7 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory must be a positive number of bytes (or None), "
                              f"got {self.kv_cache_memory!r}")
         for name in ("attention_interpret", "enable_prefix_caching", "async_scheduling", "use_compilation_cache",
-                     "show_progress"):
+                     "show_progress", "adaptive_buckets"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -363,6 +368,12 @@ class EngineConfig:
                              f"is), got {self.quantization!r}")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
+        for name in ("adaptive_window", "adaptive_max_buckets"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.adaptive_buckets and self.speculative_config is not None:
+            raise ValueError("adaptive_buckets: not with speculative decoding yet (its draft programs would need the "
+                             "new sizes too); leave one of them off")
         # a dict (or None) becomes a SpeculativeConfig: bad keys and values raise here, naming them
         object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
         sq = self.speculative_config.quantization if self.speculative_config else None

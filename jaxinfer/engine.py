@@ -36,12 +36,14 @@ once (GPU / TPU) -> `gc.freeze()`.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import gc
 import itertools
 import math
 import os
 import sys
+import threading
 import time
 import uuid
 
@@ -49,7 +51,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxinfer import autotune, compile_guard, convert, executables, multihost
+from jaxinfer import adaptive_buckets, autotune, compile_guard, convert, executables, multihost
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.executables import ExecutableStore
@@ -172,7 +174,10 @@ class Engine:
                     draft.feats = self._eagle_feats(draft, mesh, abstract=True)
             self.runner = ModelRunner(self.cfg, ecfg, loaded.params, abstract_kv, self.num_pages, self.max_model_len,
                                       draft)
-            self.runner.compile_all(ecfg.show_progress, self._executable_store(loaded.params, abstract_kv, mesh, draft))
+            store = self._executable_store(loaded.params, abstract_kv, mesh, draft)
+            learned = adaptive_buckets.load_learned(store.path if store else None) if ecfg.adaptive_buckets else []
+            self.runner.buckets = sorted(set(self.runner.buckets) | set(learned))  # an earlier run's, compiled now
+            self.runner.compile_all(ecfg.show_progress, store)
             self.compile_seconds += self.runner.compile_seconds
             self.lower_seconds += self.runner.lower_seconds
             short = self._memory_shortfall((abstract_kv, draft.kv) if draft is not None else abstract_kv)
@@ -230,6 +235,10 @@ class Engine:
         self._log(f"compiled {len(r.compiled)} buckets in {self.compile_seconds:.1f} s ({how}lowering "
                   f"{self.lower_seconds:.1f} s): {r.buckets}")
         self.compiles_at_ready = compile_guard.count()
+        self._adaptive = None
+        if ecfg.adaptive_buckets:
+            self._adaptive = {"folder": store.path if store else None, "learned": learned, "future": None}
+            self.runner.shape_log = adaptive_buckets.ShapeLog(ecfg.adaptive_window)
         self._groups: dict[str, list[Request]] = {}
         self._prompts: dict[str, str | None] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
@@ -489,6 +498,8 @@ class Engine:
         progress: then the engine must be rebuilt (serving.AsyncEngine does)."""
         if self.fatal_error is not None:
             raise RuntimeError(self.fatal_error)
+        if self._adaptive is not None:
+            self._adapt()
         try:
             if self._launch_fault is not None:  # the last step's early launch of this one failed (_launch_early)
                 fault, self._launch_fault = self._launch_fault, None
@@ -538,6 +549,40 @@ class Engine:
                 n and r is isolating for r, n in zip(batch.requests, appended))):
             self._suspects.remove(isolating)  # a token (or its end) alone: it was not the cause
         return self._outputs(batch.requests)
+
+    def _adapt(self) -> None:
+        """Adaptive buckets, between two steps: add the programs a background compile has finished; when a window of
+        prompt-carrying steps is full, propose sizes for it and start compiling them in a thread (adaptive_buckets.py).
+        Steps go on with the buckets compiled so far meanwhile."""
+        a, r = self._adaptive, self.runner
+        fut = a["future"]
+        if fut is not None and fut.done():
+            a["future"] = None
+            try:
+                programs = fut.result()
+            except Exception as e:  # noqa: BLE001 - a failed background compile costs only its buckets
+                print(f"warning: adaptive buckets not compiled ({type(e).__name__}: {e}); serving goes on with the "
+                      "buckets it has", file=sys.stderr, flush=True)
+                a["failed"] = True  # no more tries
+            else:
+                r.add_buckets(programs)
+                a["learned"] += [k for k in programs if k[0] != "prompt_logprobs"]
+                adaptive_buckets.save_learned(a["folder"], a["learned"])
+                self._log(f"adaptive buckets: added {sorted(k for k in programs if k[0] != 'prompt_logprobs')}")
+        room = self.ecfg.adaptive_max_buckets - len(a["learned"])
+        if a["future"] is None and room > 0 and not a.get("failed") and r.shape_log.due():
+            new = adaptive_buckets.propose(r.shape_log.take(), r.buckets, room)
+            if new:
+                a["future"] = fut = cf.Future()
+                state = r.abstract_state()
+
+                def work():
+                    try:
+                        fut.set_result(r.compile_buckets(new, state))
+                    except BaseException as e:  # noqa: BLE001 - handed to the engine's thread
+                        fut.set_exception(e)
+
+                threading.Thread(target=work, name="adaptive-buckets", daemon=True).start()
 
     def _plan(self) -> tuple[bool, bool]:
         """(speculate, overlap) for the next step: may it carry drafts, and may it be launched before the step in
@@ -866,6 +911,9 @@ class Engine:
             "prefix_cache_queries": s.prefix_cache_queries, "prefix_cache_hits": s.prefix_cache_hits,
             "prefix_cache_hit_rate": s.prefix_cache_hit_rate,
             "step_faults": self.num_step_faults,
+            # padding: tokens the steps' buckets computed beyond the tokens scheduled, as a share of the computed ones
+            "padding_share": 1 - self.runner.tokens_scheduled / max(1, self.runner.tokens_computed),
+            "adaptive_buckets_added": len(self._adaptive["learned"]) if self._adaptive else 0,
             **self.spec_stats(),
         }
 

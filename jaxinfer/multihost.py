@@ -115,6 +115,9 @@ def check_engine(ecfg) -> None:
     if ecfg.data_parallel_size > 1:
         raise ValueError("data_parallel_size: replicas over several processes are not supported yet; run one "
                          "multi-host engine per replica")
+    if ecfg.adaptive_buckets:
+        raise ValueError("adaptive_buckets: not on a multi-host engine yet (every process would have to add the same "
+                         "programs between the same two steps)")
 
 
 class StepChannel:

@@ -212,7 +212,9 @@ class ModelRunner:
         self.sstate = sampling.init_sampler_state(self.num_slots, cfg.vocab_size)
         if self._replicated is not None:
             self.sstate = jax.device_put(self.sstate, self._replicated)
-        self.buckets = ecfg.buckets()  # (T, B, decode)
+        self.buckets = ecfg.buckets()  # (T, B, decode); adaptive buckets are added to it (add_buckets)
+        self.shape_log = None  # adaptive_buckets.ShapeLog: prompt-carrying steps' shapes, when adaptive buckets are on
+        self.tokens_scheduled = self.tokens_computed = 0  # a step's tokens, and its bucket's (padding: the difference)
         self.seq_buckets = sorted({b[1] for b in self.buckets})
         self._attn_fn = make_attention_fn(cfg, ecfg.attention_impl, ecfg.attention_interpret, mesh)
         # Functions of this runner's own: jax shares lowerings (and compiles) between jits of one function, and a
@@ -250,14 +252,47 @@ class ModelRunner:
 
     # -- ahead-of-time compilation --------------------------------------------------------------------------
 
-    def _lower_forward(self, T: int, B: int, decode: bool):
+    def _lower_forward(self, T: int, B: int, decode: bool, state=None):
+        """state: (kv, sampler state, page table), abstract, for a lowering beside serving (their arrays are donated
+        and replaced by every step); default: this runner's."""
         inp = self._empty_input(T, B)[0]
         attn_fn = functools.partial(self._attn_fn, decode=decode)
         fn = jax.jit(make_forward_fn(self.cfg, attn_fn, abstract(inp), self._replicated, self._aux_layers,
                                      self._logits_sharding),
                      donate_argnums=(1, 2, 3))
         flat = jax.ShapeDtypeStruct(pack(inp).shape, jnp.int32)
-        return fn.lower(self.params, self.kv, self.sstate, self.page_table, flat)
+        kv, sstate, page_table = state or (self.kv, self.sstate, self.page_table)
+        return fn.lower(self.params, kv, sstate, page_table, flat)
+
+    def compile_buckets(self, buckets: list[tuple[int, int, bool]], state) -> dict:
+        """Compile the forward programs of new mixed `buckets` (and the prompt-logprobs program of each new T) in
+        this thread, beside serving: lowerings counted apart (compile_guard.background). Returns {key: program} for
+        `add_buckets`. state: `abstract_state()`, taken on the engine's thread."""
+        out = {}
+        plp = jax.jit(make_prompt_logprobs_fn(self.cfg, self.ecfg.max_logprobs))
+        with compile_guard.background():
+            for b in buckets:
+                out[b] = self._lower_forward(*b, state=state).compile()
+                T = b[0]
+                if T not in self.compiled_prompt_logprobs and ("prompt_logprobs", T) not in out:
+                    h = jax.ShapeDtypeStruct((T, self.cfg.hidden_size), jnp.dtype(self.params.final_norm.dtype),
+                                             sharding=self._replicated)
+                    out[("prompt_logprobs", T)] = plp.lower(self.params, h, jax.ShapeDtypeStruct((T,), jnp.int32)).compile()
+        return out
+
+    def abstract_state(self):
+        """(kv, sampler state, page table) as ShapeDtypeStructs with their shardings."""
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                      (self.kv, self.sstate, self.page_table))
+
+    def add_buckets(self, programs: dict) -> None:
+        """Make compiled programs (`compile_buckets`) usable: between two steps, on the engine's thread."""
+        for key, exe in programs.items():
+            if key[0] == "prompt_logprobs":
+                self.compiled_prompt_logprobs[key[1]] = exe
+            else:
+                self.compiled[key] = exe
+        self.buckets = sorted(set(self.buckets) | {k for k in programs if k[0] != "prompt_logprobs"})
 
     def _lower_sampler(self, B: int, variant: str):
         md = self._empty_input(B, B)[1]
@@ -444,8 +479,12 @@ class ModelRunner:
         sampled rows, when more than the sequences (speculative decoding's verifying sequences)."""
         decode = num_tokens == num_seqs
         rows = max(num_seqs, num_rows or 0)
+        if self.shape_log is not None and not decode:
+            self.shape_log.record(num_tokens, rows)
         for T, B, d in self.buckets:
             if d == decode and T >= num_tokens and B >= rows:
+                self.tokens_scheduled += num_tokens
+                self.tokens_computed += T
                 return T, B, d
         raise ValueError(f"no bucket holds {num_tokens} tokens and {rows} sequences / sampled rows "
                          f"(buckets: {self.buckets})")
