@@ -419,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine-config h100-llama-3.1-8b\n  jaxinfer convert ./model.gguf ./converted --no-programs\n"
         "  gcloud storage cp -r ./llama8b-fp8 gs://BUCKET/   then   jaxinfer serve --model gs://BUCKET/llama8b-fp8",
     )
-    conv.add_argument("source", metavar="MODEL", help="the model to convert (as --model of the other commands)")
+    conv.add_argument("source", metavar="MODEL", help="the model to convert (as --model of the other commands; an "
+                      "empty string '' for the embedded default model)")
     conv.add_argument("out", metavar="OUT", help="a new (or empty) directory to write")
     conv.add_argument("--device-kind", metavar="KIND",
                       help="the devices the compiled programs are for, as jax names them (e.g. 'NVIDIA H100 80GB "
