@@ -324,18 +324,16 @@ def _tokenizer(src: str, info: dict):
     return tok
 
 
-def program_record(fingerprint: str, devices, ecfg) -> dict:
+def program_record(fingerprint: str, devices, ecfg, sources: str) -> dict:
     """What an engine's compiled programs were made for (the manifest's "programs" entries): its fingerprint, and the
-    parts of it a user can read, to say why shipped programs do not fit."""
+    parts of it a user can read, to say why shipped programs do not fit (sources: `executables.source_digest()`)."""
     import jaxlib
-
-    from jaxinfer import executables
 
     skip = ("show_progress", "compile_threads", "compilation_cache_dir", "use_compilation_cache")
     return json.loads(json.dumps({
         "fingerprint": fingerprint, "device_kind": devices[0].device_kind, "devices": len(devices),
         "platform_version": devices[0].client.platform_version, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-        "python": sys.version.split()[0], "jaxinfer_sources": executables.source_digest()[:16],
+        "python": sys.version.split()[0], "jaxinfer_sources": sources[:16],
         "engine": {k: v for k, v in dataclasses.asdict(ecfg).items() if k not in skip}}, default=str))
 
 

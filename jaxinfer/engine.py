@@ -347,8 +347,9 @@ class Engine:
         cfg = self.cfg
         if draft is not None:
             cfg, params, abstract_kv = (cfg, draft.cfg, draft.eagle3), (params, draft.params), (abstract_kv, draft.kv)
-        key = executables.fingerprint(cfg, self.ecfg, params, abstract_kv, self.max_model_len, devices)
-        self.program_record = convert.program_record(key, devices, self.ecfg)
+        sources = executables.source_digest()  # read once: the key and the record both name it
+        key = executables.fingerprint(cfg, self.ecfg, params, abstract_kv, self.max_model_len, devices, sources)
+        self.program_record = convert.program_record(key, devices, self.ecfg, sources)
         if self._program_dir is not None:
             return ExecutableStore(self._program_dir, key, devices)
         shipped_dir, records = self._shipped
@@ -360,7 +361,7 @@ class Engine:
                       f"{convert.program_mismatch(records, self.program_record)}", file=sys.stderr, flush=True)
                 shipped = None
         if not self.ecfg.use_compilation_cache:
-            return None if shipped is None else ExecutableStore(shipped_dir, key, devices, read_only=True)
+            return shipped
         return ExecutableStore(self.ecfg.cache_dir(), key, devices, shipped=shipped)
 
     def _num_pages(self, per_page: int) -> int:

@@ -62,12 +62,13 @@ def source_digest() -> str:
     return h.hexdigest()
 
 
-def fingerprint(cfg, ecfg, params, abstract_kv, max_model_len: int, devices) -> str:
-    """Hex digest of everything the engine's programs are lowered from (see the module docstring)."""
+def fingerprint(cfg, ecfg, params, abstract_kv, max_model_len: int, devices, sources: str | None = None) -> str:
+    """Hex digest of everything the engine's programs are lowered from (see the module docstring). sources:
+    `source_digest()`, if the caller has it already."""
     import jaxlib
 
     h = hashlib.sha256(f"jaxinfer-executables-{_FORMAT}".encode())
-    h.update(source_digest().encode())
+    h.update((sources or source_digest()).encode())
     dev = devices[0]
     env = (sys.version_info[:3], jax.__version__, jaxlib.__version__, dev.client.platform,
            dev.client.platform_version, [(d.id, d.process_index, d.device_kind) for d in devices],
@@ -118,7 +119,6 @@ class ExecutableStore:
 
             cpu_qmatmul.available()
         self.shipped = shipped  # read-only: a converted model's programs (convert.py), tried after this store's
-        self.fingerprint = fingerprint
         self.read_only = read_only
 
     @property

@@ -220,6 +220,7 @@ class ModelRunner:
         # Functions of this runner's own: jax shares lowerings (and compiles) between jits of one function, and a
         # program taken from another engine's compile cannot be told freshly compiled (see executables.py).
         self._set_row = jax.jit(functools.partial(sampling.set_row), donate_argnums=(0,))
+        self._prompt_logprobs = jax.jit(make_prompt_logprobs_fn(cfg, ecfg.max_logprobs))
         self._history = jax.jit(functools.partial(sampling.update_history), donate_argnums=(0,))
         self._history_len = self.max_pages_per_seq * self.page_size  # L: a cached prefix is shorter
         # Host copy of every sampler row's page table, kept in step with the requests' page lists (append-only
@@ -269,16 +270,18 @@ class ModelRunner:
         this thread, beside serving: lowerings counted apart (compile_guard.background). Returns {key: program} for
         `add_buckets`. state: `abstract_state()`, taken on the engine's thread."""
         out = {}
-        plp = jax.jit(make_prompt_logprobs_fn(self.cfg, self.ecfg.max_logprobs))
         with compile_guard.background():
             for b in buckets:
                 out[b] = self._lower_forward(*b, state=state).compile()
                 T = b[0]
                 if T not in self.compiled_prompt_logprobs and ("prompt_logprobs", T) not in out:
-                    h = jax.ShapeDtypeStruct((T, self.cfg.hidden_size), jnp.dtype(self.params.final_norm.dtype),
-                                             sharding=self._replicated)
-                    out[("prompt_logprobs", T)] = plp.lower(self.params, h, jax.ShapeDtypeStruct((T,), jnp.int32)).compile()
+                    out[("prompt_logprobs", T)] = self._lower_prompt_logprobs(T).compile()
         return out
+
+    def _lower_prompt_logprobs(self, T: int):
+        h = jax.ShapeDtypeStruct((T, self.cfg.hidden_size), jnp.dtype(self.params.final_norm.dtype),
+                                 sharding=self._replicated)
+        return self._prompt_logprobs.lower(self.params, h, jax.ShapeDtypeStruct((T,), jnp.int32))
 
     def abstract_state(self):
         """(kv, sampler state, page table) as ShapeDtypeStructs with their shardings."""
@@ -337,11 +340,8 @@ class ModelRunner:
         for B in self.seq_buckets:
             for variant in sampling.VARIANTS:
                 progs[(B, variant)] = P(self._lower_sampler, B, variant)
-        plp = jax.jit(make_prompt_logprobs_fn(self.cfg, self.ecfg.max_logprobs))
         for T in sorted({b[0] for b in self.buckets}):
-            h = jax.ShapeDtypeStruct((T, self.cfg.hidden_size), jnp.dtype(self.params.final_norm.dtype),
-                                     sharding=self._replicated)
-            progs[("prompt_logprobs", T)] = P(plp.lower, self.params, h, jax.ShapeDtypeStruct((T,), i32))
+            progs[("prompt_logprobs", T)] = P(self._lower_prompt_logprobs, T)
         progs["set_row"] = P(self._set_row.lower, self.sstate, jax.ShapeDtypeStruct((), i32),
                              jax.ShapeDtypeStruct((W,), i32), jax.ShapeDtypeStruct((W,), jnp.float32),
                              jax.ShapeDtypeStruct((W,), i32), jax.ShapeDtypeStruct((), i32))
