@@ -22,6 +22,7 @@ OUT/programs (cache_trust), the rules of the compilation cache itself; ship only
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -110,9 +111,8 @@ def with_kv_replicas(params: Params, cfg_from: ModelConfig, cfg_to: ModelConfig,
     specs = param_specs(cfg_to)
 
     def move(x, axis, spec_axes):
-        out = regroup_kv_heads(x, axis, r0, r1)
-        sharding = _sharding(spec_axes, out.shape, mesh)
-        return jax.jit(lambda a: regroup_kv_heads(a, axis, r0, r1), out_shardings=sharding)(x)
+        shape = jax.eval_shape(functools.partial(regroup_kv_heads, axis=axis, r_from=r0, r_to=r1), x).shape
+        return _regroup(axis, r0, r1, _sharding(spec_axes, shape, mesh))(x)  # the shape above: nothing computed
 
     layers = []
     for lp, sp in zip(params.layers, specs.layers):
@@ -126,6 +126,12 @@ def with_kv_replicas(params: Params, cfg_from: ModelConfig, cfg_to: ModelConfig,
         bqkv = None if lp.bqkv is None else move(lp.bqkv, 0, sp.bqkv.axes)
         layers.append(dataclasses.replace(lp, wqkv=wqkv, bqkv=bqkv))
     return dataclasses.replace(params, layers=layers)
+
+
+@functools.cache
+def _regroup(axis: int, r0: int, r1: int, sharding):
+    """`regroup_kv_heads` compiled once per layout and placement (every layer's q/k/v weights share them)."""
+    return jax.jit(functools.partial(regroup_kv_heads, axis=axis, r_from=r0, r_to=r1), out_shardings=sharding)
 
 
 def _sharding(axes, shape, mesh):
