@@ -378,7 +378,9 @@ def bench_llama_cpp(args, model_path: str | None, prompts: list[list[int]], log)
 # -- context and the table -----------------------------------------------------------------------------------
 
 
-def run_context(args) -> dict:
+def run_context(args, devices: bool = True) -> dict:
+    """Where and how a benchmark ran. devices=False leaves JAX's backend alone: a client measuring a server on the
+    same machine must not take the accelerator's memory."""
     import jax
     import jaxlib
 
@@ -391,8 +393,8 @@ def run_context(args) -> dict:
         "git_dirty": bool(_git(repo, "status", "--porcelain", "--untracked-files=no")),
         "jax_version": jax.__version__,
         "jaxlib_version": jaxlib.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d.device_kind) for d in jax.devices()],
+        "backend": jax.default_backend() if devices else "client only",
+        "devices": [str(d.device_kind) for d in jax.devices()] if devices else [],
         "cpu_count": os.cpu_count(),
         "cpu_model": _cpu_model(),
         "platform": platform.platform(),

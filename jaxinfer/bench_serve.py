@@ -18,7 +18,8 @@ met every --goodput bound (e.g. `ttft:500 tpot:50`, milliseconds).
 
 The server is either --base-url, or `jaxinfer serve` started in this process (its own event loop in a
 thread; the engine has its own thread too), warmed with one request first. Prompts are windows over
-English text tokenized by the server's /tokenize, at random offsets, each starting with a few tokens drawn
+English text tokenized by the server's /tokenize (seeded random token ids where the server has no tokenizer),
+at random offsets, each starting with a few tokens drawn
 afresh for every request at every level: the server's prefix cache can never serve one level's prompts
 from an earlier level (reusing the prompts made every level after the first look faster than it was).
 matplotlib (`pip install jaxinfer[bench]`) is imported only for --plot.
@@ -298,7 +299,14 @@ class InProcessServer:
         self.thread.join(10)
 
 
-async def _server_info(url: str, headers: dict, text: str) -> tuple[str, int, list[int]]:
+# Token ids sent when the server has no tokenizer (dummy weights of a preset shape, vLLM's
+# --skip-tokenizer-init): inside every Llama / Mistral / Qwen / Gemma vocabulary, clear of the special ids.
+RANDOM_ID_RANGE = (1000, 30000)
+
+
+async def _server_info(url: str, headers: dict, text: str) -> tuple[str, int, list[int] | None]:
+    """The served model's name, its context length, and `text` tokenized by the server (None when the server has
+    no tokenizer: /tokenize answers an error or is not there)."""
     import aiohttp
 
     async with aiohttp.ClientSession() as s:
@@ -307,8 +315,7 @@ async def _server_info(url: str, headers: dict, text: str) -> tuple[str, int, li
             card = (await r.json())["data"][0]
         async with s.post(url + "/tokenize", json={"prompt": text, "add_special_tokens": False},
                           headers=headers) as r:
-            r.raise_for_status()
-            ids = (await r.json())["tokens"]
+            ids = (await r.json()).get("tokens") if r.status == 200 else None
     return card["id"], card.get("max_model_len", 2048), ids
 
 
@@ -322,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
 
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     goodput = dict(args.goodput) if args.goodput else None
-    report = {"context": run_context(args), "config": _args_dict(args), "results": [], "notes": []}
+    report = {"context": run_context(args, devices=not args.base_url), "config": _args_dict(args), "results": [], "notes": []}
     busy = _busy_note(report["context"]["loadavg_start"])
     if busy:
         report["notes"].append(busy)
@@ -341,6 +348,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         model, max_model_len, text_ids = asyncio.run(_server_info(url, headers, _TEXT))
         rng = np.random.default_rng(args.seed)
+        if not text_ids:
+            report["notes"].append(f"the server has no tokenizer: prompts are random token ids in "
+                                   f"[{RANDOM_ID_RANGE[0]}, {RANDOM_ID_RANGE[1]})")
+            log(f"note: {report['notes'][-1]}")
+            text_ids = np.random.default_rng([args.seed, 3]).integers(*RANDOM_ID_RANGE, 4096).tolist()
         lengths = draw_lengths(args, max_model_len, rng)
         longest = max(i for i, _ in lengths)
         text_ids = text_ids * (longest // len(text_ids) + 2)
@@ -396,7 +408,8 @@ def format_table(report: dict, args) -> str:
     lens = f"{args.dataset} lengths, input {args.input_len}, output {args.output_len}"
     out = ["", f"jaxinfer bench serve: {report.get('model')}, {args.num_prompts} requests per level, {lens}"
            + (f", at most {args.max_concurrency} in flight" if args.max_concurrency else "")
-           + f"; {ctx['backend']} backend, {ctx['cpu_count']} CPUs, git {ctx['git_commit']}"
+           + (f"; server at {args.base_url}" if args.base_url else f"; {ctx['backend']} backend")
+           + f", {ctx['cpu_count']} CPUs, git {ctx['git_commit']}"
            + ("+dirty" if ctx["git_dirty"] else ""),
            "latencies in ms (client clock); goodput: requests/s meeting "
            + (" ".join(f"{k}<={v:g}ms" for k, v in args.goodput) if args.goodput else "(no --goodput given)"),
