@@ -50,17 +50,18 @@ def get_op(impl: str):
 
 
 def make_attention_fn(cfg: ModelConfig, impl: str, interpret: bool = False, mesh=None):
-    """(qkv [T, K, G + 2, H], k_pages, v_pages, meta: AttentionMetadata, decode=False) -> (out [T, N, H], k_pages,
-    v_pages): qkv holds per kv head its G query heads, then the step's new key and value (the model's fused
+    """(qkv [T, K, G + 2, H], k_pages, v_pages, meta: AttentionMetadata, decode=False, window=the model's) -> (out
+    [T, N, H], k_pages, v_pages): qkv holds per kv head its G query heads, then the step's new key and value (the model's fused
     projection, rope applied); the new K/V are written into their slots, then attention runs. mesh: run it per
     device over the kv heads (module docstring)."""
     chosen = select_impl(impl, jax.default_backend())
-    kwargs = dict(sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window)
+    kwargs = dict(sm_scale=cfg.attn_scale)
     if chosen in _KERNELS:
         kwargs["interpret"] = interpret
-    op = functools.partial(get_op(chosen), **kwargs)
+    base_op = functools.partial(get_op(chosen), **kwargs)
 
-    def attention(qkv, k_pages, v_pages, meta, decode: bool = False):
+    def attention(qkv, k_pages, v_pages, meta, decode: bool = False, window: int | None = cfg.sliding_window):
+        op = functools.partial(base_op, sliding_window=window)  # a layer's own window (Gemma 3's local / global)
         # decode: every live sequence has one query token (a decode bucket); only the GPU kernel uses it: its
         # decode kernel writes the new K/V itself (no scatter before it), and in a mixed step it takes the
         # one-token sequences. The GPU kernels read the queries out of qkv in place (no copy of them per layer).
@@ -82,8 +83,9 @@ def make_attention_fn(cfg: ModelConfig, impl: str, interpret: bool = False, mesh
         return attention
     heads = P(None, axis)  # qkv [T, K, ...], pages [P, K, ...], out [T, N, H]: the second axis split
 
-    def per_device(qkv, k_pages, v_pages, meta, decode: bool = False):
-        fn = jax.shard_map(functools.partial(attention, decode=decode), mesh=mesh, in_specs=(heads, heads, heads, P()),
+    def per_device(qkv, k_pages, v_pages, meta, decode: bool = False, window: int | None = cfg.sliding_window):
+        fn = jax.shard_map(functools.partial(attention, decode=decode, window=window), mesh=mesh,
+                           in_specs=(heads, heads, heads, P()),
                            out_specs=(heads, heads, heads), check_vma=False)
         return fn(qkv, k_pages, v_pages, meta)
 

@@ -38,7 +38,7 @@ FIELD_FLAGS = {
     "quantization": "--quantization", "kv_cache_dtype": "--kv-cache-dtype",
     "enable_prefix_caching": "--no-prefix-caching", "async_scheduling": "--no-async-scheduling",
     "speculative_config": "--speculative-config", "tensor_parallel_size": "--tensor-parallel-size",
-    "data_parallel_size": "--data-parallel-size",
+    "data_parallel_size": "--data-parallel-size", "enable_expert_parallel": "--enable-expert-parallel",
 }
 
 EPILOG = """\
@@ -162,6 +162,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, metavar="N",
                    help="split the model over the first N devices (tensor parallelism over a jax.sharding mesh; "
                         "kv heads held N / K times when the model has K < N of them; default: 1)")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="a mixture-of-experts model's experts split over the --tensor-parallel-size devices by expert "
+                        "(whole experts per device) instead of by MLP width")
     g.add_argument("--data-parallel-size", "-dp", type=_positive_int, metavar="M",
                    help="M engine replicas in this process, each on --tensor-parallel-size devices of its own, behind "
                         "one front: a request goes to the replica caching the longest prefix of its prompt, else the "
@@ -247,6 +250,8 @@ def engine_options_from_args(args: argparse.Namespace) -> dict:
         opts["use_compilation_cache"] = False
     if getattr(args, "adaptive_buckets", False):
         opts["adaptive_buckets"] = True
+    if getattr(args, "enable_expert_parallel", False):
+        opts["enable_expert_parallel"] = True
     if getattr(args, "quiet", False):
         opts["show_progress"] = False
     return opts

@@ -22,6 +22,9 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
+    "Gemma3ForCausalLM": "gemma3",
 }
 
 # What `quantization=` accepts: on-the-fly schemes (vLLM's names), "none" (every checkpoint weight dequantized
@@ -71,9 +74,9 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a Llama-family decoder."""
+    """Shape and numerics of a Llama-family decoder, dense or mixture-of-experts."""
 
-    arch: str  # llama | mistral | qwen2 | qwen3
+    arch: str  # llama | mistral | qwen2 | qwen3 | qwen3_moe | mixtral | gemma3
     vocab_size: int
     hidden_size: int  # D
     intermediate_size: int  # F
@@ -95,6 +98,24 @@ class ModelConfig:
     # each of the checkpoint's kv heads held this many times (num_kv_heads counts the copies): tensor parallelism over
     # more devices than the checkpoint has kv heads gives every device one (model.tensor_parallel_config)
     kv_replicas: int = 1
+    # Mixture of experts (0 experts: a dense model). Each token's router picks num_experts_per_tok of num_experts
+    # MLPs of width moe_intermediate_size (softmax over all experts, then top-k; norm_topk_prob: the k weights
+    # renormalised to sum to 1); dense_layers run the dense MLP of width intermediate_size instead.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    dense_layers: tuple[int, ...] = ()
+    # experts split over the tensor-parallel devices by expert, not by MLP width (model.tensor_parallel_config)
+    expert_parallel: bool = False
+    # Gemma 3: local layers (sliding_layers use sliding_window, with rope base local_rope_theta and no rope scaling)
+    # between global ones; None: every layer uses sliding_window (Mistral), or none does
+    sliding_layers: tuple[int, ...] | None = None
+    local_rope_theta: float | None = None
+    query_pre_attn_scalar: float | None = None  # attention scale query_pre_attn_scalar ** -0.5 (None: head_dim's)
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size), in the model dtype
+    sandwich_norms: bool = False  # RMSNorm on the attention's and the MLP's outputs too, before each residual add
+    hidden_act: str = "silu"  # silu | gelu_tanh: the gated MLP's activation
 
     def __post_init__(self):
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
@@ -112,6 +133,31 @@ class ModelConfig:
                              f"({self.num_kv_heads})")
         if self.arch not in SUPPORTED_ARCHITECTURES.values():
             raise ValueError(f"model config: unknown arch {self.arch!r}")
+        if self.hidden_act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"model config: hidden_act must be silu or gelu_tanh, got {self.hidden_act!r}")
+        if self.num_experts:
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"model config: num_experts_per_tok must be in 1..num_experts ({self.num_experts}), "
+                                 f"got {self.num_experts_per_tok}")
+            if self.moe_intermediate_size <= 0:
+                raise ValueError(f"model config: moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts > 0 and i not in self.dense_layers
+
+    def layer_window(self, i: int) -> int | None:
+        """Layer i's sliding window (None: it attends to the whole context)."""
+        return self.sliding_window if self.sliding_layers is None or i in self.sliding_layers else None
+
+    def layer_rope(self, i: int) -> tuple[float, "RopeScaling"]:
+        """Layer i's rope base and scaling: a Gemma 3 local layer's own base, unscaled; else the model's."""
+        if self.local_rope_theta is not None and self.layer_window(i) is not None:
+            return self.local_rope_theta, RopeScaling()
+        return self.rope_theta, self.rope_scaling
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def q_per_kv(self) -> int:
@@ -122,7 +168,8 @@ class ModelConfig:
         archs = cfg.get("architectures") or []
         arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
-            arch = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}.get(cfg.get("model_type", ""))
+            arch = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe",
+                    "mixtral": "mixtral", "gemma3_text": "gemma3"}.get(cfg.get("model_type", ""))
         if arch is None:
             raise ValueError(
                 f"unsupported architecture {archs or cfg.get('model_type')!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
@@ -131,8 +178,8 @@ class ModelConfig:
             hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
             eos = cfg.get("eos_token_id")
             eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-            window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "mistral") else None
-            return ModelConfig(
+            window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch in ("mistral", "mixtral")) else None
+            fields = dict(
                 arch=arch,
                 vocab_size=int(cfg["vocab_size"]),
                 hidden_size=hidden,
@@ -147,12 +194,16 @@ class ModelConfig:
                 rope_scaling=RopeScaling.from_hf(cfg.get("rope_scaling") or _rope_params_scaling(cfg)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
-                qk_norm=arch == "qwen3",
+                qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3"),
                 sliding_window=int(window) if window else None,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos,
                 name=name or cfg.get("_name_or_path", ""),
             )
+            fields.update(_moe_fields(cfg, arch))
+            if arch == "gemma3":
+                fields.update(_gemma3_fields(cfg))
+            return ModelConfig(**fields)
         except KeyError as e:
             raise ValueError(f"model config is missing key {e.args[0]!r}") from None
 
@@ -160,8 +211,9 @@ class ModelConfig:
     def from_gguf(fields: dict[str, Any], name: str = "") -> "ModelConfig":
         """From GGUF metadata (already decoded to Python values)."""
         arch = fields.get("general.architecture")
-        if arch not in ("llama", "mistral", "qwen2", "qwen3"):
-            raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: llama, mistral, qwen2, qwen3)")
+        if arch not in ("llama", "mistral", "qwen2", "qwen3", "gemma3"):
+            raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: llama, mistral, qwen2, qwen3, "
+                             "gemma3)")
 
         def get(key, default=None):
             v = fields.get(f"{arch}.{key}", default)
@@ -175,7 +227,7 @@ class ModelConfig:
         if fields.get(f"{arch}.rope.scaling.type") == "linear":
             scaling = {"rope_type": "linear", "factor": fields[f"{arch}.rope.scaling.factor"]}
         eos = fields.get("tokenizer.ggml.eos_token_id")
-        return ModelConfig(
+        out = dict(
             arch=arch,
             vocab_size=int(fields.get(f"{arch}.vocab_size") or len(fields["tokenizer.ggml.tokens"])),
             hidden_size=hidden,
@@ -190,12 +242,22 @@ class ModelConfig:
             rope_scaling=RopeScaling.from_hf(scaling),
             tie_word_embeddings=False,  # decided by the loader: no output.weight tensor means tied
             attention_bias=arch == "qwen2",
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "gemma3"),
             sliding_window=None,
             bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=(int(eos),) if eos is not None else (),
             name=name or str(fields.get("general.name", "")),
         )
+        if arch == "gemma3":
+            # llama.cpp's own constants for Gemma 3 (the GGUF does not store them): every sixth layer global, local
+            # rope base 10000 unscaled, the attention scaled by head_dim (the 27B's 62 layers: hidden / heads); the
+            # norms are stored as the 1 + w Gemma multiplies by.
+            L, heads = out["num_layers"], out["num_heads"]
+            out.update(sliding_layers=tuple(i for i in range(L) if (i + 1) % GEMMA3_SLIDING_PATTERN),
+                       sliding_window=int(get("attention.sliding_window")), local_rope_theta=GEMMA3_LOCAL_ROPE_THETA,
+                       query_pre_attn_scalar=float(hidden // heads if L == 62 else out["head_dim"]),
+                       embed_scale=True, sandwich_norms=True, hidden_act="gelu_tanh")
+        return ModelConfig(**out)
 
     @staticmethod
     def from_preset(name: str) -> "ModelConfig":
@@ -229,6 +291,63 @@ def engine_preset(name_or_path: str) -> dict:
     options = {k: v for k, v in options.items() if not k.startswith("_")}
     EngineConfig.from_options(**options)  # unknown or bad options fail here, naming the option
     return options
+
+
+GEMMA3_SLIDING_PATTERN = 6  # Gemma 3: five local layers, then a global one
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
+
+
+def _gemma3_fields(cfg: dict) -> dict:
+    """ModelConfig's Gemma 3 fields from an HF Gemma3TextConfig (transformers 4.5x's flat rope keys, or 5's
+    rope_parameters per layer type): local / global layers, their rope, the attention scale, GeGLU, the embedding
+    scale, the four norms per layer."""
+    L = int(cfg["num_hidden_layers"])
+    types = cfg.get("layer_types")
+    if types:
+        sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    else:
+        every = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or GEMMA3_SLIDING_PATTERN)
+        sliding = tuple(i for i in range(L) if (i + 1) % every)
+    rp = cfg.get("rope_parameters") or {}
+    full, local = rp.get("full_attention") or {}, rp.get("sliding_attention") or {}
+    out = dict(sliding_layers=sliding, embed_scale=True, sandwich_norms=True,
+               local_rope_theta=float(local.get("rope_theta", cfg.get("rope_local_base_freq", GEMMA3_LOCAL_ROPE_THETA))),
+               query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or cfg.get("head_dim") or 256),
+               hidden_act=_activation(cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"),
+               tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+               sliding_window=int(cfg.get("sliding_window") or 4096))
+    if full:
+        out["rope_theta"] = float(full.get("rope_theta", cfg.get("rope_theta", 1e6)))
+        out["rope_scaling"] = RopeScaling.from_hf(full if full.get("rope_type", "default") != "default" else None)
+    for k in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if cfg.get(k):
+            raise ValueError(f"model config: {k} is not supported (Gemma 2's); Gemma 3 has none")
+    return out
+
+
+def _activation(name: str) -> str:
+    acts = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+    if name not in acts:
+        raise ValueError(f"model config: activation {name!r} is not supported (supported: {sorted(acts)})")
+    return acts[name]
+
+
+def _moe_fields(cfg: dict, arch: str) -> dict:
+    """ModelConfig's mixture-of-experts fields from an HF config: Qwen3-MoE (num_experts, moe_intermediate_size,
+    norm_topk_prob, dense layers from mlp_only_layers and decoder_sparse_step) or Mixtral (num_local_experts of
+    width intermediate_size, the top-k weights always renormalised)."""
+    if arch == "mixtral":
+        return dict(num_experts=int(cfg.get("num_local_experts", 8)), num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
+                    moe_intermediate_size=int(cfg["intermediate_size"]), norm_topk_prob=True)
+    E = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)  # transformers >= 5 writes the latter
+    if arch == "qwen3_moe" and E > 0:
+        L, step = int(cfg["num_hidden_layers"]), int(cfg.get("decoder_sparse_step") or 1)
+        only = set(cfg.get("mlp_only_layers") or ())
+        return dict(num_experts=E, num_experts_per_tok=int(cfg.get("num_experts_per_tok", 8)),
+                    moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+                    norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                    dense_layers=tuple(i for i in range(L) if i in only or (i + 1) % step))
+    return {}
 
 
 def _rope_params_scaling(cfg: dict) -> dict | None:
@@ -313,6 +432,8 @@ class EngineConfig:
     speculative_config: SpeculativeConfig | None = None
     # devices the model is split over (tensor parallelism: a mesh of the first N devices, model.tensor_parallel_config)
     tensor_parallel_size: int = 1
+    # a mixture-of-experts model's experts split over those devices by expert (whole experts per device), not by width
+    enable_expert_parallel: bool = False
     # engine replicas, each on tensor_parallel_size devices of its own, behind one front (data_parallel.py)
     data_parallel_size: int = 1
 
@@ -334,7 +455,7 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory must be a positive number of bytes (or None), "
                              f"got {self.kv_cache_memory!r}")
         for name in ("attention_interpret", "enable_prefix_caching", "async_scheduling", "use_compilation_cache",
-                     "show_progress", "adaptive_buckets"):
+                     "show_progress", "adaptive_buckets", "enable_expert_parallel"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):

@@ -251,7 +251,7 @@ def restore(model: str, ecfg, dtype, mesh):
         raise ValueError(f"quantization {ecfg.quantization!r} does not match the converted model {src} (converted with "
                          f"{saved_q!r}: {manifest['quantization']}); leave it out, or convert again")
     base = config_from_dict(manifest["model_config"])
-    cfg = tensor_parallel_config(base, tp_size(mesh))
+    cfg = tensor_parallel_config(base, tp_size(mesh), ecfg.enable_expert_parallel)
     saved_dtype = jnp.dtype(manifest["dtype"])
     weights = _epath(src).joinpath("weights")
     with ocp.StandardCheckpointer() as ckpt:

@@ -88,12 +88,13 @@ def tokenizer_from_gguf(path: str):
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=tokens[unk] if unk is not None else None,
                                    fuse_unk=True, byte_fallback=True))
         norm = [normalizers.Replace(" ", "\u2581")]
-        if _field(reader, "tokenizer.ggml.add_space_prefix", True):
+        space_prefix = _field(reader, "tokenizer.ggml.add_space_prefix", True)
+        if space_prefix:
             norm.insert(0, normalizers.Prepend("\u2581"))
         tok.normalizer = normalizers.Sequence(norm)
-        tok.decoder = decoders.Sequence([
-            decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
-        ])
+        # the space the normalizer prepends comes off again when decoding; with no prefix added (Gemma), none does
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                        + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
     else:
         raise ValueError(f"{path}: GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
 
@@ -113,8 +114,28 @@ def tokenizer_from_gguf(path: str):
     specials = [(t, vocab[t]) for t in {bos, eos} if t and ((t == bos and add_bos) or (t == eos and add_eos))]
     tok.post_processor = processors.TemplateProcessing(single=single, pair=single + ["$B:1"], special_tokens=specials)
 
+    template = _field(reader, "tokenizer.chat_template")
+    if template is None and _field(reader, "general.architecture") == "gemma3" and "<start_of_turn>" in vocab:
+        template = GEMMA_CHAT_TEMPLATE  # llama.cpp's Gemma 3 files may carry none; its own built-in one is this
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=token("unknown_token_id"),
-        pad_token=token("padding_token_id"), chat_template=_field(reader, "tokenizer.chat_template"),
-        clean_up_tokenization_spaces=False,
+        pad_token=token("padding_token_id"), chat_template=template, clean_up_tokenization_spaces=False,
     )
+
+
+# Gemma's turn format (text only): a system message is folded into the first user turn, the assistant's role is
+# "model", each turn ends with <end_of_turn> (a stop token: Tokenizer._from_gguf).
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)

@@ -73,7 +73,7 @@ def load_model(model: str | None, ecfg: EngineConfig, dtype, mesh: Mesh | None =
         src = GGUFSource(path)
         cfg = ModelConfig.from_gguf(src.metadata(), name=path.stem)
         cfg = dataclasses.replace(cfg, tie_word_embeddings="output.weight" not in src.keys())
-        cfg = tensor_parallel_config(cfg, tp_size(mesh))
+        cfg = tensor_parallel_config(cfg, tp_size(mesh), ecfg.enable_expert_parallel)
         params = (dummy_params(cfg, dtype, ecfg.seed, mesh, show, qz) if fmt == "dummy"
                   else load_params(cfg, src, "gguf", dtype, mesh, show, qz, portable=portable))
         return LoadedModel(cfg, params, Tokenizer.from_pretrained(str(path)), str(path))
@@ -85,7 +85,8 @@ def load_model(model: str | None, ecfg: EngineConfig, dtype, mesh: Mesh | None =
             hf_cfg = json.loads(cfg_file.read_text())
         except ValueError as e:
             raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
-        cfg = tensor_parallel_config(ModelConfig.from_hf(hf_cfg, name=path.name), tp_size(mesh))
+        cfg = tensor_parallel_config(ModelConfig.from_hf(hf_cfg, name=path.name), tp_size(mesh),
+                                     ecfg.enable_expert_parallel)
         qc = hf_cfg.get("quantization_config")
         qfmt = QuantFormat(qc) if qc is not None else None
         _check_quantization(qz, qfmt.method if qfmt else None, path)
@@ -104,7 +105,7 @@ def load_model(model: str | None, ecfg: EngineConfig, dtype, mesh: Mesh | None =
     if model and (CONFIGS_DIR / "models" / f"{model}.json").is_file():
         if fmt != "dummy":
             raise ValueError(f"preset {model!r} has no weights; use load_format='dummy' (random weights of its shape)")
-        cfg = tensor_parallel_config(ModelConfig.from_preset(model), tp_size(mesh))
+        cfg = tensor_parallel_config(ModelConfig.from_preset(model), tp_size(mesh), ecfg.enable_expert_parallel)
         _check_quantization(qz, None, model)
         return LoadedModel(cfg, dummy_params(cfg, dtype, ecfg.seed, mesh, show, qz), None, f"preset:{model}")
     known = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.json"))

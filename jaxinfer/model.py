@@ -1,8 +1,10 @@
-"""The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3) as pure functions over pytrees.
+"""The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3, Gemma 3; Qwen3-MoE and Mixtral with
+mixture-of-experts MLPs) as pure functions over pytrees.
 
 Glossary:
   T tokens in the step, B sequence rows, D model width, F MLP width, V vocabulary,
-  N query heads, K kv heads, G = N // K, H head dim, P cache pages, S tokens per page, L layers.
+  N query heads, K kv heads, G = N // K, H head dim, P cache pages, S tokens per page, L layers,
+  E experts, k experts per token, Fe an expert's MLP width.
 
 Every weight leaf is declared once in `param_specs` with its shape and logical axis names; `SHARDING_RULES`
 maps logical axes to mesh axes, so the same model runs on one device or a `jax.sharding.Mesh`.
@@ -15,6 +17,16 @@ bandwidth, and tensor parallelism still shards whole kv-head groups. Gate and up
 sharding its F axis keeps each device's gate and up columns paired.
 Layers are unrolled in Python with one KV buffer per layer: each buffer is donated and updated in place,
 which on GPU is about 3x faster than a `lax.scan` carrying a stacked cache.
+
+A mixture-of-experts layer keeps its experts as stacked weights with a leading "expert" axis and runs them as
+grouped matmuls (`grouped_dot`): the T * k (token, expert) pairs sorted by expert on the device, one
+`jax.lax.ragged_dot` per projection over the groups, the outputs weighted and summed back per token. No Python
+loop over experts, and no shape depends on the routing, so a bucket's program serves every routing.
+
+Gemma 3 is the same decoder with switches from its config: local layers (a sliding window, their own rope base)
+between global ones, each layer's window passed to the attention op; embeddings scaled by sqrt(D); an RMSNorm on the
+attention's and the MLP's outputs before each residual add; GeGLU; the attention scaled by query_pre_attn_scalar.
+Its norms multiply by 1 + w: the loader stores 1 + w, so `rms_norm` is the one norm of every family.
 """
 
 from __future__ import annotations
@@ -42,6 +54,11 @@ SHARDING_RULES: dict[str, str | None] = {
     "qkv": None,  # the G query heads + key + value of one kv head stay together
     "head_dim": None,
     "mlp": "tp",
+    # a mixture-of-experts layer's stacked experts: split by their MLP width like the dense MLP (tensor parallel, every
+    # device holds a slice of every expert), or with expert parallelism (ModelConfig.expert_parallel) by expert, whole
+    # experts per device; param_specs names the one axis that is split
+    "expert": "tp",
+    "moe_mlp": "tp",
     "pages": None,
     "page_slot": None,
 }
@@ -86,8 +103,13 @@ class LayerParams:
     q_norm: Any  # [H] or None
     k_norm: Any  # [H] or None
     mlp_norm: Any  # [D]
-    w_gate_up: Any  # [D, 2, F]: gate and up projections as one GEMM
+    w_gate_up: Any  # [D, 2, F]: gate and up projections as one GEMM (None in a mixture-of-experts layer)
     w_down: Any  # [F, D]
+    post_attn_norm: Any = None  # [D] Gemma 3: on the attention's output, before the residual add
+    post_mlp_norm: Any = None  # [D] Gemma 3: on the MLP's output
+    router: Any = None  # [D, E] a mixture-of-experts layer's router (None in a dense one)
+    experts_gate_up: Any = None  # [E, D, 2, Fe]
+    experts_down: Any = None  # [E, Fe, D]
 
 
 @pytree_dataclass
@@ -142,7 +164,10 @@ def param_specs(cfg: ModelConfig) -> Params:
     G = N // K
     bias = cfg.attention_bias
 
-    def layer():
+    def layer(i: int):
+        moe = cfg.is_moe_layer(i)
+        E, Fe = cfg.num_experts, cfg.moe_intermediate_size
+        e_ax, f_ax = ("expert", None) if cfg.expert_parallel else (None, "moe_mlp")
         return LayerParams(
             attn_norm=ParamSpec((D,), ("embed",), "ones"),
             wqkv=ParamSpec((D, K, G + 2, H), ("embed", "kv_heads", "qkv", "head_dim"), contract=(0,)),
@@ -151,13 +176,18 @@ def param_specs(cfg: ModelConfig) -> Params:
             q_norm=ParamSpec((H,), ("head_dim",), "ones") if cfg.qk_norm else None,
             k_norm=ParamSpec((H,), ("head_dim",), "ones") if cfg.qk_norm else None,
             mlp_norm=ParamSpec((D,), ("embed",), "ones"),
-            w_gate_up=ParamSpec((D, 2, F), ("embed", None, "mlp"), contract=(0,)),
-            w_down=ParamSpec((F, D), ("mlp", "embed"), contract=(0,)),
+            w_gate_up=None if moe else ParamSpec((D, 2, F), ("embed", None, "mlp"), contract=(0,)),
+            w_down=None if moe else ParamSpec((F, D), ("mlp", "embed"), contract=(0,)),
+            post_attn_norm=ParamSpec((D,), ("embed",), "ones") if cfg.sandwich_norms else None,
+            post_mlp_norm=ParamSpec((D,), ("embed",), "ones") if cfg.sandwich_norms else None,
+            router=ParamSpec((D, E), ("embed", None), contract=(0,)) if moe else None,
+            experts_gate_up=ParamSpec((E, D, 2, Fe), (e_ax, "embed", None, f_ax), contract=(1,)) if moe else None,
+            experts_down=ParamSpec((E, Fe, D), (e_ax, f_ax, "embed"), contract=(1,)) if moe else None,
         )
 
     return Params(
         embed=ParamSpec((V, D), ("vocab", "embed"), contract=(1,)),  # contracted over D as a tied lm_head
-        layers=[layer() for _ in range(cfg.num_layers)],
+        layers=[layer(i) for i in range(cfg.num_layers)],
         final_norm=ParamSpec((D,), ("embed",), "ones"),
         lm_head=None if cfg.tie_word_embeddings else ParamSpec((D, V), ("embed", "vocab"), contract=(0,)),
     )
@@ -182,18 +212,26 @@ def tp_size(mesh: Mesh | None) -> int:
     return 1 if mesh is None else int(dict(mesh.shape).get(SHARDING_RULES["kv_heads"], 1))
 
 
-def tensor_parallel_config(cfg: ModelConfig, n: int) -> ModelConfig:
+def tensor_parallel_config(cfg: ModelConfig, n: int, expert_parallel: bool = False) -> ModelConfig:
     """cfg for tensor parallelism over n devices: query heads, the MLP and the vocabulary split n ways, the kv heads
     too, or, with fewer kv heads than devices, each held n / K times so every device has one with its share of the
-    query heads (as vLLM replicates them; the KV cache holds each copy). Raises a ValueError naming what does not
-    divide."""
+    query heads (as vLLM replicates them; the KV cache holds each copy). A mixture-of-experts model's experts are
+    split by their MLP width too, or with `expert_parallel` (vLLM's enable_expert_parallel) by expert: num_experts / n
+    whole experts per device (a dense model ignores it). Raises a ValueError naming what does not divide."""
     if n <= 1:
         return cfg
     K = cfg.num_kv_heads // cfg.kv_replicas
-    for what, size in (("num_attention_heads", cfg.num_heads), ("intermediate_size", cfg.intermediate_size),
-                       ("vocab_size", cfg.vocab_size)):
+    ep = expert_parallel and cfg.num_experts > 0
+    sizes = [("num_attention_heads", cfg.num_heads), ("vocab_size", cfg.vocab_size)]
+    if not cfg.num_experts or cfg.dense_layers:
+        sizes.append(("intermediate_size", cfg.intermediate_size))
+    if cfg.num_experts:
+        sizes.append(("num_experts", cfg.num_experts) if ep else ("moe_intermediate_size", cfg.moe_intermediate_size))
+    for what, size in sizes:
         if size % n:
-            raise ValueError(f"tensor_parallel_size {n} must divide the model's {what} ({size})")
+            raise ValueError(f"tensor_parallel_size {n} must divide the model's {what} ({size})"
+                             + (" with expert parallelism" if what == "num_experts" else ""))
+    cfg = dataclasses.replace(cfg, expert_parallel=ep)
     if K >= n:
         if K % n:
             raise ValueError(f"tensor_parallel_size {n} must divide the model's num_key_value_heads ({K}), or be a "
@@ -305,11 +343,17 @@ def dot(eq: str, x, w):
     return jnp.einsum(eq, x, w.astype(x.dtype) if w.dtype != x.dtype else w)
 
 
-def embed_tokens(params: Params, tokens):
-    """tokens [T] -> [T, D] in the model dtype (the final norm's)."""
+def embed_tokens(params: Params, tokens, cfg: ModelConfig | None = None):
+    """tokens [T] -> [T, D] in the model dtype (the final norm's); times sqrt(D) in that dtype where cfg says so
+    (Gemma)."""
+    dtype = params.final_norm.dtype
     if quant.is_quantized(params.embed):
-        return quant.embedding_rows(params.embed, tokens, params.final_norm.dtype)
-    return params.embed[tokens].astype(params.final_norm.dtype)
+        x = quant.embedding_rows(params.embed, tokens, dtype)
+    else:
+        x = params.embed[tokens].astype(dtype)
+    if cfg is not None and cfg.embed_scale:
+        x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
+    return x
 
 
 def rms_norm(x, w, eps: float):
@@ -318,11 +362,12 @@ def rms_norm(x, w, eps: float):
     return (w.astype(jnp.float32) * xf).astype(x.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """[H / 2] inverse frequencies, with Llama-3.1 or linear scaling applied."""
+def rope_inv_freq(cfg: ModelConfig, layer: int | None = None) -> np.ndarray:
+    """[H / 2] inverse frequencies, with Llama-3.1 or linear scaling applied; of `layer`'s rope where layers differ
+    (Gemma 3's local layers), else the model's."""
     H = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float64) / H))
-    rs = cfg.rope_scaling
+    theta, rs = cfg.layer_rope(layer) if layer is not None else (cfg.rope_theta, cfg.rope_scaling)
+    inv = 1.0 / (theta ** (np.arange(0, H, 2, dtype=np.float64) / H))
     if rs.kind == "linear":
         inv = inv / rs.factor
     elif rs.kind == "llama3":
@@ -349,8 +394,9 @@ AttentionFn = Callable[..., tuple]  # (qkv [T, K, G + 2, H], k_pages, v_pages, m
 
 
 def attention_block(lp: LayerParams, cfg: ModelConfig, x, positions, inv_freq, k_pages, v_pages, meta, attn_fn,
-                     k_scale=None, v_scale=None, qkv_in=None):
-    """x + attention(norm(x)); qkv_in: what the projections read instead of norm(x) (an EAGLE-3 head's [T, 2D])."""
+                     k_scale=None, v_scale=None, qkv_in=None, layer: int | None = None):
+    """x + attention(norm(x)); qkv_in: what the projections read instead of norm(x) (an EAGLE-3 head's [T, 2D]).
+    layer: its index, where layers differ in their window (Gemma 3: passed to attn_fn as `window`)."""
     eps = cfg.rms_norm_eps
     h = rms_norm(x, lp.attn_norm, eps) if lp.attn_norm is not None else x  # None: an EAGLE head's first layer
     h = h if qkv_in is None else qkv_in
@@ -371,16 +417,79 @@ def attention_block(lp: LayerParams, cfg: ModelConfig, x, positions, inv_freq, k
         qkv = jnp.concatenate([qkv[:, :, :G] * k_scale[:, None, :].astype(qkv.dtype),
                                to_cache_units(qkv[:, :, G:G + 1], k_scale, k_pages.dtype),
                                to_cache_units(qkv[:, :, G + 1:], v_scale, v_pages.dtype)], axis=2)
-    o, k_pages, v_pages = attn_fn(qkv, k_pages, v_pages, meta)  # [T, N, H]; this step's K/V written
+    per_layer = {} if cfg.sliding_layers is None or layer is None else {"window": cfg.layer_window(layer)}
+    o, k_pages, v_pages = attn_fn(qkv, k_pages, v_pages, meta, **per_layer)  # [T, N, H]; this step's K/V written
     if v_scale is not None:
         o = (o.reshape(o.shape[0], -1, G, o.shape[-1]) * v_scale[:, None, :].astype(o.dtype)).reshape(o.shape)
-    return x + dot("tnh,nhd->td", o, lp.wo), k_pages, v_pages
+    out = dot("tnh,nhd->td", o, lp.wo)
+    if lp.post_attn_norm is not None:
+        out = rms_norm(out, lp.post_attn_norm, eps)
+    return x + out, k_pages, v_pages
 
 
 def mlp_block(lp: LayerParams, cfg: ModelConfig, x):
     h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
+    if lp.router is not None:
+        return x + moe_mlp(lp, cfg, h)
     gu = dot("td,dcf->tcf", h, lp.w_gate_up)  # [T, 2, F]
-    return x + dot("tf,fd->td", jax.nn.silu(gu[:, 0]) * gu[:, 1], lp.w_down)
+    out = dot("tf,fd->td", activation(cfg, gu[:, 0]) * gu[:, 1], lp.w_down)
+    if lp.post_mlp_norm is not None:
+        out = rms_norm(out, lp.post_mlp_norm, cfg.rms_norm_eps)
+    return x + out
+
+
+def activation(cfg: ModelConfig, x):
+    """The gate's activation: SiLU (SwiGLU), or GELU with the tanh approximation (Gemma's GeGLU)."""
+    return jax.nn.gelu(x, approximate=True) if cfg.hidden_act == "gelu_tanh" else jax.nn.silu(x)
+
+
+def route(logits, k: int, normalize: bool):
+    """Router logits [T, E] -> (weights [T, k] float32, experts [T, k] int32): softmax over all experts in float32,
+    the k largest (ties to the lower expert id), renormalised to sum to 1 when `normalize` (Mixtral always; Qwen3-MoE
+    per its norm_topk_prob)."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, k)
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts.astype(jnp.int32)
+
+
+def grouped_dot(x, w, group_sizes):
+    """x [M, I] rows sorted by group, w [E, I, *out] (a dense expert leaf: its input dim right after the expert
+    axis) or its `QuantizedWeight` ([E, *out, I]), group_sizes [E] summing to M -> [M, *out]: row block e times
+    expert e's weight, as one `jax.lax.ragged_dot`. A quantized expert stack is dequantized first (every expert
+    read in full: correct, not yet fast)."""
+    if quant.is_quantized(w):
+        d = quant.dequantize(w, x.dtype)  # [E, *out, I]
+        w = jnp.moveaxis(d, -1, 1)
+    E, I, out = w.shape[0], w.shape[1], w.shape[2:]
+    y = jax.lax.ragged_dot(x, w.reshape(E, I, -1).astype(x.dtype), group_sizes,
+                           preferred_element_type=jnp.float32)
+    return y.astype(x.dtype).reshape(x.shape[0], *out)
+
+
+def moe_mlp(lp: LayerParams, cfg: ModelConfig, h):
+    """The mixture-of-experts MLP of normed h [T, D] -> [T, D]: every token through its k experts' SwiGLU MLPs,
+    weighted by its router. The T * k (token, expert) pairs are sorted by expert (a stable sort: a token's pairs
+    keep their order), each expert's rows run as one group of `grouped_dot`, and the weighted rows are added back
+    to their tokens. Each token's output depends on its own routing only, never on its batch mates'."""
+    T = h.shape[0]
+    k, E = cfg.num_experts_per_tok, cfg.num_experts
+    weights, experts = route(dot("td,de->te", h, lp.router), k, cfg.norm_topk_prob)  # [T, k] each
+    flat = experts.reshape(-1)  # [T * k]
+    order = jnp.argsort(flat, stable=True)
+    token = order // k  # the token of each sorted pair
+    sizes = jnp.zeros((E,), jnp.int32).at[flat].add(1)
+    gu = grouped_dot(h[token], lp.experts_gate_up, sizes)  # [T * k, 2, Fe]
+    y = grouped_dot(activation(cfg, gu[:, 0]) * gu[:, 1], lp.experts_down, sizes)  # [T * k, D]
+    y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
+    return jnp.zeros_like(h).at[token].add(y)
+
+
+def layer_inv_freqs(cfg: ModelConfig) -> list:
+    """Each layer's rope inverse frequencies (one array per distinct rope: Gemma 3's local and global layers)."""
+    by_rope = {}
+    return [by_rope.setdefault(cfg.layer_rope(i), jnp.asarray(rope_inv_freq(cfg, i))) for i in range(cfg.num_layers)]
 
 
 def forward(params: Params, cfg: ModelConfig, tokens, positions, kv: KVCache, meta: AttentionMetadata, attn_fn: AttentionFn,
@@ -388,18 +497,18 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions, kv: KVCache, me
     """tokens, positions [T] -> hidden states [T, D] (before the final norm), updated cache; with aux_layers, also
     the residual stream entering each of those layers, side by side [T, len(aux_layers) * D] (an EAGLE-3 head's
     input)."""
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    x = embed_tokens(params, tokens)  # [T, D]
+    inv_freqs = layer_inv_freqs(cfg)
+    x = embed_tokens(params, tokens, cfg)  # [T, D]
     ks, vs = list(kv.k), list(kv.v)
     aux = {}
     for i, lp in enumerate(params.layers):
         if i in aux_layers:
             aux[i] = x
-        scales = (kv.k_scale[i], kv.v_scale[i]) if kv.k_scale is not None else ()
+        scales = (kv.k_scale[i], kv.v_scale[i]) if kv.k_scale is not None else (None, None)
         with jax.named_scope(f"layer{i}"):
             with jax.named_scope("attention"):
-                x, ks[i], vs[i] = attention_block(lp, cfg, x, positions, inv_freq, ks[i], vs[i], meta, attn_fn,
-                                                   *scales)
+                x, ks[i], vs[i] = attention_block(lp, cfg, x, positions, inv_freqs[i], ks[i], vs[i], meta, attn_fn,
+                                                   *scales, layer=i)
             with jax.named_scope("mlp"):
                 x = mlp_block(lp, cfg, x)
     if aux_layers:
@@ -423,22 +532,23 @@ def kv_absmax(params: Params, cfg: ModelConfig, tokens):
     """Largest |key| and |value| per layer, kv head and channel ([L, K, H] each) over one sequence `tokens` [T],
     from the model run with dense causal attention (no cache): what an 8-bit cache's scales are set from."""
     T = tokens.shape[0]
-    causal = jnp.tril(jnp.ones((T, T), bool))
     seen = []
 
-    def dense_attention(qkv, k_pages, v_pages, meta):
+    def dense_attention(qkv, k_pages, v_pages, meta, window=cfg.sliding_window):
         G = qkv.shape[2] - 2
         q, k, v = qkv[:, :, :G].astype(jnp.float32), qkv[:, :, G].astype(jnp.float32), qkv[:, :, G + 1].astype(jnp.float32)
         seen.append((jnp.max(jnp.abs(k), axis=0), jnp.max(jnp.abs(v), axis=0)))  # [K, H] each
-        s = jnp.einsum("tkgh,skh->tkgs", q, k) * cfg.head_dim**-0.5
-        p = jax.nn.softmax(jnp.where(causal[:, None, None, :], s, -jnp.inf), axis=-1)
+        s = jnp.einsum("tkgh,skh->tkgs", q, k) * cfg.attn_scale
+        i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+        mask = (j <= i) & ((i - j < window) if window else True)
+        p = jax.nn.softmax(jnp.where(mask[:, None, None, :], s, -jnp.inf), axis=-1)
         o = jnp.einsum("tkgs,skh->tkgh", p, v)
         return o.reshape(T, -1, cfg.head_dim).astype(qkv.dtype), k_pages, v_pages
 
-    x, positions = embed_tokens(params, tokens), jnp.arange(T, dtype=jnp.int32)
-    inv_freq = jnp.asarray(rope_inv_freq(cfg))
-    for lp in params.layers:
-        x, _, _ = attention_block(lp, cfg, x, positions, inv_freq, None, None, None, dense_attention)
+    x, positions = embed_tokens(params, tokens, cfg), jnp.arange(T, dtype=jnp.int32)
+    inv_freqs = layer_inv_freqs(cfg)
+    for i, lp in enumerate(params.layers):
+        x, _, _ = attention_block(lp, cfg, x, positions, inv_freqs[i], None, None, None, dense_attention, layer=i)
         x = mlp_block(lp, cfg, x)
     return jnp.stack([k for k, _ in seen]), jnp.stack([v for _, v in seen])
 

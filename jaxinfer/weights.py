@@ -117,10 +117,36 @@ def weight_table(cfg: ModelConfig, fmt: str) -> list[WeightEntry]:
             "w_gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "w_down": "mlp.down_proj.weight",
         }
         prefix = "model.layers.{i}."
-    rows = {"wqkv": qkv, "bqkv": qkv, "w_gate_up": lambda g, u: np.stack([g, u])}
-    table = [WeightEntry((k,), p, _same) for k, p in top]
+    if cfg.arch == "gemma3":  # its four norms per layer (GGUF names above, HF's below)
+        names = names | ({"post_attn_norm": "post_attention_norm.weight", "post_mlp_norm": "post_ffw_norm.weight"}
+                         if gguf else {"post_attn_norm": "post_attention_layernorm.weight",
+                                       "mlp_norm": "pre_feedforward_layernorm.weight",
+                                       "post_mlp_norm": "post_feedforward_layernorm.weight"})
+    rows = {"wqkv": qkv, "bqkv": qkv, "w_gate_up": lambda g, u: np.stack([g, u]),
+            # the experts' [Fe, D] gate and up matrices, expert by expert -> [E, 2, Fe, D]; their [D, Fe] downs -> [E, D, Fe]
+            "experts_gate_up": lambda *gu: np.stack([np.stack(gu[j:j + 2]) for j in range(0, len(gu), 2)]),
+            "experts_down": lambda *d: np.stack(d)}
+    if cfg.num_experts:
+        if gguf:
+            raise ValueError("mixture-of-experts GGUF files are not supported yet; use the HF checkpoint")
+        # Mixtral's experts: w1 gate, w3 up, w2 down; Qwen3-MoE's: gate_proj, up_proj, down_proj
+        block, (g, u, d) = (("block_sparse_moe.", ("w1", "w3", "w2")) if cfg.arch == "mixtral"
+                            else ("mlp.", ("gate_proj", "up_proj", "down_proj")))
+        experts = range(cfg.num_experts)
+        moe_names = {"router": block + "gate.weight",
+                     "experts_gate_up": tuple(f"{block}experts.{e}.{n}.weight" for e in experts for n in (g, u)),
+                     "experts_down": tuple(f"{block}experts.{e}.{d}.weight" for e in experts)}
+    if cfg.arch == "gemma3" and not gguf:
+        # Gemma's norms multiply by 1 + w; we store 1 + w (a GGUF already does, llama.cpp adds the 1 at conversion)
+        plus_one = lambda w: w.astype(np.float32) + 1.0  # noqa: E731
+        rows |= {k: plus_one for k in ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm", "q_norm", "k_norm")}
+    table = [WeightEntry((k,), p, plus_one if cfg.arch == "gemma3" and not gguf and p == "final_norm" else _same)
+             for k, p in top]
     for i in range(cfg.num_layers):
-        for leaf, name in names.items():
+        layer_names = names
+        if cfg.is_moe_layer(i):
+            layer_names = {k: v for k, v in names.items() if k not in ("w_gate_up", "w_down")} | moe_names
+        for leaf, name in layer_names.items():
             if leaf == "bqkv" and not cfg.attention_bias:
                 continue
             if leaf in ("q_norm", "k_norm") and not cfg.qk_norm:
@@ -366,9 +392,9 @@ def _divisible(axes, shape, mesh: Mesh | None):
 
 
 def quantizes(path: str, spec: ParamSpec) -> bool:
-    """Whether on-the-fly quantization takes this leaf: the layers' matmul weights (as vLLM, not the embedding
-    or the lm_head)."""
-    return path.startswith("layers.") and bool(spec.contract)
+    """Whether on-the-fly quantization takes this leaf: the layers' matmul weights (as vLLM, not the embedding,
+    the lm_head or a mixture-of-experts router)."""
+    return path.startswith("layers.") and bool(spec.contract) and not path.endswith(".router")
 
 
 def load_params(cfg: ModelConfig, source, fmt: str, dtype, mesh: Mesh | None = None, show_progress: bool = True,

@@ -23,10 +23,20 @@ FAMILIES = {
     "mistral": ("MistralConfig", dict(sliding_window=24, head_dim=16)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),
     "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True)),
+    # mixture of experts: 8 experts, 2 per token, the first layer dense (mlp_only_layers), top-k weights as they are
+    "qwen3-moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         norm_topk_prob=False, mlp_only_layers=[0])),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
+                                      sliding_window=None)),
+    # a local layer (window 8) then a global one, each with its rope base; GeGLU, four norms, scaled embeddings
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24, rms_norm_eps=1e-6,
+                                        layer_types=["sliding_attention", "full_attention"])),
 }
 
 MODEL_CLASSES = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM",
-                 "Qwen2Config": "Qwen2ForCausalLM", "Qwen3Config": "Qwen3ForCausalLM"}
+                 "Qwen2Config": "Qwen2ForCausalLM", "Qwen3Config": "Qwen3ForCausalLM",
+                 "Qwen3MoeConfig": "Qwen3MoeForCausalLM", "MixtralConfig": "MixtralForCausalLM",
+                 "Gemma3TextConfig": "Gemma3ForCausalLM"}
 
 
 def make_hf_model(family: str, path, seed: int = 0):
@@ -43,6 +53,8 @@ def make_hf_model(family: str, path, seed: int = 0):
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
+            if name.endswith(".gate.weight"):  # a router: decisive top-k choices (no near-ties to flip on rounding)
+                p.mul_(20.0)
     model.save_pretrained(path, safe_serialization=True)
     return model
 

@@ -50,7 +50,9 @@ for extra in runs:
     base = eng.weight_device_bytes + device_bytes((r.kv, r.sstate, r.page_table))
     mem = [(r.compiled[b].memory_analysis().argument_size_in_bytes, base + pack(r._empty_input(b[0], b[1])[0]).nbytes)
            for b in r.buckets]
-    res.append(dict(out=out, mem=mem, weight_device_bytes=eng.weight_device_bytes, weight_bytes=eng.weight_bytes, kv_spec=str(getattr(kv.sharding, "spec", None)), kv_heads=eng.cfg.num_kv_heads,
+    moe = next((lp.experts_gate_up for lp in eng.runner.params.layers if lp.experts_gate_up is not None), None)
+    res.append(dict(out=out, mem=mem, expert_shards=None if moe is None else sorted({sh.data.shape[0] for sh in
+                                                                                   moe.addressable_shards}), weight_device_bytes=eng.weight_device_bytes, weight_bytes=eng.weight_bytes, kv_spec=str(getattr(kv.sharding, "spec", None)), kv_heads=eng.cfg.num_kv_heads,
                     replicas=eng.cfg.kv_replicas, devices=len(kv.sharding.device_set),
                     shard_heads=sorted({s.data.shape[1] for s in kv.addressable_shards}),
                     compiles=eng.num_compiles_since_ready, attention=eng.runner._attn_fn.__name__,
@@ -132,7 +134,7 @@ def test_tensor_parallel_kernel_and_quantized(tiny_llama_dir):
         assert one["weight_device_bytes"] / 4 <= tp["weight_device_bytes"] < one["weight_device_bytes"] / 2
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "llama-tied-mqa"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "llama-tied-mqa", "qwen3-moe", "mixtral", "gemma3"])
 def test_tensor_parallel_families(family, tmp_path):
     """TP 4 on the other families' tiny models (q/k/v biases, q/k norms with a tied embedding, a sliding window, one
     kv head held four times) against one device."""
@@ -142,6 +144,32 @@ def test_tensor_parallel_families(family, tmp_path):
     one, tp = run_child(tmp_path, [{}, {"tensor_parallel_size": 4}], kv_cache_memory="256KiB")
     assert tp["devices"] == 4 and tp["shard_heads"] == [1] and tp["compiles"] == 0
     assert_same(one, tp)
+
+
+def test_mixture_of_experts_tensor_and_expert_parallel(tmp_path):
+    """A Qwen3-MoE (8 experts, 2 per token, a dense first layer) at TP 8 with its experts split by MLP width and with
+    expert parallelism (one whole expert per device), against one device."""
+    import torch
+    import transformers
+
+    from hf_models import TINY
+
+    cfg = transformers.Qwen3MoeConfig(**{**TINY, "num_attention_heads": 8, "head_dim": 16, "num_experts": 8,
+                                         "num_experts_per_tok": 2, "moe_intermediate_size": 32, "mlp_only_layers": [0]})
+    torch.manual_seed(2)
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".gate.weight"):
+                p.mul_(20.0)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    one, tp, ep = run_child(tmp_path, [{}, {"tensor_parallel_size": 8},
+                                       {"tensor_parallel_size": 8, "enable_expert_parallel": True}],
+                            kv_cache_memory="256KiB")
+    assert one["expert_shards"] == [8] and tp["expert_shards"] == [8] and ep["expert_shards"] == [1]
+    for run in (tp, ep):
+        assert run["devices"] == 8 and run["compiles"] == 0
+        assert_same(one, run)
 
 
 def test_tensor_parallel_programs_saved_per_mesh(tiny_llama_dir, tmp_path):
