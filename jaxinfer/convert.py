@@ -85,9 +85,9 @@ def config_to_dict(cfg: ModelConfig) -> dict:
 
 
 def config_from_dict(d: dict) -> ModelConfig:
-    d = dict(d)
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # JSON lists back to the config's tuples
     d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-    d["eos_token_ids"] = tuple(d["eos_token_ids"])
+    d["expert_parallel"] = False  # a layout of the mesh restored onto, not of the saved weights
     return ModelConfig(**d)
 
 
@@ -258,7 +258,9 @@ def restore(model: str, ecfg, dtype, mesh):
         meta = ckpt.metadata(weights)
         meta = getattr(meta, "item_metadata", meta)
         meta = getattr(meta, "tree", meta)
-        target = _abstract(base, meta, manifest["quantized"], saved_dtype, jnp.dtype(dtype), mesh)
+        # the saved kv-head layout (base's), placed as this mesh splits it (experts by expert with expert parallelism)
+        placed = dataclasses.replace(base, expert_parallel=cfg.expert_parallel)
+        target = _abstract(placed, meta, manifest["quantized"], saved_dtype, jnp.dtype(dtype), mesh)
         params = ckpt.restore(weights, target)
     params = with_kv_replicas(params, base, cfg, mesh)
     if jax.default_backend() == "cpu" and mesh is None and cpu_qmatmul.available():

@@ -205,3 +205,19 @@ def test_regroup_kv_heads_round_trip():
             np.testing.assert_array_equal(x4[:, k * 4 + j, 1:], x[:, k, G:])
     x2 = np.asarray(regroup_kv_heads(x4, 1, 4, 2))
     np.testing.assert_array_equal(np.asarray(regroup_kv_heads(x2, 1, 2, 1)), x)
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe", "gemma3"])
+def test_convert_moe_and_gemma3(family, tmp_path):
+    """A mixture-of-experts model (stacked experts, a dense layer) and a Gemma 3 (local and global layers, four norms)
+    converted, then restored on 1 device and at TP 2 (Qwen3-MoE also with expert parallelism) with the weights and
+    tokens of a direct load."""
+    from hf_models import make_hf_model
+
+    src = tmp_path / "src"
+    make_hf_model(family, src)
+    opts = {**TINY_ENGINE_OPTIONS, "kv_cache_memory": "256KiB"}
+    check_runs(child(src, tmp_path / "out", opts, [1, 2]), [1, 2])
+    if family == "qwen3-moe":
+        ep = {**opts, "enable_expert_parallel": True}
+        check_runs(child(src, tmp_path / "out_ep", ep, [2]), [2])
