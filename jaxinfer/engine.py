@@ -553,7 +553,7 @@ class Engine:
 
     def _adapt(self) -> None:
         """Adaptive buckets, between two steps: add the programs a background compile has finished; when a window of
-        prompt-carrying steps is full, propose sizes for it and start compiling them in a thread (adaptive_buckets.py).
+        prompt-carrying or decode steps is full, propose buckets for it and start compiling them in a thread (adaptive_buckets.py).
         Steps go on with the buckets compiled so far meanwhile."""
         a, r = self._adaptive, self.runner
         fut = a["future"]
@@ -567,9 +567,10 @@ class Engine:
                 a["failed"] = True  # no more tries
             else:
                 r.add_buckets(programs)
-                a["learned"] += [k for k in programs if k[0] != "prompt_logprobs"]
+                added = sorted(k for k in programs if len(k) == 3)  # (T, B, decode); the rest: their other programs
+                a["learned"] += added
                 adaptive_buckets.save_learned(a["folder"], a["learned"])
-                self._log(f"adaptive buckets: added {sorted(k for k in programs if k[0] != 'prompt_logprobs')}")
+                self._log(f"adaptive buckets: added {added}")
         room = self.ecfg.adaptive_max_buckets - len(a["learned"])
         if a["future"] is None and room > 0 and not a.get("failed") and r.shape_log.due():
             new = adaptive_buckets.propose(r.shape_log.take(), r.buckets, room)
@@ -583,7 +584,9 @@ class Engine:
                     except BaseException as e:  # noqa: BLE001 - handed to the engine's thread
                         fut.set_exception(e)
 
-                threading.Thread(target=work, name="adaptive-buckets", daemon=True).start()
+                # not a daemon: a process that ends while XLA compiles in it aborts (std::terminate) at exit;
+                # the interpreter waits for the compile instead
+                threading.Thread(target=work, name="adaptive-buckets", daemon=False).start()
 
     def _plan(self) -> tuple[bool, bool]:
         """(speculate, overlap) for the next step: may it carry drafts, and may it be launched before the step in

@@ -215,7 +215,6 @@ class ModelRunner:
         self.buckets = ecfg.buckets()  # (T, B, decode); adaptive buckets are added to it (add_buckets)
         self.shape_log = None  # adaptive_buckets.ShapeLog: prompt-carrying steps' shapes, when adaptive buckets are on
         self.tokens_scheduled = self.tokens_computed = 0  # a step's tokens, and its bucket's (padding: the difference)
-        self.seq_buckets = sorted({b[1] for b in self.buckets})
         self._attn_fn = make_attention_fn(cfg, ecfg.attention_impl, ecfg.attention_interpret, mesh)
         # Functions of this runner's own: jax shares lowerings (and compiles) between jits of one function, and a
         # program taken from another engine's compile cannot be told freshly compiled (see executables.py).
@@ -265,17 +264,25 @@ class ModelRunner:
         kv, sstate, page_table = state or (self.kv, self.sstate, self.page_table)
         return fn.lower(self.params, kv, sstate, page_table, flat)
 
+    @property
+    def seq_buckets(self) -> list[int]:
+        """The row counts of the buckets: one set of sampler programs each."""
+        return sorted({b[1] for b in self.buckets})
+
     def compile_buckets(self, buckets: list[tuple[int, int, bool]], state) -> dict:
-        """Compile the forward programs of new mixed `buckets` (and the prompt-logprobs program of each new T) in
-        this thread, beside serving: lowerings counted apart (compile_guard.background). Returns {key: program} for
-        `add_buckets`. state: `abstract_state()`, taken on the engine's thread."""
+        """Compile the forward programs of new `buckets` in this thread, beside serving: with the prompt-logprobs
+        program of a mixed bucket's new T, the sampler programs of a new row count; lowerings counted apart
+        (compile_guard.background). Returns {key: program} for `add_buckets`. state: `abstract_state()`, taken on
+        the engine's thread (a sampler program's arguments are the logits and metadata: no state of the step's)."""
         out = {}
         with compile_guard.background():
             for b in buckets:
                 out[b] = self._lower_forward(*b, state=state).compile()
-                T = b[0]
-                if T not in self.compiled_prompt_logprobs and ("prompt_logprobs", T) not in out:
+                T, B, decode = b
+                if not decode and T not in self.compiled_prompt_logprobs and ("prompt_logprobs", T) not in out:
                     out[("prompt_logprobs", T)] = self._lower_prompt_logprobs(T).compile()
+                for variant in sampling.VARIANTS if B not in self.seq_buckets else ():
+                    out.setdefault((B, variant), self._lower_sampler(B, variant).compile())
         return out
 
     def _lower_prompt_logprobs(self, T: int):
@@ -293,9 +300,11 @@ class ModelRunner:
         for key, exe in programs.items():
             if key[0] == "prompt_logprobs":
                 self.compiled_prompt_logprobs[key[1]] = exe
+            elif len(key) == 2:  # (B, variant): a new row count's sampler program
+                self.compiled_samplers[key] = exe
             else:
                 self.compiled[key] = exe
-        self.buckets = sorted(set(self.buckets) | {k for k in programs if k[0] != "prompt_logprobs"})
+        self.buckets = sorted(set(self.buckets) | {k for k in programs if len(k) == 3})
 
     def _lower_sampler(self, B: int, variant: str):
         md = self._empty_input(B, B)[1]
@@ -479,8 +488,8 @@ class ModelRunner:
         sampled rows, when more than the sequences (speculative decoding's verifying sequences)."""
         decode = num_tokens == num_seqs
         rows = max(num_seqs, num_rows or 0)
-        if self.shape_log is not None and not decode:
-            self.shape_log.record(num_tokens, rows)
+        if self.shape_log is not None:
+            self.shape_log.record(num_tokens, rows, decode)
         for T, B, d in self.buckets:
             if d == decode and T >= num_tokens and B >= rows:
                 self.tokens_scheduled += num_tokens
