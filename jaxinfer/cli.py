@@ -214,9 +214,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    "off past N running requests; steps that may carry drafts run one after the other, no async "
                    "scheduling (default: off)")
     g.add_argument("--adaptive-buckets", action="store_true",
-                   help="learn step sizes from the traffic: every 256 prompt-carrying steps, the token sizes that would "
-                        "have saved the most padding are compiled in the background (up to 8 programs) and used from "
-                        "then on, and remembered for the next start (default: off)")
+                   help="learn step sizes from the traffic: every 256 prompt-carrying (or decode) steps, the token "
+                        "sizes and decode row counts that would have saved the most padding are compiled in the "
+                        "background (up to 8 programs) and used from then on, and remembered for the next start "
+                        "(default: off)")
     g.add_argument("--compilation-cache-dir", metavar="DIR",
                    help="where compiled step programs are kept between runs (default: ~/.cache/jaxinfer/xla)")
     g.add_argument("--no-compilation-cache", action="store_true",
