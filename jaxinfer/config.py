@@ -168,8 +168,8 @@ class ModelConfig:
         archs = cfg.get("architectures") or []
         arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
-            arch = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe",
-                    "mixtral": "mixtral", "gemma3_text": "gemma3"}.get(cfg.get("model_type", ""))
+            model_type = {"gemma3_text": "gemma3"}.get(cfg.get("model_type"), cfg.get("model_type"))  # else the arch's
+            arch = model_type if model_type in SUPPORTED_ARCHITECTURES.values() else None
         if arch is None:
             raise ValueError(
                 f"unsupported architecture {archs or cfg.get('model_type')!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}"

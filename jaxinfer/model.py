@@ -430,9 +430,10 @@ def attention_block(lp: LayerParams, cfg: ModelConfig, x, positions, inv_freq, k
 def mlp_block(lp: LayerParams, cfg: ModelConfig, x):
     h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
     if lp.router is not None:
-        return x + moe_mlp(lp, cfg, h)
-    gu = dot("td,dcf->tcf", h, lp.w_gate_up)  # [T, 2, F]
-    out = dot("tf,fd->td", activation(cfg, gu[:, 0]) * gu[:, 1], lp.w_down)
+        out = moe_mlp(lp, cfg, h)
+    else:
+        gu = dot("td,dcf->tcf", h, lp.w_gate_up)  # [T, 2, F]
+        out = dot("tf,fd->td", activation(cfg, gu[:, 0]) * gu[:, 1], lp.w_down)
     if lp.post_mlp_norm is not None:
         out = rms_norm(out, lp.post_mlp_norm, cfg.rms_norm_eps)
     return x + out
@@ -469,7 +470,7 @@ def grouped_dot(x, w, group_sizes):
 
 
 def moe_mlp(lp: LayerParams, cfg: ModelConfig, h):
-    """The mixture-of-experts MLP of normed h [T, D] -> [T, D]: every token through its k experts' SwiGLU MLPs,
+    """The mixture-of-experts MLP of normed h [T, D] -> [T, D]: every token through its k experts' gated MLPs,
     weighted by its router. The T * k (token, expert) pairs are sorted by expert (a stable sort: a token's pairs
     keep their order), each expert's rows run as one group of `grouped_dot`, and the weighted rows are added back
     to their tokens. Each token's output depends on its own routing only, never on its batch mates'."""
@@ -489,7 +490,10 @@ def moe_mlp(lp: LayerParams, cfg: ModelConfig, h):
 def layer_inv_freqs(cfg: ModelConfig) -> list:
     """Each layer's rope inverse frequencies (one array per distinct rope: Gemma 3's local and global layers)."""
     by_rope = {}
-    return [by_rope.setdefault(cfg.layer_rope(i), jnp.asarray(rope_inv_freq(cfg, i))) for i in range(cfg.num_layers)]
+    for i in range(cfg.num_layers):
+        if cfg.layer_rope(i) not in by_rope:
+            by_rope[cfg.layer_rope(i)] = jnp.asarray(rope_inv_freq(cfg, i))
+    return [by_rope[cfg.layer_rope(i)] for i in range(cfg.num_layers)]
 
 
 def forward(params: Params, cfg: ModelConfig, tokens, positions, kv: KVCache, meta: AttentionMetadata, attn_fn: AttentionFn,

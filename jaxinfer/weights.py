@@ -139,9 +139,9 @@ def weight_table(cfg: ModelConfig, fmt: str) -> list[WeightEntry]:
     if cfg.arch == "gemma3" and not gguf:
         # Gemma's norms multiply by 1 + w; we store 1 + w (a GGUF already does, llama.cpp adds the 1 at conversion)
         plus_one = lambda w: w.astype(np.float32) + 1.0  # noqa: E731
-        rows |= {k: plus_one for k in ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm", "q_norm", "k_norm")}
-    table = [WeightEntry((k,), p, plus_one if cfg.arch == "gemma3" and not gguf and p == "final_norm" else _same)
-             for k, p in top]
+        rows |= {k: plus_one for k in ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm", "q_norm", "k_norm",
+                                       "final_norm")}
+    table = [WeightEntry((k,), p, rows.get(p, _same)) for k, p in top]
     for i in range(cfg.num_layers):
         layer_names = names
         if cfg.is_moe_layer(i):
