@@ -123,8 +123,14 @@ def main(argv=None) -> int:
     p.add_argument("--fixed-drafts", action="store_true", help="k copies of the last token as drafts (see above)")
     p.add_argument("--no-early-launch", action="store_true")
     p.add_argument("--trace", default=None, metavar="DIR")
+    p.add_argument("--sampler-options", default=None, metavar="JSON",
+                   help='XLA options for the sampler programs alone, e.g. \'{"xla_gpu_graph_min_graph_size": 1000000}\'')
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
+    if args.sampler_options:
+        from jaxinfer import runner
+
+        runner.SAMPLER_COMPILER_OPTIONS = json.loads(args.sampler_options)
     import numpy as np
 
     import jaxinfer.engine

@@ -145,8 +145,14 @@ def main(argv=None) -> int:
     p.add_argument("--simulate-acceptance", action=argparse.BooleanOptionalAction, default=None,
                    help="replace the acceptance rule for timing (default: with --load-format dummy)")
     p.add_argument("--kv-cache-memory", default=None, help="e.g. 8GiB (default: the engine's sizing)")
+    p.add_argument("--sampler-options", default=None, metavar="JSON",
+                   help='XLA options for the sampler programs alone, e.g. \'{"xla_gpu_graph_min_graph_size": 1000000}\'')
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
+    if args.sampler_options:
+        from jaxinfer import runner
+
+        runner.SAMPLER_COMPILER_OPTIONS = json.loads(args.sampler_options)
     ks = [int(x) for x in args.ks.split(",")]
     args.batches = [int(x) for x in args.batches.split(",")]
     rates = [float(x) for x in args.rates.split(",")]

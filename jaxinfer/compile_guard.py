@@ -47,15 +47,16 @@ def _cache_listener(event: str, **kwargs) -> None:
         _thread.events = getattr(_thread, "events", ()) + (event,)
 
 
-def compile_afresh(lowered) -> tuple:
+def compile_afresh(lowered, compiler_options: dict | None = None) -> tuple:
     """(lowered.compile(), fresh): fresh is True if XLA compiled it in this call (with jax's persistent cache on,
-    only when jax reports writing it there), False if it was loaded from that cache or jax reported neither."""
+    only when jax reports writing it there), False if it was loaded from that cache or jax reported neither.
+    compiler_options: XLA options for this program alone (`Lowered.compile`'s)."""
     with _lock:
         if not _state["cache_events"]:
             jax.monitoring.register_event_listener(_cache_listener)
             _state["cache_events"] = True
     _thread.events = ()
-    exe = lowered.compile()
+    exe = lowered.compile(compiler_options=compiler_options or None)
     if _CACHE_HIT in _thread.events:
         return exe, False
     cache_on = jax.config.jax_compilation_cache_dir is not None and jax.config.jax_enable_compilation_cache

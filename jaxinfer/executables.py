@@ -83,7 +83,10 @@ def fingerprint(cfg, ecfg, params, abstract_kv, max_model_len: int, devices, sou
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         return str(treedef), [(x.shape, str(x.dtype), repr(getattr(x, "sharding", None))) for x in leaves]
 
-    for part in (env, repr(cfg), repr(ecfg), avals(params), avals(abstract_kv), max_model_len):
+    from jaxinfer import runner
+
+    options = [sorted(runner.SAMPLER_COMPILER_OPTIONS.items())] if runner.SAMPLER_COMPILER_OPTIONS else []
+    for part in (env, repr(cfg), repr(ecfg), avals(params), avals(abstract_kv), max_model_len, *options):
         h.update(repr(part).encode())
     return h.hexdigest()[:40]
 

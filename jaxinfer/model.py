@@ -455,17 +455,36 @@ def route(logits, k: int, normalize: bool):
     return weights, experts.astype(jnp.int32)
 
 
+# The grouped matmul of bf16 expert stacks on a Hopper GPU, by rows per step (T * k): "xla" (`jax.lax.ragged_dot`)
+# or "hopper" (jax's Mosaic GPU ragged dot, pallas_kernels/grouped_matmul_hopper) from HOPPER_GROUPED_MIN_ROWS rows.
+HOPPER_GROUPED_MIN_ROWS: int | None = None  # None: never (benchmarks/moe_gemm_gpu.py measures both forms)
+
+
+def _hopper_grouped(x, w) -> bool:
+    if HOPPER_GROUPED_MIN_ROWS is None or x.shape[0] < HOPPER_GROUPED_MIN_ROWS or x.dtype != jnp.bfloat16:
+        return False
+    if jax.device_count() > 1:  # a Pallas call is not partitioned by a mesh: sharded experts take ragged_dot
+        return False
+    from pallas_kernels import grouped_matmul_hopper as gm
+
+    return gm.fits(w.shape[1], w.shape[2]) and gm.available()
+
+
 def grouped_dot(x, w, group_sizes):
     """x [M, I] rows sorted by group, w [E, I, *out] (a dense expert leaf: its input dim right after the expert
     axis) or its `QuantizedWeight` ([E, *out, I]), group_sizes [E] summing to M -> [M, *out]: row block e times
-    expert e's weight, as one `jax.lax.ragged_dot`. A quantized expert stack is dequantized first (every expert
-    read in full: correct, not yet fast)."""
+    expert e's weight, as one `jax.lax.ragged_dot` (or the Hopper kernel: `_hopper_grouped`). A quantized expert
+    stack is dequantized first (every expert read in full: correct, not yet fast)."""
     if quant.is_quantized(w):
         d = quant.dequantize(w, x.dtype)  # [E, *out, I]
         w = jnp.moveaxis(d, -1, 1)
     E, I, out = w.shape[0], w.shape[1], w.shape[2:]
-    y = jax.lax.ragged_dot(x, w.reshape(E, I, -1).astype(x.dtype), group_sizes,
-                           preferred_element_type=jnp.float32)
+    w = w.reshape(E, I, -1).astype(x.dtype)
+    if _hopper_grouped(x, w):
+        from pallas_kernels.grouped_matmul_hopper import grouped_matmul
+
+        return grouped_matmul(x, w, group_sizes).reshape(x.shape[0], *out)
+    y = jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
     return y.astype(x.dtype).reshape(x.shape[0], *out)
 
 

@@ -106,6 +106,16 @@ def make_forward_fn(cfg: ModelConfig, attn_fn, template: StepInput, replicated=N
     return forward_step
 
 
+# XLA options for the sampler programs alone (e.g. {"xla_gpu_graph_min_graph_size": 10**6}: no CUDA graph), for
+# measuring what their call costs the host between serial steps (benchmarks/spec_host_phases.py --sampler-options).
+SAMPLER_COMPILER_OPTIONS: dict = {}
+
+
+def compiler_options_for(key) -> dict:
+    """The XLA options a program is compiled with (its key as in `ModelRunner._programs`): {} but for samplers."""
+    return SAMPLER_COMPILER_OPTIONS if isinstance(key, tuple) and len(key) == 2 and key[1] in sampling.VARIANTS else {}
+
+
 PROMPT_LOGPROBS_ROWS = 256  # token rows per block of the prompt-logprobs program: bounds its [rows, V] float32 temporaries
 SET_PAGES_ROWS = 1024  # page-table entries per call of the program that takes what a step's input has no room for
 
@@ -282,7 +292,9 @@ class ModelRunner:
                 if not decode and T not in self.compiled_prompt_logprobs and ("prompt_logprobs", T) not in out:
                     out[("prompt_logprobs", T)] = self._lower_prompt_logprobs(T).compile()
                 for variant in sampling.VARIANTS if B not in self.seq_buckets else ():
-                    out.setdefault((B, variant), self._lower_sampler(B, variant).compile())
+                    if (B, variant) not in out:
+                        out[(B, variant)] = self._lower_sampler(B, variant).compile(
+                            compiler_options=compiler_options_for((B, variant)) or None)
         return out
 
     def _lower_prompt_logprobs(self, T: int):
@@ -384,7 +396,7 @@ class ModelRunner:
             return out
 
         def build(key, low):
-            exe, fresh = compile_guard.compile_afresh(low)
+            exe, fresh = compile_guard.compile_afresh(low, compiler_options_for(key))
             if store is not None:
                 store.save(key, exe, fresh)
             return exe
