@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.workload_floor import COPY_BW, MATMUL_FLOPS  # noqa: E402
 from jaxinfer.config import ModelConfig  # noqa: E402
 from jaxinfer import model  # noqa: E402
-from jaxinfer.model import LayerParams, activation, moe_mlp, param_specs, route  # noqa: E402
+from jaxinfer.model import LayerParams, gathered_experts, moe_mlp, param_specs, route  # noqa: E402
 from pallas_kernels import grouped_matmul_hopper  # noqa: E402
 
 # Tile configs of jax's Mosaic GPU ragged dot tried at each step size (over pallas_kernels.grouped_matmul_hopper's)
@@ -38,13 +38,10 @@ HOPPER_CONFIGS = {"m64n128": {}, "m128n128": dict(block_m=128), "m64n128s6": dic
 
 
 def gather_moe(lp, cfg, h):
-    """Each token's k experts' weights gathered ([T, k, ...]) and applied as batched matmuls: reads k experts per
-    token, so for T * k < E it reads less than the grouped form's E (no sort, no groups)."""
+    """Each token's k experts' weights gathered ([T, k, ...]) and applied as batched matmuls (model.gathered_experts):
+    reads k experts per token, so for T * k < E it reads less than the grouped form's E (no sort, no groups)."""
     w, e = route(h @ lp.router.astype(h.dtype), cfg.num_experts_per_tok, cfg.norm_topk_prob)
-    gu = jnp.einsum("td,tkdcf->tkcf", h, lp.experts_gate_up[e])
-    a = activation(cfg, gu[:, :, 0]) * gu[:, :, 1]
-    y = jnp.einsum("tkf,tkfd->tkd", a, lp.experts_down[e])
-    return jnp.einsum("tkd,tk->td", y, w.astype(y.dtype))
+    return gathered_experts(lp, cfg, h, w, e)
 
 
 def timed(fn, *args, reps: int) -> float:
@@ -94,6 +91,7 @@ def main() -> None:
                 model.HOPPER_GROUPED_MIN_ROWS, grouped_matmul_hopper.CONFIG = saved
         return jax.jit(fn)
 
+    model.MOE_GATHER_MAX_PAIRS_PER_EXPERT = {}  # "grouped" is the sorted grouped matmul at every step size
     grouped = with_kernel(None, grouped_matmul_hopper.CONFIG)  # jax.lax.ragged_dot
     hopper = {name: with_kernel(1, {**grouped_matmul_hopper.CONFIG, **c}) for name, c in HOPPER_CONFIGS.items()}
     use_hopper = a.hopper and grouped_matmul_hopper.available()

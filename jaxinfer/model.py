@@ -488,14 +488,52 @@ def grouped_dot(x, w, group_sizes):
     return y.astype(x.dtype).reshape(x.shape[0], *out)
 
 
+# Steps of at most this many (token, expert) pairs per expert, by backend, gather each pair's expert weights
+# (`gathered_experts`) instead of sorting into the grouped matmul. XLA:CPU runs ragged_dot as a dense product over
+# every expert (benchmarks/moe_gemm_gpu.py --scale 0.25 on 2 cores, 128 experts, top 8: 1 token 1.7 ms gathered
+# against 53 grouped, 16 tokens 79 / 94, 32 tokens 120 / 144, 64 tokens 421 / 216).
+MOE_GATHER_MAX_PAIRS_PER_EXPERT = {"cpu": 2}
+
+
+def _gathers_experts(T: int, k: int, E: int) -> bool:
+    limit = MOE_GATHER_MAX_PAIRS_PER_EXPERT.get(jax.default_backend())
+    # one device only: a gather along a sharded expert axis would bring whole experts to every device
+    return limit is not None and T * k <= limit * E and jax.device_count() == 1
+
+
+def expert_weights(w, experts, dtype):
+    """The weights of experts [T, k] of an expert leaf, dense [T, k, I, *out] in `dtype`: w [E, I, *out], or its
+    `QuantizedWeight` [E, *out, I], whose gathered rows are dequantized (only the k experts of each token)."""
+    if not quant.is_quantized(w):
+        return w[experts].astype(dtype)
+    part = dataclasses.replace(w, **{f: getattr(w, f)[experts] for f in ("q", "scales", "zeros", "mins")
+                                     if getattr(w, f) is not None})
+    return jnp.moveaxis(quant.dequantize(part, dtype), -1, 2)  # [T, k, *out, I] -> [T, k, I, *out]
+
+
+def gathered_experts(lp: LayerParams, cfg: ModelConfig, h, weights, experts):
+    """The MoE MLP for few tokens: each token's k experts' weights gathered, then batched matmuls (reads T * k
+    experts, where the grouped form's XLA:CPU lowering computes with all E)."""
+    f32 = jnp.float32
+    gu = jnp.einsum("td,tkdcf->tkcf", h, expert_weights(lp.experts_gate_up, experts, h.dtype),
+                    preferred_element_type=f32).astype(h.dtype)
+    a = activation(cfg, gu[:, :, 0]) * gu[:, :, 1]
+    y = jnp.einsum("tkf,tkfd->tkd", a, expert_weights(lp.experts_down, experts, h.dtype),
+                   preferred_element_type=f32).astype(h.dtype)
+    return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
+
+
 def moe_mlp(lp: LayerParams, cfg: ModelConfig, h):
     """The mixture-of-experts MLP of normed h [T, D] -> [T, D]: every token through its k experts' gated MLPs,
     weighted by its router. The T * k (token, expert) pairs are sorted by expert (a stable sort: a token's pairs
     keep their order), each expert's rows run as one group of `grouped_dot`, and the weighted rows are added back
-    to their tokens. Each token's output depends on its own routing only, never on its batch mates'."""
+    to their tokens (few tokens on a CPU: `gathered_experts`). Each token's output depends on its own routing only,
+    never on its batch mates'."""
     T = h.shape[0]
     k, E = cfg.num_experts_per_tok, cfg.num_experts
     weights, experts = route(dot("td,de->te", h, lp.router), k, cfg.norm_topk_prob)  # [T, k] each
+    if _gathers_experts(T, k, E):
+        return gathered_experts(lp, cfg, h, weights, experts)
     flat = experts.reshape(-1)  # [T * k]
     order = jnp.argsort(flat, stable=True)
     token = order // k  # the token of each sorted pair

@@ -61,6 +61,7 @@ def test_moe_mlp_takes_it_when_enabled(kernel_as_jnp, monkeypatch):
         name: (0.1 * jax.random.normal(jax.random.fold_in(key, i), getattr(spec, name).shape)).astype(jnp.bfloat16)
         for i, name in enumerate(("router", "experts_gate_up", "experts_down"))})
     h = jax.random.normal(jax.random.fold_in(key, 9), (6, 128)).astype(jnp.bfloat16)
+    monkeypatch.setattr(model, "MOE_GATHER_MAX_PAIRS_PER_EXPERT", {})  # a GPU's dispatch: the grouped form
     want = np.asarray(model.moe_mlp(lp, cfg, h), np.float32)
     assert not kernel_as_jnp  # off by default
     monkeypatch.setattr(gm, "available", lambda: True)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxinfer
-from jaxinfer import compile_guard, quant
+from jaxinfer import compile_guard, model, quant
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import LayerParams, moe_mlp, param_specs, route
 from jaxinfer.weights import SafetensorsSource, load_params
@@ -51,8 +51,15 @@ def loop_reference(lp: LayerParams, cfg, h: np.ndarray) -> np.ndarray:
     return out
 
 
+@pytest.fixture(params=["grouped", "gathered"])
+def moe_form(request, monkeypatch):
+    """Both forms of the MoE MLP on a CPU: the sorted grouped matmul, and the per-token gather of few-token steps."""
+    monkeypatch.setattr(model, "MOE_GATHER_MAX_PAIRS_PER_EXPERT", {"cpu": 0 if request.param == "grouped" else 1000})
+    return request.param
+
+
 @pytest.mark.parametrize("normalize", [False, True])
-def test_moe_mlp_matches_a_loop_over_experts(normalize):
+def test_moe_mlp_matches_a_loop_over_experts(normalize, moe_form):
     cfg = dataclasses.replace(CFG, norm_topk_prob=normalize)
     lp = random_layer(cfg)
     h = np.random.default_rng(1).normal(size=(37, cfg.hidden_size)).astype(np.float32)
@@ -71,7 +78,7 @@ def test_route_picks_the_top_k_and_normalises():
     np.testing.assert_allclose(np.asarray(w2), np.take_along_axis(p, np.asarray(e), -1), rtol=1e-6)
 
 
-def test_quantized_experts_match_their_dequantized_weights():
+def test_quantized_experts_match_their_dequantized_weights(moe_form):
     """int8 and int4 expert stacks (as on-the-fly quantization leaves them) give the MLP of their dequantized
     weights: quantized experts plug in through the same grouped matmul."""
     lp = random_layer(CFG, seed=2)
@@ -91,6 +98,7 @@ def test_quantized_experts_match_their_dequantized_weights():
         got = np.asarray(moe_mlp(qlp, CFG, jnp.asarray(h)))
         want = np.asarray(moe_mlp(deq, CFG, jnp.asarray(h)))
         assert np.abs(got - want).max() / np.abs(want).max() < 1e-5, quantize.__name__
+        assert np.abs(want - loop_reference(deq, CFG, h)).max() / np.abs(want).max() < 1e-5
         assert np.abs(want - loop_reference(lp, CFG, h)).max() > 0  # the weights did change
 
 
