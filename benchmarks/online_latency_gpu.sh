@@ -8,7 +8,8 @@
 # Writes OUT_DIR/<engine>_<i>.json per run and OUT_DIR/<engine>_server.log. Both servers report max_model_len 2048,
 # so the client clips lengths alike; each takes its own defaults for an 8B model on one H100 otherwise (ours: the
 # h100-llama-3.1-8b preset, 8192-token steps of up to 512 rows; vLLM's API server: 8192 tokens, 1024 rows).
-# JAXINFER_MODEL / JAXINFER_ENGINE_CONFIG change our side (a CPU dry run: smollm2-135m-instruct / cpu-default).
+# JAXINFER_MODEL / JAXINFER_ENGINE_CONFIG change our side (a CPU dry run: smollm2-135m-instruct / cpu-default);
+# JAXINFER_SERVE_FLAGS adds server flags (e.g. "--mixed-step-token-budget 2048").
 set -u
 engine=${1:?jaxinfer or vllm}; out=$(realpath -m "${2:?OUT_DIR}"); shift 2
 mkdir -p "$out"
@@ -17,7 +18,8 @@ case $engine in
   jaxinfer)
     python3 -m jaxinfer serve --model "${JAXINFER_MODEL:-llama-3.1-8b}" --load-format dummy \
       --engine-config "${JAXINFER_ENGINE_CONFIG:-h100-llama-3.1-8b}" \
-      --port $port --max-queued-requests 4096 --compilation-cache-dir /tmp/cc_online >"$out/${engine}_server.log" 2>&1 &
+      --port $port --max-queued-requests 4096 --compilation-cache-dir /tmp/cc_online ${JAXINFER_SERVE_FLAGS:-} \
+      >"$out/${engine}_server.log" 2>&1 &
     ready=/ready ;;
   vllm)
     mdir=/tmp/vllm_llama8b

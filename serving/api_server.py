@@ -238,8 +238,15 @@ async def sse_start(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps(..., ensure_ascii=False) builds one of these per call
+
+
+def sse_event(data) -> str:
+    return f"data: {data if isinstance(data, str) else _ENCODER.encode(data)}\n\n"
+
+
 async def sse_send(resp: web.StreamResponse, data) -> None:
-    await resp.write(f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode())
+    await resp.write(sse_event(data).encode())
 
 
 # -- /v1/completions and /v1/chat/completions --------------------------------------------------------------------
@@ -343,7 +350,15 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
     obj = "chat.completion" if chat else "text_completion"
     num_prompt = sum(len(ids) for ids in prompts_ids)
     echo = (not chat) and protocol.flag(body, "echo")
-    gen = state.engine.generate(reqs, priority)
+    pending: list[str] = []  # streaming: SSE chunks not written yet
+
+    async def flush() -> None:  # one write for the chunks of all the outputs that were waiting
+        if pending:
+            data = "".join(pending).encode()
+            pending.clear()
+            await resp.write(data)
+
+    gen = state.engine.generate(reqs, priority, on_idle=flush if stream else None)
 
     prompt_lps: dict[str, list] = {}  # request id -> its prompt logprobs (DELTA: in its first output only)
     if not stream:
@@ -383,6 +398,9 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
 
     # streaming
     chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+    # Every chunk is {"id", "object", "created", "model", "choices": [choice]}: its text up to the choice, once
+    chunk_head = (f'data: {_ENCODER.encode({"id": rid_base, "object": chunk_obj, "created": created, "model": model})[:-1]}'
+                  ', "choices": [')
     cursors: dict[tuple[int, int], _Choice] = {}
     completion_tokens = 0
     resp = None
@@ -434,15 +452,16 @@ async def _run(request: web.Request, *, chat: bool) -> web.StreamResponse:
                     if c.finish_reason:
                         cur.finish = c.finish_reason
                         completion_tokens += cur.tokens
-                    await sse_send(resp, {"id": rid_base, "object": chunk_obj, "created": created, "model": model,
-                                          "choices": [choice]})
+                    pending.append(f"{chunk_head}{_ENCODER.encode(choice)}]}}\n\n")
         except (ValueError, EngineDeadError, RequestFailedError) as e:
             err = engine_error(e)
             if resp is None:
                 raise err from None
+            await flush()  # the chunks before the error
             await sse_send(resp, err.body())
             await sse_send(resp, "[DONE]")
             return resp
+    await flush()
     if include_usage:
         await sse_send(resp, {"id": rid_base, "object": chunk_obj, "created": created, "model": model,
                               "choices": [], "usage": protocol.usage(num_prompt, completion_tokens)})

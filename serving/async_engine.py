@@ -6,8 +6,8 @@ outright (it also builds it, so the HTTP server can answer /health and /ready wi
 loads and compiles). Its loop is:
 
     take every pending command (add / abort) from a thread-safe queue   <- event loop puts them there
-    if the engine has unfinished work: step() and hand each RequestOutput to its request's asyncio.Queue
-    via loop.call_soon_threadsafe; otherwise block on the command queue
+    if the engine has unfinished work: step() and hand the step's RequestOutputs to their requests'
+    asyncio.Queues in one loop.call_soon_threadsafe; otherwise block on the command queue
 
 An abort therefore lands before the next step, so a disconnected client's pages are freed within one
 engine step. A fault the engine attributes to one request ends that request alone: its stream receives a
@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
 from jaxinfer.request import RequestOutput
 from jaxinfer.sampling_params import SamplingParams
@@ -168,10 +168,14 @@ class AsyncEngine:
         if stream is not None and not stream.finished:
             self._cmds.put(("abort", request_id))
 
-    async def generate(self, requests: list[tuple[str, list[int], SamplingParams]], priority: int = 0):
+    async def generate(self, requests: list[tuple[str, list[int], SamplingParams]], priority: int = 0,
+                       on_idle: Callable[[], Awaitable[None]] | None = None):
         """Async iterator over the RequestOutputs of several requests (of their params' output_kind: the server asks
         for DELTA), interleaved as they come.
         `priority`: the scheduler runs lower values first (FCFS among equals).
+        `on_idle`: awaited whenever every output delivered so far has been yielded, before waiting for more (the
+        server writes the SSE chunks it has gathered then: one write for all of a request's outputs that were
+        waiting, when the event loop fell behind the engine).
 
         Closing it early (client gone, handler cancelled) aborts whatever has not finished.
         """
@@ -183,6 +187,8 @@ class AsyncEngine:
                 added.append(rid)
             remaining = set(added)
             while remaining:
+                if on_idle is not None and q.empty():
+                    await on_idle()
                 out = await q.get()
                 if isinstance(out, BaseException):
                     raise out
@@ -207,6 +213,10 @@ class AsyncEngine:
             if self.on_output is not None:
                 self.on_output(item)
         stream.queue.put_nowait(item)
+
+    def _deliver_all(self, items: list) -> None:  # runs on the event loop: one step's outputs, in order
+        for request_id, item in items:
+            self._deliver(request_id, item)
 
     def _resolve(self, fut: asyncio.Future, exc: BaseException | None) -> None:  # runs on the event loop
         if fut.done():
@@ -284,19 +294,23 @@ class AsyncEngine:
                 logger.warning("the stalled step returned after all; ready again")
                 self.stalled = False
             self._snapshot()
+            items = []
             for out in outputs:
                 if out.error is not None:  # this request alone failed: its stream gets the error (its kind only:
                     # exception texts may hold paths; the full one is in the log)
                     logger.warning("request %s failed: %s", out.request_id, out.error)
-                    loop.call_soon_threadsafe(self._deliver, out.request_id, RequestFailedError(
-                        f"the request failed during a step ({out.error.split(':', 1)[0]})"))
+                    items.append((out.request_id, RequestFailedError(
+                        f"the request failed during a step ({out.error.split(':', 1)[0]})")))
                     continue
                 for c in out.outputs:  # the engine keeps appending to this list; hand over a copy
                     if c.logprobs is not None:
                         c.logprobs = list(c.logprobs)
                 if out.prompt_logprobs is not None:  # entries are rewritten if the request is recomputed
                     out.prompt_logprobs = list(out.prompt_logprobs)
-                loop.call_soon_threadsafe(self._deliver, out.request_id, out)
+                items.append((out.request_id, out))
+            if items:  # the whole step in one hand-off: one wake-up of the event loop (a self-pipe write) per step,
+                # not one per request
+                loop.call_soon_threadsafe(self._deliver_all, items)
         return None
 
     def _lost(self, fatal: str) -> None:
