@@ -2,7 +2,8 @@
 # A mixture-of-experts preset on one GPU, dummy bf16 weights (issue 26's rows): the MLP's grouped matmuls against
 # their floor per step size (benchmarks/moe_gemm_gpu.py: jax.lax.ragged_dot, jax's Mosaic GPU ragged dot, the
 # gather form), then batch 1 (512 / 256) and 1000 x 256 / 256 with the same flags as the 8B rows
-# (benchmarks/three_rows_gpu.sh). vLLM beside it: ../shared/peers/vllm/bench.py --config configs/models/PRESET.json.
+# (benchmarks/three_rows_gpu.sh). vLLM beside it: `python3 benchmarks/vllm_peer_shape.py configs/models/PRESET.json
+# --out OUT --skip c --max-model-len 2048` (the peer staged as ../shared/peers/vllm/README.md says).
 #   bash benchmarks/moe_rows_gpu.sh OUT_DIR [ROWS: gemm,b1,1000x256] [PRESET: qwen3-30b-a3b] [extra bench flags]
 set -u
 out=$(realpath -m "${1:?OUT_DIR}"); rows=${2:-gemm,b1,1000x256}; preset=${3:-qwen3-30b-a3b}; shift $(( $# < 3 ? $# : 3 ))
