@@ -10,7 +10,8 @@ Step model (milliseconds, by the compiled bucket a step runs: T tokens, B rows):
 H100 8B rows of benchmarks/RESULTS.md (--step-model "5.5,0.0225,0.008": a decode of 1 / 64 / 256 rows 5.6 / 7.4 /
 13.3 ms against 5.6 / 7.8 / 14.0 measured, an 8192-token step 194 ms against ~190). It leaves out the KV cache's
 reads, so it is optimistic where many long contexts decode at once. Steps run one at a time on the modelled device;
-the host's Python runs for real (on this machine's CPU, not the GPU host's), the server pinned to one core and the
+the host's Python runs for real (on this machine's CPU, not the GPU host's) up to the device call: packing the step's
+input and jax's dispatch are left out with it. The server is pinned to one core and the
 client to another where there are two. The model (dummy weights, no tokenizer) only sets the vocabulary: the
 server's flags after `--` choose buckets, budgets and limits; on a CPU pass `--mixed-step-token-budget` (the CPU's
 own default is 64).

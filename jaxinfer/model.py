@@ -491,14 +491,17 @@ def grouped_dot(x, w, group_sizes):
 # Steps of at most this many (token, expert) pairs per expert, by backend, gather each pair's expert weights
 # (`gathered_experts`) instead of sorting into the grouped matmul. XLA:CPU runs ragged_dot as a dense product over
 # every expert (benchmarks/moe_gemm_gpu.py --scale 0.25 on 2 cores, 128 experts, top 8: 1 token 1.7 ms gathered
-# against 53 grouped, 16 tokens 79 / 94, 32 tokens 120 / 144, 64 tokens 421 / 216).
+# against 53 grouped, 16 tokens 79 / 94, 32 tokens 120 / 144, 64 tokens 421 / 216). The gathered weights are a copy
+# (T * k experts' worth): at most MOE_GATHER_MAX_BYTES of it per matmul.
 MOE_GATHER_MAX_PAIRS_PER_EXPERT = {"cpu": 2}
+MOE_GATHER_MAX_BYTES = 256 << 20
 
 
-def _gathers_experts(T: int, k: int, E: int) -> bool:
+def _gathers_experts(T: int, k: int, E: int, expert_bytes: int) -> bool:
     limit = MOE_GATHER_MAX_PAIRS_PER_EXPERT.get(jax.default_backend())
-    # one device only: a gather along a sharded expert axis would bring whole experts to every device
-    return limit is not None and T * k <= limit * E and jax.device_count() == 1
+    if limit is None or T * k > limit * E or T * k * expert_bytes > MOE_GATHER_MAX_BYTES:
+        return False
+    return jax.device_count() == 1  # a gather along a sharded expert axis would bring whole experts to every device
 
 
 def expert_weights(w, experts, dtype):
@@ -527,12 +530,13 @@ def moe_mlp(lp: LayerParams, cfg: ModelConfig, h):
     """The mixture-of-experts MLP of normed h [T, D] -> [T, D]: every token through its k experts' gated MLPs,
     weighted by its router. The T * k (token, expert) pairs are sorted by expert (a stable sort: a token's pairs
     keep their order), each expert's rows run as one group of `grouped_dot`, and the weighted rows are added back
-    to their tokens (few tokens on a CPU: `gathered_experts`). Each token's output depends on its own routing only,
-    never on its batch mates'."""
-    T = h.shape[0]
+    to their tokens (few tokens on a CPU: `gathered_experts`). A token's routing depends on its own hidden state
+    only, never on its batch mates'; on a CPU the two forms round differently, so its outputs' last bits may depend
+    on how many tokens its step holds."""
+    T, D = h.shape
     k, E = cfg.num_experts_per_tok, cfg.num_experts
     weights, experts = route(dot("td,de->te", h, lp.router), k, cfg.norm_topk_prob)  # [T, k] each
-    if _gathers_experts(T, k, E):
+    if _gathers_experts(T, k, E, 3 * D * cfg.moe_intermediate_size * h.dtype.itemsize):
         return gathered_experts(lp, cfg, h, weights, experts)
     flat = experts.reshape(-1)  # [T * k]
     order = jnp.argsort(flat, stable=True)

@@ -2,8 +2,9 @@
 
 `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu` runs one persistent CTA per SM over (row tile, column tile)
 pairs of every group: a group's row tiles are brought in by TMA, multiplied by wgmma against that group's weight
-tiles, and stored back through a ladder of TMA descriptors, so rows of a tile that belong to another group are
-neither computed into nor written. Each expert's weight is read once per row tile of its group.
+tiles, and stored back through a ladder of TMA descriptors that writes the group's own rows only (rows of a tile
+that belong to another group are computed, not written). Each expert's weight is read once per row tile of its
+group. The kernel sizes its grid for an H100 SXM's 132 SMs.
 
     x [M, K] rows sorted by group, w [G, K, N], group_sizes [G] (summing to M) -> [M, N] in x's dtype
 

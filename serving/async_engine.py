@@ -216,7 +216,10 @@ class AsyncEngine:
 
     def _deliver_all(self, items: list) -> None:  # runs on the event loop: one step's outputs, in order
         for request_id, item in items:
-            self._deliver(request_id, item)
+            try:
+                self._deliver(request_id, item)
+            except Exception:  # noqa: BLE001 - (the metrics hook) the other streams of the step still get theirs
+                logger.exception("delivering an output of request %s failed", request_id)
 
     def _resolve(self, fut: asyncio.Future, exc: BaseException | None) -> None:  # runs on the event loop
         if fut.done():

@@ -62,6 +62,7 @@ def test_moe_mlp_takes_it_when_enabled(kernel_as_jnp, monkeypatch):
         for i, name in enumerate(("router", "experts_gate_up", "experts_down"))})
     h = jax.random.normal(jax.random.fold_in(key, 9), (6, 128)).astype(jnp.bfloat16)
     monkeypatch.setattr(model, "MOE_GATHER_MAX_PAIRS_PER_EXPERT", {})  # a GPU's dispatch: the grouped form
+    monkeypatch.setattr(jax, "device_count", lambda: 1)  # one GPU (the kernel is not used on a mesh)
     want = np.asarray(model.moe_mlp(lp, cfg, h), np.float32)
     assert not kernel_as_jnp  # off by default
     monkeypatch.setattr(gm, "available", lambda: True)

@@ -54,7 +54,8 @@ def loop_reference(lp: LayerParams, cfg, h: np.ndarray) -> np.ndarray:
 @pytest.fixture(params=["grouped", "gathered"])
 def moe_form(request, monkeypatch):
     """Both forms of the MoE MLP on a CPU: the sorted grouped matmul, and the per-token gather of few-token steps."""
-    monkeypatch.setattr(model, "MOE_GATHER_MAX_PAIRS_PER_EXPERT", {"cpu": 0 if request.param == "grouped" else 1000})
+    monkeypatch.setattr(model, "MOE_GATHER_MAX_PAIRS_PER_EXPERT",
+                        {jax.default_backend(): 0 if request.param == "grouped" else 1000})
     return request.param
 
 
@@ -170,3 +171,13 @@ def test_new_presets_have_the_published_sizes(preset, total, active):
     assert abs(n / total - 1) < 0.01
     share = cfg.num_experts_per_tok / cfg.num_experts if cfg.num_experts else 1.0
     assert abs((n - experts + experts * share) / active - 1) < 0.01
+
+
+def test_gather_form_is_bounded_by_pairs_and_bytes(monkeypatch):
+    """The per-token gather is taken for few (token, expert) pairs per expert only, and never for a copy of the
+    gathered experts larger than MOE_GATHER_MAX_BYTES (a large model's experts on a CPU)."""
+    monkeypatch.setattr(model, "MOE_GATHER_MAX_PAIRS_PER_EXPERT", {jax.default_backend(): 2})
+    assert model._gathers_experts(8, 2, 8, 1000)  # 16 pairs, 2 per expert
+    assert not model._gathers_experts(9, 2, 8, 1000)  # 18 pairs
+    assert not model._gathers_experts(1, 8, 128, model.MOE_GATHER_MAX_BYTES // 4)  # 8 experts' copy: twice the cap
+    assert model._gathers_experts(1, 8, 128, model.MOE_GATHER_MAX_BYTES // 8)
