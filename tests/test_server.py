@@ -123,6 +123,35 @@ def test_completion_stream_matches_and_reports_usage(client):
     assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
 
 
+def test_a_stalled_event_loop_gets_the_waiting_chunks_in_one_write(client, server, monkeypatch):
+    """While the event loop is held up, the engine's outputs for a stream queue up; the handler then writes their
+    chunks in one write, and the client reads the same chunks, text and finish as ever."""
+    from aiohttp import web
+
+    full = client.completions.create(model=MODEL, prompt="Queue these", **GREEDY)
+    writes, real_write = [], web.StreamResponse.write
+
+    async def counting_write(self, data):
+        writes.append(bytes(data).count(b"data: "))
+        return await real_write(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write", counting_write)
+    real_hook, stalled = server.engine.on_output, []
+
+    def hook(out):  # runs on the event loop: hold it up once, while the engine thread goes on stepping
+        if not stalled:
+            stalled.append(out.request_id)
+            time.sleep(0.5)
+        if real_hook is not None:
+            real_hook(out)
+
+    monkeypatch.setattr(server.engine, "on_output", hook)
+    chunks = list(client.completions.create(model=MODEL, prompt="Queue these", stream=True, **GREEDY))
+    assert "".join(ch.choices[0].text for ch in chunks) == full.choices[0].text
+    assert [ch.choices[0].finish_reason for ch in chunks][-1] == "length"
+    assert stalled and max(writes) > 1, writes  # several chunks went out in one write
+
+
 def test_stop_string_and_stop_token_finish_with_stop(client):
     full = client.completions.create(model=MODEL, prompt="Stop here", temperature=0, max_tokens=12,
                                      extra_body={"ignore_eos": True})
