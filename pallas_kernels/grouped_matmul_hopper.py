@@ -16,10 +16,11 @@ GPU (benchmarks/moe_gemm_gpu.py checks and times it there).
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels import hopper_ops
 
 CONFIG = dict(block_m=64, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
 
@@ -33,16 +34,7 @@ def fits(K: int, N: int, config: dict | None = None) -> bool:
 @functools.cache
 def available() -> bool:
     """The default device is a Hopper GPU (compute capability 9.x) and jax's kernel imports there."""
-    d = jax.devices()[0]
-    if d.platform != "gpu" or not str(getattr(d, "compute_capability", "0")).startswith("9"):
-        return False
-    try:
-        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - an older jax, or a missing import of its own
-        warnings.warn(f"jax's Mosaic GPU ragged dot is not importable ({type(e).__name__}: {e}); the experts' "
-                      f"grouped matmuls take jax.lax.ragged_dot", stacklevel=2)
-        return False
-    return True
+    return hopper_ops.available("ragged_dot_mgpu", "ragged dot", "the experts' grouped matmuls take jax.lax.ragged_dot")
 
 
 @functools.partial(jax.jit, static_argnames=("config_items",))

@@ -15,10 +15,11 @@ kernel itself runs only on a Hopper GPU: benchmarks/mixed_matmul_gpu.py checks i
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels import hopper_ops
 
 # Tiles: the kernel's M is our N (output channels), its N our tokens. Two compute warpgroups split the tokens
 # (wg_dimension N), so a CTA covers 2 * tile_n tokens.
@@ -45,16 +46,8 @@ def fits(N: int, K: int, config: dict | None = None) -> bool:
 def available() -> bool:
     """The default device is a Hopper GPU (compute capability 9.x) and jax's kernel imports there (else a warning:
     int8 steps of many tokens then take XLA's slower form)."""
-    d = jax.devices()[0]
-    if d.platform != "gpu" or not str(getattr(d, "compute_capability", "0")).startswith("9"):
-        return False
-    try:
-        from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - an older jax, or a missing import of its own
-        warnings.warn(f"jax's Mosaic GPU mixed-type matmul is not importable ({type(e).__name__}: {e}); int8 "
-                      f"weights on many-token steps take XLA's form (absl-py missing? pip install 'jaxinfer[gpu]')", stacklevel=2)
-        return False
-    return True
+    return hopper_ops.available("hopper_mixed_type_matmul_mgpu", "mixed-type matmul", "int8 weights on many-token "
+                                "steps take XLA's form (absl-py missing? pip install 'jaxinfer[gpu]')")
 
 
 @functools.partial(jax.jit, static_argnames=("config_items",))
