@@ -455,8 +455,8 @@ def route(logits, k: int, normalize: bool):
     return weights, experts.astype(jnp.int32)
 
 
-# The grouped matmul of bf16 expert stacks on a Hopper GPU, by rows per step (T * k): "xla" (`jax.lax.ragged_dot`)
-# or "hopper" (jax's Mosaic GPU ragged dot, pallas_kernels/grouped_matmul_hopper) from HOPPER_GROUPED_MIN_ROWS rows.
+# bf16 expert stacks on one Hopper GPU take jax's Mosaic GPU ragged dot (pallas_kernels/grouped_matmul_hopper) in
+# steps of at least this many rows (T * k), `jax.lax.ragged_dot` otherwise.
 HOPPER_GROUPED_MIN_ROWS: int | None = None  # None: never (benchmarks/moe_gemm_gpu.py measures both forms)
 
 
