@@ -37,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--attention-impl", default="auto")
+    p.add_argument("--quantization", default=None, help="a weight scheme (int8, int4, fp8, ...), as `bench` takes it")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json-out")
     p.add_argument("--trace", metavar="DIR", help="also write a Perfetto trace of --trace-steps async "
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     maxb = max(sizes)
     opts = dict(load_format=args.load_format, max_num_seqs=maxb, token_buckets=sorted({*sizes, args.context}),
                 seq_buckets=sorted(set(sizes)), max_model_len=args.context + 4 * args.steps + 64,
-                attention_impl=args.attention_impl, show_progress=False)
+                attention_impl=args.attention_impl, quantization=args.quantization, show_progress=False)
     t0 = time.perf_counter()
     eng = Engine(args.model, **opts)
     print(f"engine ready in {time.perf_counter() - t0:.1f} s; buckets {eng.runner.buckets}", flush=True)
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
                     t5 = time.perf_counter(); ph["wait"] += t5 - t4
                     sampled = [int(result.token_ids[i]) if batch.samples(i) else None for i in range(len(batch))]
                     appended = eng.scheduler.update(batch, sampled)
-                    eng._postprocess(batch, [t if ok else None for t, ok in zip(sampled, appended)], result)
+                    eng._postprocess(batch, appended, result)
                     eng._outputs(batch.requests)
                     ph["post"] += time.perf_counter() - t5
                 case["phases_ms"] = {k: v / args.steps * 1e3 for k, v in ph.items()}
