@@ -5,7 +5,8 @@ to StableHLO to compute the cache key: for the H100 Llama-3.1-8B preset's 61 pro
 of a warm start. This store keys the programs of one engine instead by a fingerprint of what their lowering reads:
 jaxinfer's and pallas_kernels' source files (and the shipped XLA autotune bundles, which pick their kernels), the
 Python, jax and jaxlib versions, the devices, XLA's flags and jax's config, the model and engine configs, and the
-shapes, dtypes and shardings of the weights and the KV cache. Each program is one file, written with
+shapes, dtypes and shardings of the weights and the KV cache, and the current values of the module-level settings
+that choose a program's form (`PROGRAM_SETTINGS`: a benchmark that sets one gets its own programs). Each program is one file, written with
 `jax.experimental.serialize_executable` (the executable and its argument trees). Any change to those inputs gives a
 new fingerprint, so a stale program is never loaded, and jax checks each call's argument tree, shapes and dtypes
 against the loaded program as well. A file that fails to load is dropped with a warning and its program compiled
@@ -42,6 +43,27 @@ FOLDER = "executables"
 SUFFIX = ".jxe"
 KEEP = 8  # configurations kept (an 8B model's programs: ~30 MB)
 _FORMAT = 2  # bump when the file layout changes (2: signed files)
+
+
+# Module-level settings that decide which form a program takes (kernel or XLA per step size, tile configs, compiler
+# options). Their defaults are in the sources; a caller that changes one at run time must not load programs lowered
+# with another value.
+PROGRAM_SETTINGS = {
+    "jaxinfer.quant": ("GPU_KERNEL_MAX_TOKENS", "GPU_KERNEL_MIN_TOKENS_4BIT", "HOPPER_INT8_MIN_TOKENS",
+                       "HOPPER_INT8_MAX_TOKENS"),
+    "jaxinfer.model": ("SHARDING_RULES", "CPU_F32_KERNEL_MAX_TOKENS", "HOPPER_GROUPED_MIN_ROWS",
+                       "MOE_GATHER_MAX_PAIRS_PER_EXPERT", "MOE_GATHER_MAX_BYTES"),
+    "jaxinfer.runner": ("SAMPLER_COMPILER_OPTIONS", "PROMPT_LOGPROBS_ROWS", "SET_PAGES_ROWS"),
+    "pallas_kernels.grouped_matmul_hopper": ("CONFIG",),
+    "pallas_kernels.int8_matmul_hopper": ("CONFIG",),
+}
+
+
+def program_settings() -> list:
+    """[(module, name, repr of its current value)] for every entry of PROGRAM_SETTINGS."""
+    import importlib
+
+    return [(m, n, repr(getattr(importlib.import_module(m), n))) for m, names in PROGRAM_SETTINGS.items() for n in names]
 
 
 def _source_roots() -> list[Path]:
@@ -83,10 +105,7 @@ def fingerprint(cfg, ecfg, params, abstract_kv, max_model_len: int, devices, sou
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         return str(treedef), [(x.shape, str(x.dtype), repr(getattr(x, "sharding", None))) for x in leaves]
 
-    from jaxinfer import runner
-
-    options = [sorted(runner.SAMPLER_COMPILER_OPTIONS.items())] if runner.SAMPLER_COMPILER_OPTIONS else []
-    for part in (env, repr(cfg), repr(ecfg), avals(params), avals(abstract_kv), max_model_len, *options):
+    for part in (env, repr(cfg), repr(ecfg), avals(params), avals(abstract_kv), max_model_len, program_settings()):
         h.update(repr(part).encode())
     return h.hexdigest()[:40]
 

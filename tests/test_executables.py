@@ -4,6 +4,7 @@ without tracing or lowering, generates the same tokens, and anything that change
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import shutil
 import warnings
@@ -143,6 +144,12 @@ def test_the_fingerprint_follows_what_reaches_the_programs(cold, tmp_path, monke
     assert executables.fingerprint(**dict(args, ecfg=quiet)) == key  # options no program reads
     with jax.default_matmul_precision("highest"):  # jax's config reaches the programs
         assert executables.fingerprint(**args) != key
+    for module, name in (("jaxinfer.quant", "GPU_KERNEL_MIN_TOKENS_4BIT"), ("jaxinfer.runner", "SAMPLER_COMPILER_OPTIONS")):
+        with monkeypatch.context() as m:  # a setting that picks a program's form, changed at run time
+            value = getattr(importlib.import_module(module), name)
+            m.setattr(f"{module}.{name}", {"xla_gpu_graph_min_graph_size": 9} if isinstance(value, dict) else value + 1)
+            assert executables.fingerprint(**args) != key, name
+    assert executables.fingerprint(**args) == key
     for changed in (dict(ecfg=dataclasses.replace(eng.ecfg, max_logprobs=eng.ecfg.max_logprobs + 1)),
                     dict(cfg=dataclasses.replace(eng.cfg, rms_norm_eps=eng.cfg.rms_norm_eps * 2)),
                     dict(max_model_len=eng.max_model_len - 4)):
