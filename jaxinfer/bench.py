@@ -200,7 +200,8 @@ def bench_jaxinfer(args, opts: dict, log) -> dict:
             "compile_s": eng.compile_seconds, "warm_up_s": eng.warm_up_seconds, "num_buckets": len(eng.runner.compiled),
         },
         "engine_config": {
-            "token_buckets": list(c.token_buckets), "seq_buckets": list(c.seq_buckets), "max_num_seqs": c.max_num_seqs,
+            "token_buckets": list(c.token_buckets), "seq_buckets": list(c.seq_buckets),
+            "decode_buckets": list(c.decode_buckets), "max_num_seqs": c.max_num_seqs,
             "max_num_batched_tokens": c.token_budget, "max_model_len": eng.max_model_len, "page_size": c.page_size,
             "num_pages": eng.num_pages, "dtype": dtype,
             "compilation_cache": c.use_compilation_cache,

@@ -536,7 +536,8 @@ def _config(args) -> dict:
 def engine_summary(eng) -> dict:
     c = eng.ecfg
     return {
-        "token_buckets": list(c.token_buckets), "seq_buckets": list(c.seq_buckets), "max_num_seqs": c.max_num_seqs,
+        "token_buckets": list(c.token_buckets), "seq_buckets": list(c.seq_buckets),
+        "decode_buckets": list(c.decode_buckets), "max_num_seqs": c.max_num_seqs,
         "max_num_batched_tokens": c.token_budget, "max_model_len": eng.max_model_len, "page_size": c.page_size,
         "num_pages": eng.num_pages, "dtype": np.dtype(eng.dtype).name, "quantization": eng.quantization,
         "weight_bytes": eng.weight_bytes, "attention_impl": c.attention_impl,

@@ -33,7 +33,7 @@ FIELD_FLAGS = {
     "max_model_len": "--max-model-len", "max_num_seqs": "--max-num-seqs",
     "max_num_batched_tokens": "--max-num-batched-tokens", "token_buckets": "--token-buckets",
     "mixed_step_token_budget": "--mixed-step-token-budget",
-    "seq_buckets": "--seq-buckets", "page_size": "--page-size", "kv_cache_memory": "--kv-cache-memory",
+    "seq_buckets": "--seq-buckets", "decode_buckets": "--decode-buckets", "page_size": "--page-size", "kv_cache_memory": "--kv-cache-memory",
     "dtype": "--dtype", "load_format": "--load-format", "attention_impl": "--attention-impl",
     "quantization": "--quantization", "kv_cache_dtype": "--kv-cache-dtype",
     "enable_prefix_caching": "--no-prefix-caching", "async_scheduling": "--no-async-scheduling",
@@ -179,6 +179,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="step sizes in tokens compiled ahead of time, e.g. 1,4,16,64,256 (the default)")
     g.add_argument("--seq-buckets", type=_int_list, metavar="LIST",
                    help="step sizes in sequences compiled ahead of time, e.g. 1,4,16 (the default)")
+    g.add_argument("--decode-buckets", type=_int_list, metavar="LIST",
+                   help="more row counts for decode steps only, e.g. 8,48,96,160: one program each, fewer rows "
+                        "padded (default: none, the seq buckets)")
     g.add_argument("--page-size", type=_positive_int, metavar="N",
                    help="tokens per KV-cache page, a power of two (default: 16)")
     g.add_argument("--kv-cache-memory", type=_byte_size, metavar="SIZE",
@@ -238,7 +241,7 @@ def engine_options_from_args(args: argparse.Namespace) -> dict:
         except ValueError as e:
             raise UsageError(f"--engine-config: {e}") from None
     names = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "mixed_step_token_budget", "token_buckets", "seq_buckets",
-             "page_size", "kv_cache_memory", "dtype", "load_format", "quantization", "kv_cache_dtype", "attention_impl",
+             "decode_buckets", "page_size", "kv_cache_memory", "dtype", "load_format", "quantization", "kv_cache_dtype", "attention_impl",
              "compilation_cache_dir", "speculative_config", "tensor_parallel_size", "data_parallel_size"]
     opts.update({k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
     if getattr(args, "engine_seed", None) is not None:

@@ -401,6 +401,9 @@ class EngineConfig:
     mixed_step_token_budget: int | None = None
     token_buckets: tuple[int, ...] = (1, 4, 16, 64, 256)
     seq_buckets: tuple[int, ...] = (1, 4, 16)
+    # more row counts for decode steps only (vLLM's cudagraph_capture_sizes): each adds one forward program and its
+    # sampler programs, and no mixed (T, B) buckets; a decode step of 140 rows runs as 160 instead of 256
+    decode_buckets: tuple[int, ...] = ()
     page_size: int = 16
     kv_cache_memory: int | None = None  # bytes of KV cache per device; None: memory_fraction of free device memory
     memory_fraction: float = 0.9
@@ -447,7 +450,7 @@ class EngineConfig:
             v = getattr(self, name)
             if not (v is None and optional) and (not _is_int(v) or v < lo):
                 raise ValueError(f"{name} must be an integer >= {lo}{' (or None)' if optional else ''}, got {v!r}")
-        for name in ("token_buckets", "seq_buckets"):
+        for name in ("token_buckets", "seq_buckets", "decode_buckets"):
             v = getattr(self, name)
             if not isinstance(v, (tuple, list)) or not all(_is_int(x) and x >= 1 for x in v):
                 raise ValueError(f"{name} must be a list of integers >= 1, got {v!r}")
@@ -467,6 +470,10 @@ class EngineConfig:
         if self.seq_buckets[-1] < self.max_num_seqs:
             raise ValueError(f"the largest seq bucket ({self.seq_buckets[-1]}) must be >= max_num_seqs ({self.max_num_seqs})")
         seq_bucket = next(b for b in self.seq_buckets if b >= self.max_num_seqs)
+        if sorted(set(self.decode_buckets)) != list(self.decode_buckets) or \
+                any(b > seq_bucket for b in self.decode_buckets):
+            raise ValueError(f"decode_buckets must be an increasing list of row counts up to the seq bucket that holds "
+                             f"max_num_seqs ({seq_bucket}), got {self.decode_buckets}")
         if self.token_buckets[-1] < seq_bucket:  # else a step of max_num_seqs sequences fits no bucket
             raise ValueError(f"the largest token bucket ({self.token_buckets[-1]}) must be >= the seq bucket that holds "
                              f"max_num_seqs ({seq_bucket})")
@@ -520,8 +527,8 @@ class EngineConfig:
     def buckets(self) -> list[tuple[int, int, bool]]:
         """(T, B, decode) step shapes to compile, sorted; B up to the seq bucket that holds max_num_seqs.
 
-        decode buckets (B, B, True), one per seq bucket: every sequence feeds exactly one token, so attention
-        runs its decode kernel. Mixed buckets (T, B, False) for every token bucket with the smaller seq buckets
+        decode buckets (B, B, True), one per seq bucket and per `decode_buckets` entry: every sequence feeds exactly
+        one token, so attention runs its decode kernel. Mixed buckets (T, B, False) for every token bucket with the smaller seq buckets
         (a step with more tokens than sequences), and (T, T, False) only for the largest token bucket when it is
         also a seq bucket (nothing larger could hold such a step). A mixed bucket's B only sizes its logits and
         sampling (B rows), which next to T tokens of forward pass cost little: so T gets only the seq buckets
@@ -539,7 +546,7 @@ class EngineConfig:
             # B >= T / 16, and always the largest B that fits T: a step is never moved to a larger T for want of B
             mixed += [(t, b, False) for b in fits if b * MIXED_TOKENS_PER_ROW >= t or b == fits[-1]]
         verify = [(v, v, False) for v in self.verify_sizes()]
-        return sorted(set(mixed + verify + [(b, b, True) for b in seqs]))
+        return sorted(set(mixed + verify + [(b, b, True) for b in (*seqs, *self.decode_buckets)]))
 
     def verify_sizes(self) -> list[int]:
         """Token counts of the verify buckets: b sequences each feeding its last token and k drafts, b(k + 1), for
@@ -564,7 +571,7 @@ class EngineConfig:
             except ValueError:
                 raise ValueError(f"kv_cache_memory: expected bytes such as 4GiB or 512MB, got "
                                  f"{options['kv_cache_memory']!r}") from None
-        for k in ("token_buckets", "seq_buckets"):
+        for k in ("token_buckets", "seq_buckets", "decode_buckets"):
             if k in options and isinstance(options[k], (list, tuple)):
                 options[k] = tuple(options[k])
         return EngineConfig(**options)

@@ -6,6 +6,7 @@ vocabulary matches the default model's tokenizer, saved beside it, so the chat t
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -61,14 +62,14 @@ def test_sampling_defaults_per_command():
 def test_engine_flags_map_onto_engine_config():
     args = parse(
         "generate", "x", "--max-model-len", "512", "--max-num-seqs", "8", "--max-num-batched-tokens", "32",
-        "--token-buckets", "1,4,16,64", "--seq-buckets", "1, 8", "--page-size", "8", "--kv-cache-memory", "64MiB",
+        "--token-buckets", "1,4,16,64", "--seq-buckets", "1, 8", "--decode-buckets", "2,4", "--page-size", "8", "--kv-cache-memory", "64MiB",
         "--dtype", "bfloat16", "--load-format", "dummy", "--compilation-cache-dir", "/tmp/cc", "--no-compilation-cache",
         "--no-prefix-caching", "--no-async-scheduling", "--engine-seed", "7", "--quiet", "--model", "some/dir",
     )
     opts = cli.engine_options_from_args(args)
     assert opts == dict(
         max_model_len=512, max_num_seqs=8, max_num_batched_tokens=32, token_buckets=(1, 4, 16, 64), seq_buckets=(1, 8),
-        page_size=8, kv_cache_memory="64MiB", dtype="bfloat16", load_format="dummy", compilation_cache_dir="/tmp/cc",
+        decode_buckets=(2, 4), page_size=8, kv_cache_memory="64MiB", dtype="bfloat16", load_format="dummy", compilation_cache_dir="/tmp/cc",
         use_compilation_cache=False, seed=7, show_progress=False, enable_prefix_caching=False, async_scheduling=False,
     )
     cfg = EngineConfig.from_options(**opts)
@@ -126,6 +127,7 @@ BAD = [
     (["generate", "x", "--token-buckets", "1,4"], "--token-buckets"),
     (["generate", "x", "--seq-buckets", "1,4", "--max-num-seqs", "8"], "--seq-buckets"),
     (["generate", "x", "--token-buckets", "16,4"], "token_buckets must be"),
+    (["generate", "x", "--decode-buckets", "8,64"], "--decode-buckets: decode_buckets must be"),
     (["generate", "x", "--token-buckets", "1,x"], "argument --token-buckets: expected comma-separated"),
     (["generate", "x", "--page-size", "12"], "--page-size: page_size must be a power of two"),
     (["generate", "x", "--page-size", "0"], "argument --page-size: must be >= 1"),
@@ -356,6 +358,18 @@ def test_bucket_sets_that_cannot_hold_every_step_are_refused():
     cfg = EngineConfig(max_num_seqs=5, seq_buckets=(1, 4, 8), token_buckets=(4, 8))
     assert cfg.buckets() == [(1, 1, True), (4, 1, False), (4, 4, True), (8, 1, False), (8, 4, False),
                              (8, 8, False), (8, 8, True)]
+
+
+def test_decode_buckets_add_decode_programs_only():
+    """decode_buckets (vLLM's cudagraph_capture_sizes) add (B, B) decode buckets and no mixed ones; each must fit
+    under the seq bucket that holds max_num_seqs."""
+    base = EngineConfig(max_num_seqs=16, seq_buckets=(1, 4, 16), token_buckets=(4, 16, 64))
+    cfg = dataclasses.replace(base, decode_buckets=(2, 8, 12))
+    assert set(cfg.buckets()) - set(base.buckets()) == {(2, 2, True), (8, 8, True), (12, 12, True)}
+    for bad in ((8, 2), (4, 32), (0,)):
+        with pytest.raises(ValueError, match="decode_buckets"):
+            dataclasses.replace(base, decode_buckets=bad)
+    assert EngineConfig.from_options(decode_buckets=[2, 8]).decode_buckets == (2, 8)
 
 
 def test_mixed_buckets_never_move_a_step_to_more_tokens():

@@ -233,16 +233,20 @@ def test_chunked_prefill_matches_hf(tiny_llm, tiny_llama_dir):
 
 
 def test_preemption_loses_nothing(tiny_llama_dir):
-    """A pool far too small for the load: requests are preempted and recomputed, outputs stay exact."""
-    llm = jaxinfer.LLM(str(tiny_llama_dir[0]), num_pages=34, **TINY_ENGINE_OPTIONS)
+    """A pool far too small for the load: requests are preempted and recomputed, outputs stay exact. Its decode
+    steps also take the decode-only row counts (decode_buckets 2 and 8 beside the seq buckets 1, 4, 16)."""
+    llm = jaxinfer.LLM(str(tiny_llama_dir[0]), num_pages=34, decode_buckets=(2, 8), **TINY_ENGINE_OPTIONS)
     rng = np.random.default_rng(6)
     prompts = [rng.integers(0, 256, int(n)).tolist() for n in rng.integers(5, 40, 12)]
     params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True) if i % 2 else
               SamplingParams(temperature=0.9, seed=i, max_tokens=30, ignore_eos=True, repetition_penalty=1.3,
                              presence_penalty=0.5) for i in range(len(prompts))]
+    used, pick = [], llm.engine.runner.bucket_for
+    llm.engine.runner.bucket_for = lambda *a, **k: used.append(pick(*a, **k)) or used[-1]
     with compile_guard.forbid_compiles():
         outs = llm.generate(prompts, params, use_tqdm=False)
     assert llm.engine.scheduler.num_preemptions > 0
+    assert {(2, 2, True), (8, 8, True)} <= set(used) and not {b for b in used if not b[2] and b[1] in (2, 8)}
     assert_all_pages_free(llm.engine)
     roomy = jaxinfer.LLM(str(tiny_llama_dir[0]), num_pages=400, **TINY_ENGINE_OPTIONS)
     ref = roomy.generate(prompts, params, use_tqdm=False)
