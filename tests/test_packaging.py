@@ -15,7 +15,7 @@ def test_wheel_ships_every_preset(tmp_path):
     src, out = tmp_path / "src", tmp_path / "dist"
     for d in ("jaxinfer", "pallas_kernels", "serving", "configs"):  # a copy: the build writes next to its sources
         shutil.copytree(ROOT / d, src / d, ignore=shutil.ignore_patterns("__pycache__"))
-    for f in ("pyproject.toml", "README.md"):
+    for f in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / f, src / f)
     # Build isolation, as a user's `pip install .` would do: the test venv's own setuptools may be too old to
     # build wheels (Python 3.11's venvs ship setuptools 65 without `wheel`).
@@ -34,3 +34,4 @@ def test_wheel_ships_every_preset(tmp_path):
     # the SPDX license expression (PEP 639), not the TOML table setuptools deprecates
     meta = zipfile.ZipFile(whl).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "License-Expression: Apache-2.0" in meta.splitlines()
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)  # its text, found by setuptools' default
