@@ -21,6 +21,7 @@ import atexit
 import logging
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -168,27 +169,39 @@ class StepChannel:
 
 def follow(engine, poll_seconds: float = 1.0) -> int:
     """The loop of every process but the first: make process 0's device calls, in order, on this process's devices,
-    until it says stop (returns 0) or is gone (returns 1; jax usually ends this process first)."""
+    until it says stop (returns 0) or is gone (returns 1; jax usually ends this process first). SIGTERM does not
+    end it: process 0, stopped by its own SIGTERM, finishes the steps in flight on every process first."""
     if is_leader():
         raise ValueError("follow: process 0 serves; the other processes follow it")
-    runner, client, i = engine.runner, _client(), 0
-    logger.info("process %d follows process 0's steps", jax.process_index())
-    while True:
-        try:
-            data = client.blocking_key_value_get_bytes(PREFIX + str(i), int(poll_seconds * 1000))
-        except Exception as e:  # noqa: BLE001 - a timeout while process 0 is idle, or the service gone
-            if "DEADLINE_EXCEEDED" in str(e):
-                continue
-            print(f"error: process {jax.process_index()} lost process 0 (the coordinator): {e}", file=sys.stderr,
-                  flush=True)
-            return 1
-        name, args = pickle.loads(data)
-        if name == "stop":
-            logger.info("process 0 stopped; process %d exits", jax.process_index())
-            jax.distributed.shutdown()  # leave while the coordination service is up (process 0 waits for it)
-            return 0
-        runner.replay(name, args)
-        i += 1
+    runner, client, i, me = engine.runner, _client(), 0, jax.process_index()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # A deployment stops every host with SIGTERM at once: process 0 then drains its running requests, whose steps
+        # need this process's devices too, and sends "stop". So SIGTERM here does not end the loop; "stop" does.
+        def on_sigterm(signum, frame):
+            print(f"process {me}: SIGTERM: following process 0 until it stops", file=sys.stderr, flush=True)
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    print(f"process {me} follows process 0's steps", file=sys.stderr, flush=True)
+    try:
+        while True:
+            try:
+                data = client.blocking_key_value_get_bytes(PREFIX + str(i), int(poll_seconds * 1000))
+            except Exception as e:  # noqa: BLE001 - a timeout while process 0 is idle, or the service gone
+                if "DEADLINE_EXCEEDED" in str(e):
+                    continue
+                print(f"error: process {me} lost process 0 (the coordinator): {e}", file=sys.stderr, flush=True)
+                return 1
+            name, args = pickle.loads(data)
+            if name == "stop":
+                logger.info("process 0 stopped; process %d exits", me)
+                jax.distributed.shutdown()  # leave while the coordination service is up (process 0 waits for it)
+                return 0
+            runner.replay(name, args)
+            i += 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class HostMonitor(threading.Thread):

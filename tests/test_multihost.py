@@ -2,7 +2,7 @@
 jax.distributed (gloo collectives), one engine at TP 4 over both. Through the Python API: the tokens and logprobs
 of one device for greedy, seeded, penalised, biased and prompt-logprob requests, a second batch that hits the prefix
 cache (every kind of device call crosses), nothing compiled after warm-up, every page free at the end, the
-follower exiting 0 when the first process ends. Through `jaxinfer serve` on both: the same tokens over HTTP; the
+follower, sent SIGTERM as it starts following, going on until the first process ends, then exiting 0. Through `jaxinfer serve` on both: the same tokens over HTTP; the
 second process killed, the server reports it within a bounded time (a clear log line, /ready and /health 503, new
 requests refused) instead of hanging, and still exits on SIGTERM."""
 
@@ -97,9 +97,15 @@ def test_two_processes_match_one_device(tiny_llm, tiny_llama_dir):
     follower = subprocess.Popen(args(1), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     leader = subprocess.Popen(args(0), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        seen = []  # a deployment's SIGTERM reaches every host at once: the follower keeps following until told to stop
+        while not seen or "follows process 0" not in seen[-1]:
+            seen.append(follower.stderr.readline())
+            assert seen[-1], "".join(seen)[-4000:]
+        follower.send_signal(signal.SIGTERM)
         out, err = leader.communicate(timeout=900)
         assert leader.returncode == 0, err[-4000:]
         assert follower.wait(120) == 0, follower.stderr.read()[-4000:]  # told to stop when the first process ended
+        assert "SIGTERM: following process 0 until it stops" in follower.stderr.read()
     finally:
         _close(leader, follower)
     res = json.loads(out.strip().splitlines()[-1])
