@@ -152,6 +152,45 @@ def test_a_stalled_event_loop_gets_the_waiting_chunks_in_one_write(client, serve
     assert stalled and max(writes) > 1, writes  # several chunks went out in one write
 
 
+def test_a_stream_whose_request_fails_sends_its_chunks_then_the_error(client, server, monkeypatch):
+    """A request whose text breaks at its 5th token, with the event loop held up so that its earlier chunks are still
+    waiting when the failure comes: the client reads those chunks (the greedy text's start), then an error event in
+    the API's shape, then [DONE]; the next request is served and no page stays used."""
+    full = client.completions.create(model=MODEL, prompt="Break this", **GREEDY)
+    eng = server.engine.engine
+    add_token = eng._add_token
+
+    def broken(req, *args, **kwargs):
+        if len(req.output_token_ids) >= 5:
+            raise RuntimeError("injected: detokenizer broke")
+        return add_token(req, *args, **kwargs)
+
+    real_hook, stalled = server.engine.on_output, []
+
+    def hook(out):
+        if not stalled:
+            stalled.append(out.request_id)
+            time.sleep(0.5)
+        if real_hook is not None:
+            real_hook(out)
+
+    with monkeypatch.context() as m:
+        m.setattr(eng, "_add_token", broken)
+        m.setattr(server.engine, "on_output", hook)
+        r = post(server, "/v1/completions", dict(model=MODEL, prompt="Break this", stream=True, max_tokens=8,
+                                                 temperature=0, ignore_eos=True))
+    assert r.status_code == 200 and stalled
+    events = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events
+    err = json.loads(events[-2])["error"]
+    assert err["type"] == "server_error" and "request failed" in err["message"], err
+    text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-2])
+    assert len(events) >= 4 and text and full.choices[0].text.startswith(text), (events, full.choices[0].text)
+    again = client.completions.create(model=MODEL, prompt="Break this", **GREEDY)
+    assert again.choices[0].text == full.choices[0].text
+    assert server.engine.engine.stats()["pages_used"] == 0
+
+
 def test_stop_string_and_stop_token_finish_with_stop(client):
     full = client.completions.create(model=MODEL, prompt="Stop here", temperature=0, max_tokens=12,
                                      extra_body={"ignore_eos": True})
