@@ -6,10 +6,16 @@ spending GPU time on it, and the padding it leaves.
     python benchmarks/serve_sim.py --rate 64 -- --engine-config h100-llama-3.1-8b --mixed-step-token-budget 8192
     python benchmarks/serve_sim.py --rate 64 -- --engine-config h100-llama-3.1-8b-serve
 
-Step model (milliseconds, by the compiled bucket a step runs: T tokens, B rows): a + t * T + b * B, fitted to the
-H100 8B rows of benchmarks/RESULTS.md (--step-model "5.5,0.0225,0.008": a decode of 1 / 64 / 256 rows 5.6 / 7.4 /
-13.3 ms against 5.6 / 7.8 / 14.0 measured, an 8192-token step 194 ms against ~190). It leaves out the KV cache's
-reads, so it is optimistic where many long contexts decode at once. Steps run one at a time on the modelled device;
+Step model (milliseconds, by the compiled bucket a step runs: T tokens, B rows), one of two:
+  linear (--step-model "5.5,0.0225,0.008", the default): a + t * T + b * B, fitted to the H100 8B rows of
+    benchmarks/RESULTS.md (a decode of 1 / 64 / 256 rows 5.6 / 7.4 / 13.3 ms against 5.6 / 7.8 / 14.0 measured, an
+    8192-token step 194 ms against ~190). A padded token or row costs as much as a real one; the KV cache's reads
+    are left out, so it is optimistic where many long contexts decode at once.
+  roofline (--step-model "roofline:5.46,0.0225,44.6,0.2"): a + max(w, t * T) + kv * C / 1e6, w the weights' read
+    (16.06 GB at 2.94 TB/s), t the compute per padded token, kv the nanoseconds per cached token read (131 kB an 8B
+    token at 2.94 TB/s), C the context tokens of the step's real sequences. Padding costs only where the GEMMs are
+    compute-bound (beyond ~240 tokens); the KV reads grow with the real rows' contexts (decodes of 1 / 8 / 32 / 64
+    rows at ~576 tokens: 5.7 / 5.9 / 6.5 / 7.3 ms against 5.7 / 5.8 / 7.3 / 7.8 measured). Steps run one at a time on the modelled device;
 the host's Python runs for real (on this machine's CPU, not the GPU host's) up to the device call: packing the step's
 input and jax's dispatch are left out with it. The server is pinned to one core and the
 client to another where there are two. The model (dummy weights, no tokenizer) only sets the vocabulary: the
@@ -41,15 +47,20 @@ def server(step_model: str, steps_file: str, argv: list[str]) -> int:
     from jaxinfer import runner as R
     from jaxinfer.cli import main
 
-    a, t, b = (float(x) for x in step_model.split(","))
+    roofline = step_model.startswith("roofline")
+    if roofline:
+        w, t, kv, a = (float(x) for x in (step_model.partition(":")[2] or "5.46,0.0225,44.6,0.2").split(","))
+    else:
+        a, t, b = (float(x) for x in step_model.split(","))
     device_free = [0.0]  # when the modelled device finishes the last step launched
     steps = []  # (T, B, real tokens) per step
 
     class Step:  # what the engine reads of runner.LaunchedStep
-        def __init__(self, ids, bucket):
+        def __init__(self, ids, bucket, context):
             T, B, _ = self.bucket = bucket
             self.ids = ids
-            self.done = device_free[0] = max(time.monotonic(), device_free[0]) + (a + t * T + b * B) / 1e3
+            ms = a + max(w, t * T) + kv * context / 1e6 if roofline else a + t * T + b * B
+            self.done = device_free[0] = max(time.monotonic(), device_free[0]) + ms / 1e3
 
         def result(self):
             time.sleep(max(0.0, self.done - time.monotonic()))
@@ -57,9 +68,15 @@ def server(step_model: str, steps_file: str, argv: list[str]) -> int:
 
     def launch(self, inp, md, bucket, prompt_targets=None, nan_rows=None):
         T, B, _ = bucket
-        steps.append((T, B, int((np.asarray(inp.token_slot) < self.sstate.last_token.shape[0]).sum())))
-        pos = np.asarray(inp.positions)[np.asarray(inp.logits_indices)[:B]]
-        return Step((pos * 7919 % 29000 + 1000).astype(np.int32), bucket)  # some token ids (no EOS is asked for)
+        slots, positions = np.asarray(inp.token_slot), np.asarray(inp.positions)
+        real = slots < self.sstate.last_token.shape[0]
+        steps.append((T, B, int(real.sum())))
+        _, seq = np.unique(slots[real], return_inverse=True)
+        last = np.zeros(seq.max() + 1 if seq.size else 0, np.int64)
+        np.maximum.at(last, seq, positions[real])
+        context = int((last + 1).sum())  # cached tokens the step's sequences attend to
+        pos = positions[np.asarray(inp.logits_indices)[:B]]
+        return Step((pos * 7919 % 29000 + 1000).astype(np.int32), bucket, context)  # some token ids (no EOS is asked)
 
     def compile_all(self, show_progress=True, store=None):
         self.program_seconds, self.programs_loaded, self.compile_seconds, self.lower_seconds = {}, 0, 0.0, 0.0
@@ -81,7 +98,8 @@ def main() -> int:
     ap.add_argument("--rate", default="64", help="request rate(s), comma separated (inf: all at once)")
     ap.add_argument("--num-prompts", type=int, default=500)
     ap.add_argument("--dataset", default="sharegpt-like")
-    ap.add_argument("--step-model", default="5.5,0.0225,0.008", help="a,t,b: a + t * T + b * B milliseconds a step")
+    ap.add_argument("--step-model", default="5.5,0.0225,0.008",
+                    help="a,t,b: a + t * T + b * B milliseconds a step; or roofline[:w,t,kv,a] (see above)")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--kv-cache-memory", default="10GiB", help="sized as the GPU's (10 GiB of this model's pages "
                     "hold about what an 8B model's 56 GB do on an H100)")
