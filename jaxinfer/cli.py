@@ -33,7 +33,8 @@ FIELD_FLAGS = {
     "max_model_len": "--max-model-len", "max_num_seqs": "--max-num-seqs",
     "max_num_batched_tokens": "--max-num-batched-tokens", "token_buckets": "--token-buckets",
     "mixed_step_token_budget": "--mixed-step-token-budget",
-    "seq_buckets": "--seq-buckets", "decode_buckets": "--decode-buckets", "page_size": "--page-size", "kv_cache_memory": "--kv-cache-memory",
+    "seq_buckets": "--seq-buckets", "decode_buckets": "--decode-buckets", "page_size": "--page-size",
+    "kv_cache_memory": "--kv-cache-memory",
     "dtype": "--dtype", "load_format": "--load-format", "attention_impl": "--attention-impl",
     "quantization": "--quantization", "kv_cache_dtype": "--kv-cache-dtype",
     "enable_prefix_caching": "--no-prefix-caching", "async_scheduling": "--no-async-scheduling",
@@ -240,9 +241,10 @@ def engine_options_from_args(args: argparse.Namespace) -> dict:
             opts.update(engine_preset(args.engine_config))
         except ValueError as e:
             raise UsageError(f"--engine-config: {e}") from None
-    names = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "mixed_step_token_budget", "token_buckets", "seq_buckets",
-             "decode_buckets", "page_size", "kv_cache_memory", "dtype", "load_format", "quantization", "kv_cache_dtype", "attention_impl",
-             "compilation_cache_dir", "speculative_config", "tensor_parallel_size", "data_parallel_size"]
+    names = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "mixed_step_token_budget", "token_buckets",
+             "seq_buckets", "decode_buckets", "page_size", "kv_cache_memory", "dtype", "load_format", "quantization",
+             "kv_cache_dtype", "attention_impl", "compilation_cache_dir", "speculative_config", "tensor_parallel_size",
+             "data_parallel_size"]
     opts.update({k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
     if getattr(args, "engine_seed", None) is not None:
         opts["seed"] = args.engine_seed

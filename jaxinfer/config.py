@@ -528,8 +528,8 @@ class EngineConfig:
         """(T, B, decode) step shapes to compile, sorted; B up to the seq bucket that holds max_num_seqs.
 
         decode buckets (B, B, True), one per seq bucket and per `decode_buckets` entry: every sequence feeds exactly
-        one token, so attention runs its decode kernel. Mixed buckets (T, B, False) for every token bucket with the smaller seq buckets
-        (a step with more tokens than sequences), and (T, T, False) only for the largest token bucket when it is
+        one token, so attention runs its decode kernel. Mixed buckets (T, B, False) for every token bucket with the
+        smaller seq buckets (a step with more tokens than sequences), and (T, T, False) only for the largest token bucket when it is
         also a seq bucket (nothing larger could hold such a step). A mixed bucket's B only sizes its logits and
         sampling (B rows), which next to T tokens of forward pass cost little: so T gets only the seq buckets
         with B >= T / MIXED_TOKENS_PER_ROW, and always the largest one below T (an 8192-token step samples 512

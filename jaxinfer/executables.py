@@ -6,12 +6,12 @@ of a warm start. This store keys the programs of one engine instead by a fingerp
 jaxinfer's and pallas_kernels' source files (and the shipped XLA autotune bundles, which pick their kernels), the
 Python, jax and jaxlib versions, the devices, XLA's flags and jax's config, the model and engine configs, and the
 shapes, dtypes and shardings of the weights and the KV cache, and the current values of the module-level settings
-that choose a program's form (`PROGRAM_SETTINGS`: a benchmark that sets one gets its own programs). Each program is one file, written with
-`jax.experimental.serialize_executable` (the executable and its argument trees). Any change to those inputs gives a
-new fingerprint, so a stale program is never loaded, and jax checks each call's argument tree, shapes and dtypes
-against the loaded program as well. A file that fails to load is dropped with a warning and its program compiled
-again. On CPU only programs XLA compiled in this process are saved (XLA:CPU re-serialises one it loaded from jax's
-cache without its code).
+that choose a program's form (`PROGRAM_SETTINGS`: a benchmark that sets one gets its own programs). Each program is
+one file, written with `jax.experimental.serialize_executable` (the executable and its argument trees). Any change
+to those inputs gives a new fingerprint, so a stale program is never loaded, and jax checks each call's argument
+tree, shapes and dtypes against the loaded program as well. A file that fails to load is dropped with a warning and
+its program compiled again. On CPU only programs XLA compiled in this process are saved (XLA:CPU re-serialises one it
+loaded from jax's cache without its code).
 
 Layout: <compilation cache dir>/executables/p<process index>-<fingerprint>/<program>.jxe. The files are pickles (as
 jax's format is), so the store is used only in a directory private to this user, and each file is signed with the
@@ -63,7 +63,8 @@ def program_settings() -> list:
     """[(module, name, repr of its current value)] for every entry of PROGRAM_SETTINGS."""
     import importlib
 
-    return [(m, n, repr(getattr(importlib.import_module(m), n))) for m, names in PROGRAM_SETTINGS.items() for n in names]
+    return [(m, n, repr(getattr(importlib.import_module(m), n)))
+            for m, names in PROGRAM_SETTINGS.items() for n in names]
 
 
 def _source_roots() -> list[Path]:

@@ -62,7 +62,8 @@ def test_sampling_defaults_per_command():
 def test_engine_flags_map_onto_engine_config():
     args = parse(
         "generate", "x", "--max-model-len", "512", "--max-num-seqs", "8", "--max-num-batched-tokens", "32",
-        "--token-buckets", "1,4,16,64", "--seq-buckets", "1, 8", "--decode-buckets", "2,4", "--page-size", "8", "--kv-cache-memory", "64MiB",
+        "--token-buckets", "1,4,16,64", "--seq-buckets", "1, 8", "--decode-buckets", "2,4", "--page-size", "8",
+        "--kv-cache-memory", "64MiB",
         "--dtype", "bfloat16", "--load-format", "dummy", "--compilation-cache-dir", "/tmp/cc", "--no-compilation-cache",
         "--no-prefix-caching", "--no-async-scheduling", "--engine-seed", "7", "--quiet", "--model", "some/dir",
     )

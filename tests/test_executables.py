@@ -144,7 +144,8 @@ def test_the_fingerprint_follows_what_reaches_the_programs(cold, tmp_path, monke
     assert executables.fingerprint(**dict(args, ecfg=quiet)) == key  # options no program reads
     with jax.default_matmul_precision("highest"):  # jax's config reaches the programs
         assert executables.fingerprint(**args) != key
-    for module, name in (("jaxinfer.quant", "GPU_KERNEL_MIN_TOKENS_4BIT"), ("jaxinfer.runner", "SAMPLER_COMPILER_OPTIONS")):
+    for module, name in (("jaxinfer.quant", "GPU_KERNEL_MIN_TOKENS_4BIT"),
+                         ("jaxinfer.runner", "SAMPLER_COMPILER_OPTIONS")):
         with monkeypatch.context() as m:  # a setting that picks a program's form, changed at run time
             value = getattr(importlib.import_module(module), name)
             m.setattr(f"{module}.{name}", {"xla_gpu_graph_min_graph_size": 9} if isinstance(value, dict) else value + 1)
