@@ -460,11 +460,14 @@ def _random_leaf(key, shape, dtype, init):
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-@partial(jax.jit, static_argnames=("shape", "in_shape", "scheme"))
-def _random_quantized(key, shape, in_shape, scheme):
-    """A random [*out, I] weight quantized on the device with an on-the-fly scheme."""
+@partial(jax.jit, static_argnames=("shape", "in_shape", "scheme", "cpu_kernel"))
+def _random_quantized(key, shape, in_shape, scheme, cpu_kernel: bool = False):
+    """A random [*out, I] weight quantized on the device with an on-the-fly scheme (cpu_kernel: in the CPU kernel's
+    form, as a loaded checkpoint's weight is on a CPU)."""
     w = 0.02 * jax.random.normal(key, (math.prod(shape[:-1]), shape[-1]), jnp.float32)
     h = quant.QUANTIZERS[scheme](w, xp=jnp)
+    if cpu_kernel:
+        h = quant.cpu_kernel_form(h)
     h = dataclasses.replace(h, **{k: getattr(h, k).reshape(*shape[:-1], -1) for k in ("q", "scales", "zeros", "mins")
                                   if getattr(h, k) is not None})
     return quant.to_device_form(h, in_shape)
@@ -476,12 +479,15 @@ def dummy_params(cfg: ModelConfig, dtype, seed: int = 0, mesh: Mesh | None = Non
     on-the-fly `quantization`, the layers' matmul weights are quantized there too."""
     key = jax.random.key(seed)
     counter = iter(range(1 << 30))
+    cpu_kernel = (quantization in quant.QUANTIZERS and jax.default_backend() == "cpu" and mesh is None
+                  and cpu_qmatmul.available())
 
     def leaf(path, spec: ParamSpec):
         k = jax.random.fold_in(key, next(counter))
         if quantization in quant.QUANTIZERS and quantizes(path, spec):
             # placed in its sharding by _place, as a loaded quantized leaf is
-            return _random_quantized(k, spec.quantized_shape, tuple(spec.shape[i] for i in spec.contract), quantization)
+            return _random_quantized(k, spec.quantized_shape, tuple(spec.shape[i] for i in spec.contract),
+                                     quantization, cpu_kernel)
         arr = _random_leaf(k, spec.shape, jnp.dtype(dtype), spec.init)
         sharding = logical_sharding(spec.axes, mesh)
         return jax.device_put(arr, sharding) if sharding is not None else arr

@@ -16,6 +16,7 @@ from jaxinfer.config import EngineConfig
 from jaxinfer.loader import describe_quantization, load_model
 from jaxinfer.model import KV_CALIBRATION_TEXT, kv_cache_scales
 from jaxinfer.weights import GGUF_KEPT, gguf_host_quant
+from pallas_kernels import cpu_qmatmul
 
 ROWS, COLS = 6, 512  # two K-quant super-blocks per row
 
@@ -188,13 +189,27 @@ def test_on_the_fly_model_logits_against_hf(tiny_llama_dir, scheme):
         assert np.abs(ours - ref_q).max() / scale < 1e-5
 
 
-def test_dummy_weights_quantized_on_the_device(tiny_llama_dir):
+def test_dummy_weights_quantized_on_the_device(tiny_llama_dir, monkeypatch):
+    """Random weights quantized where they are made; on a CPU with the native kernel, int4's zero points are folded
+    into minimums (the kernel's form, as a loaded checkpoint's are): the same logits as the zero-point form."""
+    def load(scheme):
+        return load_model(str(tiny_llama_dir[0]), EngineConfig(load_format="dummy", quantization=scheme,
+                                                               show_progress=False), jnp.float32)
+
     for scheme in ("int4", "fp8"):
-        m = load_model(str(tiny_llama_dir[0]), EngineConfig(load_format="dummy", quantization=scheme,
-                                                            show_progress=False), jnp.float32)
+        m = load(scheme)
         w = m.params.layers[1].w_gate_up
         assert quant.is_quantized(w) and w.scheme.startswith(scheme)
-        assert np.isfinite(sequence_logits(m.params, m.cfg, [1, 2, 3])).all()
+        logits = sequence_logits(m.params, m.cfg, [1, 2, 3])
+        assert np.isfinite(logits).all()
+        if scheme == "int4" and cpu_qmatmul.available():
+            assert w.zeros is None and w.mins is not None  # the kernel's form
+            monkeypatch.setattr(cpu_qmatmul, "available", lambda: False)
+            plain = load(scheme)
+            assert plain.params.layers[1].w_gate_up.zeros is not None
+            ref = sequence_logits(plain.params, m.cfg, [1, 2, 3])
+            assert np.abs(logits - ref).max() < 1e-4 * np.abs(ref).max()
+            monkeypatch.undo()
 
 
 # The Gettysburg Address (1863) and the opening of the Declaration of Independence (1776): public domain.
