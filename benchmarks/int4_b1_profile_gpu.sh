@@ -10,7 +10,8 @@
 #   bash benchmarks/int4_b1_profile_gpu.sh OUT_DIR [FORMS: int4k int4x none]     (MODEL=smollm2-135m-instruct: a CPU dry run)
 set -u
 O=$(realpath -m "${1:?OUT_DIR}"); shift; mkdir -p "$O"
-for f in ${*:-int4k int4x none}; do
+forms=("$@"); [ ${#forms[@]} -gt 0 ] || forms=(int4k int4x none)
+for f in "${forms[@]}"; do
   q=int4; [ "$f" = none ] && q=none; pre=""; [ "$f" = int4x ] && pre="quant.GPU_KERNEL_MIN_TOKENS_4BIT = 2"
   t0=$(date +%s)
   timeout 170 python3 -c "import runpy, sys
