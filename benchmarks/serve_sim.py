@@ -15,12 +15,12 @@ Step model (milliseconds, by the compiled bucket a step runs: T tokens, B rows),
     (16.06 GB at 2.94 TB/s), t the compute per padded token, kv the nanoseconds per cached token read (131 kB an 8B
     token at 2.94 TB/s), C the context tokens of the step's real sequences. Padding costs only where the GEMMs are
     compute-bound (beyond ~240 tokens); the KV reads grow with the real rows' contexts (decodes of 1 / 8 / 32 / 64
-    rows at ~576 tokens: 5.7 / 5.9 / 6.5 / 7.3 ms against 5.7 / 5.8 / 7.3 / 7.8 measured). Steps run one at a time on the modelled device;
-the host's Python runs for real (on this machine's CPU, not the GPU host's) up to the device call: packing the step's
-input and jax's dispatch are left out with it. The server is pinned to one core and the
-client to another where there are two. The model (dummy weights, no tokenizer) only sets the vocabulary: the
-server's flags after `--` choose buckets, budgets and limits; on a CPU pass `--mixed-step-token-budget` (the CPU's
-own default is 64).
+    rows at ~576 tokens: 5.7 / 5.9 / 6.5 / 7.3 ms against 5.7 / 5.8 / 7.3 / 7.8 measured).
+Steps run one at a time on the modelled device; the host's Python runs for real (on this machine's CPU, not the GPU
+host's) up to the device call: packing the step's input and jax's dispatch are left out with it. The server is
+pinned to one core and the client to another where there are two. The model (dummy weights, no tokenizer) only sets
+the vocabulary: the server's flags after `--` choose buckets, budgets and limits; on a CPU pass
+`--mixed-step-token-budget` (the CPU's own default is 64).
 """
 
 from __future__ import annotations

@@ -414,7 +414,7 @@ def load_params(cfg: ModelConfig, source, fmt: str, dtype, mesh: Mesh | None = N
     if missing:
         raise ValueError(f"{where}: checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     quantizer = quant.QUANTIZERS.get(quantization)
-    cpu_kernel = jax.default_backend() == "cpu" and mesh is None and cpu_qmatmul.available() and not portable
+    cpu_kernel = not portable and _cpu_kernel_here(mesh)
     warned = []
 
     def slow_cpu(h: HostQuant) -> None:
@@ -460,6 +460,12 @@ def _random_leaf(key, shape, dtype, init):
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
+def _cpu_kernel_here(mesh) -> bool:
+    """Quantized weights made or loaded here take the native CPU kernel's form (quant.cpu_kernel_form): one CPU
+    device with the kernel built."""
+    return jax.default_backend() == "cpu" and mesh is None and cpu_qmatmul.available()
+
+
 @partial(jax.jit, static_argnames=("shape", "in_shape", "scheme", "cpu_kernel"))
 def _random_quantized(key, shape, in_shape, scheme, cpu_kernel: bool = False):
     """A random [*out, I] weight quantized on the device with an on-the-fly scheme (cpu_kernel: in the CPU kernel's
@@ -479,8 +485,7 @@ def dummy_params(cfg: ModelConfig, dtype, seed: int = 0, mesh: Mesh | None = Non
     on-the-fly `quantization`, the layers' matmul weights are quantized there too."""
     key = jax.random.key(seed)
     counter = iter(range(1 << 30))
-    cpu_kernel = (quantization in quant.QUANTIZERS and jax.default_backend() == "cpu" and mesh is None
-                  and cpu_qmatmul.available())
+    cpu_kernel = quantization in quant.QUANTIZERS and _cpu_kernel_here(mesh)
 
     def leaf(path, spec: ParamSpec):
         k = jax.random.fold_in(key, next(counter))
